@@ -1,0 +1,32 @@
+"""The CIFAR-100 model zoo: every architecture of the older distillation frameworks, by reference name.
+
+``build_model("resnet32x4")`` returns a fresh model whose ``state_dict`` names and shapes
+match the widely shared pretrained checkpoints, and whose ``feature_info`` says where
+its stem, stages and embedding are (see :mod:`models.feature_spec`).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from models.errors import UserError
+from models.registry import Registry
+
+# Defined before the family modules are imported: they register into it with decorators.
+MODELS: Registry = Registry("model", case_insensitive=True)
+
+from models import mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: E402,F401
+
+__all__ = ["MODELS", "build_model", "list_models"]
+
+
+def build_model(name: str, num_classes: int = 100) -> nn.Module:
+    """A freshly initialised model ``name`` (reference name, any case) with ``num_classes`` outputs."""
+    builder = MODELS.get(name)  # unknown names raise UserError listing the valid ones
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return builder(num_classes=num_classes)
+
+
+def list_models() -> list[str]:
+    """Reference names of all registered architectures, in registration order."""
+    return MODELS.names()

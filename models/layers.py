@@ -1,0 +1,79 @@
+"""Small building blocks and initialisers shared by the CIFAR model zoo."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from models.feature_spec import FeatureSpec, Tap
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding 1 and no bias (a BatchNorm follows it)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNet channel shuffle: [N, g*k, H, W] -> view [N, g, k] -> transpose -> [N, k*g, H, W].
+
+    A fixed permutation of the channels, so it commutes with element-wise activations.
+    """
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = self.groups
+        return x.view(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}"
+
+
+def residual_stage_features(stem: str, stages: list[str], last_acts: list[str], classifier: str) -> list[FeatureSpec]:
+    """Feature list of a network whose stages end in ``act(sum)``.
+
+    ``stem`` is the stem's activation module, ``stages`` the stage containers (their
+    outputs are the post-activation features), ``last_acts`` the final activation of each
+    stage's last unit, whose *input* is the pre-activation feature, and ``classifier``
+    the Linear whose input is the embedding.
+    """
+    specs = [FeatureSpec("stem", Tap(stem))]
+    for i, (stage, act) in enumerate(zip(stages, last_acts), start=1):
+        specs.append(FeatureSpec(f"stage{i}", Tap(stage), Tap(act, take_input=True)))
+    specs.append(FeatureSpec("embedding", Tap(classifier, take_input=True)))
+    return specs
+
+
+def init_kaiming_fan_out_(model: nn.Module) -> None:
+    """He-normal (fan-out) convolutions and unit/zero BatchNorm, the ResNet families' initialisation."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def init_normal_fan_out_(model: nn.Module, linear_std: float | None = 0.01) -> None:
+    """N(0, 2/(k*k*out)) convolutions, unit/zero BatchNorm, zero biases.
+
+    ``linear_std``: std of the classifier weights (VGG, MobileNetV2 use 0.01); ``None``
+    keeps PyTorch's default Linear weights (WRN only zeroes the bias).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0.0, linear_std)
+            nn.init.zeros_(m.bias)

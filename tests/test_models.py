@@ -1,0 +1,242 @@
+"""The model zoo against the reference checkpoints' facts (shared fixture) and the feature contract.
+
+Expected values come from ``model_keys.json`` (parameter names/shapes, parameter counts and
+feature shapes of the reference models) or are recomputed independently (ReLU of the
+preact tap, the next BatchNorm for WRN, the classifier on the embedding).
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from distiller.features import forward_features
+from models import MODELS, build_model, list_models
+from models.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+_CANDIDATES = [REPO / "tests" / "fixtures" / "model_keys.json", REPO.parent / "shared" / "fixtures" / "model_keys.json"]
+FIXTURE_PATH = next((p for p in _CANDIDATES if p.is_file()), _CANDIDATES[-1])
+FIXTURE = json.loads(FIXTURE_PATH.read_text())["models"]
+ARCHS = sorted(FIXTURE)
+
+
+def _family(arch: str) -> str:
+    if arch.startswith("wrn_"):
+        return "wrn"
+    if arch == "MobileNetV2":
+        return "mobilenetv2"
+    if arch == "ShuffleV2":
+        return "shufflev2"
+    return "relu_after_sum"  # resnet*, ResNet18/50, vgg*, ShuffleV1: stage = ReLU(preact)
+
+
+def _randomise_bn_(model: nn.Module) -> None:
+    """Non-trivial BN statistics and affine parameters, so eval-mode BN and the state round trip matter."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+
+
+class Bundle:
+    """One eval-mode model and everything the per-model tests read from it (built once per arch)."""
+
+    def __init__(self, arch: str) -> None:
+        torch.manual_seed(0)
+        self.arch = arch
+        self.model = build_model(arch).eval()
+        _randomise_bn_(self.model)
+        self.x = torch.randn(2, 3, 32, 32)
+        self.names = [spec.name for spec in self.model.feature_info]
+        with torch.no_grad():
+            self.logits = self.model(self.x)
+            self.post, self.post_logits = forward_features(self.model, self.x, preact=False)
+            self.pre, self.pre_logits = forward_features(self.model, self.x, preact=True)
+
+    def feature(self, name: str, preact: bool) -> torch.Tensor:
+        return (self.pre if preact else self.post)[self.names.index(name)]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def bundle(request: pytest.FixtureRequest) -> Bundle:
+    return Bundle(request.param)
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_list_models_is_the_reference_zoo() -> None:
+    names = list_models()
+    assert len(names) == 23 and len(set(names)) == 23
+    assert set(names) == set(FIXTURE)
+
+
+def test_names_are_case_insensitive() -> None:
+    for arch in ARCHS:
+        assert MODELS.canonical(arch.upper()) == arch
+        assert MODELS.canonical(arch.lower()) == arch
+    model = build_model("RESNET8")
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == dict(
+        (name, shape) for name, shape in FIXTURE["resnet8"]["state_dict"])
+    assert type(build_model("mobilenetv2")) is type(build_model("MobileNetV2"))
+
+
+def test_unknown_name_lists_valid_names() -> None:
+    with pytest.raises(UserError) as info:
+        build_model("resnet9000")
+    message = str(info.value)
+    assert "resnet9000" in message
+    for arch in ARCHS:
+        assert arch in message
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "100", True])
+def test_bad_num_classes_is_a_user_error(bad: object) -> None:
+    with pytest.raises(UserError, match="num_classes"):
+        build_model("resnet8", num_classes=bad)  # type: ignore[arg-type]
+
+
+def test_num_classes_sets_the_classifier_width() -> None:
+    model = build_model("wrn_16_1", num_classes=10).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+# ---------------------------------------------------------------- per architecture: checkpoint facts
+
+
+def test_logits_shape(bundle: Bundle) -> None:
+    assert list(bundle.logits.shape) == [2, 100]
+    assert torch.isfinite(bundle.logits).all()
+
+
+def test_parameter_count(bundle: Bundle) -> None:
+    assert sum(p.numel() for p in bundle.model.parameters()) == FIXTURE[bundle.arch]["n_params"]
+
+
+def test_state_dict_names_and_shapes(bundle: Bundle) -> None:
+    ours = {name: list(t.shape) for name, t in bundle.model.state_dict().items()}
+    reference = {name: shape for name, shape in FIXTURE[bundle.arch]["state_dict"]}
+    assert sorted(set(reference) - set(ours)) == [], "missing"
+    assert sorted(set(ours) - set(reference)) == [], "unexpected"
+    assert ours == reference
+
+
+def test_state_dict_round_trip_strict(bundle: Bundle) -> None:
+    buffer = io.BytesIO()
+    torch.save(bundle.model.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    torch.manual_seed(1)
+    fresh = build_model(bundle.arch).eval()
+    with torch.no_grad():
+        assert not torch.equal(fresh(bundle.x), bundle.logits)  # otherwise the check below proves nothing
+        fresh.load_state_dict(state, strict=True)
+        assert torch.equal(fresh(bundle.x), bundle.logits)
+
+
+# ---------------------------------------------------------------- per architecture: features
+
+
+@pytest.mark.parametrize("preact", [False, True])
+def test_feature_shapes(bundle: Bundle, preact: bool) -> None:
+    feats = bundle.pre if preact else bundle.post
+    key = "feat_shapes_preact" if preact else "feat_shapes"
+    assert [list(f.shape) for f in feats] == FIXTURE[bundle.arch][key]
+    num_stages = len(feats) - 2
+    assert bundle.names == ["stem", *[f"stage{i}" for i in range(1, num_stages + 1)], "embedding"]
+
+
+def test_tapping_does_not_change_logits(bundle: Bundle) -> None:
+    assert torch.equal(bundle.post_logits, bundle.logits)
+    assert torch.equal(bundle.pre_logits, bundle.logits)
+
+
+def test_embedding_is_the_classifier_input(bundle: Bundle) -> None:
+    spec = bundle.model.feature_info[-1]
+    assert spec.name == "embedding" and spec.post.take_input
+    classifier = bundle.model.get_submodule(spec.post.module)
+    embedding = bundle.feature("embedding", preact=False)
+    assert embedding.dim() == 2
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(embedding), bundle.logits, rtol=0, atol=0)
+
+
+def test_no_hooks_remain(bundle: Bundle) -> None:
+    for name, module in bundle.model.named_modules():
+        assert not module._forward_hooks, name
+        assert not module._forward_pre_hooks, name
+
+
+def test_stem_and_embedding_have_no_separate_preact(bundle: Bundle) -> None:
+    for name in ("stem", "embedding"):
+        assert torch.equal(bundle.feature(name, preact=True), bundle.feature(name, preact=False))
+
+
+def test_preact_relation(bundle: Bundle) -> None:
+    """Each stage's preact tap against an independent computation of the family's semantics."""
+    model, family = bundle.model, _family(bundle.arch)
+    stages = [n for n in bundle.names if n.startswith("stage")]
+    for i, name in enumerate(stages, start=1):
+        pre, post = bundle.feature(name, preact=True), bundle.feature(name, preact=False)
+        if family == "mobilenetv2":  # blocks end in a linear BN: no activation to strip
+            assert torch.equal(pre, post)
+            continue
+        assert (pre < 0).any(), f"{name}: preact has no negative values (overwritten in place?)"
+        if family == "wrn":
+            # stage i is a raw residual sum; its preact is the BN the forward applies next.
+            bn = model.bn1 if i == len(stages) else model.get_submodule(f"block{i + 1}.layer.0.bn1")
+            with torch.no_grad():
+                torch.testing.assert_close(pre, bn(post))
+            assert (post < 0).any()  # pre-activation WRN: stage outputs are not ReLU'd
+        else:  # ShuffleV2 too: its preact is kept in the output's (shuffled) channel order
+            assert torch.equal(torch.relu(pre), post)
+
+
+@pytest.mark.parametrize("preact", [False, True])
+def test_taps_fire_once_and_are_never_modified_in_place(bundle: Bundle, preact: bool) -> None:
+    """Own hooks (not FeatureHooks): each tap module runs once, and its tensor's version counter
+    does not move between the hook and the end of the forward (no in-place op touches it)."""
+    seen: dict[str, list[tuple[torch.Tensor, int]]] = {}
+    handles = []
+
+    def record(name: str, tensor: torch.Tensor) -> None:
+        seen.setdefault(name, []).append((tensor, tensor._version))
+
+    for spec in bundle.model.feature_info:
+        tap = spec.pre if (preact and spec.pre is not None) else spec.post
+        module = bundle.model.get_submodule(tap.module)
+        if tap.take_input:
+            handles.append(module.register_forward_pre_hook(lambda m, args, n=spec.name: record(n, args[0])))
+        else:
+            handles.append(module.register_forward_hook(lambda m, args, out, n=spec.name: record(n, out)))
+    try:
+        with torch.no_grad():
+            bundle.model(bundle.x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert sorted(seen) == sorted(bundle.names)
+    for name, calls in seen.items():
+        assert len(calls) == 1, f"{name}: tap module ran {len(calls)} times"
+        tensor, version = calls[0]
+        assert tensor._version == version, f"{name}: modified in place after it was tapped"
+
+
+def test_train_mode_backward_through_taps(bundle: Bundle) -> None:
+    """Gradients flow through every tapped feature in train mode (in-place ops stay autograd-safe)."""
+    torch.manual_seed(2)
+    model = build_model(bundle.arch).train()
+    feats, logits = forward_features(model, bundle.x, preact=True)
+    loss = logits.sum() + sum(f.float().pow(2).mean() for f in feats)
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
