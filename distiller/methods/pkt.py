@@ -1,0 +1,26 @@
+"""Learning Deep Representations with Probabilistic Knowledge Transfer (Passalis and Tefas, ECCV 2018)."""
+from __future__ import annotations
+
+import torch
+
+from datasets.batch import Batch
+from distiller import functional as F
+from distiller.methods.base import EMBEDDING, METHODS, DistillMethod, Features, Taps
+
+
+@METHODS.register("pkt")
+class PKT(DistillMethod):
+    """Learning Deep Representations with Probabilistic Knowledge Transfer (Passalis & Tefas, ECCV 2018).
+
+    Matches the cosine-similarity distributions among the batch's embeddings.
+    """
+
+    taps = Taps.of(student=(EMBEDDING,), teacher=(EMBEDDING,))
+
+    def __init__(self, eps: float = 1e-7) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
+                batch: Batch) -> dict[str, torch.Tensor]:
+        return {"pkt": F.pkt(student.embedding, teacher.embedding, self.eps)}

@@ -1,0 +1,31 @@
+"""Relational Knowledge Distillation (Park et al., CVPR 2019)."""
+from __future__ import annotations
+
+import torch
+
+from datasets.batch import Batch
+from distiller import functional as F
+from distiller.methods.base import EMBEDDING, METHODS, DistillMethod, Features, Taps
+
+
+@METHODS.register("rkd")
+class RKD(DistillMethod):
+    """Relational Knowledge Distillation (Park et al., CVPR 2019).
+
+    Distance- and angle-wise relations among the batch's embeddings (the pooled
+    vectors entering the classifiers), weighted ``distance_weight`` and ``angle_weight``.
+    """
+
+    taps = Taps.of(student=(EMBEDDING,), teacher=(EMBEDDING,))
+
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
+        super().__init__()
+        self.distance_weight = distance_weight
+        self.angle_weight = angle_weight
+
+    def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
+                batch: Batch) -> dict[str, torch.Tensor]:
+        return {"rkd": F.rkd(student.embedding, teacher.embedding, self.distance_weight, self.angle_weight)}
+
+    def extra_repr(self) -> str:
+        return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}"
