@@ -1,0 +1,181 @@
+"""Batches straight from a uint8 data set held on the training device, augmented there.
+
+Why: small CIFAR models run faster than Python data loaders can decode and augment
+images, so the whole uint8 set (150 MB for CIFAR-100) lives on the device as one
+tensor and each batch is cropped, flipped and normalised with a few batched tensor
+ops (no per-image Python). All randomness of an epoch is drawn up front from a
+generator seeded by (seed, epoch) alone, so any step of any epoch can be rebuilt
+without replaying the ones before it: that is how a run resumes mid-epoch.
+
+Batch rules (train mode), with B the per-rank batch size and W the world size:
+
+* The global batch is B * W. Global step s covers positions ``[s*B*W, (s+1)*B*W)``
+  of the epoch permutation (the same on every rank) and rank r takes the r-th
+  contiguous slice of it, so W ranks see exactly the batches one process with
+  batch B * W would see, with disjoint shards.
+* Steps per epoch are ``ceil(N / (B*W))``, equal on all ranks. The last, partial
+  global batch of R samples is split as evenly as possible (the first ``R % W``
+  ranks get one more) and is kept only when every rank gets at least 2 samples
+  (R >= 2W); otherwise it is dropped for that epoch, because BatchNorm cannot train
+  on a single sample. With W = 1 this means: a final batch of one sample is dropped.
+
+Eval mode: no shuffling and no augmentation; rank r owns the r-th contiguous shard
+of the data set (sizes as even as possible) and walks it in order, keeping the
+last partial batch whatever its size. Shards cover every sample exactly once; ranks
+may differ by one step, so reduce metrics after the loop, not per step.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from datasets.batch import Batch
+from datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD
+from models.errors import UserError
+
+PAD = 4  # RandomCrop(32, padding=4): zero padding in raw pixel space, offsets 0..2*PAD
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed 64-bit generator seed that depends on (seed, epoch) only."""
+    state = np.random.SeedSequence([seed % 2**64, epoch]).generate_state(1, np.uint64)
+    return int(state[0])
+
+
+class DeviceLoader:
+    """Iterates normalised, augmented :class:`Batch` es of an on-device uint8 data set.
+
+    ``images``: uint8 [N, 3, H, W]; ``labels``: integer [N]. ``train`` switches on
+    shuffling and crop / flip augmentation. ``seed`` fixes the per-epoch randomness;
+    ``rank`` / ``world_size`` shard it for DDP (see the module docstring for the rules).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        device: torch.device | str,
+        *,
+        train: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = False,
+        mean: Sequence[float] = CIFAR100_MEAN,
+        std: Sequence[float] = CIFAR100_STD,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"{labels.shape[0] if labels.ndim else 0} labels for {images.shape[0]} images")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"the batch size must be a positive integer, got {batch_size!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if len(mean) != images.shape[1] or len(std) != images.shape[1]:
+            raise ValueError(f"mean/std need {images.shape[1]} values, got {len(mean)}/{len(std)}")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.channels_last = channels_last
+        # One transfer of the whole set; every batch afterwards is a gather on the device.
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device, torch.int64)
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._spans = self._train_spans() if train else self._eval_spans()
+
+    @property
+    def dataset_size(self) -> int:
+        return self.images.shape[0]
+
+    def __len__(self) -> int:
+        """Steps per epoch on this rank."""
+        return len(self._spans)
+
+    def _train_spans(self) -> list[tuple[int, int]]:
+        """(start, size) in epoch-order positions of this rank's batch at each step."""
+        n, b, w = self.dataset_size, self.batch_size, self.world_size
+        full, rest = divmod(n, b * w)
+        spans = [(s * b * w + self.rank * b, b) for s in range(full)]
+        if rest >= 2 * w:  # otherwise some rank would train on < 2 samples: drop it
+            sizes = [rest // w + (k < rest % w) for k in range(w)]
+            spans.append((full * b * w + sum(sizes[: self.rank]), sizes[self.rank]))
+        if not spans:
+            raise UserError(
+                f"the training set has {n} samples: too few for one step on {w} process(es) "
+                f"(each needs at least 2); use more data or fewer processes"
+            )
+        return spans
+
+    def _eval_spans(self) -> list[tuple[int, int]]:
+        """(start, size) in data-set positions: this rank's contiguous shard, in batches."""
+        n, w = self.dataset_size, self.world_size
+        sizes = [n // w + (k < n % w) for k in range(w)]
+        start, stop = sum(sizes[: self.rank]), sum(sizes[: self.rank + 1])
+        return [(lo, min(self.batch_size, stop - lo)) for lo in range(start, stop, self.batch_size)]
+
+    def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The epoch's permutation [N], crop offsets [N, 2] (row, col in 0..8) and flips [N] (bool).
+
+        Indexed by position in the epoch, drawn on the CPU from a generator seeded by
+        (seed, epoch) and moved to the device once. Identical on every rank.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        n = self.dataset_size
+        gen = torch.Generator(device="cpu").manual_seed(epoch_seed(self.seed, epoch))
+        order = torch.randperm(n, generator=gen)
+        offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=gen)
+        flips = torch.rand(n, generator=gen) < 0.5
+        return order.to(self.device), offsets.to(self.device), flips.to(self.device)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch`` from ``start_step`` on; earlier steps are skipped, not computed."""
+        if not 0 <= start_step <= len(self):
+            raise UserError(
+                f"cannot resume at step {start_step} of an epoch with {len(self)} steps: "
+                f"the batch size or data set changed since the checkpoint"
+            )
+        if self.train:
+            order, offsets, flips = self.epoch_plan(epoch)
+            for start, size in self._spans[start_step:]:
+                pos = slice(start, start + size)
+                idx = order[pos]
+                images = self._augment(self.images[idx], offsets[pos], flips[pos])
+                yield Batch(self._normalise(images), self.labels[idx], idx, {})
+        else:
+            for start, size in self._spans[start_step:]:
+                idx = torch.arange(start, start + size, device=self.device)
+                images = self.images[start : start + size]
+                yield Batch(self._normalise(images), self.labels[start : start + size], idx, {})
+
+    @staticmethod
+    def _augment(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """Random crop (zero padding PAD) then horizontal flip of a uint8 batch, as one gather.
+
+        Output pixel (i, j) of image k is padded pixel (oy + i, ox + j), or (oy + i, ox + W-1-j)
+        when flipped: the mirror of the crop, as RandomCrop followed by RandomHorizontalFlip.
+        """
+        b, c, h, w = images.shape
+        padded = F.pad(images, (PAD, PAD, PAD, PAD))  # zeros = black in raw pixel space
+        pw = w + 2 * PAD
+        rows = offsets[:, 0, None] + torch.arange(h, device=images.device)  # [B, H]
+        cols_fwd = torch.arange(w, device=images.device)
+        cols = offsets[:, 1, None] + torch.where(flips[:, None], (w - 1) - cols_fwd, cols_fwd)  # [B, W]
+        flat = (rows[:, :, None] * pw + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+        return torch.gather(padded.view(b, c, -1), 2, flat).view(b, c, h, w)
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 -> float32 ``(x / 255 - mean) / std``, the same ops as ToTensor + Normalize."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        x = images.to(torch.float32)  # a new tensor (keeps the memory format), so in-place is safe
+        return x.div_(255.0).sub_(self._mean).div_(self._std)

@@ -1,0 +1,223 @@
+"""A generated stand-in for CIFAR-100 with real class structure, cached in the official format.
+
+Why: no test and no demo may download anything, yet the whole pipeline (reader,
+augmentation, training, distillation) should run on data where accuracy means
+something. Each of the 100 classes is a smooth texture: a plaid of two gratings
+(class-specific spatial frequency and orientation) blending two class colours.
+Classes come in 20 coarse groups of 5 that share their colour pair (up to a
+class shade), so colour mostly narrows a sample to its group and the texture
+has to tell the rest (as with CIFAR-100's superclasses). Every sample gets its own phase (a random
+shift), jittered frequency / orientation / sharpness / colours, a brightness
+change, a lighting gradient and pixel noise, so no single pixel gives the class
+away. The plaid is mirror-symmetric, so horizontal flips keep the class; the
+texture fills the image, so random crops keep it too.
+
+The set is written once to ``<root>/synthetic-<train>-<test>-seed<seed>/cifar-100-python/``
+(train/test/meta pickles with the official keys) and read back by the same reader
+as the real data. Generation is deterministic: same sizes and seed, same bytes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datasets.cifar100 import (
+    BASE_FOLDER,
+    NUM_CLASSES,
+    NUM_COARSE,
+    CorruptDataError,
+    DataSplits,
+    cfg_int,
+    data_root,
+    read_cifar_folder,
+)
+from models.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRAIN_SIZE = 10000
+DEFAULT_TEST_SIZE = 2000
+PICKLE_PROTOCOL = 4  # fixed: the protocol decides the bytes, and the bytes must not depend on Python's default
+_CHUNK = 1000  # images rendered at a time, bounding float32 scratch memory to ~40 MB
+_SIZE = 32
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the umask once (the only portable way is to set it and set it back)
+_FILE_MODE = 0o666 & ~_UMASK
+
+FINE_LABEL_NAMES = [f"class_{i:02d}" for i in range(NUM_CLASSES)]
+COARSE_LABEL_NAMES = [f"group_{i:02d}" for i in range(NUM_COARSE)]
+
+
+def cache_folder(root: Path, train_size: int, test_size: int, seed: int) -> Path:
+    """Where a given set lives; sizes and seed are in the name so different sets never clash."""
+    return Path(root) / f"synthetic-{train_size}-{test_size}-seed{seed}" / BASE_FOLDER
+
+
+def coarse_label(fine: np.ndarray) -> np.ndarray:
+    """Classes 5g..5g+4 form coarse group g (they share a colour pair)."""
+    return fine // (NUM_CLASSES // NUM_COARSE)
+
+
+def _prototypes(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per-class texture and colour parameters."""
+    per_group = NUM_CLASSES // NUM_COARSE
+    # A group's two colours differ by a step of length 0.45-0.65 in a random direction, so
+    # every texture has visible contrast (a class with invisible texture would be unlearnable).
+    colour_a = rng.uniform(0.1, 0.9, size=(NUM_COARSE, 3))
+    step = rng.normal(size=(NUM_COARSE, 3))
+    step *= rng.uniform(0.45, 0.65, size=(NUM_COARSE, 1)) / np.linalg.norm(step, axis=1, keepdims=True)
+    colour_b = np.clip(colour_a + step, 0.0, 1.0)
+    # Within a group the five orientations are spread over [0, 90) degrees (a mirror-symmetric
+    # plaid at angle t looks the same at 180 - t), starting at a random angle per group.
+    start = rng.uniform(0.0, np.pi / 2, size=(NUM_COARSE, 1))
+    theta = (start + np.arange(per_group) * (np.pi / 2) / per_group) % (np.pi / 2)
+    # Spatial frequency in cycles per pixel (periods of ~3.5 to ~13 pixels), log-spaced levels
+    # dealt out in a random order per group: fine classes differ in frequency and orientation.
+    levels = np.geomspace(0.075, 0.28, per_group)
+    freq = np.stack([rng.permutation(levels) for _ in range(NUM_COARSE)])
+    # Fine classes of a group share its colours up to a class shade about as large as the
+    # per-sample colour jitter: colour helps to tell them apart, texture has to do the rest.
+    shade = rng.normal(0.0, 0.07, size=(NUM_CLASSES, 2, 3))
+    return {
+        "colour_a": np.repeat(colour_a, per_group, axis=0) + shade[:, 0],
+        "colour_b": np.repeat(colour_b, per_group, axis=0) + shade[:, 1],
+        "theta": theta.reshape(-1),
+        "freq": freq.reshape(-1),
+    }
+
+
+def _balanced_labels(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` labels in shuffled order, each class count within one of the others (all present if n >= 100)."""
+    return rng.permutation(np.arange(n, dtype=np.int64) % NUM_CLASSES)
+
+
+def _render(labels: np.ndarray, proto: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """uint8 images [N, 3, 32, 32] for ``labels``; all per-sample randomness comes from ``rng``."""
+    n = labels.shape[0]
+    # Per-sample nuisance parameters, drawn up front so the result does not depend on _CHUNK.
+    theta = proto["theta"][labels] + rng.normal(0.0, np.deg2rad(5.0), n)
+    freq = proto["freq"][labels] * np.exp(rng.normal(0.0, 0.08, n))
+    phase = rng.uniform(0.0, 2 * np.pi, size=(n, 2))
+    sharp = rng.uniform(1.5, 4.0, n)
+    cast = rng.normal(0.0, 0.02, (n, 3))  # a colour cast shared by both colours of a sample
+    colour_a = proto["colour_a"][labels] + cast + rng.normal(0.0, 0.04, (n, 3))
+    colour_b = proto["colour_b"][labels] + cast + rng.normal(0.0, 0.04, (n, 3))
+    gain = rng.uniform(0.7, 1.3, n)
+    gradient = rng.normal(0.0, 0.08, (n, 2))  # lighting ramp across the image, per axis
+    out = np.empty((n, 3, _SIZE, _SIZE), dtype=np.uint8)
+    grid = (np.arange(_SIZE, dtype=np.float32) - (_SIZE - 1) / 2)
+    ys, xs = np.meshgrid(grid, grid, indexing="ij")  # [32, 32] each
+    for lo in range(0, n, _CHUNK):
+        s = slice(lo, min(lo + _CHUNK, n))
+        k = (2 * np.pi * freq[s]).astype(np.float32)[:, None, None]
+        kx = k * np.cos(theta[s]).astype(np.float32)[:, None, None]
+        ky = k * np.sin(theta[s]).astype(np.float32)[:, None, None]
+        p1 = phase[s, 0].astype(np.float32)[:, None, None]
+        p2 = phase[s, 1].astype(np.float32)[:, None, None]
+        # Two gratings mirrored about the vertical axis: the sum is a plaid whose mirror image
+        # is the same pattern shifted, so a horizontal flip keeps the class.
+        plaid = 0.5 * (np.cos(kx * xs + ky * ys + p1) + np.cos(-kx * xs + ky * ys + p2))
+        mix = 0.5 + 0.5 * np.tanh(sharp[s].astype(np.float32)[:, None, None] * plaid)  # [n, 32, 32]
+        a = colour_a[s].astype(np.float32)[:, :, None, None]
+        b = colour_b[s].astype(np.float32)[:, :, None, None]
+        img = b + (a - b) * mix[:, None]
+        ramp = (gradient[s, 0, None, None] * ys + gradient[s, 1, None, None] * xs) / (_SIZE / 2)
+        img = img * gain[s].astype(np.float32)[:, None, None, None] + ramp.astype(np.float32)[:, None]
+        img += rng.normal(0.0, 0.05, img.shape).astype(np.float32)
+        out[s] = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    return out
+
+
+def _split_dict(images: np.ndarray, labels: np.ndarray, split: str) -> dict[str, Any]:
+    """One split in the official layout (same keys, same key order, same types)."""
+    return {
+        "filenames": [f"synthetic_{split}_{i:06d}.png" for i in range(labels.shape[0])],
+        "batch_label": f"{'training' if split == 'train' else 'testing'} batch 1 of 1",
+        "fine_labels": labels.tolist(),
+        "coarse_labels": coarse_label(labels).tolist(),
+        "data": images.reshape(images.shape[0], -1),
+    }
+
+
+def generate(train_size: int, test_size: int, seed: int) -> dict[str, dict[str, Any]]:
+    """The three files' contents (``train``, ``test``, ``meta``) of the set with these sizes and seed.
+
+    Independent streams for prototypes, train and test (SeedSequence.spawn), so the test
+    set does not change with ``train_size``.
+    """
+    proto_seq, train_seq, test_seq = np.random.SeedSequence(seed).spawn(3)
+    proto = _prototypes(np.random.default_rng(proto_seq))
+    files: dict[str, dict[str, Any]] = {
+        "meta": {"fine_label_names": list(FINE_LABEL_NAMES), "coarse_label_names": list(COARSE_LABEL_NAMES)}
+    }
+    for split, size, seq in (("train", train_size, train_seq), ("test", test_size, test_seq)):
+        rng = np.random.default_rng(seq)
+        labels = _balanced_labels(size, rng)
+        files[split] = _split_dict(_render(labels, proto, rng), labels, split)
+    return files
+
+
+def _write_atomic(path: Path, obj: Any) -> None:
+    """Pickle to a temporary file next to ``path``, then rename it: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(obj, f, protocol=PICKLE_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; data files should be as readable as any other
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_synthetic(folder: Path, train_size: int, test_size: int, seed: int) -> None:
+    """Generate the set and write it into ``folder`` (meta last, so a complete folder has all three)."""
+    start = time.perf_counter()
+    files = generate(train_size, test_size, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "test", "meta"):
+        _write_atomic(folder / name, files[name])
+    log.info("generated synthetic data set in %s (%.1f s)", folder, time.perf_counter() - start)
+
+
+def _read_checked(folder: Path, train_size: int, test_size: int) -> DataSplits:
+    """Read the cache and check it is the set that was asked for (sizes, classes present)."""
+    splits = read_cifar_folder(folder)
+    if splits.train_labels.shape[0] != train_size or splits.test_labels.shape[0] != test_size:
+        raise CorruptDataError(
+            f"{folder} holds {splits.train_labels.shape[0]}/{splits.test_labels.shape[0]} images, "
+            f"expected {train_size}/{test_size}"
+        )
+    if splits.class_names != FINE_LABEL_NAMES:
+        raise CorruptDataError(f"{folder}/meta does not hold the synthetic class names")
+    return splits
+
+
+def load_synthetic(cfg: Mapping[str, Any]) -> DataSplits:
+    """``dataset=synthetic``: read the cached set, generating it first when missing or corrupt."""
+    train_size = cfg_int(cfg, "train_size", DEFAULT_TRAIN_SIZE, minimum=NUM_CLASSES)  # every class in train
+    test_size = cfg_int(cfg, "test_size", DEFAULT_TEST_SIZE, minimum=1)
+    seed = cfg_int(cfg, "seed", 0, minimum=0)
+    folder = cache_folder(data_root(cfg), train_size, test_size, seed)
+    if all((folder / name).is_file() for name in ("train", "test", "meta")):
+        try:
+            return _read_checked(folder, train_size, test_size)
+        except CorruptDataError as e:
+            log.warning("synthetic data cache is corrupt, regenerating it: %s", e)
+    try:
+        write_synthetic(folder, train_size, test_size, seed)
+    except OSError as e:
+        raise UserError(
+            f"cannot write the synthetic data set to {folder} ({e}); set dataset.root to a writable folder"
+        ) from None
+    return _read_checked(folder, train_size, test_size)
