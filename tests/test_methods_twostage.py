@@ -1,0 +1,376 @@
+"""The two-stage and connector methods (ab, ft, fsp, ofd, reviewkd, kdsvd) on real zoo pairs.
+
+Each method is built from probed shapes as the engine does, and trained a few SGD steps on
+one fixed batch of 4 images. Expected values are computed independently: the AB and OFD
+stage weighting by explicit loops over the published formulas, the OFD BatchNorms by
+naming the module the reference (mdistiller's ``get_bn_before_relu``) uses, the trained
+parameter sets from parameter names, the ReviewKD output shapes from the teacher's features.
+The pure loss functions are tested in test_functional.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+from datasets.batch import Batch
+from distiller import functional as F
+from distiller.features import forward_features, probe_shapes
+from distiller.methods import METHODS
+from distiller.methods.base import EMBEDDING, STAGES, STEM, BuildContext, DistillMethod, Features
+from distiller.methods.ofd import find_preact_batchnorms
+from models import build_model
+from models.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CROSS_FAMILY = [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("vgg13", "MobileNetV2")]
+SAME_WIDTH = [("resnet32x4", "resnet8x4"), ("resnet56", "resnet20"), ("vgg13", "vgg8")]
+CLASSIFIER = {"resnet8x4": "fc", "resnet20": "fc", "wrn_16_2": "fc", "vgg8": "classifier",
+              "MobileNetV2": "classifier"}
+B = 4
+
+
+# --------------------------------------------------------------------------- a small engine
+_TEACHERS: dict[str, nn.Module] = {}
+
+
+def _teacher(arch: str) -> nn.Module:
+    """A frozen eval-mode teacher with random BN affine parameters (non-trivial OFD margins) and
+    running statistics calibrated on random images, so its eval-mode features have a trained
+    network's scale instead of the exploding activations of an uncalibrated deep ResNet."""
+    if arch not in _TEACHERS:
+        torch.manual_seed(123)
+        model = build_model(arch)
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        with torch.no_grad():
+            for bn in bns:
+                bn.weight.normal_(1.0, 0.3)
+                bn.bias.normal_(0.0, 0.5)
+                bn.reset_running_stats()
+                bn.momentum = None  # cumulative average over the calibration batches
+            model.train()
+            for _ in range(2):
+                model(torch.randn(8, 3, 32, 32))
+        for bn in bns:
+            bn.momentum = 0.1
+        _TEACHERS[arch] = model.eval().requires_grad_(False)
+    return _TEACHERS[arch]
+
+
+def _features(model: nn.Module, x: torch.Tensor, kinds: frozenset, preact: bool) -> Features:
+    """Only the kinds the method tapped (so a method reading an untapped feature fails here)."""
+    feats, logits = forward_features(model, x, preact=preact)
+    return Features(logits=logits, stem=feats[0] if STEM in kinds else None,
+                    stages=list(feats[1:-1]) if STAGES in kinds else [],
+                    embedding=feats[-1] if EMBEDDING in kinds else None)
+
+
+class Run:
+    """Teacher, student and a built method for one pair, with a fixed batch."""
+
+    def __init__(self, method: str, teacher: str, student: str, **kwargs) -> None:
+        self.teacher = _teacher(teacher)
+        torch.manual_seed(0)
+        self.student = build_model(student).train()
+        self.method: DistillMethod = METHODS.get(method)(**kwargs)
+        taps = self.method.taps
+        s_shapes = probe_shapes(self.student, preact=taps.student_preact)
+        t_shapes = probe_shapes(self.teacher, preact=taps.teacher_preact)
+        as_features = lambda shapes, kinds: Features(  # noqa: E731
+            logits=torch.Size([2, 100]), stem=shapes[0] if STEM in kinds else None,
+            stages=list(shapes[1:-1]) if STAGES in kinds else [],
+            embedding=shapes[-1] if EMBEDDING in kinds else None)
+        ctx = BuildContext(num_classes=100, num_samples=B, train_labels=torch.arange(B), device=torch.device("cpu"),
+                           student=self.student, teacher=self.teacher)
+        self.method.build(as_features(s_shapes, taps.student), as_features(t_shapes, taps.teacher), ctx)
+        self.method.train()
+        self.batch = Batch(torch.randn(B, 3, 32, 32), torch.arange(B), torch.arange(B))
+        with torch.no_grad():
+            self.t = _features(self.teacher, self.batch.images, taps.teacher, taps.teacher_preact)
+
+    def s(self) -> Features:
+        taps = self.method.taps
+        return _features(self.student, self.batch.images, taps.student, taps.student_preact)
+
+    def train_only(self, params: list[nn.Parameter]) -> None:
+        """As the engine does per phase: gradients on for exactly ``params``."""
+        wanted = {id(p) for p in params}
+        for module in (self.student, self.method):
+            for p in module.parameters():
+                p.requires_grad_(id(p) in wanted)
+        self.student.train()
+        self.method.train()
+
+    def sgd(self, params: list[nn.Parameter], loss_fn, steps: int, lr: float) -> list[float]:
+        """``steps`` SGD steps on the fixed batch; the loss before each step, then after the last."""
+        self.train_only(params)
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+        losses = []
+        for _ in range(steps):
+            loss = loss_fn()
+            losses.append(loss.item())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            losses.append(loss_fn().item())
+        return losses
+
+    def main_params(self) -> list[nn.Parameter]:
+        return [*self.student.parameters(), *(p for p in self.method.parameters() if p.requires_grad)]
+
+    def main_loss(self) -> torch.Tensor:
+        return sum(self.method(self.s(), self.t, self.batch).values())
+
+    def phase_loss(self, phase) -> torch.Tensor:
+        s = self.s() if phase.student_forward else Features()
+        return sum(phase.loss(s, self.t, self.batch).values())
+
+
+def _assert_decreases(losses: list[float]) -> None:
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert losses[-1] < 0.999 * losses[0], losses
+
+
+# --------------------------------------------------------------------------- every method trains
+@pytest.mark.parametrize("pair", CROSS_FAMILY, ids=lambda p: "-".join(p))
+@pytest.mark.parametrize("method,lr", [("ab", 0.05), ("ofd", 1e-4), ("reviewkd", 0.2)])  # ofd: ~ lr x its beta 0.001
+def test_loss_decreases_cross_family(method: str, lr: float, pair: tuple[str, str]) -> None:
+    run = Run(method, *pair)
+    if method == "ab":  # the AB loss is trained by the init phase
+        phase = run.method.phases()[0]
+        losses = run.sgd(list(phase.parameters(run.student)), lambda: run.phase_loss(phase), 4, lr)
+    else:
+        losses = run.sgd(run.main_params(), run.main_loss, 4, lr)
+    _assert_decreases(losses)
+
+
+@pytest.mark.parametrize("pair", CROSS_FAMILY, ids=lambda p: "-".join(p))
+def test_ft_paraphraser_then_translator(pair: tuple[str, str]) -> None:
+    run = Run("ft", *pair)
+    phase = run.method.phases()[0]
+    assert phase.student_forward is False and phase.lr == 0.01 and phase.epochs == 30
+    main = run.main_params()  # the engine plans the main phase's parameters before the init phase runs
+    paraphraser = list(run.method.paraphraser.parameters())
+    assert {id(p) for p in phase.parameters(run.student)} == {id(p) for p in paraphraser}
+    assert not {id(p) for p in paraphraser} & {id(p) for p in main}
+    _assert_decreases(run.sgd(list(phase.parameters(run.student)), lambda: run.phase_loss(phase), 4, 0.1))
+    assert run.method.paraphraser.training  # trained in its phase
+    before = [p.detach().clone() for p in paraphraser]
+    for p in paraphraser:
+        p.grad = None
+    _assert_decreases(run.sgd(main, run.main_loss, 4, 0.02))
+    assert not run.method.paraphraser.training  # frozen outside its phase: eval mode, unchanged, no gradient
+    assert all(torch.equal(a, p) for a, p in zip(before, paraphraser))
+    assert all(p.grad is None for p in paraphraser)
+
+
+@pytest.mark.parametrize("pair", SAME_WIDTH, ids=lambda p: "-".join(p))
+def test_fsp_init_phase_lowers_its_loss(pair: tuple[str, str]) -> None:
+    run = Run("fsp", *pair)
+    phase = run.method.phases()[0]
+    _assert_decreases(run.sgd(list(phase.parameters(run.student)), lambda: run.phase_loss(phase), 4, 0.2))
+
+
+@pytest.mark.parametrize("pair", [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("vgg13", "vgg8")],
+                         ids=lambda p: "-".join(p))
+def test_kdsvd_loss_decreases(pair: tuple[str, str]) -> None:
+    run = Run("kdsvd", *pair)
+    _assert_decreases(run.sgd(run.main_params(), run.main_loss, 4, 0.2))
+
+
+# --------------------------------------------------------------------------- init phases train exactly their parameters
+def _snapshot(*modules: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{i}.{k}": v.detach().clone() for i, m in enumerate(modules)
+            for k, v in [*m.named_parameters(), *m.named_buffers()]}
+
+
+@pytest.mark.parametrize("method,pair", [("ab", ("resnet32x4", "resnet8x4")), ("ab", ("vgg13", "MobileNetV2")),
+                                         ("fsp", ("resnet32x4", "resnet8x4")), ("ft", ("resnet32x4", "resnet8x4"))])
+def test_init_phase_trains_exactly_the_named_parameters(method: str, pair: tuple[str, str]) -> None:
+    run = Run(method, *pair)
+    phase = run.method.phases()[0]
+    params = list(phase.parameters(run.student))
+    head = CLASSIFIER[pair[1]] + "."
+    features = {f"s.{n}": p for n, p in run.student.named_parameters() if not n.startswith(head)}
+    helpers = dict(run.method.named_parameters())
+    expected = {"ab": {**features, **helpers}, "fsp": features,
+                "ft": {n: p for n, p in helpers.items() if n.startswith("paraphraser.")}}[method]
+    assert {id(p) for p in params} == {id(p) for p in expected.values()} and len(params) == len(expected)
+    if method == "ab" and pair[1] == "MobileNetV2":
+        assert helpers  # connectors exist for this pair and are trained with the student's feature layers
+
+    everything = {**{f"s.{n}": p for n, p in run.student.named_parameters()}, **helpers}
+    before = {n: p.detach().clone() for n, p in everything.items()}
+    teacher_before = _snapshot(run.teacher)
+    run.sgd(params, lambda: run.phase_loss(phase), 2, 0.01)
+
+    # MobileNetV2's conv2 (1x1 to 1280) comes after the last stage: in the phase, but no gradient reaches it
+    after_last_stage = ("s.conv2.",) if pair[1] == "MobileNetV2" else ()
+    for name, p in everything.items():
+        changed = not torch.equal(before[name], p.detach())
+        should = name in expected and not name.startswith(after_last_stage)
+        assert changed == should, f"{method}: {name} changed={changed}"
+    assert all(torch.equal(v, teacher_before[k]) for k, v in _snapshot(run.teacher).items())
+
+
+def test_init_epochs_is_a_constructor_key() -> None:
+    for name in ("ab", "ft", "fsp"):
+        method = METHODS.get(name)(init_epochs=1)
+        assert [p.epochs for p in method.phases()] == [1]
+        assert METHODS.get(name)(init_epochs=0).phases() == []
+    assert METHODS.get("abound") is METHODS.get("ab") and METHODS.get("factor") is METHODS.get("ft")
+
+
+# --------------------------------------------------------------------------- AB
+def _naive_ab(s: torch.Tensor, t: torch.Tensor, m: float) -> torch.Tensor:
+    off = ((s > -m) & (t <= 0)).float() * (s + m) ** 2
+    on = ((s <= m) & (t > 0)).float() * (s - m) ** 2
+    return (off + on).sum()
+
+
+def test_ab_weighting_and_connectors() -> None:
+    run = Run("ab", "resnet32x4", "resnet8x4", margin=0.5)
+    assert all(isinstance(c, nn.Identity) for c in run.method.connectors)  # equal shapes: no connector
+    s = run.s()
+    n = len(s.stages)
+    expected = 0.0
+    for i, (fs, ft) in enumerate(zip(s.stages, run.t.stages)):
+        expected = expected + 2.0 ** (i - n + 1) * _naive_ab(fs, ft, 0.5)
+    expected = expected / B * 3 / 1000
+    got = run.method.phases()[0].loss(s, run.t, run.batch)["ab"]
+    assert torch.allclose(got, expected, rtol=1e-5)
+    assert torch.allclose(run.method(s, run.t, run.batch)["ab"], expected, rtol=1e-5)
+
+    cross = Run("ab", "vgg13", "MobileNetV2")
+    # stages 16/8/4 px agree (1x1 conv), the student's last is 2 px against the teacher's 4 (transposed conv)
+    kinds = [type(c.conv) for c in cross.method.connectors]
+    assert kinds == [nn.Conv2d] * 3 + [nn.ConvTranspose2d]
+    assert all(c.conv.kernel_size == (1, 1) for c in cross.method.connectors[:3])
+    s = cross.s()
+    for connector, fs, ft in zip(cross.method.connectors, s.stages, cross.t.stages):
+        out = connector(fs)
+        assert out.shape == ft.shape
+        assert not isinstance(connector, nn.Identity) and (out < 0).any()  # no ReLU at the end
+
+
+# --------------------------------------------------------------------------- FSP / KDSVD refuse unequal widths
+@pytest.mark.parametrize("pair,position", [(("resnet32x4", "ShuffleV1"), "stage1"),
+                                           (("wrn_40_2", "wrn_40_1"), "stage1")])
+def test_fsp_rejects_unequal_channels_at_build(pair: tuple[str, str], position: str) -> None:
+    with pytest.raises(UserError) as err:
+        Run("fsp", *pair)
+    message = str(err.value)
+    assert position in message and "channels" in message
+    t_c = probe_shapes(build_model(pair[0]))[1][1]
+    s_c = probe_shapes(build_model(pair[1]))[1][1]
+    assert str(t_c) in message and str(s_c) in message
+
+
+def test_kdsvd_rejects_unequal_channels() -> None:
+    with pytest.raises(UserError, match="channels"):
+        Run("kdsvd", "vgg13", "MobileNetV2")
+
+
+def test_kdsvd_is_zero_for_identical_features_and_ignores_signs() -> None:
+    kdsvd = METHODS.get("kdsvd")()
+    torch.manual_seed(1)
+    stages = [torch.randn(B, 8, 8, 8), torch.randn(B, 16, 4, 4), torch.randn(B, 32, 4, 4)]
+    feats = Features(stages=stages)
+    shapes = Features(stages=[f.shape for f in stages])
+    ctx = BuildContext(100, B, torch.arange(B), torch.device("cpu"), nn.Identity(), nn.Identity())
+    kdsvd.build(shapes, shapes, ctx)
+    assert kdsvd(feats, feats, None)["kdsvd"].item() == pytest.approx(0.0, abs=1e-6)
+    # a global sign flip changes no singular subspace
+    flipped = Features(stages=[-f for f in stages])
+    assert kdsvd(flipped, feats, None)["kdsvd"].item() == pytest.approx(0.0, abs=1e-5)
+    other = Features(stages=[torch.randn_like(f) for f in stages])
+    assert kdsvd(other, feats, None)["kdsvd"].item() > 1e-4
+    # degenerate spectra (all-zero positions after a ReLU) must not give non-finite gradients
+    dead = [torch.zeros_like(f) for f in stages]
+    for f, d in zip(stages, dead):
+        d[:, : f.shape[1] // 4] = f[:, : f.shape[1] // 4].relu()
+    dead = [d.requires_grad_() for d in dead]
+    kdsvd(Features(stages=dead), feats, None)["kdsvd"].backward()
+    assert all(torch.isfinite(d.grad).all() for d in dead)
+
+
+# --------------------------------------------------------------------------- OFD
+def _reference_bns(arch: str, teacher: nn.Module) -> list[nn.BatchNorm2d]:
+    """mdistiller's get_bn_before_relu, written out per architecture."""
+    if arch.startswith("resnet"):
+        return [teacher.layer1[-1].bn2, teacher.layer2[-1].bn2, teacher.layer3[-1].bn2]
+    if arch.startswith("wrn"):
+        return [teacher.block2.layer[0].bn1, teacher.block3.layer[0].bn1, teacher.bn1]
+    if arch == "MobileNetV2":
+        return [teacher.blocks[i][-1].conv[-1] for i in (1, 2, 4, 6)]
+    raise KeyError(arch)
+
+
+@pytest.mark.parametrize("pair", [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2")], ids=lambda p: "-".join(p))
+def test_ofd_margins_come_from_the_right_batchnorm(pair: tuple[str, str]) -> None:
+    run = Run("ofd", *pair)
+    assert type(run.method).teacher_bn_train is True
+    bns = _reference_bns(pair[0], run.teacher)
+    margins = run.method.margins()
+    assert len(margins) == len(bns)
+    for margin, bn in zip(margins, bns):
+        assert torch.allclose(margin, F.ofd_margin(bn).float())
+    assert "margin0" in dict(run.method.named_buffers())
+
+
+def test_ofd_batchnorm_choice_with_shortcut_batchnorms() -> None:
+    """Projection shortcuts (resnet8x4: one block per stage) and BN-output shortcuts (MobileNetV2):
+    the residual branch's BN is taken, not the shortcut's."""
+    for arch in ("resnet8x4", "MobileNetV2"):
+        model = build_model(arch)
+        found = [b.module for b in find_preact_batchnorms(model)]
+        assert all(a is b for a, b in zip(found, _reference_bns(arch, model), strict=True)), arch
+    with pytest.raises(UserError, match="BatchNorm"):
+        find_preact_batchnorms(build_model("ShuffleV2"))  # half the channels skip the last BN
+
+
+def test_ofd_loss_weighting() -> None:
+    run = Run("ofd", "vgg13", "MobileNetV2")
+    s = run.s()
+    n = len(s.stages)
+    expected = 0.0
+    helpers = zip(run.method.connectors, run.method.margins())
+    for i, ((connector, margin), fs, ft) in enumerate(zip(helpers, s.stages, run.t.stages)):
+        src = connector(fs)
+        tgt = TF.adaptive_avg_pool2d(ft, src.shape[-2:])
+        tgt = torch.max(tgt, margin.view(1, -1, 1, 1))
+        mask = ((src > tgt) | (tgt > 0)).float()
+        expected = expected + ((src - tgt) ** 2 * mask).sum() / B / 2 ** (n - i - 1)
+    assert torch.allclose(run.method(s, run.t, run.batch)["ofd"], expected, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- ReviewKD
+@pytest.mark.parametrize("pair", CROSS_FAMILY + [("resnet32x4", "MobileNetV2")], ids=lambda p: "-".join(p))
+def test_reviewkd_outputs_have_the_teachers_shapes(pair: tuple[str, str]) -> None:
+    run = Run("reviewkd", *pair)
+    fused = run.method.fused(run.s())
+    n = min(len(run.s().stages), len(run.t.stages))
+    expected = [f.shape for f in run.t.stages[len(run.t.stages) - n:]]
+    expected.append(torch.Size([B, run.t.embedding.shape[1], 1, 1]))
+    assert [f.shape for f in fused] == expected
+
+
+# --------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("name,beta,warmup", [("ab", 0.0, 0), ("ft", 200.0, 0), ("fsp", 0.0, 0), ("ofd", 0.001, 0),
+                                              ("reviewkd", 5.0, 20), ("kdsvd", 1.0, 0)])
+def test_configs_hold_the_published_weights(name: str, beta: float, warmup: int) -> None:
+    from omegaconf import OmegaConf
+
+    from distiller.objective import Objective
+
+    node = OmegaConf.to_container(OmegaConf.load(CONFIGS / "distill" / f"{name}.yaml"))
+    assert (node["name"], node["gamma"], node["alpha"], node["beta"], node["warmup_epochs"]) == (name, 1.0, 0.0, beta,
+                                                                                                 warmup)
+    entry = Objective.from_config(node).entries[0]  # every other key is a constructor argument
+    assert type(entry.method) is METHODS.get(name)
+    if name in ("ab", "ft", "fsp"):
+        assert [p.epochs for p in entry.method.phases()] == [30]
