@@ -50,14 +50,13 @@ class ConvRegressor(nn.Module):
     The spatial part depends on the two probed sizes (as RepDistiller's ``ConvReg`` for
     the first three cases; conv, BatchNorm, then ReLU unless ``use_relu=False``):
 
-    * equal size: 3x3 conv, stride 1, padding 1;
     * student twice the teacher (both dims): 3x3 conv, stride 2, padding 1;
     * student half the teacher (both dims): 4x4 transposed conv, stride 2, padding 1;
-    * any other relation: :class:`Resize` to the teacher's H x W (adaptive average pooling
-      when the student is larger, bilinear interpolation otherwise), then the 3x3 conv.
-      RepDistiller instead uses a ``(1+H_s-H_t)``-sized kernel for larger students and
-      fails for smaller ones; resizing first keeps the parameter count independent of
-      the size gap and covers every case.
+    * student at least as large otherwise (equal size included): a valid conv with kernel
+      ``(1+H_s-H_t, 1+W_s-W_t)``, i.e. 1x1 for equal sizes, as RepDistiller (the published
+      FitNet numbers were made with it);
+    * student smaller by another factor (RepDistiller fails here): bilinear :class:`Resize`
+      to the teacher's H x W, then a 1x1 conv.
     """
 
     def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int], use_relu: bool = True) -> None:
@@ -68,19 +67,19 @@ class ConvRegressor(nn.Module):
         s_c, t_c = int(s_shape[1]), int(t_shape[1])
         (s_h, s_w), (t_h, t_w) = _hw(s_shape), _hw(t_shape)
         self.resize: nn.Module = nn.Identity()
-        if (s_h, s_w) == (t_h, t_w):
-            self.relation = "equal"
-            self.conv: nn.Module = nn.Conv2d(s_c, t_c, kernel_size=3, stride=1, padding=1)
-        elif (s_h, s_w) == (2 * t_h, 2 * t_w):
+        if (s_h, s_w) == (2 * t_h, 2 * t_w):
             self.relation = "student 2x teacher"
-            self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
+            self.conv: nn.Module = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
         elif (2 * s_h, 2 * s_w) == (t_h, t_w):
             self.relation = "student 1/2x teacher"
             self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
+        elif s_h >= t_h and s_w >= t_w:
+            self.relation = "equal" if (s_h, s_w) == (t_h, t_w) else f"valid conv {s_h}x{s_w} -> {t_h}x{t_w}"
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
         else:
             self.relation = f"resized {s_h}x{s_w} -> {t_h}x{t_w}"
             self.resize = Resize((t_h, t_w))
-            self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=1, padding=1)
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=1)
         self.bn = nn.BatchNorm2d(t_c)
         self.relu: nn.Module = nn.ReLU() if use_relu else nn.Identity()
 

@@ -215,7 +215,7 @@ def test_method_term_decreases_and_teacher_is_untouched(name, pair):
     ((8, 8), (8, 8), nn.Conv2d),            # equal
     ((16, 16), (8, 8), nn.Conv2d),          # student 2x teacher: stride 2
     ((4, 4), (8, 8), nn.ConvTranspose2d),   # student 1/2x teacher: transposed, stride 2
-    ((16, 16), (4, 4), nn.Conv2d),          # other ratio, larger: pool then conv
+    ((16, 16), (4, 4), nn.Conv2d),          # other ratio, larger: valid 13x13 conv (RepDistiller)
     ((3, 3), (8, 8), nn.Conv2d),            # other ratio, smaller: interpolate then conv
     ((8, 6), (4, 3), nn.Conv2d),            # non-square 2x
 ])
@@ -226,6 +226,10 @@ def test_conv_regressor_maps_to_teacher_shape_and_learns(s_hw, t_hw, layer):
     assert type(reg.conv) is layer and isinstance(reg.bn, nn.BatchNorm2d) and isinstance(reg.relu, nn.ReLU)
     if s_hw == (16, 16) and t_hw == (8, 8):
         assert reg.conv.stride == (2, 2) and reg.conv.kernel_size == (3, 3)
+    if s_hw == t_hw:
+        assert reg.conv.kernel_size == (1, 1)  # RepDistiller's ConvReg: kernel 1 + H_s - H_t
+    if s_hw == (16, 16) and t_hw == (4, 4):
+        assert reg.conv.kernel_size == (13, 13)
     if layer is nn.ConvTranspose2d:
         assert reg.conv.stride == (2, 2) and reg.conv.kernel_size == (4, 4)
     x, target = torch.randn(4, 6, *s_hw), torch.rand(4, 10, *t_hw)
