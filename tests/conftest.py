@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import distiller.cli  # noqa: F401,E402 - registers the config resolvers used by composed configs
 import torch
 
 REPO = Path(__file__).resolve().parent.parent

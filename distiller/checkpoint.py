@@ -1,0 +1,140 @@
+"""Checkpoint files: atomic writes, safe reads, and loading the widely shared teacher files.
+
+Every file is read with ``torch.load(weights_only=True)``: a checkpoint from the
+internet cannot run code while it is unpickled. Our own checkpoints hold only
+tensors, numbers, strings and plain containers, so they load the same way.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from models.errors import UserError
+
+UNSAFE_ENV = "KD_TRUST_CHECKPOINTS"  # set to 1 to allow full unpickling of files you trust
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` to ``path`` so that a crash at any moment leaves the previous file intact.
+
+    The data goes to a temporary file in the same directory, is flushed and fsynced,
+    then renamed over ``path`` (atomic on POSIX); the directory entry is fsynced too.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress_os_error():
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class _suppress_os_error:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        return exc_type is not None and issubclass(exc_type, OSError)
+
+
+def safe_load(path: str | Path, what: str = "checkpoint", trust: bool | None = None) -> Any:
+    """Load a torch file with ``weights_only=True``; turn every failure into a one-line :class:`UserError`.
+
+    ``trust`` (or the environment variable ``KD_TRUST_CHECKPOINTS=1``) allows full
+    unpickling, for files whose origin you trust and that need it.
+    """
+    path = Path(path)
+    if trust is None:
+        trust = os.environ.get(UNSAFE_ENV, "") == "1"
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise UserError(
+                f"{what} {path} holds objects other than tensors and plain containers, so it was not loaded "
+                f"(loading it could run code). If you trust the file, set {UNSAFE_ENV}=1"
+            ) from None
+        raise UserError(f"{what} {path} is corrupted or not a torch checkpoint ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{what} {path} is corrupted or truncated ({first}); "
+                        f"re-download or re-create it") from None
+
+
+def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint: ``{'model': sd, ...}``, ``{'state_dict': sd}`` or a bare sd.
+
+    A ``module.`` prefix (saved from DataParallel / DDP) is removed.
+    """
+    state = obj
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict"):
+            if key in obj and isinstance(obj[key], Mapping):
+                state = obj[key]
+                break
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError("the checkpoint holds no model weights (expected {'model': state_dict} or a state_dict)")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def load_weights(model: nn.Module, path: str | Path, arch: str, what: str = "checkpoint") -> dict[str, Any]:
+    """Load weights from ``path`` into ``model`` (strict), naming both architectures on mismatch.
+
+    Returns the checkpoint's other entries (e.g. ``accuracy``, ``epoch``, ``arch``).
+    """
+    obj = safe_load(path, what)
+    state = extract_state_dict(obj)
+    saved_arch = obj.get("arch") if isinstance(obj, Mapping) else None
+    expected = model.state_dict()
+    mismatch = (set(state) != set(expected)) or any(state[k].shape != expected[k].shape for k in expected)
+    if mismatch:
+        described = f"a {saved_arch} model" if saved_arch else "another architecture"
+        guess = guess_architecture(state)
+        if not saved_arch and guess:
+            described = f"a {guess} model"
+        raise UserError(f"{what} {path} holds {described}, not {arch}: its weights do not fit {arch}. "
+                        f"Pick the matching architecture or another checkpoint")
+    model.load_state_dict(state, strict=True)
+    return {k: v for k, v in obj.items() if k not in ("model", "state_dict")} if isinstance(obj, Mapping) else {}
+
+
+def guess_architecture(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Name the zoo architecture whose parameter names and shapes equal ``state``'s, if any."""
+    from models import build_model, list_models
+
+    signature = {k: tuple(v.shape) for k, v in state.items()}
+    num_classes = None
+    for key, value in state.items():
+        if key.endswith("weight") and value.ndim == 2:
+            num_classes = value.shape[0]
+    for name in list_models():
+        try:
+            candidate = build_model(name, num_classes=num_classes or 100)
+        except Exception:  # noqa: BLE001 - a candidate that cannot be built is simply not a match
+            continue
+        if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == signature:
+            return name
+    return None

@@ -1,0 +1,109 @@
+"""Entry-point plumbing: one-line errors instead of tracebacks, and a config check before Hydra runs.
+
+Hydra prints a traceback for any exception escaping the task function and a
+multi-line report for a bad override. Users get one line on stderr and a non-zero
+exit instead; ``HYDRA_FULL_ERROR=1`` (or ``KD_DEBUG=1``) shows the full traceback.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from models.errors import UserError
+
+from omegaconf import OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+EXIT_USER_ERROR = 2
+
+
+def method_label(name: str, combine: Any = None) -> str:
+    """Label of a run's objective: the method's name, plus ``+label`` for every combined method."""
+    return "+".join([str(name), *sorted(str(k) for k in (combine or {}))])
+
+
+OmegaConf.register_new_resolver("method_label", method_label, replace=True)
+
+
+def debug_mode() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("KD_DEBUG") == "1"
+
+
+def fail(message: str) -> None:
+    """Print one line on stderr and exit with the user-error status."""
+    line = " ".join(str(message).split())
+    sys.stderr.write(f"error: {line}\n")
+    sys.stderr.flush()
+    sys.exit(EXIT_USER_ERROR)
+
+
+def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a Hydra task function so :class:`UserError` ends the process with one line."""
+
+    @functools.wraps(task)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return task(*args, **kwargs)
+        except UserError as err:
+            if debug_mode():
+                raise
+            logging.getLogger("distiller").error("%s", err)
+            fail(str(err))
+        except KeyboardInterrupt:
+            fail("interrupted; the last checkpoint is intact, rerun the same command to resume")
+
+    return wrapper
+
+
+def _group_options(group: str) -> list[str]:
+    folder = CONFIG_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def explain_config_error(err: BaseException) -> str:
+    """Turn a Hydra / OmegaConf composition error into one helpful line."""
+    text = str(err)
+    missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        group = group.split("@")[0].lstrip("/")
+        options = _group_options(group)
+        close = difflib.get_close_matches(option, options, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return f"unknown {group} '{option}'.{hint} Valid {group} options: {', '.join(options)}"
+    override = re.search(r"Could not override '([^']+)'", text)
+    if override:
+        key = override.group(1)
+        return (f"config key '{key}' does not exist; check the spelling "
+                f"(or add a new key with +{key}=VALUE if you really mean to)")
+    append = re.search(r"Could not append to config\. An item is already at '([^']+)'", text)
+    if append:
+        return f"config key '{append.group(1)}' already exists; set it without the leading '+'"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    return f"invalid configuration: {first}"
+
+
+def preflight(config_name: str, argv: list[str]) -> None:
+    """Compose the config once with the command-line overrides; a mistake ends here in one line.
+
+    Multirun sweeps and Hydra's own flags are left to Hydra.
+    """
+    if debug_mode() or any(a in ("-m", "--multirun") or a.startswith("--") or a.startswith("-") for a in argv):
+        return
+    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra.") and "=" in a]
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            compose(config_name=config_name, overrides=overrides)
+    except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
+        fail(explain_config_error(err))
+    finally:
+        GlobalHydra.instance().clear()

@@ -1,0 +1,142 @@
+"""The training objective: gamma * CE + alpha * KD + sum over methods of beta * (method terms).
+
+Built from the ``distill`` config node (plus any ``combine.<label>`` nodes), so any
+method combines with KD and with further methods without code knowing their names.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as nnf
+from torch import nn
+
+from datasets.batch import Batch
+from distiller import functional as F
+from distiller.methods import METHODS
+from distiller.methods.base import DistillMethod, Features, Phase, Taps
+from models.errors import UserError
+
+# keys of a distill/<name>.yaml node that belong to the objective, not to the method's constructor
+OBJECTIVE_KEYS = ("name", "method", "gamma", "alpha", "beta", "temperature", "warmup_epochs")
+
+
+@dataclass
+class WeightedMethod:
+    """One method in the objective, with its weight and warm-up."""
+
+    label: str
+    method: DistillMethod
+    beta: float
+    warmup_epochs: int
+
+    def weight(self, epoch: int) -> float:
+        """beta, ramped linearly over the first ``warmup_epochs`` epochs (epochs count from 1)."""
+        if self.warmup_epochs > 0:
+            return self.beta * min(epoch / self.warmup_epochs, 1.0)
+        return self.beta
+
+
+def build_method(node: Mapping[str, Any]) -> DistillMethod:
+    """Instantiate the registered method of a distill config node with its own keyword arguments."""
+    method_name = node.get("method", node.get("name"))
+    cls = METHODS.get(str(method_name))
+    kwargs = {k: v for k, v in node.items() if k not in OBJECTIVE_KEYS}
+    params = inspect.signature(cls.__init__).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in kwargs if k not in params] if not accepts_any else []
+    if unknown:
+        valid = [p for p in params if p != "self"]
+        raise UserError(f"distill.{unknown[0]} is not a parameter of method '{method_name}'; "
+                        f"its parameters are: {', '.join(valid) or 'none'}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"method '{method_name}': {err}") from None
+
+
+def _check_weight(value: Any, key: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{key}={value} is not a number") from None
+    if value < 0 or value != value:
+        raise UserError(f"{key}={value} must be a non-negative number")
+    return value
+
+
+class Objective(nn.Module):
+    """Weighted sum of cross-entropy, KD and the methods' terms; owns the methods (and their helpers)."""
+
+    def __init__(self, gamma: float = 1.0, alpha: float = 0.0, temperature: float = 4.0,
+                 methods: list[WeightedMethod] | None = None) -> None:
+        super().__init__()
+        self.gamma, self.alpha, self.temperature = gamma, alpha, temperature
+        self.entries = methods or []
+        self.methods = nn.ModuleDict({m.label: m.method for m in self.entries})
+
+    @classmethod
+    def from_config(cls, distill: Mapping[str, Any] | None, combine: Mapping[str, Any] | None = None) -> "Objective":
+        """``distill`` is the primary method node; each ``combine.<label>`` node adds one more method."""
+        if distill is None:  # plain training (teachers, baselines)
+            return cls(gamma=1.0, alpha=0.0)
+        gamma = _check_weight(distill.get("gamma", 1.0), "distill.gamma")
+        alpha = _check_weight(distill.get("alpha", 0.0), "distill.alpha")
+        temperature = float(distill.get("temperature", 4.0))
+        if temperature <= 0:
+            raise UserError(f"distill.temperature={temperature} must be > 0")
+        entries = []
+        nodes = [("distill", distill)] + [(f"combine.{k}", v) for k, v in (combine or {}).items()]
+        for key, node in nodes:
+            label = str(node.get("name", node.get("method"))) if key == "distill" else key.split(".", 1)[1]
+            beta = _check_weight(node.get("beta", 0.0), f"{key}.beta")
+            warmup = int(node.get("warmup_epochs", 0) or 0)
+            if warmup < 0:
+                raise UserError(f"{key}.warmup_epochs={warmup} must be >= 0")
+            entries.append(WeightedMethod(label, build_method(node), beta, warmup))
+        return cls(gamma, alpha, temperature, entries)
+
+    # ---- what the engine needs to know ---------------------------------------------------------
+    def active(self) -> list[WeightedMethod]:
+        """Methods whose terms enter the main-phase loss (beta > 0)."""
+        return [m for m in self.entries if m.beta > 0]
+
+    def taps(self) -> list[Taps]:
+        return [m.method.taps for m in self.entries]
+
+    def needs_teacher(self) -> bool:
+        return self.alpha > 0 or bool(self.active()) or any(m.method.phases() for m in self.entries)
+
+    def teacher_bn_train(self) -> bool:
+        return any(m.method.teacher_bn_train for m in self.active())
+
+    def phases(self) -> list[Phase]:
+        return [phase for m in self.entries for phase in m.method.phases()]
+
+    def main_parameters(self) -> list[nn.Parameter]:
+        """Trainable helper parameters of the active methods (frozen ones excluded)."""
+        return [p for m in self.active() for p in m.method.parameters() if p.requires_grad]
+
+    # ---- the loss -------------------------------------------------------------------------------
+    def forward(self, student: Features, teacher: Features | None, batch: Batch, epoch: int,
+                per_method: Mapping[str, tuple[Features, Features]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and the unweighted named terms (``ce``, ``kd``, each method's terms)."""
+        logits = student.logits
+        terms: dict[str, torch.Tensor] = {}
+        total = logits.new_zeros((), dtype=torch.float32)
+        if self.gamma > 0:
+            terms["ce"] = nnf.cross_entropy(logits.float(), batch.labels)
+            total = total + self.gamma * terms["ce"]
+        if self.alpha > 0 and teacher is not None:
+            terms["kd"] = F.kd(logits, teacher.logits, self.temperature)
+            total = total + self.alpha * terms["kd"]
+        for entry in self.active():
+            s_feats, t_feats = per_method[entry.label]
+            weight = entry.weight(epoch)
+            for name, value in entry.method(s_feats, t_feats, batch).items():
+                key = name if name not in terms else f"{entry.label}.{name}"
+                terms[key] = value
+                total = total + weight * value.float()
+        return total, terms

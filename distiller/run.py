@@ -1,0 +1,264 @@
+"""The two jobs, from a composed config to a finished run directory.
+
+``train_teacher.py`` and ``train_student.py`` are thin Hydra wrappers around
+:func:`train_network` and :func:`distill`. Both validate the config, prepare the
+run directory (resume, finished-run detection, refusing to mix two runs), build
+the objects and hand them to :class:`distiller.engine.Trainer`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from datasets import load_dataset
+from distiller.checkpoint import atomic_save, load_weights, safe_load
+from distiller.engine import Trainer, TrainSettings
+from distiller.objective import Objective
+from distiller.runtime import Runtime, barrier, make_runtime, seed_everything
+from models import build_model
+from models.errors import UserError
+
+log = logging.getLogger("distiller")
+
+# keys that may change between a run and its resumption without making it a different run
+VOLATILE_KEYS = ("trainer.resume", "trainer.auto_resume", "trainer.force", "trainer.progress",
+                 "trainer.log_interval", "trainer.num_threads", "trainer.checkpoint_every_steps",
+                 "trainer.device", "trainer.compile", "dataset.root", "teacher.ckpt", "teacher_dir",
+                 "dataset.eval_batch_size")
+
+
+# ---- validation -----------------------------------------------------------------------------------
+def _positive(value: Any, key: str, integer: bool = False, allow_zero: bool = False) -> Any:
+    try:
+        number = int(value) if integer else float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{key}={value} is not a {'whole ' if integer else ''}number") from None
+    if integer and float(value) != number:
+        raise UserError(f"{key}={value} must be a whole number")
+    if number < 0 or (number == 0 and not allow_zero) or number != number:
+        raise UserError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+    return number
+
+
+def settings_from_config(cfg: DictConfig, runtime: Runtime) -> TrainSettings:
+    """Validate the numeric knobs of a run and collect them for the trainer."""
+    epochs = _positive(cfg.trainer.epochs, "trainer.epochs", integer=True)
+    batch = _positive(cfg.dataset.batch_size, "dataset.batch_size", integer=True)
+    lr = _positive(cfg.optim.lr, "optim.lr")
+    if cfg.optim.get("scale_lr_with_batch", False):
+        lr = lr * batch * runtime.world_size / 64
+    milestones = tuple(int(m) for m in cfg.schedule.milestones)
+    check = str(cfg.trainer.nonfinite_check)
+    if check not in ("loss", "grad", "off"):
+        raise UserError(f"trainer.nonfinite_check={check} is not valid; use loss, grad or off")
+    impl = str(cfg.optim.implementation)
+    if impl not in ("auto", "fused", "foreach", "loop"):
+        raise UserError(f"optim.implementation={impl} is not valid; use auto, fused, foreach or loop")
+    if impl == "fused" and runtime.device.type != "cuda":
+        impl = "foreach"
+    return TrainSettings(
+        epochs=epochs, lr=lr,
+        momentum=_positive(cfg.optim.momentum, "optim.momentum", allow_zero=True),
+        weight_decay=_positive(cfg.optim.weight_decay, "optim.weight_decay", allow_zero=True),
+        nesterov=bool(cfg.optim.nesterov), optimizer_impl=impl, milestones=milestones,
+        lr_decay=_positive(cfg.schedule.gamma, "schedule.gamma"),
+        batch_size=batch,
+        eval_batch_size=_positive(cfg.dataset.get("eval_batch_size", 1024), "dataset.eval_batch_size", integer=True),
+        seed=int(cfg.seed),
+        log_interval=_positive(cfg.trainer.log_interval, "trainer.log_interval", integer=True),
+        checkpoint_every_steps=_positive(cfg.trainer.checkpoint_every_steps, "trainer.checkpoint_every_steps",
+                                         integer=True, allow_zero=True),
+        nonfinite_check=check, progress=bool(cfg.trainer.progress),
+        find_unused_parameters=bool(cfg.trainer.get("find_unused_parameters", False)),
+    )
+
+
+# ---- the run directory ----------------------------------------------------------------------------
+def run_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without keys that may change between a run and its resumption."""
+    identity = OmegaConf.create(config)
+    for key in VOLATILE_KEYS:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(identity, parent) if parent else identity
+        if isinstance(node, DictConfig) and leaf in node:
+            del node[leaf]
+    return OmegaConf.to_container(identity)
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]} {old} -> {new}"]
+
+
+def prepare_run_dir(run_dir: Path, config: dict[str, Any], cfg: DictConfig, runtime: Runtime) -> dict | None | str:
+    """Decide how this run starts: fresh (None), from ``last.pt`` (its contents) or already ``"finished"``.
+
+    Never overwrites another run: a run directory holding a different config is
+    refused unless ``trainer.force=true``, which moves the old files aside first.
+    """
+    config_file = run_dir / "config.yaml"
+    last = run_dir / "last.pt"
+    if config_file.exists():
+        try:
+            old = OmegaConf.to_container(OmegaConf.load(config_file))
+        except Exception:  # noqa: BLE001 - an unreadable config is treated as a different run
+            old = {"unreadable": True}
+        diff = _differences(run_identity(old), run_identity(config))
+        if diff:
+            if not cfg.trainer.force:
+                raise UserError(
+                    f"run directory {run_dir} holds a different run ({'; '.join(diff[:3])}"
+                    f"{'; ...' if len(diff) > 3 else ''}); choose another hydra.run.dir, or pass "
+                    f"trainer.force=true to start afresh (the old files are moved aside, not deleted)")
+            if runtime.is_main:
+                aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+                aside.mkdir()
+                for path in list(run_dir.iterdir()):
+                    if path.name != ".hydra" and not path.name.startswith("replaced-") and path != aside:
+                        shutil.move(str(path), aside / path.name)
+                log.warning("moved the previous run's files to %s", aside)
+            barrier()
+            return None
+    if last.exists():
+        if not (cfg.trainer.resume or cfg.trainer.auto_resume):
+            raise UserError(f"run directory {run_dir} already holds a run (last.pt); pass trainer.resume=true "
+                            f"to continue it, or trainer.force=true to start afresh")
+        checkpoint = safe_load(last, "checkpoint")
+        if checkpoint.get("run", {}).get("finished"):
+            return "finished"
+        return checkpoint
+    if cfg.trainer.resume:
+        raise UserError(f"trainer.resume=true but {run_dir} holds no last.pt to resume from; "
+                        f"drop trainer.resume to start this run")
+    return None
+
+
+def _write_config(run_dir: Path, config: dict[str, Any], runtime: Runtime) -> None:
+    """Record the resolved config of a fresh run (all ranks wait until it is on disk)."""
+    barrier()
+    if runtime.is_main and not (run_dir / "config.yaml").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / ".config.yaml.tmp"
+        OmegaConf.save(OmegaConf.create(config), tmp)
+        os.replace(tmp, run_dir / "config.yaml")
+    barrier()
+
+
+def _report_finished(run_dir: Path) -> None:
+    import json
+
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        top1 = metrics.get("final_top1")
+    except (OSError, ValueError):
+        top1 = None
+    log.info("run in %s is already finished (final top-1 %s); nothing to do", run_dir, top1)
+    print(f"already finished: {run_dir} (final top-1 {top1})")
+
+
+def _resolve(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:  # noqa: BLE001 - interpolation errors are config mistakes
+        raise UserError(f"invalid configuration: {str(err).splitlines()[0]}") from None
+
+
+# ---- jobs -----------------------------------------------------------------------------------------
+def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """Train ``cfg.model`` with cross-entropy; store the result where ``teacher=<arch>`` finds it."""
+    config = _resolve(cfg)
+    runtime = make_runtime(cfg.trainer)
+    settings = settings_from_config(cfg, runtime)
+    start = prepare_run_dir(run_dir, config, cfg, runtime)
+    if start == "finished":
+        _report_finished(run_dir)
+        return None
+    seed_everything(settings.seed)
+    data = load_dataset(cfg.dataset)
+    arch = str(cfg.model.name)
+    model = build_model(arch, num_classes=data.num_classes)
+    _write_config(run_dir, config, runtime)
+    header = {"kind": "teacher", "arch": arch, "student": arch, "teacher": None, "method": "ce",
+              "seed": settings.seed, "dataset": str(cfg.dataset.name)}
+    trainer = Trainer(runtime=runtime, settings=settings, run_dir=run_dir, data=data, student=model,
+                      student_arch=arch, objective=Objective.from_config(None), config=config, header=header)
+    state = trainer.fit(resume_from=start)
+    final = state.history[-1]
+    if runtime.is_main:
+        slim = trainer.slim_checkpoint(final["test_top1"])
+        atomic_save(slim, run_dir / "final.pt")
+        if cfg.get("save_teacher", True):
+            target = Path(str(cfg.teacher_dir)) / f"{arch}.pt"
+            if target.exists():  # never lose a teacher: keep the previous file beside the new one
+                backup = target.with_name(f"{target.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
+                os.replace(target, backup)
+                log.warning("kept the previous %s as %s", target, backup)
+            atomic_save(slim, target)
+            log.info("stored the trained model as %s (used by teacher=%s)", target, arch)
+    if runtime.is_main:
+        print(f"{arch}: final test top-1 {final['test_top1']:.2f}  best {state.best_top1:.2f}  ({run_dir})")
+    return final
+
+
+def distill(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """Distill ``cfg.teacher`` into ``cfg.student`` with the objective of ``cfg.distill`` (+ ``cfg.combine``)."""
+    config = _resolve(cfg)
+    runtime = make_runtime(cfg.trainer)
+    settings = settings_from_config(cfg, runtime)
+    objective = Objective.from_config(cfg.distill, cfg.get("combine"))
+    start = prepare_run_dir(run_dir, config, cfg, runtime)
+    if start == "finished":
+        _report_finished(run_dir)
+        return None
+    seed_everything(settings.seed)
+    data = load_dataset(cfg.dataset)
+    teacher_arch, student_arch = str(cfg.teacher.name), str(cfg.student.name)
+    teacher = build_model(teacher_arch, num_classes=data.num_classes)
+    ckpt = Path(str(cfg.teacher.ckpt))
+    if not ckpt.is_file():
+        raise UserError(f"teacher checkpoint not found: {ckpt}. Train it with `python train_teacher.py "
+                        f"model={teacher_arch}` (saved there), or pass teacher.ckpt=PATH to a pretrained "
+                        f"{teacher_arch} file ({{'model': state_dict}})")
+    load_weights(teacher, ckpt, teacher_arch, what="teacher checkpoint")
+    student = build_model(student_arch, num_classes=data.num_classes)
+    _write_config(run_dir, config, runtime)
+    header = {"kind": "student", "arch": student_arch, "student": student_arch, "teacher": teacher_arch,
+              "method": str(cfg.method_label), "seed": settings.seed, "dataset": str(cfg.dataset.name)}
+    trainer = Trainer(runtime=runtime, settings=settings, run_dir=run_dir, data=data, student=student,
+                      student_arch=student_arch, objective=objective, teacher=teacher,
+                      teacher_arch=teacher_arch, config=config, header=header)
+    if trainer.teacher is not None:
+        teacher_eval = trainer.evaluate(trainer.teacher)
+    else:  # a plain-CE objective never runs the teacher; still measure it for the record
+        teacher_eval = trainer.evaluate(teacher.to(runtime.device))
+    trainer.logger.header["teacher_top1"] = teacher_eval["test_top1"]
+    log.info("teacher %s: test top-1 %.2f", teacher_arch, teacher_eval["test_top1"])
+    if runtime.is_main:
+        print(f"teacher {teacher_arch}: test top-1 {teacher_eval['test_top1']:.2f}")
+    state = trainer.fit(resume_from=start)
+    final = state.history[-1]
+    if runtime.is_main:
+        atomic_save(trainer.slim_checkpoint(final["test_top1"]), run_dir / "final.pt")
+    if runtime.is_main:
+        print(f"{student_arch} <- {teacher_arch} [{cfg.method_label}]: final test top-1 {final['test_top1']:.2f}  "
+              f"best {state.best_top1:.2f}  ({run_dir})")
+    return final
+
+
+def run_dir_of_job() -> Path:
+    """The Hydra run directory of the current job (never the working directory)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+

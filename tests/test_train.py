@@ -1,0 +1,129 @@
+"""The two entry points as a user runs them: teacher training, then one epoch of every method."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli, tiny_overrides
+from models import build_model
+
+PINNED_EPOCH_KEYS = {"epoch", "train_loss", "test_top1", "test_top5", "lr"}
+CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+
+
+def naive_top1(model: torch.nn.Module, data_dir: Path) -> float:
+    """Test top-1 computed from the raw pickle, one image at a time (independent of our loader)."""
+    with open(data_dir / "test", "rb") as f:
+        test = pickle.load(f, encoding="latin1")
+    images = np.asarray(test["data"], dtype=np.float32).reshape(-1, 3, 32, 32) / 255.0
+    mean, std = np.array(CIFAR_MEAN).reshape(3, 1, 1), np.array(CIFAR_STD).reshape(3, 1, 1)
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for image, label in zip(images, test["fine_labels"]):
+            x = torch.from_numpy(((image - mean) / std).astype(np.float32))[None]
+            correct += int(model(x).argmax(1).item() == label)
+    return 100.0 * correct / len(images)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("train")
+    result = run_cli("train_teacher.py", "model=resnet8", f"hydra.run.dir={tmp / 'teacher_run'}",
+                     *tiny_overrides(tmp), "trainer.epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "final test top-1" in result.stdout
+    return tmp
+
+
+def test_teacher_run_directory(teacher_run):
+    run = teacher_run / "teacher_run"
+    for name in ("config.yaml", "metrics.json", "last.pt", "best.pt", "final.pt"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "finished"
+    assert len(metrics["epochs"]) == 2
+    for record in metrics["epochs"]:
+        assert PINNED_EPOCH_KEYS <= set(record)
+        assert 0.0 <= record["test_top1"] <= record["test_top5"] <= 100.0
+        assert record["lr"] == pytest.approx(0.05)
+    assert metrics["final_top1"] == metrics["epochs"][-1]["test_top1"]
+    assert metrics["final_top5"] == metrics["epochs"][-1]["test_top5"]
+    assert metrics["best_top1"] == max(r["test_top1"] for r in metrics["epochs"])
+    config = (run / "config.yaml").read_text()
+    assert "resnet8" in config and "synthetic" in config
+
+
+def test_final_accuracy_matches_an_independent_evaluation(teacher_run):
+    run = teacher_run / "teacher_run"
+    final = torch.load(run / "final.pt", weights_only=True)
+    model = build_model("resnet8")
+    model.load_state_dict(final["model"], strict=True)
+    data_dir = next((teacher_run / "data").glob("synthetic-*/cifar-100-python"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    # batched vs one-image convolutions may round differently: allow one near-tie flip of 100 images
+    assert naive_top1(model, data_dir) == pytest.approx(metrics["final_top1"], abs=1.0 + 1e-6)
+
+
+def test_teacher_is_stored_where_teacher_arch_looks(teacher_run):
+    stored = teacher_run / "teachers" / "resnet8.pt"
+    checkpoint = torch.load(stored, weights_only=True)
+    assert checkpoint["arch"] == "resnet8"
+    build_model("resnet8").load_state_dict(checkpoint["model"], strict=True)
+
+
+# config name -> extra overrides keeping the tiny run valid (CRD's K below the data size, 1 init epoch)
+METHOD_OVERRIDES = {
+    "kd": [], "fitnet": [], "at": [], "sp": [], "cc": [], "vid": [], "rkd": [], "pkt": [], "nst": [],
+    "crd": ["distill.nce_k=32"], "crd_kd": ["distill.nce_k=32"], "dkd": [], "ofd": [], "reviewkd": [],
+    "kdsvd": [], "ab": ["distill.init_epochs=1"], "ft": ["distill.init_epochs=1"], "fsp": ["distill.init_epochs=1"],
+}
+
+
+def test_every_method_config_is_covered():
+    configs = {p.stem for p in (Path(__file__).resolve().parent.parent / "configs" / "distill").glob("*.yaml")}
+    assert configs == set(METHOD_OVERRIDES)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OVERRIDES))
+def test_one_epoch_of_every_method(teacher_run, method):
+    run = teacher_run / f"student_{method}"
+    result = run_cli("train_student.py", "teacher=resnet8", "student=resnet8", f"distill={method}",
+                     f"hydra.run.dir={run}", *tiny_overrides(teacher_run), *METHOD_OVERRIDES[method])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "teacher resnet8: test top-1" in result.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["method"] == method
+    assert metrics["teacher_top1"] is not None
+    (record,) = metrics["epochs"]
+    assert PINNED_EPOCH_KEYS <= set(record)
+    assert np.isfinite(record["train_loss"])
+    if method in ("ab", "ft", "fsp"):
+        assert len(metrics["init_epochs"]) == 1 and np.isfinite(metrics["init_epochs"][0]["train_loss"])
+    final = torch.load(run / "final.pt", weights_only=True)
+    assert set(final) >= {"model", "arch", "accuracy"} and "optimizer" not in final
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert {"model", "objective", "optimizer", "run", "rng"} <= set(last)
+    if method.startswith("crd"):
+        banks = [k for k in last["objective"] if "memory" in k or "bank" in k]
+        assert banks, list(last["objective"])
+
+
+def test_combined_methods_have_their_own_weights(teacher_run):
+    run = teacher_run / "student_combined"
+    result = run_cli("train_student.py", "teacher=resnet8", "student=resnet8", "distill=kd",
+                     "+distill@combine.at=at", "combine.at.beta=500", f"hydra.run.dir={run}",
+                     *tiny_overrides(teacher_run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["method"] == "kd+at"
+    (record,) = metrics["epochs"]
+    assert {"loss_ce", "loss_kd", "loss_at"} <= set(record)
+    config = (run / "config.yaml").read_text()
+    assert "beta: 500" in config
