@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -315,9 +316,13 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-            self._train_step = DistributedDataParallel(
-                self.step_module, device_ids=ids, broadcast_buffers=False,
-                find_unused_parameters=self.s.find_unused_parameters)
+            with warnings.catch_warnings():
+                # Buffers stay rank-local on purpose (CRD banks sync their own rows; BN statistics
+                # are per rank unless trainer.sync_bn); the replacement flag still syncs at init.
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                self._train_step = DistributedDataParallel(
+                    self.step_module, device_ids=ids, broadcast_buffers=False,
+                    find_unused_parameters=self.s.find_unused_parameters)
 
     def _run_phase(self, phase: PlannedPhase, optimizer_state: dict | None,
                    accumulators: dict[str, torch.Tensor]) -> None:

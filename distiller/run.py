@@ -221,23 +221,8 @@ def distill(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     if start == "finished":
         _report_finished(run_dir)
         return None
-    seed_everything(settings.seed)
-    data = load_dataset(cfg.dataset)
-    teacher_arch, student_arch = str(cfg.teacher.name), str(cfg.student.name)
-    teacher = build_model(teacher_arch, num_classes=data.num_classes)
-    ckpt = Path(str(cfg.teacher.ckpt))
-    if not ckpt.is_file():
-        raise UserError(f"teacher checkpoint not found: {ckpt}. Train it with `python train_teacher.py "
-                        f"model={teacher_arch}` (saved there), or pass teacher.ckpt=PATH to a pretrained "
-                        f"{teacher_arch} file ({{'model': state_dict}})")
-    load_weights(teacher, ckpt, teacher_arch, what="teacher checkpoint")
-    student = build_model(student_arch, num_classes=data.num_classes)
-    _write_config(run_dir, config, runtime)
-    header = {"kind": "student", "arch": student_arch, "student": student_arch, "teacher": teacher_arch,
-              "method": str(cfg.method_label), "seed": settings.seed, "dataset": str(cfg.dataset.name)}
-    trainer = Trainer(runtime=runtime, settings=settings, run_dir=run_dir, data=data, student=student,
-                      student_arch=student_arch, objective=objective, teacher=teacher,
-                      teacher_arch=teacher_arch, config=config, header=header)
+    trainer, teacher = build_distillation(cfg, run_dir, runtime, settings, objective, config)
+    teacher_arch, student_arch = trainer.teacher_arch, trainer.student_arch
     if trainer.teacher is not None:
         teacher_eval = trainer.evaluate(trainer.teacher)
     else:  # a plain-CE objective never runs the teacher; still measure it for the record
@@ -250,10 +235,38 @@ def distill(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     final = state.history[-1]
     if runtime.is_main:
         atomic_save(trainer.slim_checkpoint(final["test_top1"]), run_dir / "final.pt")
-    if runtime.is_main:
         print(f"{student_arch} <- {teacher_arch} [{cfg.method_label}]: final test top-1 {final['test_top1']:.2f}  "
               f"best {state.best_top1:.2f}  ({run_dir})")
     return final
+
+
+def build_distillation(cfg: DictConfig, run_dir: Path, runtime: Runtime, settings: TrainSettings,
+                       objective: Objective, config: dict[str, Any],
+                       load_teacher: bool = True) -> tuple[Trainer, torch.nn.Module]:
+    """Seed, load the data, build teacher (with its weights) and student, and the trainer around them.
+
+    ``load_teacher=False`` keeps the teacher randomly initialised (benchmarks, tests).
+    """
+    seed_everything(settings.seed)
+    data = load_dataset(cfg.dataset)
+    teacher_arch, student_arch = str(cfg.teacher.name), str(cfg.student.name)
+    teacher = build_model(teacher_arch, num_classes=data.num_classes)
+    if load_teacher:
+        ckpt = Path(str(cfg.teacher.ckpt))
+        if not ckpt.is_file():
+            raise UserError(f"teacher checkpoint not found: {ckpt}. Train it with `python train_teacher.py "
+                            f"model={teacher_arch}` (saved there), or pass teacher.ckpt=PATH to a pretrained "
+                            f"{teacher_arch} file ({{'model': state_dict}})")
+        load_weights(teacher, ckpt, teacher_arch, what="teacher checkpoint")
+    student = build_model(student_arch, num_classes=data.num_classes)
+    _write_config(run_dir, config, runtime)
+    header = {"kind": "student", "arch": student_arch, "student": student_arch, "teacher": teacher_arch,
+              "method": str(cfg.get("method_label", cfg.distill.name)), "seed": settings.seed,
+              "dataset": str(cfg.dataset.name)}
+    trainer = Trainer(runtime=runtime, settings=settings, run_dir=run_dir, data=data, student=student,
+                      student_arch=student_arch, objective=objective, teacher=teacher,
+                      teacher_arch=teacher_arch, config=config, header=header)
+    return trainer, teacher
 
 
 def run_dir_of_job() -> Path:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ def cpu_has_native_bf16() -> bool:
 def make_runtime(trainer_cfg: Any) -> Runtime:
     """Resolve ``trainer.*`` switches for this process (and join the process group under torchrun)."""
     rank, world_size, local_rank = init_distributed(trainer_cfg.device)
+    if rank != 0:  # one voice per run: other ranks only report problems
+        logging.getLogger("distiller").setLevel(logging.WARNING)
     device = resolve_device(trainer_cfg.device, local_rank)
     precision = str(trainer_cfg.precision)
     if precision == "auto":

@@ -1,0 +1,154 @@
+"""DDP on CPU with 2 gloo processes: same result as one process with the same global batch."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import CONFIGS, REPO, run_cli, tiny_overrides
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def steps_with_engine(rank: int, world_size: int, port: int, out: Path, overrides: list[str], steps: int) -> None:
+    """Build the real trainer, run ``steps`` main-phase steps, save student and method state."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    if world_size == 1:
+        os.environ["WORLD_SIZE"] = "1"
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(REPO))
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import distiller.cli  # noqa: F401 - config resolvers
+    from distiller.objective import Objective
+    from distiller.run import build_distillation, settings_from_config
+    from distiller.runtime import make_runtime
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train_student", overrides=overrides)
+    runtime = make_runtime(cfg.trainer)
+    settings = settings_from_config(cfg, runtime)
+    objective = Objective.from_config(cfg.distill, cfg.get("combine"))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    trainer, _ = build_distillation(cfg, out / f"run{world_size}", runtime, settings, objective, config,
+                                    load_teacher=False)
+    phase = trainer.plan[-1]
+    optimizer = trainer.prepare_phase(phase)
+    # BatchNorm in eval mode: each sample's output then depends on that sample only, so a
+    # global batch split over ranks must give exactly the gradient of the whole batch.
+    trainer.student.eval()
+    for _, batch in zip(range(steps), trainer.train_loader.epoch(1)):
+        trainer.train_step(batch, phase, 1, optimizer)
+    evaluation = trainer.evaluate(trainer.student)
+    torch.save({"model": trainer.student.state_dict(), "objective": trainer.objective.state_dict(),
+                "evaluation": evaluation}, out / f"world{world_size}_rank{rank}.pt")
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+def run_ranks(world_size: int, out: Path, overrides: list[str], steps: int = 3) -> None:
+    port = free_port()
+    if world_size == 1:
+        ctx = mp.get_context("spawn")
+        p = ctx.Process(target=steps_with_engine, args=(0, 1, port, out, overrides, steps))
+        p.start(); p.join()
+        assert p.exitcode == 0
+    else:
+        mp.start_processes(steps_with_engine, args=(world_size, port, out, overrides, steps), nprocs=world_size,
+                           start_method="spawn")
+
+
+def base_overrides(tmp: Path, method: str, batch: int, *extra: str) -> list[str]:
+    return ["teacher=resnet8", "student=resnet8", f"distill={method}", *tiny_overrides(tmp, train_size=256),
+            f"dataset.batch_size={batch}", *extra]
+
+
+def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path):
+    """2 ranks x 16 images == 1 process x 32 images, step for step (tolerance: float summation order)."""
+    run_ranks(1, tmp_path, base_overrides(tmp_path, "kd", 32))
+    run_ranks(2, tmp_path, base_overrides(tmp_path, "kd", 16))
+    single = torch.load(tmp_path / "world1_rank0.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / f"world2_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for key, value in single["model"].items():
+        assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key]), key  # DDP keeps replicas identical
+        if value.is_floating_point() and "running" not in key:
+            # gradients are averaged over ranks instead of summed in one batch: only rounding differs
+            torch.testing.assert_close(ranks[0]["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # evaluation is sharded over ranks and reduced: same numbers as one process
+    assert ranks[0]["evaluation"] == ranks[1]["evaluation"]
+    for name, value in single["evaluation"].items():
+        assert ranks[0]["evaluation"][name] == pytest.approx(value, abs=1e-3)
+
+
+def test_crd_memory_banks_stay_identical_on_all_ranks(tmp_path):
+    run_ranks(2, tmp_path, base_overrides(tmp_path, "crd", 16, "distill.nce_k=32"), steps=4)
+    ranks = [torch.load(tmp_path / f"world2_rank{r}.pt", weights_only=True)["objective"] for r in (0, 1)]
+    banks = [k for k in ranks[0] if "memory" in k or "norm" in k]
+    assert banks
+    for key in banks:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    assert ranks[0][banks[0]].shape[0] == 256  # one row per training sample
+
+
+def torchrun(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+            str(REPO / "train_student.py"), *overrides]
+
+
+def test_torchrun_end_to_end_only_rank0_writes_and_resumes(tmp_path):
+    """A 3-epoch torchrun run killed after epoch 1 resumes to the uninterrupted run's result."""
+    teacher = run_cli("train_teacher.py", "model=resnet8", f"hydra.run.dir={tmp_path / 't'}", *tiny_overrides(tmp_path))
+    assert teacher.returncode == 0, teacher.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["teacher=resnet8", "student=resnet8", "distill=crd", "distill.nce_k=32",
+              *tiny_overrides(tmp_path, train_size=256), "dataset.batch_size=16", "trainer.epochs=3"]
+    reference = subprocess.run(torchrun(*common, f"hydra.run.dir={tmp_path / 'ref'}"), cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    ref = tmp_path / "ref"
+    assert len(list((ref / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 only
+    assert not [p for p in ref.iterdir() if p.name.endswith(".tmp")]
+    metrics = json.loads((ref / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and len(metrics["epochs"]) == 3
+    # each rank saw its own half of every epoch: 256 samples / (2 x 16) = 8 steps, all 256 counted
+    assert reference.stdout.count("final test top-1") == 1
+
+    victim_dir = tmp_path / "killed"
+    victim = subprocess.Popen(torchrun(*common, f"hydra.run.dir={victim_dir}"), cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        metrics_file = victim_dir / "metrics.json"
+        if metrics_file.exists() and json.loads(metrics_file.read_text())["completed_epochs"] >= 1:
+            os.killpg(victim.pid, signal.SIGKILL)
+            break
+        assert victim.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    victim.wait()
+    assert json.loads((victim_dir / "metrics.json").read_text())["status"] == "running"
+    resumed = subprocess.run(torchrun(*common, f"hydra.run.dir={victim_dir}"), cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(ref / "final.pt", weights_only=True)["model"]
+    b = torch.load(victim_dir / "final.pt", weights_only=True)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    shutil.rmtree(tmp_path / "data", ignore_errors=True)
