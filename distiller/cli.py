@@ -54,11 +54,20 @@ def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
             if debug_mode():
                 raise
             logging.getLogger("distiller").error("%s", err)
+            if _in_multirun():
+                raise  # this job fails, the sweep goes on; Hydra reports the failure when the sweep ends
             fail(str(err))
         except KeyboardInterrupt:
             fail("interrupted; the last checkpoint is intact, rerun the same command to resume")
 
     return wrapper
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _group_options(group: str) -> list[str]:

@@ -1,0 +1,1 @@
+"""Command-line tools and sweep helpers (paper-table sweeps, results collector, GPU assignment)."""

@@ -1,0 +1,116 @@
+"""One command per published table: its Hydra multirun(s), through whichever Hydra launcher you pick.
+
+    python scripts/sweep_table.py teachers                     # first: the six table teachers
+    python scripts/sweep_table.py crd_table1                   # CRD Table 1 (incl. its FSP column)
+    python scripts/sweep_table.py crd_table2 hydra/launcher=local_gpus hydra.launcher.n_jobs=8
+    python scripts/sweep_table.py dkd hydra/launcher=slurm hydra.launcher.partition=gpu
+    python scripts/sweep_table.py crd_table1 seed=0 --dry-run   # list the cells and commands, run nothing
+
+A table is one or more experiment presets (``configs/experiment/``), each an ordinary Hydra multirun
+over ``pair x distill x seed`` (``hydra.sweeper.params``). CRD Table 1 needs two, because FSP does not
+apply to one of its pairs and a Hydra sweep is a cartesian product. This script only runs
+``python <entry point> -m experiment=<preset> [OVERRIDES]`` for each preset, one after the other;
+the launcher in the overrides decides where the jobs run. Overrides after the table name go to every
+preset (``seed=0`` replaces the preset's seeds). Finished runs are skipped by the entry points, so a
+sweep that died midway is continued by running the same command again.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+# table -> (entry point, experiment presets run in this order)
+TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "teachers": ("train_teacher.py", ("table_teachers",)),
+    "baselines": ("train_teacher.py", ("table_baselines",)),
+    "crd_table1": ("train_student.py", ("crd_table1", "crd_table1_fsp")),
+    "crd_table2": ("train_student.py", ("crd_table2",)),
+    "dkd": ("train_student.py", ("dkd_tables",)),
+}
+
+
+def entry_point(preset: str) -> str:
+    """The entry point whose config a preset belongs to (teacher presets sweep ``model``)."""
+    for entry, presets in TABLES.values():
+        if preset in presets:
+            return entry
+    return "train_student.py"
+
+
+def expand_preset(preset: str, overrides: Sequence[str] = ()) -> list[dict[str, str]]:
+    """The jobs of one preset: its ``hydra.sweeper.params`` with the overrides applied, expanded by
+    Hydra's own override parser into one {key: value} dict per job (the same product Hydra launches)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    entry = entry_point(preset)
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(list(overrides))
+    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose(config_name=Path(entry).stem, overrides=[f"experiment={preset}", *plain],
+                          return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    params = dict(cfg.hydra.sweeper.params or {})
+    lines = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+    axes: dict[str, list[str]] = {}
+    for override in parser.parse_overrides(lines):  # later lines replace earlier ones, as in Hydra
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            axes[key] = list(override.sweep_string_iterator())
+        else:
+            axes[key] = [override.get_value_element_as_str()]
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def commands(table: str, overrides: Sequence[str]) -> list[list[str]]:
+    entry, presets = TABLES[table]
+    return [[sys.executable, str(REPO / entry), "-m", f"experiment={preset}", *overrides] for preset in presets]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("table", choices=sorted(TABLES), help="which table to run")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every preset (launcher, seeds, ...)")
+    parser.add_argument("--dry-run", action="store_true", help="print the cells and the commands; run nothing")
+    args = parser.parse_args(argv)
+    _, presets = TABLES[args.table]
+    if args.dry_run:
+        total = 0
+        for preset, command in zip(presets, commands(args.table, args.overrides)):
+            jobs = expand_preset(preset, args.overrides)
+            total += len(jobs)
+            print(f"# experiment={preset}: {len(jobs)} runs")
+            for job in jobs:
+                print("  " + " ".join(f"{k}={v}" for k, v in job.items()))
+            print("$ " + " ".join(command[1:]))
+        print(f"# {args.table}: {total} runs in all")
+        return 0
+    status = 0
+    for command in commands(args.table, args.overrides):
+        print("$ " + " ".join(command[1:]), flush=True)
+        # one preset failing (a failed cell ends its multirun) must not keep the next preset from running
+        result = subprocess.run(command, cwd=REPO, env=os.environ.copy())
+        status = status or result.returncode
+    if status:
+        print(f"some runs of {args.table} failed; fix them and run the same command again "
+              f"(finished runs are skipped)", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The results collector on run directories written here with known numbers (no training).
+
+Expected means / stds are worked out by hand below, and the published numbers are typed from
+RECIPES.md's paper tables, never taken from the collector itself.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from scripts import collect_results as cr  # noqa: E402
+from models.errors import UserError  # noqa: E402
+
+
+def write_run(root: Path, teacher: str | None, student: str, method: str, seed: int, final: float | None,
+              best: float | None, status: str = "finished", epochs: int = 3, hydra_only: bool = False,
+              time_s: float = 60.0, extra: dict | None = None) -> Path:
+    """A run directory as the engine leaves it: config.yaml, .hydra/config.yaml, metrics.json."""
+    if teacher is None:
+        path = root / "teacher" / student / f"seed{seed}"
+        config = {"model": {"name": student, "lr": 0.05}, "seed": seed, "trainer": {"epochs": epochs}}
+    else:
+        path = root / "student" / f"{teacher}-{student}" / method / f"seed{seed}"
+        config = {"teacher": {"name": teacher, "ckpt": "${teacher_dir}/x.pt"}, "student": {"name": student},
+                  "distill": {"name": method, "method": method}, "combine": {}, "seed": seed,
+                  "trainer": {"epochs": epochs}}
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    if hydra_only:  # a job that died before the engine wrote anything
+        return path
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    done = epochs if status == "finished" else 1
+    history = [{"epoch": e + 1, "train_loss": 1.0, "test_top1": final if e == done - 1 else 1.0,
+                "test_top5": 90.0, "lr": 0.05, "time_s": time_s} for e in range(done)]
+    (path / "metrics.json").write_text(json.dumps({
+        "status": status, "final_top1": final, "best_top1": best, "final_top5": 90.0, "epochs": history,
+        **(extra or {})}))
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    # resnet32x4 -> resnet8x4, KD: last 70, 71, 72 (mean 71, std 1); best 72, 72, 75 (mean 73, std sqrt 3)
+    for seed, (final, best) in enumerate([(70.0, 72.0), (71.0, 72.0), (72.0, 75.0)]):
+        write_run(root, "resnet32x4", "resnet8x4", "kd", seed, final, best)
+    # CRD+KD (config name crd_kd): one run -> mean only, no std
+    write_run(root, "resnet32x4", "resnet8x4", "crd_kd", 0, 74.5, 75.0)
+    # DKD: two finished (last 76, 77 -> 76.5 +- 0.7071), one still running, one that never wrote metrics
+    write_run(root, "resnet32x4", "resnet8x4", "dkd", 0, 76.0, 76.5)
+    write_run(root, "resnet32x4", "resnet8x4", "dkd", 1, 77.0, 77.5)
+    write_run(root, "resnet32x4", "resnet8x4", "dkd", 2, 40.0, 40.0, status="running")
+    write_run(root, "resnet32x4", "resnet8x4", "dkd", 3, None, None, hydra_only=True)
+    write_run(root, "resnet32x4", "resnet8x4", "dkd", 4, 30.0, 30.0, status="failed",
+              extra={"error": "non-finite kd at epoch 1, step 7"})
+    # plain cross-entropy runs: the pair's teacher (1 run) and student (2 runs: 72, 73)
+    write_run(root, None, "resnet32x4", "ce", 0, 79.0, 79.5)
+    write_run(root, None, "resnet8x4", "ce", 0, 72.0, 72.4)
+    write_run(root, None, "resnet8x4", "ce", 1, 73.0, 73.4)
+    # a second pair, for the figure and grouping
+    write_run(root, "resnet56", "resnet20", "at", 0, 70.0, 70.2)
+    return root
+
+
+def rows_by_key(csv_path: Path) -> dict[tuple[str, str, str], dict[str, str]]:
+    with open(csv_path, newline="") as f:
+        return {(r["teacher"], r["student"], r["method"]): r for r in csv.DictReader(f)}
+
+
+def test_means_stds_and_published_numbers(runs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report" / "table"
+    cr.collect([str(runs)], out)
+    rows = rows_by_key(out.with_suffix(".csv"))
+
+    kd = rows[("resnet32x4", "resnet8x4", "kd")]
+    assert kd["runs"] == "3"
+    assert float(kd["last_top1_mean"]) == pytest.approx(71.0)
+    assert float(kd["last_top1_std"]) == pytest.approx(1.0)
+    assert float(kd["best_top1_mean"]) == pytest.approx(73.0)
+    assert float(kd["best_top1_std"]) == pytest.approx(math.sqrt(3.0), abs=1e-4)
+    # published: KD 73.33 in both the CRD table (last-epoch protocol) and the DKD table (best epoch)
+    assert float(kd["crd_published"]) == pytest.approx(73.33)
+    assert float(kd["crd_diff"]) == pytest.approx(71.0 - 73.33, abs=1e-4)
+    assert float(kd["dkd_published"]) == pytest.approx(73.33)
+    assert float(kd["dkd_diff"]) == pytest.approx(73.0 - 73.33, abs=1e-4)
+    assert kd["seeds"] == "0 1 2"
+    assert float(kd["hours_per_run"]) == pytest.approx(3 * 60.0 / 3600.0, abs=1e-4)
+
+    # "CRD+KD" in the paper's CSV is our crd_kd; one run has no std
+    crd_kd = rows[("resnet32x4", "resnet8x4", "crd_kd")]
+    assert float(crd_kd["crd_published"]) == pytest.approx(75.46)
+    assert crd_kd["dkd_published"] == ""
+    assert crd_kd["runs"] == "1" and crd_kd["last_top1_std"] == ""
+
+    # DKD: the running run and the one without metrics are counted as not finished, not averaged
+    dkd = rows[("resnet32x4", "resnet8x4", "dkd")]
+    assert dkd["runs"] == "2" and dkd["not_finished"] == "3"
+    assert float(dkd["last_top1_mean"]) == pytest.approx(76.5)
+    assert float(dkd["last_top1_std"]) == pytest.approx(math.sqrt(0.5), abs=1e-4)
+    assert float(dkd["dkd_published"]) == pytest.approx(76.32)
+    assert float(dkd["dkd_diff"]) == pytest.approx(77.0 - 76.32, abs=1e-4)  # best-epoch mean 77.0
+
+    # baselines: the pair's teacher / student rows come from the plain cross-entropy runs
+    teacher = rows[("resnet32x4", "resnet8x4", "teacher")]
+    assert teacher["runs"] == "1" and float(teacher["last_top1_mean"]) == pytest.approx(79.0)
+    assert float(teacher["crd_published"]) == pytest.approx(79.42)
+    student = rows[("resnet32x4", "resnet8x4", "student")]
+    assert float(student["last_top1_mean"]) == pytest.approx(72.5)
+    assert float(student["crd_published"]) == pytest.approx(72.50)
+
+    at = rows[("resnet56", "resnet20", "at")]
+    assert float(at["crd_published"]) == pytest.approx(70.55)
+
+    markdown = out.with_suffix(".md").read_text()
+    assert "## resnet32x4 → resnet8x4" in markdown
+    assert "| kd | 3 | 71.00 ± 1.00 | 73.00 ± 1.73 | 73.33 | -2.33 | 73.33 | -0.33 |" in markdown
+    # unfinished runs are listed with their directory and status
+    assert "## Runs not finished" in markdown
+    assert f"{runs / 'student/resnet32x4-resnet8x4/dkd/seed2'} | running | 1 / 3 |  |" in markdown
+    assert f"{runs / 'student/resnet32x4-resnet8x4/dkd/seed3'} | no metrics | 0 / 3 |  |" in markdown
+    assert (f"{runs / 'student/resnet32x4-resnet8x4/dkd/seed4'} | failed | 1 / 3 | "
+            "non-finite kd at epoch 1, step 7 |") in markdown
+    png = out.with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_glob_selects_runs_and_table_layout(runs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t1"
+    rows, found = cr.collect([str(runs / "student" / "*-resnet8x4" / "kd" / "seed*")], out,
+                             tables=["crd_table1"], figure=False)
+    assert len(found) == 3 and all(r.method == "kd" for r in found)
+    # CRD Table 1 has 7 pairs x (teacher, student, 14 methods) minus FSP on wrn_40_2 -> wrn_40_1
+    assert len(rows) == 7 * 16 - 1
+    fsp_pairs = {(r.teacher, r.student) for r in rows if r.method == "fsp"}
+    assert ("wrn_40_2", "wrn_40_1") not in fsp_pairs and len(fsp_pairs) == 6
+    ran = [r for r in rows if r.last.n]
+    assert [(r.teacher, r.student, r.method) for r in ran] == [("resnet32x4", "resnet8x4", "kd")]
+    # cells not run yet keep their published number
+    assert next(r for r in rows if (r.student, r.method) == ("wrn_16_2", "crd")).published["crd"] == 75.48
+
+
+def test_cli_prints_markdown_and_rejects_bad_input(runs: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cli" / "res"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "collect_results.py"), str(runs),
+                             "--out", str(out), "--no-figure", "--sources", "crd,dkd,mdistiller"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| kd | 3 | 71.00 ± 1.00 |" in result.stdout
+    assert "mdistiller README" in result.stdout
+    assert out.with_suffix(".csv").exists() and not out.with_suffix(".png").exists()
+    assert cr.main([str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cr.main([str(runs), "--out", str(tmp_path / "y"), "--table", "crd_table9"]) == 2
+    assert "unknown table 'crd_table9'" in capsys.readouterr().err
+
+
+def test_unknown_paper_method_name_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "crd_paper_repdistiller_readme.csv").write_text(
+        "table,teacher,student,method,top1\nt,resnet56,resnet20,Hint-KD,70.0\n")
+    with pytest.raises(UserError, match="Hint-KD"):
+        cr.load_published(["crd"], folder=tmp_path)
+
+
+def test_paper_tables_are_the_shared_data() -> None:
+    """The project's copy of the published numbers is the shared research notes' data, unchanged."""
+    shared = REPO.parent / "shared" / "docs" / "paper_tables"
+    if not shared.is_dir():
+        pytest.skip("shared research notes not present")
+    for source in cr.SOURCES.values():
+        assert (cr.PAPER_TABLES / source.file).read_text() == (shared / source.file).read_text()
+
+
+def test_combined_methods_are_labelled_like_their_run_directories(tmp_path: Path) -> None:
+    """distill=crd plus +distill@combine.at=at is the group "crd+at" (the run directory's label), read
+    from the engine's resolved config, or rebuilt from Hydra's copy when only that exists."""
+    root = tmp_path / "runs"
+    resolved = write_run(root, "resnet32x4", "resnet8x4", "crd+at", 0, 75.0, 75.5)
+    config = yaml.safe_load((resolved / "config.yaml").read_text())
+    config.update(distill={"name": "crd"}, combine={"at": {"name": "at", "beta": 500.0}}, method_label="crd+at")
+    (resolved / "config.yaml").write_text(yaml.safe_dump(config))
+    hydra_only = write_run(root, "resnet32x4", "resnet8x4", "crd+at", 1, None, None, hydra_only=True)
+    config["method_label"] = "${method_label:${distill.name},${combine}}"
+    (hydra_only / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    runs = [cr.read_run(p) for p in cr.find_run_dirs([str(root)])]
+    assert sorted((r.method, r.status) for r in runs) == [("crd+at", "finished"), ("crd+at", "no metrics")]
