@@ -96,6 +96,9 @@ def make_runtime(trainer_cfg: Any) -> Runtime:
         raise UserError(f"trainer.precision={precision} is not valid; use auto, {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
         raise UserError("trainer.precision=fp16 needs a CUDA device; on CPU use bf16 or fp32")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        logging.getLogger("distiller").warning(
+            "this CPU has no native bf16 (avx512_bf16 / amx_bf16): bf16 is emulated and much slower than fp32")
     channels_last = _auto_flag(trainer_cfg.channels_last, device.type == "cuda", "trainer.channels_last")
     compile_ = _auto_flag(trainer_cfg.compile, device.type == "cuda", "trainer.compile")
     if trainer_cfg.get("num_threads"):

@@ -1,0 +1,109 @@
+"""scripts/benchmark.py: runs as a user types it and reports a complete, self-consistent JSON line.
+
+Speed itself is never asserted (tests run on shared CPUs); what is checked is that the
+script runs both loops end to end on tiny settings, that its FLOP count equals a count
+derived by hand from the layer shapes, and that the derived figures follow from the raw ones.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import run_cli
+from models import build_model
+from scripts import benchmark
+
+REQUIRED = ("images_per_sec", "ms_per_step", "reference_images_per_sec", "speedup", "flops_per_image",
+            "achieved_flops", "peak_flops", "mfu", "peak_memory_bytes", "device")
+BATCH = 8
+
+
+def forward_flops_per_image(arch: str, num_classes: int = 100) -> tuple[int, int]:
+    """(forward FLOPs of one image, FLOPs of the first conv), 2 * multiply-adds of every conv and linear layer."""
+    model = build_model(arch, num_classes=num_classes)
+    counts: list[int] = []
+
+    def conv(m: nn.Conv2d, args: tuple, out: torch.Tensor) -> None:
+        k = m.kernel_size[0] * m.kernel_size[1]
+        counts.append(2 * (m.in_channels // m.groups) * m.out_channels * k * out.shape[2] * out.shape[3])
+
+    def linear(m: nn.Linear, args: tuple, out: torch.Tensor) -> None:
+        counts.append(2 * m.in_features * m.out_features)
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(conv)
+        elif isinstance(m, nn.Linear):
+            m.register_forward_hook(linear)
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    return sum(counts), counts[0]
+
+
+def test_benchmark_runs_and_reports_json(tmp_path) -> None:
+    result = run_cli("scripts/benchmark.py", "teacher=resnet8", "student=resnet8", "distill=kd",
+                     "trainer.device=cpu", f"dataset.batch_size={BATCH}", "bench.steps=2", "bench.warmup=1",
+                     "bench.reference_steps=2", "bench.reference_warmup=1", "bench.train_size=64", cwd=tmp_path,
+                     timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    for key in REQUIRED:
+        assert report.get(key) is not None, key
+    assert report["device"] == "cpu" and report["method"] == "kd" and report["batch_size"] == BATCH
+    assert report["peak_memory_kind"] == "cpu_peak_rss" and report["peak_memory_bytes"] > 0
+    for key in ("images_per_sec", "reference_images_per_sec", "peak_flops"):
+        assert report[key] > 0, key
+
+    # FLOPs of one KD step: teacher forward + student forward + student backward, where the
+    # backward of every layer costs two forwards (input and weight gradients) except the first
+    # conv, whose input (the images) needs no gradient.
+    forward, first_conv = forward_flops_per_image("resnet8")
+    assert report["flops_per_image"] == forward + forward + (2 * forward - first_conv)
+
+    # derived figures follow from the measured ones
+    assert report["ms_per_step"] == pytest.approx(1e3 * BATCH / report["images_per_sec"], rel=1e-9)
+    assert report["speedup"] == pytest.approx(report["images_per_sec"] / report["reference_images_per_sec"])
+    assert report["achieved_flops"] == pytest.approx(report["flops_per_image"] * report["images_per_sec"])
+    assert report["mfu"] == pytest.approx(report["achieved_flops"] / report["peak_flops"])
+    assert "images/s" in result.stdout and "speedup" in result.stdout  # the human-readable table
+
+
+@pytest.mark.parametrize("override, words", [
+    ("bench.steps=0", "bench.steps"),
+    ("bench.data=imagenet", "bench.data"),
+    ("distill=kdd", "distill"),
+    ("bench.phase=init", "phase"),
+    ("steps", "unexpected argument"),
+])
+def test_benchmark_user_errors_are_one_line(override: str, words: str, capsys) -> None:
+    tiny = ["teacher=resnet8", "student=resnet8", "trainer.device=cpu", "bench.train_size=64",
+            "bench.reference_steps=0", "bench.peak_matmul=false", "bench.flops=false", "bench.steps=1"]
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(tiny + [override])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err
+
+
+@pytest.mark.parametrize("mode", ["exact", "relax"])
+def test_reference_contrast_sampling_follows_the_published_sampler(mode: str) -> None:
+    """Column 0 is the positive (the sample itself, or one of its class for relax), negatives other classes."""
+    labels = torch.arange(60) % 6
+    sampler = benchmark.ReferenceContrast(labels, k=20, mode=mode)
+    np.random.seed(0)
+    for index in (0, 7, 59):
+        target = int(labels[index])
+        row = sampler.sample(index, target)
+        assert row.shape == (21,) and row.dtype == np.int64
+        if mode == "exact":
+            assert row[0] == index
+        else:
+            assert labels[row[0]] == target
+        assert all(labels[j] != target for j in row[1:])
+        assert len(set(row[1:].tolist())) == 20  # K < pool size: drawn without replacement, as published
