@@ -185,14 +185,22 @@ class ContrastMemory(nn.Module):
     def forward(self, v_s: Tensor, v_t: Tensor, contrast_idx: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised scores ``(out_s, out_t)``, each [B, 1 + K] with the positive in column 0."""
         b, k1 = contrast_idx.shape
-        flat = contrast_idx.reshape(-1)
         # float32 with autocast off: exp(x / 0.07) turns bf16 rounding of x into percent errors.
         with torch.autocast(v_s.device.type, enabled=False):
             v_s, v_t = v_s.float(), v_t.float()
-            w_t = self.memory_t.index_select(0, flat).view(b, k1, self.feat_dim)
-            out_s = torch.exp(torch.bmm(w_t, v_s.unsqueeze(2)).squeeze(2) / self.temperature)
-            w_s = self.memory_s.index_select(0, flat).view(b, k1, self.feat_dim)
-            out_t = torch.exp(torch.bmm(w_s, v_t.unsqueeze(2)).squeeze(2) / self.temperature)
+            if self.memory_t.shape[0] <= b * k1:
+                # Score against every bank row ([B, N]: 12 MiB for CIFAR-100) and keep the 1 + K wanted
+                # columns: cheaper than gathering [B, 1+K, D] rows (512 MiB per side at K = 16384, both
+                # kept for the backward). The clones are needed because update() overwrites the banks
+                # in place before the backward runs.
+                out_s = torch.exp(torch.mm(v_s, self.memory_t.clone().t()).gather(1, contrast_idx) / self.temperature)
+                out_t = torch.exp(torch.mm(v_t, self.memory_s.clone().t()).gather(1, contrast_idx) / self.temperature)
+            else:  # a bank larger than the batch's samples: gather only the rows the batch needs
+                flat = contrast_idx.reshape(-1)
+                w_t = self.memory_t.index_select(0, flat).view(b, k1, self.feat_dim)
+                out_s = torch.exp(torch.bmm(w_t, v_s.unsqueeze(2)).squeeze(2) / self.temperature)
+                w_s = self.memory_s.index_select(0, flat).view(b, k1, self.feat_dim)
+                out_t = torch.exp(torch.bmm(w_s, v_t.unsqueeze(2)).squeeze(2) / self.temperature)
             if not self._norms_known:
                 self._set_norms(out_s, out_t)
             return out_s / self.norm_s, out_t / self.norm_t

@@ -471,10 +471,11 @@ def naive_crd(crd, e_s, e_t, contrast_idx, mem_s, mem_t, z_s, z_t):
     return total
 
 
-def test_crd_scores_loss_normalisers_and_bank_update_match_naive():
+@pytest.mark.parametrize("k", [8, 24])  # 3 x 9 < N = 60 rows: gathered rows; 3 x 25 >= 60: whole-bank scores
+def test_crd_scores_loss_normalisers_and_bank_update_match_naive(k):
     torch.manual_seed(0)
     labels = crd_labels()
-    crd = make_crd(labels, k=8, nce_m=0.5).train()
+    crd = make_crd(labels, k=k, nce_m=0.5).train()
     assert crd.memory.norm_s.item() == -1 and crd.memory.norm_t.item() == -1
     # Banks initialised uniformly in [-1/sqrt(d/3), 1/sqrt(d/3)], d = 16.
     bound = 1 / math.sqrt(16 / 3)
@@ -494,8 +495,8 @@ def test_crd_scores_loss_normalisers_and_bank_update_match_naive():
         v_s, v_t = crd.embed_s(e_s), crd.embed_t(e_t)
     raw_s = [[math.exp(float(mem_t[j] @ v_s[i]) / 0.07) for j in contrast_idx[i]] for i in range(3)]
     raw_t = [[math.exp(float(mem_s[j] @ v_t[i]) / 0.07) for j in contrast_idx[i]] for i in range(3)]
-    z_s = sum(map(sum, raw_s)) / (3 * 9) * 60
-    z_t = sum(map(sum, raw_t)) / (3 * 9) * 60
+    z_s = sum(map(sum, raw_s)) / (3 * (k + 1)) * 60
+    z_t = sum(map(sum, raw_t)) / (3 * (k + 1)) * 60
     assert crd.memory.norm_s.item() == pytest.approx(z_s, rel=1e-5)
     assert crd.memory.norm_t.item() == pytest.approx(z_t, rel=1e-5)
     with torch.no_grad():
