@@ -188,11 +188,11 @@ def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     data = load_dataset(cfg.dataset)
     arch = str(cfg.model.name)
     model = build_model(arch, num_classes=data.num_classes)
-    _write_config(run_dir, config, runtime)
     header = {"kind": "teacher", "arch": arch, "student": arch, "teacher": None, "method": "ce",
               "seed": settings.seed, "dataset": str(cfg.dataset.name)}
     trainer = Trainer(runtime=runtime, settings=settings, run_dir=run_dir, data=data, student=model,
                       student_arch=arch, objective=Objective.from_config(None), config=config, header=header)
+    _write_config(run_dir, config, runtime)
     state = trainer.fit(resume_from=start)
     final = state.history[-1]
     if runtime.is_main:
@@ -259,13 +259,14 @@ def build_distillation(cfg: DictConfig, run_dir: Path, runtime: Runtime, setting
                             f"{teacher_arch} file ({{'model': state_dict}})")
         load_weights(teacher, ckpt, teacher_arch, what="teacher checkpoint")
     student = build_model(student_arch, num_classes=data.num_classes)
-    _write_config(run_dir, config, runtime)
     header = {"kind": "student", "arch": student_arch, "student": student_arch, "teacher": teacher_arch,
               "method": str(cfg.get("method_label", cfg.distill.name)), "seed": settings.seed,
               "dataset": str(cfg.dataset.name)}
     trainer = Trainer(runtime=runtime, settings=settings, run_dir=run_dir, data=data, student=student,
                       student_arch=student_arch, objective=objective, teacher=teacher,
                       teacher_arch=teacher_arch, config=config, header=header)
+    # only now, with every method built for this pair: a run that cannot start leaves no trace
+    _write_config(run_dir, config, runtime)
     return trainer, teacher
 
 

@@ -104,6 +104,10 @@ def test_temperature_must_be_positive(workspace, tmp_path):
 def test_crd_negatives_larger_than_the_data_set(workspace):
     result = student(workspace, "crd_k", "distill=crd", "distill.nce_k=100000")
     assert_one_line_error(result, "nce_k")
+    # a run that could not start leaves no record that would block the corrected command
+    assert not (workspace / "crd_k" / "config.yaml").exists()
+    fixed = student(workspace, "crd_k", "distill=crd", "distill.nce_k=64")
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
 
 
 def test_unknown_method_parameter(workspace):
