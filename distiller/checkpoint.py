@@ -6,6 +6,7 @@ tensors, numbers, strings and plain containers, so they load the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
@@ -37,7 +38,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with _suppress_os_error():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -45,14 +46,6 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-class _suppress_os_error:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        return exc_type is not None and issubclass(exc_type, OSError)
 
 
 def safe_load(path: str | Path, what: str = "checkpoint", trust: bool | None = None) -> Any:
