@@ -23,7 +23,7 @@ import torch
 from torchvision.datasets import CIFAR100 as _TorchvisionCIFAR100
 from torchvision.datasets import utils as tv_utils
 
-from models.errors import UserError
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from datasets.batch import Batch
 from datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD
-from models.errors import UserError
+from common.errors import UserError
 
 PAD = 4  # RandomCrop(32, padding=4): zero padding in raw pixel space, offsets 0..2*PAD
 

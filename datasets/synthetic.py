@@ -19,9 +19,6 @@ as the real data. Generation is deterministic: same sizes and seed, same bytes.
 from __future__ import annotations
 
 import logging
-import os
-import pickle
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,18 +36,15 @@ from datasets.cifar100 import (
     data_root,
     read_cifar_folder,
 )
-from models.errors import UserError
+from common.errors import UserError
+from common.files import atomic_write
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRAIN_SIZE = 10000
 DEFAULT_TEST_SIZE = 2000
-PICKLE_PROTOCOL = 4  # fixed: the protocol decides the bytes, and the bytes must not depend on Python's default
 _CHUNK = 1000  # images rendered at a time, bounding float32 scratch memory to ~40 MB
 _SIZE = 32
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read the umask once (the only portable way is to set it and set it back)
-_FILE_MODE = 0o666 & ~_UMASK
 
 FINE_LABEL_NAMES = [f"class_{i:02d}" for i in range(NUM_CLASSES)]
 COARSE_LABEL_NAMES = [f"group_{i:02d}" for i in range(NUM_COARSE)]
@@ -165,28 +159,13 @@ def generate(train_size: int, test_size: int, seed: int) -> dict[str, dict[str, 
     return files
 
 
-def _write_atomic(path: Path, obj: Any) -> None:
-    """Pickle to a temporary file next to ``path``, then rename it: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f, protocol=PICKLE_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; data files should be as readable as any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_synthetic(folder: Path, train_size: int, test_size: int, seed: int) -> None:
     """Generate the set and write it into ``folder`` (meta last, so a complete folder has all three)."""
     start = time.perf_counter()
     files = generate(train_size, test_size, seed)
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("train", "test", "meta"):
-        _write_atomic(folder / name, files[name])
+        atomic_write(files[name], folder / name, "pickle")
     log.info("generated synthetic data set in %s (%.1f s)", folder, time.perf_counter() - start)
 
 

@@ -6,10 +6,8 @@ tensors, numbers, strings and plain containers, so they load the same way.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,35 +15,15 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from models.errors import UserError
+from common.errors import UserError
+from common.files import atomic_write
 
 UNSAFE_ENV = "KD_TRUST_CHECKPOINTS"  # set to 1 to allow full unpickling of files you trust
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` to ``path`` so that a crash at any moment leaves the previous file intact.
-
-    The data goes to a temporary file in the same directory, is flushed and fsynced,
-    then renamed over ``path`` (atomic on POSIX); the directory entry is fsynced too.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write a torch checkpoint atomically (see :func:`common.files.atomic_write`)."""
+    atomic_write(obj, path, "torch")
 
 
 def safe_load(path: str | Path, what: str = "checkpoint", trust: bool | None = None) -> Any:

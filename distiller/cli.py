@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from models.errors import UserError
+from common.errors import UserError
 
 from omegaconf import OmegaConf
 

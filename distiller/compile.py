@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from distiller.runtime import Runtime
-from models.errors import UserError
+from common.errors import UserError
 
 # Marks a module this helper compiled, so a second call (engine + benchmark) is a no-op.
 _MARK = "_distiller_compiled"

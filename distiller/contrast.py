@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.errors import UserError
+from common.errors import UserError
 
 MODES = ("exact", "relax", "uniform")
 

@@ -7,7 +7,6 @@ taps, helpers and initialisation phases, and the objective weighs their terms.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -22,12 +21,12 @@ from datasets import DataSplits
 from datasets.batch import Batch
 from datasets.device_loader import DeviceLoader
 from distiller.checkpoint import atomic_save
-from distiller.methods.base import BuildContext, Features, Phase
+from distiller.methods.base import BuildContext, Features
 from distiller.objective import Objective
 from distiller.run_log import RunLogger
 from distiller.runtime import Runtime, all_reduce_sum, barrier, rng_state, set_rng_state
 from distiller.taps import NetworkTaps, shapes_of
-from models.errors import UserError
+from common.errors import UserError
 
 log = logging.getLogger("distiller")
 

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from models.errors import UserError
+from common.errors import UserError
 from models.feature_spec import FeatureSpec, Tap
 
 

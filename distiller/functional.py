@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.errors import UserError
+from common.errors import UserError
 
 __all__ = [
     "kd", "hint", "attention", "similarity", "correlation", "correlation_gram", "correlation_rbf",

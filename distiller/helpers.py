@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import UserError
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.methods import METHODS
 from distiller.methods.base import DistillMethod, Features, Phase, Taps
-from models.errors import UserError
+from common.errors import UserError
 
 # keys of a distill/<name>.yaml node that belong to the objective, not to the method's constructor
 OBJECTIVE_KEYS = ("name", "method", "gamma", "alpha", "beta", "temperature", "warmup_epochs")

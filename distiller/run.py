@@ -23,7 +23,8 @@ from distiller.engine import Trainer, TrainSettings
 from distiller.objective import Objective
 from distiller.runtime import Runtime, barrier, make_runtime, seed_everything
 from models import build_model
-from models.errors import UserError
+from common.errors import UserError
+from common.files import atomic_write
 
 log = logging.getLogger("distiller")
 
@@ -148,10 +149,7 @@ def _write_config(run_dir: Path, config: dict[str, Any], runtime: Runtime) -> No
     """Record the resolved config of a fresh run (all ranks wait until it is on disk)."""
     barrier()
     if runtime.is_main and not (run_dir / "config.yaml").exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / ".config.yaml.tmp"
-        OmegaConf.save(OmegaConf.create(config), tmp)
-        os.replace(tmp, run_dir / "config.yaml")
+        atomic_write(config, run_dir / "config.yaml", "yaml")
     barrier()
 
 

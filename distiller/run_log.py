@@ -4,25 +4,18 @@ Only the main process (rank 0) writes; other ranks get a logger that does nothin
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from common.files import atomic_write
 
 log = logging.getLogger("distiller")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically, so readers never see half a file."""
+    atomic_write(data, path, "json")
 
 
 class RunLogger:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.errors import UserError
-from models.registry import Registry
+from common.errors import UserError
+from common.registry import Registry
 
 # Defined before the family modules are imported: they register into it with decorators.
 MODELS: Registry = Registry("model", case_insensitive=True)

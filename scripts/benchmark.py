@@ -70,7 +70,7 @@ from distiller.objective import Objective  # noqa: E402
 from distiller.run import settings_from_config  # noqa: E402
 from distiller.runtime import PRECISIONS, Runtime, cpu_has_native_bf16, make_runtime, seed_everything  # noqa: E402
 from models import build_model  # noqa: E402
-from models.errors import UserError  # noqa: E402
+from common.errors import UserError  # noqa: E402
 
 CONFIG_NAME = "benchmark"
 

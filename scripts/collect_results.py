@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make the project importable
     sys.path.insert(0, str(REPO))
 
-from models.errors import UserError  # noqa: E402
+from common.errors import UserError  # noqa: E402
 
 PAPER_TABLES = Path(__file__).resolve().parent / "paper_tables"
 

@@ -80,7 +80,7 @@ class GpuSlots(Callback):
     def __init__(self, num_slots: int, lock_dir: str, devices: Sequence[int] | str | int | None = None,
                  poll_s: float = 1.0) -> None:
         if int(num_slots) < 1:
-            from models.errors import UserError  # imported here: the package pulls in torch
+            from common.errors import UserError  # imported here: the package pulls in torch
 
             raise UserError(f"hydra.launcher.n_jobs={num_slots}: set it to the number of GPUs to use (>= 1)")
         self.num_slots = int(num_slots)
@@ -89,7 +89,7 @@ class GpuSlots(Callback):
         self.lock_dir = str(lock_dir)
         self.poll_s = float(poll_s)
         if len(self.devices) < self.num_slots:
-            from models.errors import UserError
+            from common.errors import UserError
 
             raise UserError(f"hydra.launcher.n_jobs={self.num_slots} parallel jobs but only {len(self.devices)} "
                             f"GPU(s) to give them ({','.join(self.devices)}); lower hydra.launcher.n_jobs or "

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from scripts import collect_results as cr  # noqa: E402
-from models.errors import UserError  # noqa: E402
+from common.errors import UserError  # noqa: E402
 
 
 def write_run(root: Path, teacher: str | None, student: str, method: str, seed: int, final: float | None,

@@ -25,7 +25,7 @@ import torchvision.datasets.utils as tv_utils
 from datasets import CIFAR100_MEAN, CIFAR100_STD, DATASETS, DeviceLoader, load_dataset
 from datasets.cifar100 import load_pickle
 from datasets.synthetic import cache_folder
-from models.errors import UserError
+from common.errors import UserError
 
 REAL_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-100-python"
 FILES = ("train", "test", "meta")
@@ -254,13 +254,13 @@ def test_missing_cache_file_is_regenerated(tmp_path: Path) -> None:
 
 
 def test_crash_while_writing_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import datasets.synthetic as synthetic
+    import common.files as files
 
     def crash(obj: object, f: object, protocol: int) -> None:
         f.write(b"half a file")  # type: ignore[attr-defined]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synthetic.pickle, "dump", crash)
+    monkeypatch.setattr(files.pickle, "dump", crash)  # the one atomic writer
     with pytest.raises(KeyboardInterrupt):
         load_dataset(synthetic_cfg(tmp_path, 120, 20))
     folder = cache_folder(tmp_path, 120, 20, 0)

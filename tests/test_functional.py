@@ -16,7 +16,7 @@ from scipy import integrate, stats
 from torch import nn
 
 import distiller.functional as KF
-from models.errors import UserError
+from common.errors import UserError
 
 D = torch.float64
 

@@ -27,7 +27,7 @@ from distiller.helpers import ConvRegressor, pair_stages
 from distiller.methods import METHODS, BuildContext, Features
 from distiller.methods.crd import CONTRAST_IDX_KEY
 from models import build_model
-from models.errors import UserError
+from common.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL_DIR = ROOT / "configs" / "distill"

@@ -23,7 +23,7 @@ from distiller.methods import METHODS
 from distiller.methods.base import EMBEDDING, STAGES, STEM, BuildContext, DistillMethod, Features
 from distiller.methods.ofd import find_preact_batchnorms
 from models import build_model
-from models.errors import UserError
+from common.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CROSS_FAMILY = [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("vgg13", "MobileNetV2")]

@@ -16,7 +16,7 @@ from torch import nn
 
 from distiller.features import forward_features
 from models import MODELS, build_model, list_models
-from models.errors import UserError
+from common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 _CANDIDATES = [REPO / "tests" / "fixtures" / "model_keys.json", REPO.parent / "shared" / "fixtures" / "model_keys.json"]

@@ -294,7 +294,7 @@ def test_local_gpus_launcher_gives_each_running_job_its_own_gpu(tmp_path: Path) 
 
 
 def test_gpu_slots_rejects_more_jobs_than_gpus(tmp_path: Path) -> None:
-    from models.errors import UserError
+    from common.errors import UserError
     from scripts.gpu_slots import GpuSlots
 
     with pytest.raises(UserError, match="n_jobs=4"):

@@ -20,7 +20,7 @@ from distiller import functional as F
 from distiller.features import feature_specs
 from distiller.helpers import Resize, log_stage_pairing, pair_stages
 from distiller.methods.base import STAGES, METHODS, BuildContext, DistillMethod, Features, Phase, Taps
-from models.errors import UserError
+from common.errors import UserError
 
 
 def student_feature_parameters(student: nn.Module) -> list[nn.Parameter]:

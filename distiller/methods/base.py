@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from datasets.batch import Batch
-from models.registry import Registry
+from common.registry import Registry
 
 T = TypeVar("T")
 

@@ -7,7 +7,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.helpers import Embed, flat_dim
 from distiller.methods.base import EMBEDDING, METHODS, BuildContext, DistillMethod, Features, Taps
-from models.errors import UserError
+from common.errors import UserError
 
 VARIANTS = ("benchmark", "gram", "rbf")
 

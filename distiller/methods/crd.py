@@ -8,7 +8,7 @@ from distiller import functional as F
 from distiller.contrast import MODES, ContrastMemory, ContrastSampler
 from distiller.helpers import Embed, flat_dim
 from distiller.methods.base import EMBEDDING, METHODS, BuildContext, DistillMethod, Features, Taps
-from models.errors import UserError
+from common.errors import UserError
 
 # Optional side data: a data pipeline that samples its own contrast indices [B, 1 + K]
 # (column 0 the positive) may pass them under this key; otherwise they are drawn here, on the device.

@@ -9,7 +9,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.helpers import ConvRegressor
 from distiller.methods.base import METHODS, STAGES, STEM, BuildContext, DistillMethod, Features, Taps
-from models.errors import UserError
+from common.errors import UserError
 
 T = TypeVar("T")
 

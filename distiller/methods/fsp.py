@@ -16,7 +16,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.methods.ab import student_feature_parameters
 from distiller.methods.base import STAGES, STEM, METHODS, BuildContext, DistillMethod, Features, Phase, Taps
-from models.errors import UserError
+from common.errors import UserError
 
 
 def _levels(features: Features) -> list:

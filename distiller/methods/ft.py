@@ -15,7 +15,7 @@ from torch import nn
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.methods.base import STAGES, METHODS, BuildContext, DistillMethod, Features, Phase, Taps
-from models.errors import UserError
+from common.errors import UserError
 
 
 def _conv_block(c_in: int, c_out: int, use_bn: bool, transposed: bool = False) -> list[nn.Module]:

@@ -15,7 +15,7 @@ import torch.nn.functional as TF
 from datasets.batch import Batch
 from distiller.helpers import log_stage_pairing
 from distiller.methods.base import STAGES, METHODS, BuildContext, DistillMethod, Features, Taps
-from models.errors import UserError
+from common.errors import UserError
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:

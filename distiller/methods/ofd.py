@@ -23,7 +23,7 @@ from distiller import functional as F
 from distiller.features import feature_specs
 from distiller.helpers import log_stage_pairing, pair_stages
 from distiller.methods.base import STAGES, METHODS, BuildContext, DistillMethod, Features, Taps
-from models.errors import UserError
+from common.errors import UserError
 
 # Autograd nodes that pass a BatchNorm's output on unchanged or add it into a residual sum:
 # the pre-activation of a residual block is ``bn(conv(x)) + shortcut``, still "that BN's" map.

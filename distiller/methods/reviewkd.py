@@ -15,7 +15,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.helpers import log_stage_pairing
 from distiller.methods.base import EMBEDDING, STAGES, METHODS, BuildContext, DistillMethod, Features, Taps
-from models.errors import UserError
+from common.errors import UserError
 
 
 class ABF(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Generic, Iterable, TypeVar
 
-from models.errors import UserError
+from common.errors import UserError
 
 T = TypeVar("T")
 
