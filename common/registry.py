@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterable, TypeVar
+from typing import Any, Callable, Generic, Iterable, TypeVar
 
 from common.errors import UserError
 
@@ -14,6 +14,8 @@ class Registry(Generic[T]):
 
     ``kind`` names what is registered ("model", "method", ...) and is used in messages.
     Lookups are case-insensitive when ``case_insensitive`` is set (model names are).
+    Keyword arguments of :meth:`register` are kept as the entry's metadata (e.g. a model's
+    recommended learning rate), read back with :meth:`metadata`.
     """
 
     def __init__(self, kind: str, case_insensitive: bool = False) -> None:
@@ -21,25 +23,36 @@ class Registry(Generic[T]):
         self.case_insensitive = case_insensitive
         self._entries: dict[str, T] = {}
         self._canonical: dict[str, str] = {}  # lookup key -> canonical name (aliases included)
+        self._metadata: dict[str, dict[str, Any]] = {}
 
     def _key(self, name: str) -> str:
         return name.lower() if self.case_insensitive else name
 
-    def register(self, name: str, aliases: Iterable[str] = ()) -> Callable[[T], T]:
+    def register(self, name: str, aliases: Iterable[str] = (), **metadata: Any) -> Callable[[T], T]:
         """Decorator registering ``obj`` under ``name`` and its ``aliases``; duplicates raise."""
 
         def decorator(obj: T) -> T:
-            self.add(name, obj, aliases)
+            self.add(name, obj, aliases, **metadata)
             return obj
 
         return decorator
 
-    def add(self, name: str, obj: T, aliases: Iterable[str] = ()) -> None:
+    def add(self, name: str, obj: T, aliases: Iterable[str] = (), **metadata: Any) -> None:
         for key in (name, *aliases):
             if self._key(key) in self._canonical:
                 raise ValueError(f"{self.kind} '{key}' is registered twice")
             self._canonical[self._key(key)] = name
         self._entries[name] = obj
+        self._metadata[name] = dict(metadata)
+
+    def metadata(self, name: str) -> dict[str, Any]:
+        """The keyword arguments ``name`` was registered with (a copy; empty when there were none)."""
+        return dict(self._metadata[self.canonical(name)])
+
+    def aliases(self, name: str) -> list[str]:
+        """Every lookup key of ``name`` other than the name itself (aliases; lower case if case-insensitive)."""
+        canonical = self.canonical(name)
+        return [key for key, target in self._canonical.items() if target == canonical and key != canonical]
 
     def canonical(self, name: str) -> str:
         """The registered name for ``name`` (resolving aliases and case)."""

@@ -1,83 +1,173 @@
-"""Feature taps by forward hooks: the model's ``feature_info`` says where, hooks collect what.
+"""Features of a network by forward hooks: where a model declares them, what a method gets.
 
-A model lists ``feature_info`` = [stem, stage1..stageL, embedding] as
-:class:`models.feature_spec.FeatureSpec` entries. Hooks store references to the
-tensors the forward pass produces anyway, so tapping costs no extra compute;
-removing the hooks leaves the model exactly as it was.
+A model lists ``feature_info`` (:class:`models.features.FeatureInfo`: stem,
+stage1..stageL, embedding, with channels, reduction, pre-activation tap and the
+BatchNorm before it). :class:`FeatureHooks` puts forward hooks at the declared
+modules; hooks keep references to tensors the forward pass produces anyway, so
+tapping costs no compute and removing the hooks leaves the model as it was. A
+method receives one :class:`Features` per network: the kinds it asked for
+(:data:`STEM`, :data:`STAGES`, :data:`STAGES_PREACT`, :data:`EMBEDDING`) plus logits.
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Iterable, Sequence
+from typing import Generic, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
 
 from common.errors import UserError
-from models.feature_spec import FeatureSpec, Tap
+from models.features import FeatureInfo
+
+T = TypeVar("T")
+
+STEM, STAGES, STAGES_PREACT, EMBEDDING = "stem", "stages", "stages_preact", "embedding"
+KINDS = (STEM, STAGES, STAGES_PREACT, EMBEDDING)
 
 
-def feature_specs(model: nn.Module) -> Sequence[FeatureSpec]:
+@dataclass
+class Features(Generic[T]):
+    """One network's features for a batch (tensors), or their shapes (``torch.Size``).
+
+    ``stages`` holds stage1..stageL in order, taken before their final activation when
+    the method asked for :data:`STAGES_PREACT`. Entries not asked for are ``None`` / empty.
+    ``views`` holds the same network's logits on each extra view of the batch the method
+    asked for (``DistillMethod.views``), each run as a batch of its own.
+    """
+
+    logits: T | None = None
+    stem: T | None = None
+    stages: list[T] = field(default_factory=list)
+    embedding: T | None = None
+    views: dict[str, Features[T]] = field(default_factory=dict)
+
+    def shapes(self) -> Features[torch.Size]:
+        """The same structure with ``torch.Size`` in place of tensors."""
+        size = lambda t: None if t is None else t.shape
+        return Features(size(self.logits), size(self.stem), [t.shape for t in self.stages], size(self.embedding))
+
+
+def feature_info(model: nn.Module) -> Sequence[FeatureInfo]:
     """The model's declared feature list; a clear error if it declares none."""
-    specs = getattr(model, "feature_info", None)
-    if not specs:
+    infos = getattr(model, "feature_info", None)
+    if not infos:
         raise UserError(f"{type(model).__name__} declares no feature_info, so its features cannot be tapped; "
-                        "give it a feature_info list (see models/feature_spec.py)")
-    return specs
+                        "give it a feature_info list (see models/features.py)")
+    return infos
+
+
+def _check_kinds(kinds: Iterable[str]) -> frozenset[str]:
+    kinds = frozenset(kinds)
+    unknown = kinds - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown feature kind(s) {sorted(unknown)}; valid: {', '.join(KINDS)}")
+    if STAGES in kinds and STAGES_PREACT in kinds:
+        raise ValueError("ask for either stages or stages_preact, not both")
+    return kinds
 
 
 class FeatureHooks:
-    """Forward hooks on ``model`` that store the named features of the latest forward pass.
+    """Forward hooks on ``model`` for the union of ``kinds``; :meth:`collect` hands out :class:`Features`.
 
-    ``names`` selects entries of ``feature_info`` (default: all). With ``preact`` each
-    stage is taken before its final activation. Use as a context manager, or keep it
-    registered for a whole training run and call :meth:`remove` at the end.
+    Registered once for a whole run (or used as a context manager); every forward pass
+    refills the store, and :meth:`collect` empties it so no tensor outlives its step.
     """
 
-    def __init__(self, model: nn.Module, names: Iterable[str] | None = None, preact: bool = False) -> None:
-        specs = feature_specs(model)
-        wanted = None if names is None else set(names)
-        self.names: list[str] = []
-        self.features: dict[str, torch.Tensor] = {}
+    def __init__(self, model: nn.Module, kinds: Iterable[str]) -> None:
+        kinds = frozenset(kinds)
+        _check_kinds(kinds - {STAGES_PREACT} if STAGES in kinds else kinds)
+        self.model = model
+        infos = feature_info(model) if kinds else []
+        self.stage_names = [i.name for i in infos if i.is_stage]
+        self._store: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        for spec in specs:
-            if wanted is not None and spec.name not in wanted:
-                continue
-            tap: Tap = spec.pre if (preact and spec.pre is not None) else spec.post
-            module = model.get_submodule(tap.module)
-            if tap.take_input:
-                handle = module.register_forward_pre_hook(partial(self._store_input, spec.name))
-            else:
-                handle = module.register_forward_hook(partial(self._store_output, spec.name))
-            self._handles.append(handle)
-            self.names.append(spec.name)
-        if wanted is not None and wanted - set(self.names):
+        for info in infos:
+            if info.name == STEM and STEM in kinds or info.name == EMBEDDING and EMBEDDING in kinds:
+                self._hook(info.name, info.module, info.module_input)
+            if info.is_stage and STAGES in kinds:
+                self._hook(info.name, info.module, info.module_input)
+            if info.is_stage and STAGES_PREACT in kinds:
+                if info.preact is None:
+                    self._hook(f"{info.name}@pre", info.module, info.module_input)
+                else:
+                    self._hook(f"{info.name}@pre", info.preact, info.preact_input)
+
+    def _hook(self, key: str, path: str, take_input: bool) -> None:
+        try:
+            module = self.model.get_submodule(path)
+        except AttributeError:
             self.remove()
-            raise UserError(f"{type(model).__name__} has no feature(s) {sorted(wanted - set(self.names))}; "
-                            f"it has {[s.name for s in specs]}")
+            raise UserError(f"{type(self.model).__name__} feature_info names module '{path}', "
+                            "which the model does not have") from None
+        if take_input:
+            handle = module.register_forward_pre_hook(partial(self._store_input, key))
+        else:
+            handle = module.register_forward_hook(partial(self._store_output, key))
+        self._handles.append(handle)
 
-    def _store_input(self, name: str, module: nn.Module, args: tuple) -> None:
-        self.features[name] = args[0]
+    def _store_input(self, key: str, module: nn.Module, args: tuple) -> None:
+        self._store[key] = args[0]
 
-    def _store_output(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self.features[name] = output
+    def _store_output(self, key: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._store[key] = output
 
     def pop(self) -> dict[str, torch.Tensor]:
-        """The features of the latest forward pass; the store is emptied so no tensor outlives its step."""
-        features, self.features = self.features, {}
-        return features
+        """The raw store of the latest forward pass (emptied)."""
+        store, self._store = self._store, {}
+        return store
+
+    def select(self, store: dict[str, torch.Tensor], logits: torch.Tensor | None,
+               kinds: Iterable[str]) -> Features:
+        """The :class:`Features` of one kind set, from one pass's store."""
+        kinds = _check_kinds(kinds)
+        if STAGES_PREACT in kinds:
+            stages = [store[f"{n}@pre"] for n in self.stage_names]
+        elif STAGES in kinds:
+            stages = [store[n] for n in self.stage_names]
+        else:
+            stages = []
+        return Features(logits=logits, stem=store.get(STEM) if STEM in kinds else None, stages=stages,
+                        embedding=store.get(EMBEDDING) if EMBEDDING in kinds else None)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.features = {}
+        self._store = {}
 
-    def __enter__(self) -> "FeatureHooks":
+    def __enter__(self) -> FeatureHooks:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module | None) -> Iterator[None]:
+    """Every module of ``models`` in eval mode inside the block, each module's own mode restored after.
+
+    Probes need it: BatchNorm in train mode updates running statistics even under ``no_grad``.
+    """
+    modes = {m: m.training for model in models if model is not None for m in model.modules()}
+    for model in models:
+        if model is not None:
+            model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def probe(model: nn.Module, hooks: FeatureHooks, input_size: Sequence[int] = (2, 3, 32, 32),
+          memory_format: torch.memory_format = torch.contiguous_format) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One dummy forward in eval mode without gradient: the hook store and the logits."""
+    device = next(model.parameters()).device
+    with eval_mode(model), torch.no_grad():
+        logits = model(torch.zeros(*input_size, device=device).contiguous(memory_format=memory_format))
+        return hooks.pop(), logits
 
 
 def forward_features(model: nn.Module, x: torch.Tensor, preact: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -86,27 +176,18 @@ def forward_features(model: nn.Module, x: torch.Tensor, preact: bool = False) ->
     With ``preact=True`` each stage output is taken before the stage's final ReLU.
     Hooks exist only during this call.
     """
-    with FeatureHooks(model, preact=preact) as hooks:
+    kinds = (STEM, STAGES_PREACT if preact else STAGES, EMBEDDING)
+    with FeatureHooks(model, kinds) as hooks:
         logits = model(x)
-        store = hooks.pop()
-    return [store[name] for name in hooks.names], logits
+        f = hooks.select(hooks.pop(), logits, kinds)
+    return [f.stem, *f.stages, f.embedding], logits
 
 
 def probe_shapes(model: nn.Module, preact: bool = False, input_size: Sequence[int] = (2, 3, 32, 32),
                  device: torch.device | str | None = None) -> list[torch.Size]:
-    """Feature shapes of ``model`` for one dummy batch, in eval mode and without gradient.
-
-    Eval mode matters: BatchNorm in train mode updates its running statistics even
-    under ``no_grad``. The model's train/eval modes are restored afterwards.
-    """
+    """Shapes of ``forward_features(model, zeros, preact)`` for one dummy batch, in eval mode."""
     if device is None:
         device = next(model.parameters()).device
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            feats, _ = forward_features(model, torch.zeros(*input_size, device=device), preact=preact)
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
+    with eval_mode(model), torch.no_grad():
+        feats, _ = forward_features(model, torch.zeros(*input_size, device=device), preact=preact)
     return [f.shape for f in feats]

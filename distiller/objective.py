@@ -16,11 +16,22 @@ from torch import nn
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.methods import METHODS
-from distiller.methods.base import DistillMethod, Features, Phase, Taps
+from distiller.features import Features
+from distiller.methods.base import DistillMethod, Phase
 from common.errors import UserError
 
 # keys of a distill/<name>.yaml node that belong to the objective, not to the method's constructor
 OBJECTIVE_KEYS = ("name", "method", "gamma", "alpha", "beta", "temperature", "warmup_epochs")
+
+
+@dataclass
+class LossParts:
+    """One step's loss: the minimised total, its task (``gamma * CE``) and distillation parts, the terms."""
+
+    total: torch.Tensor
+    task: torch.Tensor
+    distill: torch.Tensor
+    terms: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -73,7 +84,7 @@ class Objective(nn.Module):
     def __init__(self, gamma: float = 1.0, alpha: float = 0.0, temperature: float = 4.0,
                  methods: list[WeightedMethod] | None = None) -> None:
         super().__init__()
-        self.gamma, self.alpha, self.temperature = gamma, alpha, temperature
+        self.gamma, self.alpha, self.temperature_ = gamma, alpha, temperature
         self.entries = methods or []
         self.methods = nn.ModuleDict({m.label: m.method for m in self.entries})
 
@@ -100,11 +111,8 @@ class Objective(nn.Module):
 
     # ---- what the engine needs to know ---------------------------------------------------------
     def active(self) -> list[WeightedMethod]:
-        """Methods whose terms enter the main-phase loss (beta > 0)."""
-        return [m for m in self.entries if m.beta > 0]
-
-    def taps(self) -> list[Taps]:
-        return [m.method.taps for m in self.entries]
+        """Methods that take part in the main phase: beta > 0, or acting on the objective itself."""
+        return [m for m in self.entries if m.beta > 0 or m.method.always_active]
 
     def needs_teacher(self) -> bool:
         return self.alpha > 0 or bool(self.active()) or any(m.method.phases() for m in self.entries)
@@ -120,18 +128,34 @@ class Objective(nn.Module):
         return [p for m in self.active() for p in m.method.parameters() if p.requires_grad]
 
     # ---- the loss -------------------------------------------------------------------------------
+    def temperature(self) -> float | torch.Tensor:
+        """The logit terms' temperature: the first method that supplies one (e.g. a learned T), else the config's."""
+        for entry in self.active():
+            supplied = entry.method.temperature()
+            if supplied is not None:
+                return supplied
+        return self.temperature_
+
     def forward(self, student: Features, teacher: Features | None, batch: Batch, epoch: int,
-                per_method: Mapping[str, tuple[Features, Features]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and the unweighted named terms (``ce``, ``kd``, each method's terms)."""
+                per_method: Mapping[str, tuple[Features, Features]]) -> LossParts:
+        """The total loss, its task and distillation parts, and the unweighted named terms.
+
+        ``task`` is ``gamma * CE``; ``distill`` is everything else (``alpha * KD + beta * method
+        terms``); ``total`` sums the terms in one fixed order (the value that is minimised).
+        """
         logits = student.logits
         terms: dict[str, torch.Tensor] = {}
         total = logits.new_zeros((), dtype=torch.float32)
+        task = logits.new_zeros((), dtype=torch.float32)
+        distill = logits.new_zeros((), dtype=torch.float32)
         if self.gamma > 0:
             terms["ce"] = nnf.cross_entropy(logits.float(), batch.labels)
             total = total + self.gamma * terms["ce"]
+            task = task + self.gamma * terms["ce"]
         if self.alpha > 0 and teacher is not None:
-            terms["kd"] = F.kd(logits, teacher.logits, self.temperature)
+            terms["kd"] = F.kd(logits, teacher.logits, self.temperature())
             total = total + self.alpha * terms["kd"]
+            distill = distill + self.alpha * terms["kd"]
         for entry in self.active():
             s_feats, t_feats = per_method[entry.label]
             weight = entry.weight(epoch)
@@ -139,4 +163,5 @@ class Objective(nn.Module):
                 key = name if name not in terms else f"{entry.label}.{name}"
                 terms[key] = value
                 total = total + weight * value.float()
-        return total, terms
+                distill = distill + weight * value.float()
+        return LossParts(total, task, distill, terms)

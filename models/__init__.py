@@ -2,9 +2,11 @@
 
 ``build_model("resnet32x4")`` returns a fresh model whose ``state_dict`` names and shapes
 match the widely shared pretrained checkpoints, and whose ``feature_info`` says where
-its stem, stages and embedding are (see :mod:`models.feature_spec`).
+its stem, stages and embedding are (see :mod:`models.features`).
 """
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
@@ -16,7 +18,12 @@ MODELS: Registry = Registry("model", case_insensitive=True)
 
 from models import mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: E402,F401
 
-__all__ = ["MODELS", "build_model", "list_models"]
+__all__ = ["MODELS", "build_model", "list_models", "model_metadata"]
+
+# What a model file may declare in ``@MODELS.register(name, **metadata)``, and the value when it does not.
+MODEL_METADATA_DEFAULTS: dict[str, Any] = {
+    "lr": 0.05,  # SGD learning rate when this architecture is the trained network (RECIPES.md)
+}
 
 
 def build_model(name: str, num_classes: int = 100) -> nn.Module:
@@ -30,3 +37,8 @@ def build_model(name: str, num_classes: int = 100) -> nn.Module:
 def list_models() -> list[str]:
     """Reference names of all registered architectures, in registration order."""
     return MODELS.names()
+
+
+def model_metadata(name: str) -> dict[str, Any]:
+    """What the model file declares about ``name`` (e.g. its recommended ``lr``), defaults filled in."""
+    return {**MODEL_METADATA_DEFAULTS, **MODELS.metadata(name)}

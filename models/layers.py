@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from models.feature_spec import FeatureSpec, Tap
+from models.features import FeatureInfo
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -33,20 +33,23 @@ class ChannelShuffle(nn.Module):
         return f"groups={self.groups}"
 
 
-def residual_stage_features(stem: str, stages: list[str], last_acts: list[str], classifier: str) -> list[FeatureSpec]:
-    """Feature list of a network whose stages end in ``act(sum)``.
+def residual_stage_features(stem: tuple[str, int], stages: list[str], last_units: list[str],
+                            channels: list[int], reductions: list[int], bn: str, classifier: str,
+                            embedding_channels: int) -> list[FeatureInfo]:
+    """Feature list of a network whose stages end in ``act(bn(...) + shortcut)``.
 
-    ``stem`` is the stem's activation module, ``stages`` the stage containers (their
-    outputs are the post-activation features), ``last_acts`` the final activation of each
-    stage's last unit, whose *input* is the pre-activation feature, and ``classifier``
-    the Linear whose input is the embedding.
+    ``stem`` is the stem's activation module and its channels, ``stages`` the stage
+    containers (their outputs are the post-activation features), ``last_units`` the last
+    unit of each stage: the input of its ``relu_out`` is the pre-activation feature and
+    its ``bn`` (e.g. ``bn2``) the BatchNorm of the residual branch; ``classifier`` is the
+    Linear whose input is the embedding.
     """
-    specs = [FeatureSpec("stem", Tap(stem))]
-    for i, (stage, act) in enumerate(zip(stages, last_acts), start=1):
-        specs.append(FeatureSpec(f"stage{i}", Tap(stage), Tap(act, take_input=True)))
-    specs.append(FeatureSpec("embedding", Tap(classifier, take_input=True)))
-    return specs
-
+    infos = [FeatureInfo("stem", stem[0], stem[1], 1)]
+    for i, (stage, unit, c, r) in enumerate(zip(stages, last_units, channels, reductions), start=1):
+        infos.append(FeatureInfo(f"stage{i}", stage, c, r, preact=f"{unit}.relu_out", preact_input=True,
+                                 bn=f"{unit}.{bn}"))
+    infos.append(FeatureInfo("embedding", classifier, embedding_channels, None, module_input=True))
+    return infos
 
 def init_kaiming_fan_out_(model: nn.Module) -> None:
     """He-normal (fan-out) convolutions and unit/zero BatchNorm, the ResNet families' initialisation."""

@@ -6,12 +6,14 @@ residual ends in a linear BN (no ReLU), so each stage's preact feature is its ou
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models import MODELS
-from models.feature_spec import FeatureSpec, Tap
+from models.features import FeatureInfo
 from models.layers import init_normal_fan_out_
 
 # (expansion t, output channels c, repeats n, first stride s) at width 1; t=None means "the model's T".
@@ -63,7 +65,7 @@ class MobileNetV2(nn.Module):
 
     def __init__(self, expansion: int = 6, width_mult: float = 0.5, num_classes: int = 100) -> None:
         super().__init__()
-        input_channel = int(32 * width_mult)
+        input_channel = input_stem = int(32 * width_mult)
         # The stem's output is tapped; it is the stem ReLU's own output, so in place would do, but
         # keeping tapped activations out of place is the rule that needs no case analysis.
         self.conv1 = _conv_bn_relu(3, input_channel, 3, 2, inplace=False)
@@ -80,14 +82,14 @@ class MobileNetV2(nn.Module):
         self.conv2 = _conv_bn_relu(input_channel, self.last_channel, 1, 1)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
         init_normal_fan_out_(self, linear_std=0.01)
-        self.feature_info = [
-            FeatureSpec("stem", Tap("conv1")),
-            FeatureSpec("stage1", Tap("blocks.1")),
-            FeatureSpec("stage2", Tap("blocks.2")),
-            FeatureSpec("stage3", Tap("blocks.4")),
-            FeatureSpec("stage4", Tap("blocks.6")),
-            FeatureSpec("embedding", Tap("classifier", take_input=True)),
-        ]
+        # block outputs end in a linear BatchNorm (``conv.7`` of the group's last block): preact == post
+        reductions = [2 * math.prod(stride for *_, stride in _SETTING[:g + 1]) for g in range(len(_SETTING))]
+        self.feature_info = [FeatureInfo("stem", "conv1", input_stem, 2)]
+        for i, g in enumerate((1, 2, 4, 6), start=1):
+            last = len(self.blocks[g]) - 1
+            self.feature_info.append(FeatureInfo(f"stage{i}", f"blocks.{g}", int(_SETTING[g][1] * width_mult),
+                                                 reductions[g], bn=f"blocks.{g}.{last}.conv.7"))
+        self.feature_info.append(FeatureInfo("embedding", "classifier", self.last_channel, None, module_input=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)
@@ -99,7 +101,7 @@ class MobileNetV2(nn.Module):
         return self.classifier(out.flatten(1))
 
 
-@MODELS.register("MobileNetV2", aliases=("mobile_half",))
+@MODELS.register("MobileNetV2", aliases=("mobile_half",), lr=0.01)  # RECIPES.md: 0.01 for MobileNetV2 / ShuffleNets
 def mobilenetv2(num_classes: int = 100) -> MobileNetV2:
     """MobileNetV2 at width 0.5 with expansion 6 (the CIFAR-100 distillation students' "mobile_half")."""
     return MobileNetV2(expansion=6, width_mult=0.5, num_classes=num_classes)

@@ -57,8 +57,8 @@ class ResNet(nn.Module):
         init_kaiming_fan_out_(self)
         last = n - 1
         self.feature_info = residual_stage_features(
-            "relu", ["layer1", "layer2", "layer3"],
-            [f"layer{i}.{last}.relu_out" for i in (1, 2, 3)], "fc")
+            ("relu", num_filters[0]), ["layer1", "layer2", "layer3"], [f"layer{i}.{last}" for i in (1, 2, 3)],
+            num_filters[1:4], [1, 2, 4], "bn2", "fc", num_filters[3])
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None

@@ -85,9 +85,11 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(512 * block.expansion, num_classes)
         init_kaiming_fan_out_(self)
+        widths = [w * block.expansion for w in (64, 128, 256, 512)]
         self.feature_info = residual_stage_features(
-            "relu", [f"layer{i}" for i in range(1, 5)],
-            [f"layer{i}.{num_blocks[i - 1] - 1}.relu_out" for i in range(1, 5)], "linear")
+            ("relu", 64), [f"layer{i}" for i in range(1, 5)],
+            [f"layer{i}.{num_blocks[i - 1] - 1}" for i in range(1, 5)], widths, [1, 2, 4, 8],
+            "bn3" if block is Bottleneck else "bn2", "linear", widths[-1])
 
     def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, num_blocks: int,
                     stride: int) -> nn.Sequential:

@@ -64,8 +64,8 @@ class ShuffleNetV1(nn.Module):
         self.layer3 = self._make_layer(out_planes[2], num_blocks[2], groups)
         self.linear = nn.Linear(out_planes[2], num_classes)
         self.feature_info = residual_stage_features(
-            "relu", ["layer1", "layer2", "layer3"],
-            [f"layer{i}.{num_blocks[i - 1] - 1}.relu_out" for i in (1, 2, 3)], "linear")
+            ("relu", 24), ["layer1", "layer2", "layer3"], [f"layer{i}.{num_blocks[i - 1] - 1}" for i in (1, 2, 3)],
+            out_planes, [2, 4, 8], "bn3", "linear", out_planes[2])
 
     def _make_layer(self, out_planes: int, num_blocks: int, groups: int,
                     first_groups: int | None = None) -> nn.Sequential:
@@ -87,7 +87,7 @@ class ShuffleNetV1(nn.Module):
         return self.linear(out.flatten(1))
 
 
-@MODELS.register("ShuffleV1")
+@MODELS.register("ShuffleV1", lr=0.01)  # RECIPES.md: 0.01 for MobileNetV2 / ShuffleNets
 def shufflev1(num_classes: int = 100) -> ShuffleNetV1:
     """ShuffleNet V1 with 3 groups (240/480/960 channels, 4/8/4 units)."""
     return ShuffleNetV1([240, 480, 960], [4, 8, 4], groups=3, num_classes=num_classes)

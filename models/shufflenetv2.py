@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import MODELS
-from models.feature_spec import FeatureSpec, Tap
+from models.features import FeatureInfo
 from models.layers import ChannelShuffle
 
 
@@ -94,12 +94,14 @@ class ShuffleNetV2(nn.Module):
         self.relu2 = nn.ReLU(inplace=True)
         self.linear = nn.Linear(out_channels[3], num_classes)
         # layer{i} holds the DownBlock at index 0, so its last basic unit is at index num_blocks.
-        self.feature_info = [FeatureSpec("stem", Tap("relu1"))]
+        # No BatchNorm before the stage activation: half the channels of the pre-activation skip it.
+        self.feature_info = [FeatureInfo("stem", "relu1", 24, 1)]
         self.feature_info += [
-            FeatureSpec(f"stage{i}", Tap(f"layer{i}"), Tap(f"layer{i}.{num_blocks[i - 1]}.relu_out", take_input=True))
+            FeatureInfo(f"stage{i}", f"layer{i}", out_channels[i - 1], 2 ** i,
+                        preact=f"layer{i}.{num_blocks[i - 1]}.relu_out", preact_input=True)
             for i in (1, 2, 3)
         ]
-        self.feature_info.append(FeatureSpec("embedding", Tap("linear", take_input=True)))
+        self.feature_info.append(FeatureInfo("embedding", "linear", out_channels[3], None, module_input=True))
 
     def _make_layer(self, out_channels: int, num_blocks: int) -> nn.Sequential:
         layers: list[nn.Module] = [DownBlock(self.in_channels, out_channels)]
@@ -115,7 +117,7 @@ class ShuffleNetV2(nn.Module):
         return self.linear(out.flatten(1))
 
 
-@MODELS.register("ShuffleV2")
+@MODELS.register("ShuffleV2", lr=0.01)  # RECIPES.md: 0.01 for MobileNetV2 / ShuffleNets
 def shufflev2(num_classes: int = 100) -> ShuffleNetV2:
     """ShuffleNet V2 1x (116/232/464 channels, 3/7/3 basic units, 1024-d head)."""
     return ShuffleNetV2([116, 232, 464, 1024], [3, 7, 3], num_classes)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from models import MODELS
-from models.feature_spec import FeatureSpec, Tap
+from models.features import FeatureInfo
 from models.layers import init_normal_fan_out_
 
 _CFG: dict[str, list[list[int]]] = {
@@ -54,9 +54,13 @@ class VGG(nn.Module):
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(cfg[4][-1], num_classes)
         init_normal_fan_out_(self, linear_std=0.01)
-        self.feature_info = [FeatureSpec("stem", Tap("relu0"))]
-        self.feature_info += [FeatureSpec(f"stage{i}", Tap(f"relu{i}"), Tap(f"block{i}")) for i in range(1, 5)]
-        self.feature_info.append(FeatureSpec("embedding", Tap("classifier", take_input=True)))
+        # stage i is block i's ReLU; its pre-activation is the block's output, its last module a BatchNorm
+        self.feature_info = [FeatureInfo("stem", "relu0", cfg[0][-1], 1)]
+        self.feature_info += [
+            FeatureInfo(f"stage{i}", f"relu{i}", cfg[i][-1], min(2 ** i, 8), preact=f"block{i}",
+                        bn=f"block{i}.{len(getattr(self, f'block{i}')) - 1}")
+            for i in range(1, 5)]
+        self.feature_info.append(FeatureInfo("embedding", "classifier", cfg[4][-1], None, module_input=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.shape[2]

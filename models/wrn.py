@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import MODELS
-from models.feature_spec import FeatureSpec, Tap
+from models.features import FeatureInfo
 from models.layers import conv3x3, init_normal_fan_out_
 
 
@@ -76,13 +76,12 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU()  # not in place: bn1's output is the last stage's preact tap
         self.fc = nn.Linear(channels[3], num_classes)
         init_normal_fan_out_(self, linear_std=None)
-        self.feature_info = [
-            FeatureSpec("stem", Tap("conv1")),
-            FeatureSpec("stage1", Tap("block1"), Tap("block2.layer.0.bn1")),
-            FeatureSpec("stage2", Tap("block2"), Tap("block3.layer.0.bn1")),
-            FeatureSpec("stage3", Tap("block3"), Tap("bn1")),
-            FeatureSpec("embedding", Tap("fc", take_input=True)),
-        ]
+        # the pre-activation of a stage is the next BatchNorm the forward already runs on it
+        next_bn = ["block2.layer.0.bn1", "block3.layer.0.bn1", "bn1"]
+        self.feature_info = [FeatureInfo("stem", "conv1", channels[0], 1)]
+        self.feature_info += [FeatureInfo(f"stage{i}", f"block{i}", channels[i], 2 ** (i - 1), preact=bn, bn=bn)
+                              for i, bn in enumerate(next_bn, start=1)]
+        self.feature_info.append(FeatureInfo("embedding", "fc", channels[3], None, module_input=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(x))))

@@ -162,8 +162,8 @@ def test_tapping_does_not_change_logits(bundle: Bundle) -> None:
 
 def test_embedding_is_the_classifier_input(bundle: Bundle) -> None:
     spec = bundle.model.feature_info[-1]
-    assert spec.name == "embedding" and spec.post.take_input
-    classifier = bundle.model.get_submodule(spec.post.module)
+    assert spec.name == "embedding" and spec.module_input
+    classifier = bundle.model.get_submodule(spec.module)
     embedding = bundle.feature("embedding", preact=False)
     assert embedding.dim() == 2
     with torch.no_grad():
@@ -203,7 +203,7 @@ def test_preact_relation(bundle: Bundle) -> None:
 
 @pytest.mark.parametrize("preact", [False, True])
 def test_taps_fire_once_and_are_never_modified_in_place(bundle: Bundle, preact: bool) -> None:
-    """Own hooks (not FeatureHooks): each tap module runs once, and its tensor's version counter
+    """Own hooks (not distiller.features): each tap module runs once, and its tensor's version counter
     does not move between the hook and the end of the forward (no in-place op touches it)."""
     seen: dict[str, list[tuple[torch.Tensor, int]]] = {}
     handles = []
@@ -212,9 +212,10 @@ def test_taps_fire_once_and_are_never_modified_in_place(bundle: Bundle, preact: 
         seen.setdefault(name, []).append((tensor, tensor._version))
 
     for spec in bundle.model.feature_info:
-        tap = spec.pre if (preact and spec.pre is not None) else spec.post
-        module = bundle.model.get_submodule(tap.module)
-        if tap.take_input:
+        path, take_input = ((spec.preact, spec.preact_input) if (preact and spec.preact is not None)
+                            else (spec.module, spec.module_input))
+        module = bundle.model.get_submodule(path)
+        if take_input:
             handles.append(module.register_forward_pre_hook(lambda m, args, n=spec.name: record(n, args[0])))
         else:
             handles.append(module.register_forward_hook(lambda m, args, out, n=spec.name: record(n, out)))
@@ -240,3 +241,59 @@ def test_train_mode_backward_through_taps(bundle: Bundle) -> None:
     loss.backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# mdistiller's get_bn_before_relu (the BatchNorm before each stage's final ReLU), per family:
+# ResNet: the last block's bn2 (bn3 in bottlenecks); WRN: the next group's first bn1, the final bn1
+# for the last stage; VGG: each block's last BN; MobileNetV2: the group's last block's linear BN.
+BN_BEFORE_RELU = {
+    "resnet8": ["layer1.0.bn2", "layer2.0.bn2", "layer3.0.bn2"],
+    "resnet56": ["layer1.8.bn2", "layer2.8.bn2", "layer3.8.bn2"],
+    "resnet110": ["layer1.17.bn2", "layer2.17.bn2", "layer3.17.bn2"],
+    "resnet32x4": ["layer1.4.bn2", "layer2.4.bn2", "layer3.4.bn2"],
+    "ResNet18": ["layer1.1.bn2", "layer2.1.bn2", "layer3.1.bn2", "layer4.1.bn2"],
+    "ResNet50": ["layer1.2.bn3", "layer2.3.bn3", "layer3.5.bn3", "layer4.2.bn3"],
+    "wrn_40_2": ["block2.layer.0.bn1", "block3.layer.0.bn1", "bn1"],
+    "vgg8": ["block1.1", "block2.1", "block3.1", "block4.1"],
+    "vgg13": ["block1.4", "block2.4", "block3.4", "block4.4"],
+    "MobileNetV2": ["blocks.1.1.conv.7", "blocks.2.2.conv.7", "blocks.4.2.conv.7", "blocks.6.0.conv.7"],
+    "ShuffleV1": ["layer1.3.bn3", "layer2.7.bn3", "layer3.3.bn3"],
+}
+
+
+def test_declared_channels_and_reduction_match_the_forward(bundle: Bundle) -> None:
+    """feature_info's channels and reduction are what a real 32 px forward produces."""
+    for info, feat in zip(bundle.model.feature_info, bundle.post):
+        assert feat.shape[1] == info.channels, info.name
+        if info.reduction is None:
+            assert feat.dim() == 2, info.name
+        else:
+            assert feat.shape[-1] * info.reduction == 32 and feat.shape[-2] * info.reduction == 32, info.name
+
+
+def test_declared_batchnorm_produces_the_preactivation(bundle: Bundle) -> None:
+    """The declared BN is a BatchNorm2d of the stage's width, and its output is the pre-activation map
+    (or the residual branch added into it): hooking it sees the same shape, and for WRN and VGG,
+    whose pre-activation *is* that BN's output, the very same tensor values."""
+    stages = [i for i in bundle.model.feature_info if i.is_stage]
+    if bundle.arch == "ShuffleV2":  # half the pre-activation channels bypass every BN
+        assert all(i.bn is None for i in stages)
+        return
+    outputs = {}
+    handles = [bundle.model.get_submodule(i.bn).register_forward_hook(
+        lambda m, a, out, n=i.name: outputs.__setitem__(n, out.detach().clone())) for i in stages]
+    try:
+        with torch.no_grad():
+            bundle.model(bundle.x)
+    finally:
+        for h in handles:
+            h.remove()
+    for i in stages:
+        bn = bundle.model.get_submodule(i.bn)
+        assert isinstance(bn, torch.nn.BatchNorm2d) and bn.num_features == i.channels
+        pre = bundle.feature(i.name, preact=True)
+        assert outputs[i.name].shape == pre.shape
+        if bundle.arch.startswith(("wrn", "vgg")):
+            assert torch.equal(outputs[i.name], pre), i.name
+    if bundle.arch in BN_BEFORE_RELU:
+        assert [i.bn for i in stages] == BN_BEFORE_RELU[bundle.arch]

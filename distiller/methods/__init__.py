@@ -1,16 +1,17 @@
 """Distillation methods: one module per method, each registers itself in :data:`METHODS` on import.
 
-Importing this package imports every method module, so ``METHODS.get(name)`` knows
-them all. Adding a method is adding one file and one import below.
+Importing this package imports every module in it, so ``METHODS.get(name)`` knows
+them all: adding a method is adding its file here and its ``configs/distill/<name>.yaml``.
 """
 from __future__ import annotations
 
-from distiller.methods.base import METHODS, BuildContext, DistillMethod, Features, Phase, Taps
+import importlib
+import pkgutil
 
-# --- single-stage methods: logits, embeddings, stage features --------------------------------
-from distiller.methods import kd, fitnet, at, sp, cc, vid, rkd, pkt, nst, crd, dkd  # noqa: E402,F401
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, Phase
 
-# --- two-stage and connector methods (ab, ft, fsp, ofd, reviewkd, kdsvd): add imports here -----
-from distiller.methods import ab, ft, fsp, ofd, reviewkd, kdsvd  # noqa: E402,F401
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module != "base":
+        importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["METHODS", "BuildContext", "DistillMethod", "Features", "Phase", "Taps"]
+__all__ = ["METHODS", "BuildContext", "DistillMethod", "Phase"]

@@ -17,9 +17,9 @@ from torch import nn
 
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.features import feature_specs
 from distiller.helpers import Resize, log_stage_pairing, pair_stages
-from distiller.methods.base import STAGES, METHODS, BuildContext, DistillMethod, Features, Phase, Taps
+from distiller.features import EMBEDDING, STAGES_PREACT, Features, feature_info
+from distiller.methods.base import BuildContext, DistillMethod, METHODS, Phase
 from common.errors import UserError
 
 
@@ -30,9 +30,9 @@ def student_feature_parameters(student: nn.Module) -> list[nn.Parameter]:
     initialisation phases, found from the model's ``feature_info`` instead of a per-model list.
     """
     head: set[int] = set()
-    for spec in feature_specs(student):
-        if spec.name == "embedding" and spec.post.module:
-            head = {id(p) for p in student.get_submodule(spec.post.module).parameters()}
+    for info in feature_info(student):
+        if info.name == EMBEDDING and info.module:
+            head = {id(p) for p in student.get_submodule(info.module).parameters()}
     return [p for p in student.parameters() if id(p) not in head]
 
 
@@ -76,7 +76,8 @@ class ActivationBoundaries(DistillMethod):
     ``2^(i-n+1)`` and the sum is divided by the batch size and scaled by 3/1000 (RepDistiller).
     """
 
-    taps = Taps.of(student={STAGES}, teacher={STAGES}, student_preact=True, teacher_preact=True)
+    student_features = frozenset({STAGES_PREACT})
+    teacher_features = frozenset({STAGES_PREACT})
 
     def __init__(self, margin: float = 1.0, init_epochs: int = 30, init_lr: float | None = None) -> None:
         super().__init__()

@@ -6,7 +6,8 @@ import torch
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.helpers import log_stage_pairing, pair_stages
-from distiller.methods.base import METHODS, STAGES, BuildContext, DistillMethod, Features, Taps
+from distiller.features import Features, STAGES
+from distiller.methods.base import BuildContext, DistillMethod, METHODS
 
 
 @METHODS.register("at", aliases=("attention",))
@@ -18,7 +19,8 @@ class AT(DistillMethod):
     (all stages when the counts match, else the last ``min(L_s, L_t)`` of each).
     """
 
-    taps = Taps.of(student=(STAGES,), teacher=(STAGES,))
+    student_features = frozenset({STAGES})
+    teacher_features = frozenset({STAGES})
 
     def __init__(self, p: float = 2.0) -> None:
         super().__init__()

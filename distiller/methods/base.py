@@ -8,52 +8,15 @@ and in every main-phase step calls the method with student and teacher
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Generic, Iterable, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
 
 from datasets.batch import Batch
+from distiller.features import Features
 from common.registry import Registry
-
-T = TypeVar("T")
-
-STEM, STAGES, EMBEDDING = "stem", "stages", "embedding"
-
-
-@dataclass
-class Features(Generic[T]):
-    """One network's features for a batch (tensors), or their shapes (``torch.Size``).
-
-    ``stages`` holds stage1..stageL in order; with pre-activation taps the stages
-    are taken before their final activation. Untapped entries are ``None`` / empty.
-    """
-
-    logits: T | None = None
-    stem: T | None = None
-    stages: list[T] = field(default_factory=list)
-    embedding: T | None = None
-
-
-@dataclass(frozen=True)
-class Taps:
-    """Which features a method reads from each network, and whether stages are pre-activation."""
-
-    student: frozenset[str] = frozenset()
-    teacher: frozenset[str] = frozenset()
-    student_preact: bool = False
-    teacher_preact: bool = False
-
-    @staticmethod
-    def of(student: Iterable[str] = (), teacher: Iterable[str] = (), student_preact: bool = False,
-           teacher_preact: bool = False) -> "Taps":
-        return Taps(frozenset(student), frozenset(teacher), student_preact, teacher_preact)
-
-    def __or__(self, other: "Taps") -> "Taps":
-        return Taps(self.student | other.student, self.teacher | other.teacher,
-                    self.student_preact or other.student_preact, self.teacher_preact or other.teacher_preact)
-
 
 @dataclass
 class BuildContext:
@@ -97,9 +60,18 @@ class DistillMethod(nn.Module):
     ``forward`` returns unweighted named terms; the objective multiplies them by ``beta``.
     """
 
-    taps: ClassVar[Taps] = Taps()
+    # Which features the method reads from each network: kinds of distiller.features
+    # (stem, stages, stages_preact, embedding). Logits always come.
+    student_features: ClassVar[frozenset[str]] = frozenset()
+    teacher_features: ClassVar[frozenset[str]] = frozenset()
     # OFD keeps the teacher's BatchNorm layers in train mode; every other method keeps the teacher in eval.
     teacher_bn_train: ClassVar[bool] = False
+    # Extra augmented views of each batch the method reads (names in datasets.views.VIEWS): both
+    # networks run on each view as a separate batch; logits arrive in ``Features.views[name]``.
+    views: ClassVar[tuple[str, ...]] = ()
+    # A method that acts on the objective itself (e.g. supplies the logit terms' temperature) takes
+    # part in the main phase, its helpers trained, even when its own weight beta is 0.
+    always_active: ClassVar[bool] = False
 
     def build(self, student: Features[torch.Size], teacher: Features[torch.Size], ctx: BuildContext) -> None:
         """Create trainable helpers from probed feature shapes. Default: nothing to build."""
@@ -107,6 +79,17 @@ class DistillMethod(nn.Module):
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
                 batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement forward")
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before every main-phase epoch (epochs count from 1): per-epoch schedules go here."""
+
+    def temperature(self) -> torch.Tensor | None:
+        """A temperature for every logit term of this step (KD and logit methods), or None for the config's."""
+        return None
+
+    def scalars(self) -> dict[str, float]:
+        """Values to record each epoch (``metrics.json`` and TensorBoard as ``<label>/<name>``)."""
+        return {}
 
     def phases(self) -> list[Phase]:
         """Initialisation phases to run before the main training (default: none)."""

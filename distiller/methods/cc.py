@@ -6,7 +6,8 @@ import torch
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.helpers import Embed, flat_dim
-from distiller.methods.base import EMBEDDING, METHODS, BuildContext, DistillMethod, Features, Taps
+from distiller.features import EMBEDDING, Features
+from distiller.methods.base import BuildContext, DistillMethod, METHODS
 from common.errors import UserError
 
 VARIANTS = ("benchmark", "gram", "rbf")
@@ -23,7 +24,8 @@ class CC(DistillMethod):
     paper's Gaussian-RBF kernel, Taylor order ``rbf_order``, ``rbf_gamma``).
     """
 
-    taps = Taps.of(student=(EMBEDDING,), teacher=(EMBEDDING,))
+    student_features = frozenset({EMBEDDING})
+    teacher_features = frozenset({EMBEDDING})
 
     def __init__(self, feat_dim: int = 128, variant: str = "benchmark", rbf_gamma: float = 0.4,
                  rbf_order: int = 2) -> None:

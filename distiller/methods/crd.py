@@ -7,7 +7,8 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.contrast import MODES, ContrastMemory, ContrastSampler
 from distiller.helpers import Embed, flat_dim
-from distiller.methods.base import EMBEDDING, METHODS, BuildContext, DistillMethod, Features, Taps
+from distiller.features import EMBEDDING, Features
+from distiller.methods.base import BuildContext, DistillMethod, METHODS
 from common.errors import UserError
 
 # Optional side data: a data pipeline that samples its own contrast indices [B, 1 + K]
@@ -28,7 +29,8 @@ class CRD(DistillMethod):
     Banks and Z are buffers, so they are saved in and restored from checkpoints.
     """
 
-    taps = Taps.of(student=(EMBEDDING,), teacher=(EMBEDDING,))
+    student_features = frozenset({EMBEDDING})
+    teacher_features = frozenset({EMBEDDING})
 
     def __init__(self, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07, nce_m: float = 0.5,
                  mode: str = "exact") -> None:

@@ -5,7 +5,8 @@ import torch
 
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.methods.base import METHODS, DistillMethod, Features, Taps
+from distiller.features import Features
+from distiller.methods.base import DistillMethod, METHODS
 
 
 @METHODS.register("dkd")
@@ -20,7 +21,6 @@ class DKD(DistillMethod):
     objective applies to ``beta``. Needs ``batch.labels``.
     """
 
-    taps = Taps.of()
 
     def __init__(self, tckd_weight: float = 1.0, nckd_weight: float = 8.0, dkd_temperature: float = 4.0) -> None:
         super().__init__()

@@ -8,7 +8,8 @@ import torch
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.helpers import ConvRegressor
-from distiller.methods.base import METHODS, STAGES, STEM, BuildContext, DistillMethod, Features, Taps
+from distiller.features import Features, STAGES, STEM
+from distiller.methods.base import BuildContext, DistillMethod, METHODS
 from common.errors import UserError
 
 T = TypeVar("T")
@@ -46,7 +47,8 @@ class FitNet(DistillMethod):
     map of the same layer with MSE. ``hint_layer``: 0 = stem, k = stage k (default 2).
     """
 
-    taps = Taps.of(student=(STEM, STAGES), teacher=(STEM, STAGES))
+    student_features = frozenset({STEM, STAGES})
+    teacher_features = frozenset({STEM, STAGES})
 
     def __init__(self, hint_layer: int | str = 2) -> None:
         super().__init__()

@@ -15,7 +15,8 @@ import torch
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.methods.ab import student_feature_parameters
-from distiller.methods.base import STAGES, STEM, METHODS, BuildContext, DistillMethod, Features, Phase, Taps
+from distiller.features import Features, STAGES, STEM
+from distiller.methods.base import BuildContext, DistillMethod, METHODS, Phase
 from common.errors import UserError
 
 
@@ -36,7 +37,8 @@ class FSP(DistillMethod):
     deepest levels); every paired position must have the same channel count.
     """
 
-    taps = Taps.of(student={STEM, STAGES}, teacher={STEM, STAGES})
+    student_features = frozenset({STEM, STAGES})
+    teacher_features = frozenset({STEM, STAGES})
 
     def __init__(self, init_epochs: int = 30, init_lr: float | None = None) -> None:
         super().__init__()

@@ -14,7 +14,8 @@ from torch import nn
 
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.methods.base import STAGES, METHODS, BuildContext, DistillMethod, Features, Phase, Taps
+from distiller.features import Features, STAGES
+from distiller.methods.base import BuildContext, DistillMethod, METHODS, Phase
 from common.errors import UserError
 
 
@@ -73,7 +74,8 @@ class FactorTransfer(DistillMethod):
     Outside its initialisation phase the paraphraser is frozen (no gradient, eval mode).
     """
 
-    taps = Taps.of(student={STAGES}, teacher={STAGES})
+    student_features = frozenset({STAGES})
+    teacher_features = frozenset({STAGES})
 
     def __init__(self, k: float = 0.5, p1: float = 2, p2: float = 1, init_epochs: int = 30,
                  init_lr: float | None = 0.01, paraphraser_bn: bool = False) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from datasets.batch import Batch
-from distiller.methods.base import METHODS, DistillMethod, Features, Taps
+from distiller.features import Features
+from distiller.methods.base import DistillMethod, METHODS
 
 
 @METHODS.register("kd")
@@ -16,7 +17,6 @@ class KD(DistillMethod):
     empty method. It taps no features (logits are always available).
     """
 
-    taps = Taps.of()
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
                 batch: Batch) -> dict[str, torch.Tensor]:

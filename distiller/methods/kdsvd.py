@@ -14,7 +14,8 @@ import torch.nn.functional as TF
 
 from datasets.batch import Batch
 from distiller.helpers import log_stage_pairing
-from distiller.methods.base import STAGES, METHODS, BuildContext, DistillMethod, Features, Taps
+from distiller.features import Features, STAGES
+from distiller.methods.base import BuildContext, DistillMethod, METHODS
 from common.errors import UserError
 
 
@@ -81,7 +82,8 @@ class KDSVD(DistillMethod):
     ``k + 3`` singular vectors (``min(H*W, C) >= k + 3``).
     """
 
-    taps = Taps.of(student={STAGES}, teacher={STAGES})
+    student_features = frozenset({STAGES})
+    teacher_features = frozenset({STAGES})
 
     def __init__(self, k: int = 1) -> None:
         super().__init__()

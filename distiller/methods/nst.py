@@ -6,7 +6,8 @@ import torch
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.helpers import log_stage_pairing, pair_stages
-from distiller.methods.base import METHODS, STAGES, BuildContext, DistillMethod, Features, Taps
+from distiller.features import Features, STAGES
+from distiller.methods.base import BuildContext, DistillMethod, METHODS
 
 
 @METHODS.register("nst")
@@ -17,7 +18,8 @@ class NST(DistillMethod):
     pairs of :func:`~distiller.helpers.pair_stages`.
     """
 
-    taps = Taps.of(student=(STAGES,), teacher=(STAGES,))
+    student_features = frozenset({STAGES})
+    teacher_features = frozenset({STAGES})
 
     def build(self, student: Features[torch.Size], teacher: Features[torch.Size], ctx: BuildContext) -> None:
         pair_stages(student.stages, teacher.stages, "nst")

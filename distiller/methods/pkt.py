@@ -5,7 +5,8 @@ import torch
 
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.methods.base import EMBEDDING, METHODS, DistillMethod, Features, Taps
+from distiller.features import EMBEDDING, Features
+from distiller.methods.base import DistillMethod, METHODS
 
 
 @METHODS.register("pkt")
@@ -15,7 +16,8 @@ class PKT(DistillMethod):
     Matches the cosine-similarity distributions among the batch's embeddings.
     """
 
-    taps = Taps.of(student=(EMBEDDING,), teacher=(EMBEDDING,))
+    student_features = frozenset({EMBEDDING})
+    teacher_features = frozenset({EMBEDDING})
 
     def __init__(self, eps: float = 1e-7) -> None:
         super().__init__()

@@ -14,7 +14,8 @@ from torch import nn
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.helpers import log_stage_pairing
-from distiller.methods.base import EMBEDDING, STAGES, METHODS, BuildContext, DistillMethod, Features, Taps
+from distiller.features import EMBEDDING, Features, STAGES, STAGES_PREACT
+from distiller.methods.base import BuildContext, DistillMethod, METHODS
 from common.errors import UserError
 
 
@@ -65,7 +66,8 @@ class ReviewKD(DistillMethod):
     (the deepest ones). ``mid`` width = ``min(max_mid_channels, student embedding width)``.
     """
 
-    taps = Taps.of(student={STAGES, EMBEDDING}, teacher={STAGES, EMBEDDING}, teacher_preact=True)
+    student_features = frozenset({STAGES, EMBEDDING})
+    teacher_features = frozenset({STAGES_PREACT, EMBEDDING})
 
     def __init__(self, max_mid_channels: int = 512) -> None:
         super().__init__()

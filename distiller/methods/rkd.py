@@ -5,7 +5,8 @@ import torch
 
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.methods.base import EMBEDDING, METHODS, DistillMethod, Features, Taps
+from distiller.features import EMBEDDING, Features
+from distiller.methods.base import DistillMethod, METHODS
 
 
 @METHODS.register("rkd")
@@ -16,7 +17,8 @@ class RKD(DistillMethod):
     vectors entering the classifiers), weighted ``distance_weight`` and ``angle_weight``.
     """
 
-    taps = Taps.of(student=(EMBEDDING,), teacher=(EMBEDDING,))
+    student_features = frozenset({EMBEDDING})
+    teacher_features = frozenset({EMBEDDING})
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
         super().__init__()

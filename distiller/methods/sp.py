@@ -5,7 +5,8 @@ import torch
 
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.methods.base import METHODS, STAGES, DistillMethod, Features, Taps
+from distiller.features import Features, STAGES
+from distiller.methods.base import DistillMethod, METHODS
 
 
 @METHODS.register("sp", aliases=("similarity",))
@@ -16,7 +17,8 @@ class SP(DistillMethod):
     ``feat[-2]``); channel counts and sizes of the two maps may differ.
     """
 
-    taps = Taps.of(student=(STAGES,), teacher=(STAGES,))
+    student_features = frozenset({STAGES})
+    teacher_features = frozenset({STAGES})
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
                 batch: Batch) -> dict[str, torch.Tensor]:

@@ -10,7 +10,8 @@ from torch import nn
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.helpers import log_stage_pairing, pair_stages
-from distiller.methods.base import METHODS, STAGES, BuildContext, DistillMethod, Features, Taps
+from distiller.features import Features, STAGES
+from distiller.methods.base import BuildContext, DistillMethod, METHODS
 
 
 def _conv1x1(c_in: int, c_out: int) -> nn.Conv2d:
@@ -49,7 +50,8 @@ class VID(DistillMethod):
     the negative log-likelihoods are summed over the pairs.
     """
 
-    taps = Taps.of(student=(STAGES,), teacher=(STAGES,))
+    student_features = frozenset({STAGES})
+    teacher_features = frozenset({STAGES})
 
     def __init__(self, init_pred_var: float = 5.0, eps: float = 1e-5) -> None:
         super().__init__()
