@@ -30,18 +30,18 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from datasets.augment import PAD, crop_and_flip
 from datasets.batch import Batch
 from datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD
 from common.errors import UserError
+from datasets.views import VIEWS
 
-PAD = 4  # RandomCrop(32, padding=4): zero padding in raw pixel space, offsets 0..2*PAD
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A well-mixed 64-bit generator seed that depends on (seed, epoch) only."""
-    state = np.random.SeedSequence([seed % 2**64, epoch]).generate_state(1, np.uint64)
+def epoch_seed(seed: int, epoch: int, *more: int) -> int:
+    """A well-mixed 64-bit generator seed that depends on (seed, epoch, *more) only."""
+    state = np.random.SeedSequence([seed % 2**64, epoch, *more]).generate_state(1, np.uint64)
     return int(state[0])
 
 
@@ -67,6 +67,7 @@ class DeviceLoader:
         channels_last: bool = False,
         mean: Sequence[float] = CIFAR100_MEAN,
         std: Sequence[float] = CIFAR100_STD,
+        views: Sequence[str] = (),
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
@@ -85,6 +86,7 @@ class DeviceLoader:
         self.rank = rank
         self.world_size = world_size
         self.channels_last = channels_last
+        self.views = [VIEWS.canonical(v) for v in views]  # extra views of each training batch
         # One transfer of the whole set; every batch afterwards is a gather on the device.
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
@@ -146,32 +148,20 @@ class DeviceLoader:
             )
         if self.train:
             order, offsets, flips = self.epoch_plan(epoch)
-            for start, size in self._spans[start_step:]:
+            for step, (start, size) in enumerate(self._spans[start_step:], start=start_step):
                 pos = slice(start, start + size)
                 idx = order[pos]
-                images = self._augment(self.images[idx], offsets[pos], flips[pos])
-                yield Batch(self._normalise(images), self.labels[idx], idx, {})
+                raw = self.images[idx]
+                batch = Batch(self._normalise(crop_and_flip(raw, offsets[pos], flips[pos])), self.labels[idx], idx, {})
+                for k, name in enumerate(self.views, start=1):
+                    gen = torch.Generator(device="cpu").manual_seed(epoch_seed(self.seed, epoch, step, k))
+                    batch.views[name] = self._normalise(VIEWS.get(name)(raw, gen))
+                yield batch
         else:
             for start, size in self._spans[start_step:]:
                 idx = torch.arange(start, start + size, device=self.device)
                 images = self.images[start : start + size]
                 yield Batch(self._normalise(images), self.labels[start : start + size], idx, {})
-
-    @staticmethod
-    def _augment(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        """Random crop (zero padding PAD) then horizontal flip of a uint8 batch, as one gather.
-
-        Output pixel (i, j) of image k is padded pixel (oy + i, ox + j), or (oy + i, ox + W-1-j)
-        when flipped: the mirror of the crop, as RandomCrop followed by RandomHorizontalFlip.
-        """
-        b, c, h, w = images.shape
-        padded = F.pad(images, (PAD, PAD, PAD, PAD))  # zeros = black in raw pixel space
-        pw = w + 2 * PAD
-        rows = offsets[:, 0, None] + torch.arange(h, device=images.device)  # [B, H]
-        cols_fwd = torch.arange(w, device=images.device)
-        cols = offsets[:, 1, None] + torch.where(flips[:, None], (w - 1) - cols_fwd, cols_fwd)  # [B, W]
-        flat = (rows[:, :, None] * pw + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
-        return torch.gather(padded.view(b, c, -1), 2, flat).view(b, c, h, w)
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 -> float32 ``(x / 255 - mean) / std``, the same ops as ToTensor + Normalize."""

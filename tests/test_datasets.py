@@ -480,8 +480,10 @@ def test_start_step_resumes_without_computing_skipped_batches(monkeypatch: pytes
     loader = DeviceLoader(images, labels, 8, "cpu", train=True, seed=3)
     full = batches(loader, 2)
     calls = []
-    original = DeviceLoader._augment
-    monkeypatch.setattr(DeviceLoader, "_augment", staticmethod(lambda *a: calls.append(1) or original(*a)))
+    import datasets.device_loader as device_loader
+
+    original = device_loader.crop_and_flip
+    monkeypatch.setattr(device_loader, "crop_and_flip", lambda *a: calls.append(1) or original(*a))
     for k in range(len(full) + 1):
         calls.clear()
         resumed = batches(DeviceLoader(images, labels, 8, "cpu", train=True, seed=3), 2, start_step=k)
