@@ -3,6 +3,7 @@
 Hydra prints a traceback for any exception escaping the task function and a
 multi-line report for a bad override. Users get one line on stderr and a non-zero
 exit instead; ``HYDRA_FULL_ERROR=1`` (or ``KD_DEBUG=1``) shows the full traceback.
+Importing this module also fills Hydra's ConfigStore (:mod:`distiller.config`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from typing import Any, Callable
 from common.errors import UserError
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from distiller.config import SCHEMAS, describe_error, group_options, validate
+from models import MODELS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 EXIT_USER_ERROR = 2
@@ -71,12 +76,16 @@ def _in_multirun() -> bool:
 
 
 def _group_options(group: str) -> list[str]:
+    """Options of a config group: its YAML files and its ConfigStore nodes (the model groups)."""
     folder = CONFIG_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    files = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return files + [name for name in group_options(group) if name not in files]
 
 
 def explain_config_error(err: BaseException) -> str:
     """Turn a Hydra / OmegaConf composition error into one helpful line."""
+    if isinstance(err, UserError):
+        return str(err)
     text = str(err)
     missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
     if missing:
@@ -94,24 +103,58 @@ def explain_config_error(err: BaseException) -> str:
     append = re.search(r"Could not append to config\. An item is already at '([^']+)'", text)
     if append:
         return f"config key '{append.group(1)}' already exists; set it without the leading '+'"
+    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        return describe_error(cause)  # a value of the wrong type for a typed node (teacher.lr=abc)
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
     return f"invalid configuration: {first}"
 
 
-def preflight(config_name: str, argv: list[str]) -> None:
-    """Compose the config once with the command-line overrides; a mistake ends here in one line.
+def canonical_model_choices(argv: list[str]) -> list[str]:
+    """``model=``, ``teacher=`` and ``student=`` choices spelled as registered (names are case-insensitive)."""
+    out = []
+    for arg in argv:
+        choice = re.fullmatch(r"(model|teacher|student)=(.+)", arg)
+        if choice:
+            names = [MODELS.canonical(n) if n in MODELS else n for n in choice.group(2).split(",")]
+            arg = f"{choice.group(1)}={','.join(names)}"
+        out.append(arg)
+    return out
 
-    Multirun sweeps and Hydra's own flags are left to Hydra.
+
+def check_run_dir(path: Path) -> None:
+    """Fail now, in one line, where Hydra could not create the run directory or write into it."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"hydra.run.dir={path} is a file, not a directory; choose another hydra.run.dir")
+    existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"hydra.run.dir={path} cannot be created: {existing} is a file; choose another hydra.run.dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"hydra.run.dir={path} cannot be created or written: {existing} is not writable; "
+                        f"choose another hydra.run.dir")
+
+
+def preflight(config_name: str, argv: list[str]) -> None:
+    """Compose and validate the config once with the command-line overrides; a mistake ends here in one line.
+
+    Architecture names on the command line are first rewritten as registered (``sys.argv`` too,
+    for Hydra). Multirun sweeps and Hydra's own flags are left to Hydra (each job validates its config).
     """
+    canonical = canonical_model_choices(argv)
+    if canonical != argv and sys.argv[1:] == argv:
+        sys.argv[1:] = canonical
+    argv = canonical
     if debug_mode() or any(a in ("-m", "--multirun") or a.startswith("--") or a.startswith("-") for a in argv):
         return
-    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra.") and "=" in a]
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            compose(config_name=config_name, overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=[a for a in argv if "=" in a],
+                          return_hydra_config=True)
+            validate(cfg, config_name if config_name in SCHEMAS else None)
+            check_run_dir(Path(str(cfg.hydra.run.dir)))
     except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
         fail(explain_config_error(err))
     finally:

@@ -1,7 +1,8 @@
 """The two jobs, from a composed config to a finished run directory.
 
 ``train_teacher.py`` and ``train_student.py`` are thin Hydra wrappers around
-:func:`train_network` and :func:`distill`. Both validate the config, prepare the
+:func:`train_network` and :func:`distill`. Both validate the config (against the
+schema of :mod:`distiller.config`), prepare the
 run directory (resume, finished-run detection, refusing to mix two runs), build
 the objects and hand them to :class:`distiller.engine.Trainer`.
 """
@@ -16,9 +17,11 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from datasets import load_dataset
 from distiller.checkpoint import atomic_save, load_weights, safe_load
+from distiller.config import describe_error, validate
 from distiller.engine import Trainer, TrainSettings
 from distiller.objective import Objective
 from distiller.runtime import Runtime, barrier, make_runtime, seed_everything
@@ -36,48 +39,22 @@ VOLATILE_KEYS = ("trainer.resume", "trainer.auto_resume", "trainer.force", "trai
 
 
 # ---- validation -----------------------------------------------------------------------------------
-def _positive(value: Any, key: str, integer: bool = False, allow_zero: bool = False) -> Any:
-    try:
-        number = int(value) if integer else float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{key}={value} is not a {'whole ' if integer else ''}number") from None
-    if integer and float(value) != number:
-        raise UserError(f"{key}={value} must be a whole number")
-    if number < 0 or (number == 0 and not allow_zero) or number != number:
-        raise UserError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
-    return number
-
-
 def settings_from_config(cfg: DictConfig, runtime: Runtime) -> TrainSettings:
-    """Validate the numeric knobs of a run and collect them for the trainer."""
-    epochs = _positive(cfg.trainer.epochs, "trainer.epochs", integer=True)
-    batch = _positive(cfg.dataset.batch_size, "dataset.batch_size", integer=True)
-    lr = _positive(cfg.optim.lr, "optim.lr")
-    if cfg.optim.get("scale_lr_with_batch", False):
-        lr = lr * batch * runtime.world_size / 64
-    milestones = tuple(int(m) for m in cfg.schedule.milestones)
-    check = str(cfg.trainer.nonfinite_check)
-    if check not in ("loss", "grad", "off"):
-        raise UserError(f"trainer.nonfinite_check={check} is not valid; use loss, grad or off")
-    impl = str(cfg.optim.implementation)
-    if impl not in ("auto", "fused", "foreach", "loop"):
-        raise UserError(f"optim.implementation={impl} is not valid; use auto, fused, foreach or loop")
+    """Collect the numeric knobs of a run for the trainer (``cfg`` is validated first: :mod:`distiller.config`)."""
+    job = validate(cfg)
+    lr = job.optim.lr
+    if job.optim.scale_lr_with_batch:
+        lr = lr * job.dataset.batch_size * runtime.world_size / 64
+    impl = job.optim.implementation
     if impl == "fused" and runtime.device.type != "cuda":
         impl = "foreach"
     return TrainSettings(
-        epochs=epochs, lr=lr,
-        momentum=_positive(cfg.optim.momentum, "optim.momentum", allow_zero=True),
-        weight_decay=_positive(cfg.optim.weight_decay, "optim.weight_decay", allow_zero=True),
-        nesterov=bool(cfg.optim.nesterov), optimizer_impl=impl, milestones=milestones,
-        lr_decay=_positive(cfg.schedule.gamma, "schedule.gamma"),
-        batch_size=batch,
-        eval_batch_size=_positive(cfg.dataset.get("eval_batch_size", 1024), "dataset.eval_batch_size", integer=True),
-        seed=int(cfg.seed),
-        log_interval=_positive(cfg.trainer.log_interval, "trainer.log_interval", integer=True),
-        checkpoint_every_steps=_positive(cfg.trainer.checkpoint_every_steps, "trainer.checkpoint_every_steps",
-                                         integer=True, allow_zero=True),
-        nonfinite_check=check, progress=bool(cfg.trainer.progress),
-        find_unused_parameters=bool(cfg.trainer.get("find_unused_parameters", False)),
+        epochs=job.trainer.epochs, lr=lr, momentum=job.optim.momentum, weight_decay=job.optim.weight_decay,
+        nesterov=job.optim.nesterov, optimizer_impl=impl, milestones=tuple(job.schedule.milestones),
+        lr_decay=job.schedule.gamma, batch_size=job.dataset.batch_size, eval_batch_size=job.dataset.eval_batch_size,
+        seed=job.seed, log_interval=job.trainer.log_interval,
+        checkpoint_every_steps=job.trainer.checkpoint_every_steps, nonfinite_check=job.trainer.nonfinite_check,
+        progress=job.trainer.progress, find_unused_parameters=job.trainer.find_unused_parameters,
     )
 
 
@@ -168,16 +145,17 @@ def _report_finished(run_dir: Path) -> None:
 def _resolve(cfg: DictConfig) -> dict[str, Any]:
     try:
         return OmegaConf.to_container(cfg, resolve=True)
-    except Exception as err:  # noqa: BLE001 - interpolation errors are config mistakes
-        raise UserError(f"invalid configuration: {str(err).splitlines()[0]}") from None
+    except OmegaConfBaseException as err:  # interpolation errors are config mistakes
+        raise UserError(describe_error(err)) from None
 
 
 # ---- jobs -----------------------------------------------------------------------------------------
 def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """Train ``cfg.model`` with cross-entropy; store the result where ``teacher=<arch>`` finds it."""
+    job = validate(cfg, "train_teacher")
     config = _resolve(cfg)
     runtime = make_runtime(cfg.trainer)
-    settings = settings_from_config(cfg, runtime)
+    settings = settings_from_config(job, runtime)
     start = prepare_run_dir(run_dir, config, cfg, runtime)
     if start == "finished":
         _report_finished(run_dir)
@@ -196,7 +174,7 @@ def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     if runtime.is_main:
         slim = trainer.slim_checkpoint(final["test_top1"])
         atomic_save(slim, run_dir / "final.pt")
-        if cfg.get("save_teacher", True):
+        if job.save_teacher:
             target = Path(str(cfg.teacher_dir)) / f"{arch}.pt"
             if target.exists():  # never lose a teacher: keep the previous file beside the new one
                 backup = target.with_name(f"{target.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
@@ -211,9 +189,10 @@ def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 
 def distill(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """Distill ``cfg.teacher`` into ``cfg.student`` with the objective of ``cfg.distill`` (+ ``cfg.combine``)."""
+    job = validate(cfg, "train_student")
     config = _resolve(cfg)
     runtime = make_runtime(cfg.trainer)
-    settings = settings_from_config(cfg, runtime)
+    settings = settings_from_config(job, runtime)
     objective = Objective.from_config(cfg.distill, cfg.get("combine"))
     start = prepare_run_dir(run_dir, config, cfg, runtime)
     if start == "finished":

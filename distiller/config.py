@@ -1,0 +1,397 @@
+"""The config schema of the two jobs, and the model zoo's config groups.
+
+Every key of ``train_teacher`` and ``train_student`` is declared here once, with its type and its
+range or valid values (:func:`key`); :func:`validate` checks a composed config against it and
+raises one :class:`UserError` naming the key. The values themselves (defaults) live in the YAML
+files under ``configs/``; the few keys no YAML sets have their default here. A method's own
+keyword arguments (``distill.nce_k``, ...) stay untyped: its constructor defines and checks them.
+
+The groups ``model``, ``teacher`` and ``student`` have no YAML files: one node per registered
+architecture is generated from the model registry (name, and the ``lr`` the model file declares),
+so adding a model is adding its file in ``models/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Union
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
+
+from common.errors import UserError
+from models import MODELS, list_models, model_metadata
+
+# Test top-1 of the widely shared pretrained CIFAR-100 teachers (RepDistiller / CRD, RECIPES.md).
+PUBLISHED_TEACHER_TOP1: dict[str, float] = {
+    "wrn_40_2": 75.61, "resnet56": 72.34, "resnet110": 74.31, "resnet32x4": 79.42, "vgg13": 74.64,
+    "ResNet50": 79.34,
+}
+
+
+def key(default: Any = MISSING, *, gt: float | None = None, ge: float | None = None, le: float | None = None,
+        choices: tuple | None = None, pattern: str | None = None, each: dict | None = None,
+        extra_keys: bool = False) -> Any:
+    """A schema field: ``MISSING`` (the YAML sets it) or a default, plus its range or valid values.
+
+    ``pattern`` is a regular expression the value must match in full (``choices`` then only names
+    the valid values in messages); ``each`` holds the same checks for every item of a list;
+    ``extra_keys`` lets a typed mapping carry further, untyped keys.
+    """
+    checks = {"gt": gt, "ge": ge, "le": le, "choices": choices, "pattern": pattern, "each": each,
+              "extra_keys": extra_keys}
+    checks = {k: v for k, v in checks.items() if v is not None and v is not False}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=checks)
+    return field(default=default, metadata=checks)
+
+
+# ---- the schema -----------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    name: str = key()  # reference name in models.MODELS
+    lr: float = key(gt=0)  # SGD learning rate when this architecture is the trained network
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    ckpt: str = key()  # the teacher's weights
+    published_top1: float | None = key(ge=0, le=100)  # test top-1 of the widely shared pretrained teacher
+
+
+@dataclass
+class DatasetConfig:
+    name: str = key()  # registry key in datasets.DATASETS
+    root: str = key()
+    batch_size: int = key(gt=0)
+    eval_batch_size: int = key(gt=0)
+    num_classes: int = key(gt=0)
+    # keys of one data set only (null: the data set has no such key)
+    download: bool | None = key(None)  # cifar100
+    verify_checksums: bool | None = key(None)  # cifar100
+    train_size: int | None = key(None, ge=100)  # synthetic: every class appears
+    test_size: int | None = key(None, ge=1)  # synthetic
+    seed: int | None = key(None, ge=0)  # synthetic
+
+
+@dataclass
+class OptimConfig:
+    name: str = key(choices=("sgd",))
+    lr: float = key(gt=0)
+    momentum: float = key(ge=0)
+    weight_decay: float = key(ge=0)
+    nesterov: bool = key()
+    implementation: str = key(choices=("auto", "fused", "foreach", "loop"))
+    scale_lr_with_batch: bool = key()
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = key(choices=("step",))
+    milestones: List[int] = key(each={"ge": 1})
+    gamma: float = key(gt=0)
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = key(gt=0)
+    device: str = key(choices=("auto", "cpu", "cuda", "cuda:N"), pattern=r"auto|cpu|cuda(:\d+)?")
+    precision: str = key(choices=("auto", "fp32", "bf16", "fp16"))
+    channels_last: bool | str = key(choices=("auto", True, False))
+    compile: bool | str = key(choices=("auto", True, False))
+    log_interval: int = key(gt=0)
+    checkpoint_every_steps: int = key(ge=0)
+    resume: bool = key()
+    auto_resume: bool = key()
+    force: bool = key()
+    nonfinite_check: str = key(choices=("loss", "grad", "off"))
+    num_threads: int | None = key(gt=0)
+    progress: bool = key()
+    find_unused_parameters: bool = key(False)  # DDP: let some parameters go without a gradient in a step
+
+
+@dataclass
+class DistillConfig:
+    """The objective's keys of one method; the method's own keyword arguments ride along untyped."""
+
+    name: str = key()  # label in run directories and result tables
+    method: str = key()  # registry key of the DistillMethod class
+    gamma: float = key(ge=0)  # weight of cross-entropy
+    alpha: float = key(ge=0)  # weight of KD on logits
+    beta: float = key(ge=0)  # weight of the method's own terms
+    temperature: float = key(gt=0)  # KD temperature
+    warmup_epochs: int = key(ge=0)  # beta ramps linearly over this many epochs
+
+
+@dataclass
+class JobConfig:
+    seed: int = key(ge=0)
+    teacher_dir: str = key()  # where finished teachers are stored and teacher=<arch> looks
+    dataset: DatasetConfig = key()
+    optim: OptimConfig = key()
+    schedule: ScheduleConfig = key()
+    trainer: TrainerConfig = key()
+
+
+@dataclass
+class TeacherJob(JobConfig):
+    """``train_teacher``: one network trained with cross-entropy."""
+
+    model: ModelConfig = key()
+    save_teacher: bool = key()
+
+
+@dataclass
+class StudentJob(JobConfig):
+    """``train_student``: a teacher distilled into a student."""
+
+    teacher: TeacherConfig = key()
+    student: ModelConfig = key()
+    distill: DistillConfig = key(extra_keys=True)
+    combine: Dict[str, DistillConfig] = key(extra_keys=True)  # further methods, each with its own weights
+    method_label: str = key()
+    pair: Dict[str, Any] | None = key(None)  # per-pair settings read by method configs (untyped)
+
+
+SCHEMAS: dict[str, type] = {"train_teacher": TeacherJob, "train_student": StudentJob}
+
+
+# ---- validation -----------------------------------------------------------------------------------
+def validate(cfg: DictConfig | dict, job: str | None = None) -> DictConfig:
+    """The config as a typed, resolved, range-checked view; a bad value raises one :class:`UserError`.
+
+    ``job`` is ``train_teacher`` or ``train_student`` (default: ``train_student`` when the config has
+    a ``distill`` node). Keys outside the schema at the top level (``bench`` of the benchmark, ...)
+    pass untyped; Hydra's own ``hydra`` node is left out. A view that is already typed comes back as is.
+    """
+    if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) in SCHEMAS.values():
+        return cfg
+    schema = SCHEMAS[job] if job else (StudentJob if "distill" in cfg else TeacherJob)
+    data = _resolved(cfg)
+    typed = OmegaConf.structured(schema)
+    OmegaConf.set_struct(typed, False)  # unknown top-level keys pass; every group node stays closed
+    if isinstance(data.get("combine"), dict):
+        typed.combine = {name: OmegaConf.structured(DistillConfig) for name in data["combine"]}
+    _open_nodes(typed, schema)
+    try:
+        typed = OmegaConf.merge(typed, data)
+        _check(typed, schema, "", data)
+    except OmegaConfBaseException as err:
+        raise UserError(describe_error(err, schema)) from None
+    return typed
+
+
+def _resolved(cfg: DictConfig | dict) -> dict:
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    if "hydra" in cfg:
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise UserError(describe_error(err)) from None
+
+
+def _open_nodes(node: DictConfig, schema: type) -> None:
+    """Let the nodes declared with ``extra_keys`` carry untyped keys beside their typed ones."""
+    for f in dataclasses.fields(schema):
+        child = node._get_node(f.name)
+        if f.metadata.get("extra_keys") and isinstance(child, DictConfig):
+            OmegaConf.set_struct(child, False)
+            for value in (child.values() if OmegaConf.get_type(child) is dict else ()):
+                if isinstance(value, DictConfig):
+                    OmegaConf.set_struct(value, False)
+
+
+def _check(node: Any, schema: type, prefix: str, given: Any) -> None:
+    """Range and valid-value checks of every declared key below ``node`` (the merge checked the types).
+
+    ``given`` is the same part of the config as the user wrote it, for messages (``0``, not ``0.0``).
+    """
+    hints = typing.get_type_hints(schema)
+    given = given if isinstance(given, dict) else {}
+    # the networks' nodes first: optim.lr follows model.lr / student.lr, and the message should name those
+    for f in sorted(dataclasses.fields(schema), key=lambda f: f.name not in ("model", "teacher", "student")):
+        path = f"{prefix}{f.name}"
+        value = node[f.name]  # a MISSING value raises MissingMandatoryValue here
+        kind = _unwrap(hints[f.name])
+        if dataclasses.is_dataclass(kind):
+            _check(value, kind, f"{path}.", given.get(f.name))
+        elif typing.get_origin(kind) in (dict, Dict) and value is not None:
+            item = _unwrap(typing.get_args(kind)[1])
+            if dataclasses.is_dataclass(item):
+                for name, child in value.items():
+                    _check(child, item, f"{path}.{name}.", (given.get(f.name) or {}).get(name))
+        elif isinstance(value, ListConfig):
+            items = given.get(f.name) if isinstance(given.get(f.name), list) else list(value)
+            for i, (item, shown) in enumerate(zip(value, items)):
+                _check_value(f"{path}[{i}]", item, f.metadata.get("each", {}), shown)
+        else:
+            _check_value(path, value, f.metadata, given.get(f.name, value))
+
+
+def _check_value(path: str, value: Any, checks: Any, given: Any) -> None:
+    if value is None:
+        return
+    shown = _show(given)
+    if "pattern" in checks:
+        if not re.fullmatch(checks["pattern"], str(value)):
+            raise UserError(f"{path}={shown} is not valid; use {_or(checks['choices'])}")
+    elif "choices" in checks and not any(value == c and type(value) is type(c) for c in checks["choices"]):
+        raise UserError(f"{path}={shown} is not valid; use {_or(checks['choices'])}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value != value:
+            raise UserError(f"{path}={shown} is not a number")
+        for op, fails, text in (("gt", lambda lim: value <= lim, ">"), ("ge", lambda lim: value < lim, ">="),
+                                ("le", lambda lim: value > lim, "<=")):
+            if op in checks and fails(checks[op]):
+                raise UserError(f"{path}={shown} must be {text} {_show(checks[op])}")
+
+
+# ---- messages -------------------------------------------------------------------------------------
+_UNIONS = (Union, types.UnionType)
+_EXPECTED = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+
+
+def describe_error(err: BaseException, schema: type | None = None) -> str:
+    """One line for an OmegaConf error met while composing or validating: which key, what is wrong."""
+    full_key = str(getattr(err, "full_key", "") or "")
+    value = getattr(err, "value", None)
+    first = next((line.strip() for line in str(getattr(err, "msg", err)).splitlines() if line.strip()), "")
+    if isinstance(err, InterpolationResolutionError):
+        return f"invalid configuration: {full_key}: {first}" if full_key else f"invalid configuration: {first}"
+    if isinstance(err, MissingMandatoryValue):
+        return f"config key '{full_key}' has no value; set it with {full_key}=VALUE"
+    if isinstance(err, ConfigKeyError):
+        missing = re.search(r"Key '([^']+)' not in", first)
+        where = full_key or (missing.group(1) if missing else "")
+        return (f"config key '{where}' does not exist; check the spelling"
+                f"{_valid_keys(schema, where)}" if where else f"invalid configuration: {first}")
+    if full_key:
+        declared = _field_at(schema, full_key) if schema else None
+        if declared is not None and "choices" in declared.metadata:
+            return f"{full_key}={_show(value)} is not valid; use {_or(declared.metadata['choices'])}"
+        expected = _expected(schema, full_key) if schema else None
+        if expected is None:
+            expected = next((text for name, text in (("Integer", "a whole number"), ("Float", "a number"),
+                                                     ("Boolean", "true or false"), ("ListConfig", "a list"),
+                                                     ("DictConfig", "a mapping"), ("Dict", "a mapping"))
+                             if name in first), None)
+        if expected:
+            return f"{full_key}={_show(value)} is not {expected}"
+        return f"{full_key}={_show(value)}: {first}"
+    return f"invalid configuration: {first}"
+
+
+def _type_at(schema: type, full_key: str) -> Any:
+    kind: Any = schema
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", full_key):
+        kind = _unwrap(kind)
+        if part.startswith("["):
+            args = typing.get_args(kind)
+            kind = args[0] if args else None
+        elif dataclasses.is_dataclass(kind):
+            kind = typing.get_type_hints(kind).get(part)
+        elif typing.get_origin(kind) in (dict, Dict):
+            kind = typing.get_args(kind)[1]
+        else:
+            return None
+        if kind is None:
+            return None
+    return _unwrap(kind)
+
+
+def _field_at(schema: type, full_key: str) -> dataclasses.Field | None:
+    parent, _, name = full_key.rpartition(".")
+    owner = _type_at(schema, parent) if parent else schema
+    if dataclasses.is_dataclass(owner):
+        return next((f for f in dataclasses.fields(owner) if f.name == name), None)
+    return None
+
+
+def _expected(schema: type, full_key: str) -> str | None:
+    kind = _type_at(schema, full_key)
+    if kind in _EXPECTED:
+        return _EXPECTED[kind]
+    if typing.get_origin(kind) in (list, List):
+        item = _EXPECTED.get(_unwrap(typing.get_args(kind)[0]), "values")
+        return f"a list of {item.removeprefix('a ').removeprefix('an ')}s, e.g. [1,2]"
+    if dataclasses.is_dataclass(kind) or typing.get_origin(kind) in (dict, Dict):
+        return "a mapping of keys to values"
+    if typing.get_origin(kind) in _UNIONS:
+        return " or ".join(_EXPECTED.get(a, str(a)) for a in typing.get_args(kind))
+    return None
+
+
+def _valid_keys(schema: type | None, full_key: str) -> str:
+    parent = _type_at(schema, full_key.rpartition(".")[0]) if schema and "." in full_key else None
+    if dataclasses.is_dataclass(parent):
+        return f" (valid keys: {', '.join(f.name for f in dataclasses.fields(parent))})"
+    return ""
+
+
+def _unwrap(kind: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in _UNIONS and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0] if len(rest) == 1 else Union[tuple(rest)]
+    return kind
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple, ListConfig)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _or(choices: tuple) -> str:
+    names = [_show(c) for c in choices]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
+# ---- the config store -----------------------------------------------------------------------------
+def model_nodes(arch: str) -> dict[str, Any]:
+    """The ``model``, ``student`` and ``teacher`` config nodes of one registered architecture."""
+    lr = float(model_metadata(arch)["lr"])
+    return {
+        "model": ModelConfig(name=arch, lr=lr),
+        "student": ModelConfig(name=arch, lr=lr),
+        # train_teacher.py model=<arch> writes the default checkpoint
+        "teacher": TeacherConfig(name=arch, lr=lr, ckpt=f"${{teacher_dir}}/{arch}.pt",
+                                 published_top1=PUBLISHED_TEACHER_TOP1.get(arch)),
+    }
+
+
+def register_configs(store: ConfigStore | None = None) -> None:
+    """Fill Hydra's ConfigStore: the job schemas, and one model/teacher/student node per architecture.
+
+    Each architecture is also stored under its lower-case spelling and its aliases (``model=mobilenetv2``).
+    """
+    store = store or ConfigStore.instance()
+    for job, schema in SCHEMAS.items():
+        store.store(group="schema", name=job, node=schema)
+    for arch in list_models():
+        spellings = dict.fromkeys([arch, arch.lower(), *MODELS.aliases(arch)])
+        for group, node in model_nodes(arch).items():
+            for spelling in spellings:
+                store.store(group=group, name=spelling, node=node)
+
+
+def group_options(group: str) -> list[str]:
+    """Names a config group offers from the ConfigStore (canonical architecture names for the model groups)."""
+    if group in ("model", "teacher", "student"):
+        return list_models()
+    entries = ConfigStore.instance().repo.get(group, {})
+    return sorted(name.removesuffix(".yaml") for name in entries if isinstance(name, str) and name.endswith(".yaml"))
+
+
+register_configs()

@@ -1,0 +1,253 @@
+"""The config schema: every bad value is one line naming the key, before anything is written.
+
+Most checks compose the real config and validate it in process (the path of in-process callers
+and multirun jobs) or run :func:`distiller.cli.preflight` in process (the path of the command
+line); a handful run the entry points as a user types them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, tiny_overrides
+from omegaconf import MISSING, OmegaConf
+
+from common.errors import UserError
+from distiller import config as schema
+from distiller.cli import canonical_model_choices, preflight
+from models import list_models, model_metadata
+
+EXIT_USER_ERROR = 2
+
+# (entry point, overrides, words the one line must hold)
+BAD_VALUES = [
+    ("train_teacher", ["seed=abc"], ["seed=abc", "whole number"]),
+    ("train_teacher", ["seed=-1"], ["seed=-1", ">= 0"]),
+    ("train_teacher", ["schedule.milestones=[abc]"], ["schedule.milestones[0]=abc", "whole number"]),
+    ("train_teacher", ["schedule.milestones=5"], ["schedule.milestones=5", "list"]),
+    ("train_teacher", ["schedule.milestones=[0,10]"], ["schedule.milestones[0]=0", ">= 1"]),
+    ("train_teacher", ["schedule.gamma=0"], ["schedule.gamma=0", "> 0"]),
+    ("train_teacher", ["trainer.epochs=0"], ["trainer.epochs=0", "> 0"]),
+    ("train_teacher", ["trainer.epochs=2.5"], ["trainer.epochs=2.5", "whole number"]),
+    ("train_teacher", ["trainer.device=gpu"], ["trainer.device=gpu", "auto, cpu, cuda or cuda:N"]),
+    ("train_teacher", ["trainer.precision=fp8"], ["trainer.precision=fp8", "auto, fp32, bf16 or fp16"]),
+    ("train_teacher", ["trainer.channels_last=maybe"], ["trainer.channels_last=maybe", "auto, true or false"]),
+    ("train_teacher", ["trainer.compile=1"], ["trainer.compile=1", "auto, true or false"]),
+    ("train_teacher", ["trainer.nonfinite_check=nan"], ["trainer.nonfinite_check=nan", "loss, grad or off"]),
+    ("train_teacher", ["trainer.log_interval=0"], ["trainer.log_interval=0", "> 0"]),
+    ("train_teacher", ["trainer.checkpoint_every_steps=-5"], ["trainer.checkpoint_every_steps=-5", ">= 0"]),
+    ("train_teacher", ["trainer.num_threads=0"], ["trainer.num_threads=0", "> 0"]),
+    ("train_teacher", ["trainer.resume=perhaps"], ["trainer.resume=perhaps", "true or false"]),
+    ("train_teacher", ["optim.lr=-0.1"], ["optim.lr=-0.1", "> 0"]),
+    ("train_teacher", ["optim.lr=abc"], ["optim.lr=abc", "a number"]),
+    ("train_teacher", ["optim.lr=nan"], ["optim.lr=nan", "not a number"]),
+    ("train_teacher", ["optim.momentum=-0.9"], ["optim.momentum=-0.9", ">= 0"]),
+    ("train_teacher", ["optim.weight_decay=-1"], ["optim.weight_decay=-1", ">= 0"]),
+    ("train_teacher", ["optim.implementation=fast"], ["optim.implementation=fast", "auto, fused, foreach or loop"]),
+    ("train_teacher", ["dataset.batch_size=0"], ["dataset.batch_size=0", "> 0"]),
+    ("train_teacher", ["dataset.eval_batch_size=x"], ["dataset.eval_batch_size=x", "whole number"]),
+    ("train_teacher", ["dataset=synthetic", "dataset.train_size=50"], ["dataset.train_size=50", ">= 100"]),
+    ("train_teacher", ["save_teacher=maybe"], ["save_teacher=maybe", "true or false"]),
+    ("train_teacher", ["model.lr=0"], ["model.lr=0", "> 0"]),
+    ("train_teacher", ["+trainer.epoch=3"], ["trainer.epoch", "does not exist", "epochs"]),
+    ("train_student", ["distill.beta=-1"], ["distill.beta=-1", ">= 0"]),
+    ("train_student", ["distill.gamma=abc"], ["distill.gamma=abc", "a number"]),
+    ("train_student", ["distill.temperature=0"], ["distill.temperature=0", "> 0"]),
+    ("train_student", ["distill.warmup_epochs=-1"], ["distill.warmup_epochs=-1", ">= 0"]),
+    ("train_student", ["+distill@combine.at=at", "combine.at.beta=-500"], ["combine.at.beta=-500", ">= 0"]),
+    ("train_student", ["student.lr=-1"], ["student.lr=-1", "> 0"]),
+    ("train_student", ["optim.lr=${nope}"], ["optim.lr", "nope"]),
+]
+
+
+def _compose(compose, entry: str, overrides: list[str]):
+    try:
+        return compose(entry, overrides)
+    except Exception as err:  # noqa: BLE001 - a typed node refuses some values while composing
+        from distiller.cli import explain_config_error
+
+        raise UserError(explain_config_error(err)) from None
+
+
+@pytest.mark.parametrize("entry, overrides, words", BAD_VALUES, ids=[" ".join(o) for _, o, _ in BAD_VALUES])
+def test_bad_value_is_one_line_naming_the_key(compose, entry, overrides, words):
+    with pytest.raises(UserError) as caught:
+        schema.validate(_compose(compose, entry, overrides), entry)
+    message = str(caught.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["teacher.lr=abc"], ["teacher.lr=abc", "a number"]),
+    (["teacher.published_top1=high"], ["teacher.published_top1=high", "a number"]),
+    (["model=resnet8"], None),
+])
+def test_typed_model_nodes_refuse_wrong_types_while_composing(compose, overrides, words):
+    entry = "train_teacher" if overrides[0].startswith("model") else "train_student"
+    if words is None:
+        schema.validate(compose(entry, overrides), entry)
+        return
+    with pytest.raises(UserError) as caught:
+        _compose(compose, entry, overrides)
+    for word in words:
+        assert word in str(caught.value)
+
+
+@pytest.mark.parametrize("entry", ["train_teacher", "train_student"])
+def test_the_default_configs_and_every_preset_are_valid(compose, entry):
+    presets = sorted(p.stem for p in (Path(schema.__file__).parents[1] / "configs" / "experiment").glob("*.yaml"))
+    for preset in [None, *presets]:
+        if preset and preset.startswith("table_") != (entry == "train_teacher"):
+            continue
+        typed = schema.validate(compose(entry, [f"experiment={preset}"] if preset else []), entry)
+        assert typed.seed == 0
+
+
+def test_defaults_live_once(compose):
+    """A key with a default in the schema is set by no YAML file (and the other way round)."""
+    for entry, job in schema.SCHEMAS.items():
+        cfg = compose(entry, ["dataset=synthetic"] if entry == "train_teacher" else [])
+        for path, declared in _fields(job):
+            if declared.default is dataclasses.MISSING or declared.default in (MISSING, None):
+                continue  # set by the YAML, or an optional key (null: absent)
+            parent, _, name = path.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            assert node is None or name not in node, f"{path} has a default in the schema and in the YAML"
+
+
+def _fields(job: type, prefix: str = ""):
+    import typing
+
+    hints = typing.get_type_hints(job)
+    for f in dataclasses.fields(job):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from _fields(kind, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+def test_validated_view_is_typed_and_config_keeps_its_keys(compose):
+    cfg = compose("train_student", ["trainer.epochs=3", "optim.lr=1"])
+    typed = schema.validate(cfg)
+    assert typed.trainer.epochs == 3 and isinstance(typed.optim.lr, float)
+    assert typed.trainer.find_unused_parameters is False  # the schema's default; no YAML sets it
+    assert "find_unused_parameters" not in cfg.trainer and "pair" not in cfg  # the composed config is unchanged
+    assert schema.validate(typed) is typed
+    assert OmegaConf.to_container(cfg, resolve=True)["optim"]["lr"] == 1
+
+
+# ---- the model groups come from the registry ----------------------------------------------------------
+def test_every_model_has_its_model_teacher_and_student_node(compose):
+    for arch in list_models():
+        lr = 0.01 if arch in ("MobileNetV2", "ShuffleV1", "ShuffleV2") else 0.05
+        assert model_metadata(arch)["lr"] == lr
+        teacher = compose("train_teacher", [f"model={arch}"])
+        assert (teacher.model.name, teacher.optim.lr) == (arch, lr)
+        student = compose("train_student", [f"teacher={arch}", f"student={arch}", "teacher_dir=/t"])
+        assert (student.student.name, student.optim.lr) == (arch, lr)
+        assert student.teacher.name == arch and student.teacher.ckpt == f"/t/{arch}.pt"
+        assert student.teacher.published_top1 == schema.PUBLISHED_TEACHER_TOP1.get(arch)
+    assert schema.PUBLISHED_TEACHER_TOP1 == {"wrn_40_2": 75.61, "resnet56": 72.34, "resnet110": 74.31,
+                                             "resnet32x4": 79.42, "vgg13": 74.64, "ResNet50": 79.34}
+
+
+def test_model_names_any_case(compose):
+    cfg = compose("train_student", ["teacher=mobilenetv2", "student=mobile_half", "teacher.ckpt=/x.pt"])
+    assert cfg.teacher.name == cfg.student.name == "MobileNetV2" and cfg.teacher.ckpt == "/x.pt"
+    assert canonical_model_choices(["model=RESNET8X4", "teacher=shufflev1,VGG13", "seed=1", "model=nope"]) == [
+        "model=resnet8x4", "teacher=ShuffleV1,vgg13", "seed=1", "model=nope"]
+
+
+# ---- the command-line path (preflight, in process) ---------------------------------------------------
+def _preflight(capsys, entry: str, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as caught:
+        preflight(entry, argv)
+    assert caught.value.code == EXIT_USER_ERROR
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["seed=abc"], ["seed=abc"]),
+    (["schedule.milestones=[abc]"], ["schedule.milestones[0]=abc"]),
+    (["schedule.milestones=5"], ["schedule.milestones=5"]),
+    (["trainer.device=tpu"], ["trainer.device=tpu", "auto, cpu, cuda or cuda:N"]),
+    (["model.lr=abc"], ["model.lr=abc"]),
+    (["model=resnet9"], ["unknown model 'resnet9'", "Did you mean 'resnet8'", "wrn_40_2", "MobileNetV2"]),
+])
+def test_preflight_reports_one_line(capsys, tmp_path, argv, words):
+    line = _preflight(capsys, "train_teacher", [*argv, f"hydra.run.dir={tmp_path / 'run'}"])
+    for word in words:
+        assert word in line, (word, line)
+    assert not (tmp_path / "run").exists()
+
+
+def test_preflight_refuses_a_run_dir_that_is_a_file_or_below_one(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    line = _preflight(capsys, "train_teacher", [f"hydra.run.dir={blocker}"])
+    assert f"hydra.run.dir={blocker}" in line and "is a file" in line
+    line = _preflight(capsys, "train_teacher", [f"hydra.run.dir={blocker / 'sub' / 'run'}"])
+    assert "cannot be created" in line and str(blocker) in line
+    assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere")
+def test_preflight_refuses_a_run_dir_in_a_read_only_folder(capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        line = _preflight(capsys, "train_student", [f"hydra.run.dir={locked / 'run'}"])
+        assert "not writable" in line and str(locked) in line
+    finally:
+        locked.chmod(0o700)
+
+
+# ---- inside the job (in-process callers, multirun jobs) ----------------------------------------------
+@pytest.mark.parametrize("entry, overrides", [
+    ("train_teacher", ["seed=abc"]),
+    ("train_teacher", ["trainer.precision=fp8"]),
+    ("train_student", ["schedule.milestones=5"]),
+    ("train_student", ["distill.alpha=-1"]),
+])
+def test_the_job_raises_before_writing(compose, tmp_path, entry, overrides):
+    from distiller.run import distill, train_network
+
+    cfg = compose(entry, [*tiny_overrides(tmp_path), *overrides])
+    job = train_network if entry == "train_teacher" else distill
+    with pytest.raises(UserError, match=overrides[0].split("=")[0].replace(".", r"\.")):
+        job(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+# ---- as typed --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script, overrides, words", [
+    ("train_teacher.py", ["seed=abc"], ["seed=abc"]),
+    ("train_student.py", ["schedule.milestones=[abc]"], ["schedule.milestones[0]=abc"]),
+    ("train_teacher.py", ["model=RESNET8", "trainer.device=gpu"], ["trainer.device=gpu", "cuda:N"]),
+])
+def test_command_line(tmp_path, script, overrides, words):
+    result = run_cli(script, f"hydra.run.dir={tmp_path / 'run'}", *tiny_overrides(tmp_path), *overrides)
+    assert result.returncode == EXIT_USER_ERROR, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, lines
+    for word in words:
+        assert word in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_command_line_run_dir_that_is_a_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    result = run_cli("train_teacher.py", "model=resnet8", f"hydra.run.dir={blocker}", *tiny_overrides(tmp_path))
+    assert result.returncode == EXIT_USER_ERROR and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        f"error: hydra.run.dir={blocker} is a file, not a directory; choose another hydra.run.dir"]
+    assert blocker.read_text() == "keep me"
