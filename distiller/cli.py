@@ -21,7 +21,8 @@ from common.errors import UserError
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from distiller.config import SCHEMAS, describe_error, group_options, validate
+from distiller.config import SCHEMAS, group_options, validate
+from distiller.config_messages import describe_error
 from models import MODELS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
 from common.errors import UserError
+from distiller.config_messages import describe_error, either, show, unwrap
+from distiller.plan import OPTIMIZERS
 from models import MODELS, list_models, model_metadata
 
 # Test top-1 of the widely shared pretrained CIFAR-100 teachers (RepDistiller / CRD, RECIPES.md).
@@ -80,7 +81,7 @@ class DatasetConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = key(choices=("sgd",))
+    name: str = key(choices=tuple(OPTIMIZERS.names()))  # distiller.plan.OPTIMIZERS
     lr: float = key(gt=0)
     momentum: float = key(ge=0)
     weight_decay: float = key(ge=0)
@@ -218,11 +219,11 @@ def _check(node: Any, schema: type, prefix: str, given: Any) -> None:
     for f in sorted(dataclasses.fields(schema), key=lambda f: f.name not in ("model", "teacher", "student")):
         path = f"{prefix}{f.name}"
         value = node[f.name]  # a MISSING value raises MissingMandatoryValue here
-        kind = _unwrap(hints[f.name])
+        kind = unwrap(hints[f.name])
         if dataclasses.is_dataclass(kind):
             _check(value, kind, f"{path}.", given.get(f.name))
         elif typing.get_origin(kind) in (dict, Dict) and value is not None:
-            item = _unwrap(typing.get_args(kind)[1])
+            item = unwrap(typing.get_args(kind)[1])
             if dataclasses.is_dataclass(item):
                 for name, child in value.items():
                     _check(child, item, f"{path}.{name}.", (given.get(f.name) or {}).get(name))
@@ -237,125 +238,19 @@ def _check(node: Any, schema: type, prefix: str, given: Any) -> None:
 def _check_value(path: str, value: Any, checks: Any, given: Any) -> None:
     if value is None:
         return
-    shown = _show(given)
+    shown = show(given)
     if "pattern" in checks:
         if not re.fullmatch(checks["pattern"], str(value)):
-            raise UserError(f"{path}={shown} is not valid; use {_or(checks['choices'])}")
+            raise UserError(f"{path}={shown} is not valid; use {either(checks['choices'])}")
     elif "choices" in checks and not any(value == c and type(value) is type(c) for c in checks["choices"]):
-        raise UserError(f"{path}={shown} is not valid; use {_or(checks['choices'])}")
+        raise UserError(f"{path}={shown} is not valid; use {either(checks['choices'])}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value != value:
             raise UserError(f"{path}={shown} is not a number")
         for op, fails, text in (("gt", lambda lim: value <= lim, ">"), ("ge", lambda lim: value < lim, ">="),
                                 ("le", lambda lim: value > lim, "<=")):
             if op in checks and fails(checks[op]):
-                raise UserError(f"{path}={shown} must be {text} {_show(checks[op])}")
-
-
-# ---- messages -------------------------------------------------------------------------------------
-_UNIONS = (Union, types.UnionType)
-_EXPECTED = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
-
-
-def describe_error(err: BaseException, schema: type | None = None) -> str:
-    """One line for an OmegaConf error met while composing or validating: which key, what is wrong."""
-    full_key = str(getattr(err, "full_key", "") or "")
-    value = getattr(err, "value", None)
-    first = next((line.strip() for line in str(getattr(err, "msg", err)).splitlines() if line.strip()), "")
-    if isinstance(err, InterpolationResolutionError):
-        return f"invalid configuration: {full_key}: {first}" if full_key else f"invalid configuration: {first}"
-    if isinstance(err, MissingMandatoryValue):
-        return f"config key '{full_key}' has no value; set it with {full_key}=VALUE"
-    if isinstance(err, ConfigKeyError):
-        missing = re.search(r"Key '([^']+)' not in", first)
-        where = full_key or (missing.group(1) if missing else "")
-        return (f"config key '{where}' does not exist; check the spelling"
-                f"{_valid_keys(schema, where)}" if where else f"invalid configuration: {first}")
-    if full_key:
-        declared = _field_at(schema, full_key) if schema else None
-        if declared is not None and "choices" in declared.metadata:
-            return f"{full_key}={_show(value)} is not valid; use {_or(declared.metadata['choices'])}"
-        expected = _expected(schema, full_key) if schema else None
-        if expected is None:
-            expected = next((text for name, text in (("Integer", "a whole number"), ("Float", "a number"),
-                                                     ("Boolean", "true or false"), ("ListConfig", "a list"),
-                                                     ("DictConfig", "a mapping"), ("Dict", "a mapping"))
-                             if name in first), None)
-        if expected:
-            return f"{full_key}={_show(value)} is not {expected}"
-        return f"{full_key}={_show(value)}: {first}"
-    return f"invalid configuration: {first}"
-
-
-def _type_at(schema: type, full_key: str) -> Any:
-    kind: Any = schema
-    for part in re.findall(r"[^.\[\]]+|\[\d+\]", full_key):
-        kind = _unwrap(kind)
-        if part.startswith("["):
-            args = typing.get_args(kind)
-            kind = args[0] if args else None
-        elif dataclasses.is_dataclass(kind):
-            kind = typing.get_type_hints(kind).get(part)
-        elif typing.get_origin(kind) in (dict, Dict):
-            kind = typing.get_args(kind)[1]
-        else:
-            return None
-        if kind is None:
-            return None
-    return _unwrap(kind)
-
-
-def _field_at(schema: type, full_key: str) -> dataclasses.Field | None:
-    parent, _, name = full_key.rpartition(".")
-    owner = _type_at(schema, parent) if parent else schema
-    if dataclasses.is_dataclass(owner):
-        return next((f for f in dataclasses.fields(owner) if f.name == name), None)
-    return None
-
-
-def _expected(schema: type, full_key: str) -> str | None:
-    kind = _type_at(schema, full_key)
-    if kind in _EXPECTED:
-        return _EXPECTED[kind]
-    if typing.get_origin(kind) in (list, List):
-        item = _EXPECTED.get(_unwrap(typing.get_args(kind)[0]), "values")
-        return f"a list of {item.removeprefix('a ').removeprefix('an ')}s, e.g. [1,2]"
-    if dataclasses.is_dataclass(kind) or typing.get_origin(kind) in (dict, Dict):
-        return "a mapping of keys to values"
-    if typing.get_origin(kind) in _UNIONS:
-        return " or ".join(_EXPECTED.get(a, str(a)) for a in typing.get_args(kind))
-    return None
-
-
-def _valid_keys(schema: type | None, full_key: str) -> str:
-    parent = _type_at(schema, full_key.rpartition(".")[0]) if schema and "." in full_key else None
-    if dataclasses.is_dataclass(parent):
-        return f" (valid keys: {', '.join(f.name for f in dataclasses.fields(parent))})"
-    return ""
-
-
-def _unwrap(kind: Any) -> Any:
-    """``X | None`` -> ``X``."""
-    args = typing.get_args(kind)
-    if typing.get_origin(kind) in _UNIONS and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0] if len(rest) == 1 else Union[tuple(rest)]
-    return kind
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if value is None:
-        return "null"
-    if isinstance(value, (list, tuple, ListConfig)):
-        return "[" + ",".join(_show(v) for v in value) + "]"
-    return str(value)
-
-
-def _or(choices: tuple) -> str:
-    names = [_show(c) for c in choices]
-    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+                raise UserError(f"{path}={shown} must be {text} {show(checks[op])}")
 
 
 # ---- the config store -----------------------------------------------------------------------------

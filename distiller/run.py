@@ -21,7 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from datasets import load_dataset
 from distiller.checkpoint import atomic_save, load_weights, safe_load
-from distiller.config import describe_error, validate
+from distiller.config import validate
+from distiller.config_messages import describe_error
 from distiller.engine import Trainer, TrainSettings
 from distiller.objective import Objective
 from distiller.runtime import Runtime, barrier, make_runtime, seed_everything
@@ -55,6 +56,7 @@ def settings_from_config(cfg: DictConfig, runtime: Runtime) -> TrainSettings:
         seed=job.seed, log_interval=job.trainer.log_interval,
         checkpoint_every_steps=job.trainer.checkpoint_every_steps, nonfinite_check=job.trainer.nonfinite_check,
         progress=job.trainer.progress, find_unused_parameters=job.trainer.find_unused_parameters,
+        optimizer=job.optim.name,
     )
 
 

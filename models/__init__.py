@@ -6,6 +6,8 @@ its stem, stages and embedding are (see :mod:`models.features`).
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from torch import nn
@@ -16,7 +18,10 @@ from common.registry import Registry
 # Defined before the family modules are imported: they register into it with decorators.
 MODELS: Registry = Registry("model", case_insensitive=True)
 
-from models import mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: E402,F401
+# Every module of this package is imported (in name order), so a new model file registers itself:
+# adding an architecture is adding its file.
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["MODELS", "build_model", "list_models", "model_metadata"]
 
