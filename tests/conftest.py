@@ -1,14 +1,28 @@
-"""Shared test fixtures: tiny synthetic data, Hydra config composition, subprocess runs.
+"""Shared test fixtures: tiny synthetic data, Hydra config composition, subprocess runs, seeds, descent checks.
 
 Tests run on the CPU with one thread each and never touch the network.
+
+Robustness knobs (environment variables, read once per session):
+
+``KD_TEST_SEED_OFFSET`` (integer, default 0)
+    Added to every seed the tests use: an autouse fixture seeds ``torch``, NumPy and ``random``
+    with ``seed(0)`` before each test, and tests build their own generators with ``seed(k)`` /
+    ``generator(k)`` instead of literal seeds. ``KD_TEST_SEED_OFFSET=1 pytest ...`` reruns the
+    suite on other random networks and batches: a test that only passes for one draw is fragile.
+``KD_TEST_MKLDNN`` (``0`` or ``1``, default: leave PyTorch's setting alone)
+    Sets ``torch.backends.mkldnn.enabled`` for the whole session, so the suite can be run on
+    the oneDNN kernels and on ATen's own ones (they block and round differently).
 """
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable, Iterable
 
+import numpy as np
 import pytest
 
 import distiller.cli  # noqa: F401,E402 - registers the config resolvers used by composed configs
@@ -19,6 +33,43 @@ CONFIGS = REPO / "configs"
 SHARED = REPO.parent / "shared"
 
 torch.set_num_threads(1)
+
+SEED_OFFSET = int(os.environ.get("KD_TEST_SEED_OFFSET", "0"))
+_MKLDNN = os.environ.get("KD_TEST_MKLDNN", "").strip()
+if _MKLDNN not in ("", "0", "1"):
+    raise ValueError(f"KD_TEST_MKLDNN must be 0 or 1, got {_MKLDNN!r}")
+
+
+def seed(base: int) -> int:
+    """``base`` shifted by ``KD_TEST_SEED_OFFSET``: use it wherever a test would write a literal seed."""
+    return base + SEED_OFFSET
+
+
+def generator(base: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed(base)``."""
+    return torch.Generator().manual_seed(seed(base))
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    """Every test starts from the same (offset) state of the global generators."""
+    torch.manual_seed(seed(0))
+    np.random.seed(seed(0))
+    random.seed(seed(0))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mkldnn_switch():
+    """``KD_TEST_MKLDNN=0|1`` switches oneDNN kernels off / on for the whole session."""
+    if not _MKLDNN:
+        yield
+        return
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = _MKLDNN == "1"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 def run_cli(script: str, *overrides: str, cwd: Path | None = None, env: dict | None = None,
@@ -54,3 +105,111 @@ def compose():
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+# --------------------------------------------------------------------------- descent checks
+def fix_batch_statistics(modules: Iterable[torch.nn.Module], forward: Callable[[], object]) -> None:
+    """Put ``modules`` in eval mode with every BatchNorm normalising by this batch's statistics.
+
+    Each BatchNorm's running statistics are replaced by those of one forward pass (``forward``,
+    run with only the BatchNorms in train mode and cumulative averaging, so one pass gives the
+    batch's own mean and variance); then everything is in eval mode. The loss is then a fixed,
+    deterministic function of the weights: no dropout, no statistics that move with the step,
+    no mode-dependent side effects (CRD's bank update).
+    """
+    modules = list(modules)
+    for module in modules:
+        module.eval()
+    bns = [m for module in modules for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    with torch.no_grad():
+        forward()
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+        bn.eval()
+
+
+def graph_leaves(loss: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The leaf tensors a ``backward`` of ``loss`` would write a gradient into, by ``id``."""
+    leaves, seen, stack = {}, set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):  # AccumulateGrad
+            leaves[id(fn.variable)] = fn.variable
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return leaves
+
+
+# One plain gradient step theta - eta g is accepted when the loss falls by at least half its
+# first-order prediction, loss(theta - eta g) <= loss(theta) - C_ARMIJO eta |g|^2 (Armijo). For a
+# function that is smooth near theta (ReLU kinks and hinges are crossed by no arbitrarily short
+# step from a generic point) with g != 0 this holds for every eta below 1/L (L: curvature along g),
+# so halving eta terminates. The search starts at |f| / |g|^2 (the first-order model would take
+# the loss to zero) and stops once the required decrease falls below MIN_DECREASE * |f|: a
+# decrease that is accepted is at least 2^-20 (~1e-6) of the loss, above float32's unit roundoff
+# (6e-8) and ~10^9 above the rounding of a float64 loss (~1e-16 times its few thousand
+# accumulated terms), so no rounding mode, kernel choice or instruction set can decide the check.
+C_ARMIJO = 0.5
+MIN_DECREASE = 2.0 ** -20
+
+
+def assert_gradient_step_descends(loss_fn: Callable[[], torch.Tensor], params: list[torch.nn.Parameter],
+                                  frozen: Iterable[torch.nn.Parameter] = (),
+                                  reaches: dict[str, Iterable[torch.nn.Parameter]] | None = None,
+                                  min_decrease: float = MIN_DECREASE) -> tuple[float, float]:
+    """Check the gradient of ``loss_fn`` and that one backtracked gradient step lowers it.
+
+    ``params`` are what the phase trains (they must require gradients). Checked: the loss is a
+    finite scalar; every leaf of its autograd graph is in ``params`` (a helper outside the
+    optimizer, or a parameter a phase must leave alone, would appear there); ``frozen`` parameters
+    get no gradient; the gradient is finite and non-zero, and non-zero on each group of
+    ``reaches`` (a detached path leaves its group at zero); one step theta - eta g satisfies the
+    Armijo condition above, with a required decrease of at least ``min_decrease * |loss|`` (raise
+    it above the loss's rounding where part of it is computed in float32). Parameters are left at
+    the accepted step. Returns (before, after). Call it on a deterministic function
+    (``fix_batch_statistics``), in float64.
+    """
+    params = list(params)
+    frozen = list(frozen)
+    for p in params + frozen:
+        p.grad = None
+    loss = loss_fn()
+    assert loss.dim() == 0 and torch.isfinite(loss), loss
+    ids = {id(p) for p in params}
+    stray = [tuple(t.shape) for i, t in graph_leaves(loss).items() if i not in ids]
+    assert not stray, f"tensors outside the trained parameters receive gradients: {stray}"
+    loss.backward()
+    assert all(p.grad is None for p in frozen), "a frozen parameter received a gradient"
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+    assert all(torch.isfinite(g).all() for g in grads), "non-finite gradient"
+    g2 = sum(float(g.double().pow(2).sum()) for g in grads)
+    assert g2 > 0, "no gradient reached the trained parameters"
+    for name, group in (reaches or {}).items():
+        group_ids = {id(p) for p in group}
+        assert group_ids, f"{name}: empty parameter group"
+        norm = sum(float(g.double().pow(2).sum()) for p, g in zip(params, grads) if id(p) in group_ids)
+        assert norm > 0, f"no gradient reaches {name}"
+
+    f0 = float(loss.detach())
+    start = [p.detach().clone() for p in params]
+    eta = abs(f0) / g2
+    tried = []
+    with torch.no_grad():
+        while C_ARMIJO * eta * g2 >= min_decrease * abs(f0):
+            for p, p0, g in zip(params, start, grads):
+                p.copy_(p0 - eta * g)
+            f1 = float(loss_fn())
+            tried.append(f1)
+            if f1 <= f0 - C_ARMIJO * eta * g2:
+                return f0, f1
+            eta /= 2
+        for p, p0 in zip(params, start):
+            p.copy_(p0)
+    raise AssertionError(f"no gradient step lowers the loss {f0} (tried {len(tried)} steps: {tried})")

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from conftest import generator
 from scipy import integrate, stats
 from torch import nn
 
@@ -22,7 +23,7 @@ D = torch.float64
 
 
 def rnd(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     return torch.randn(*shape, generator=g, dtype=D) * scale
 
 

@@ -1,7 +1,13 @@
 """The two-stage and connector methods (ab, ft, fsp, ofd, reviewkd, kdsvd) on real zoo pairs.
 
-Each method is built from probed shapes as the engine does, and trained a few SGD steps on
-one fixed batch of 4 images. Expected values are computed independently: the AB and OFD
+Each method is built from probed shapes as the engine does. That each phase's loss can be
+lowered is checked in float64 with BatchNorm fixed to the batch's statistics (a deterministic,
+smooth function of the weights): its gradient is finite, non-zero, reaches the phase's helpers
+and the student and nothing outside the phase, and one backtracked gradient step satisfies the
+Armijo condition (``conftest.assert_gradient_step_descends``), so the check holds for a
+mathematical reason on every CPU; the momentum-SGD training itself is checked, averaged over
+seeds and many steps, by the slow tests in test_descent_slow.py.
+Expected values are computed independently: the AB and OFD
 stage weighting by explicit loops over the published formulas, the OFD BatchNorms by
 naming the module the reference (mdistiller's ``get_bn_before_relu``) uses, the trained
 parameter sets from parameter names, the ReviewKD output shapes from the teacher's features.
@@ -16,11 +22,13 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
+from conftest import assert_gradient_step_descends, fix_batch_statistics, seed
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import forward_features, probe_shapes
 from distiller.methods import METHODS
-from distiller.methods.base import EMBEDDING, STAGES, STEM, BuildContext, DistillMethod, Features
+from distiller.features import EMBEDDING, STAGES, STAGES_PREACT, STEM, Features
+from distiller.methods.base import BuildContext, DistillMethod
 from distiller.methods.ofd import find_preact_batchnorms
 from models import build_model
 from common.errors import UserError
@@ -42,7 +50,7 @@ def _teacher(arch: str) -> nn.Module:
     running statistics calibrated on random images, so its eval-mode features have a trained
     network's scale instead of the exploding activations of an uncalibrated deep ResNet."""
     if arch not in _TEACHERS:
-        torch.manual_seed(123)
+        torch.manual_seed(seed(123))
         model = build_model(arch)
         bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         with torch.no_grad():
@@ -60,11 +68,11 @@ def _teacher(arch: str) -> nn.Module:
     return _TEACHERS[arch]
 
 
-def _features(model: nn.Module, x: torch.Tensor, kinds: frozenset, preact: bool) -> Features:
+def _features(model: nn.Module, x: torch.Tensor, kinds: frozenset) -> Features:
     """Only the kinds the method tapped (so a method reading an untapped feature fails here)."""
-    feats, logits = forward_features(model, x, preact=preact)
+    feats, logits = forward_features(model, x, preact=STAGES_PREACT in kinds)
     return Features(logits=logits, stem=feats[0] if STEM in kinds else None,
-                    stages=list(feats[1:-1]) if STAGES in kinds else [],
+                    stages=list(feats[1:-1]) if kinds & {STAGES, STAGES_PREACT} else [],
                     embedding=feats[-1] if EMBEDDING in kinds else None)
 
 
@@ -73,27 +81,26 @@ class Run:
 
     def __init__(self, method: str, teacher: str, student: str, **kwargs) -> None:
         self.teacher = _teacher(teacher)
-        torch.manual_seed(0)
+        torch.manual_seed(seed(0))
         self.student = build_model(student).train()
         self.method: DistillMethod = METHODS.get(method)(**kwargs)
-        taps = self.method.taps
-        s_shapes = probe_shapes(self.student, preact=taps.student_preact)
-        t_shapes = probe_shapes(self.teacher, preact=taps.teacher_preact)
+        s_kinds, t_kinds = self.method.student_features, self.method.teacher_features
+        s_shapes = probe_shapes(self.student, preact=STAGES_PREACT in s_kinds)
+        t_shapes = probe_shapes(self.teacher, preact=STAGES_PREACT in t_kinds)
         as_features = lambda shapes, kinds: Features(  # noqa: E731
             logits=torch.Size([2, 100]), stem=shapes[0] if STEM in kinds else None,
-            stages=list(shapes[1:-1]) if STAGES in kinds else [],
+            stages=list(shapes[1:-1]) if kinds & {STAGES, STAGES_PREACT} else [],
             embedding=shapes[-1] if EMBEDDING in kinds else None)
         ctx = BuildContext(num_classes=100, num_samples=B, train_labels=torch.arange(B), device=torch.device("cpu"),
                            student=self.student, teacher=self.teacher)
-        self.method.build(as_features(s_shapes, taps.student), as_features(t_shapes, taps.teacher), ctx)
+        self.method.build(as_features(s_shapes, s_kinds), as_features(t_shapes, t_kinds), ctx)
         self.method.train()
         self.batch = Batch(torch.randn(B, 3, 32, 32), torch.arange(B), torch.arange(B))
         with torch.no_grad():
-            self.t = _features(self.teacher, self.batch.images, taps.teacher, taps.teacher_preact)
+            self.t = _features(self.teacher, self.batch.images, t_kinds)
 
     def s(self) -> Features:
-        taps = self.method.taps
-        return _features(self.student, self.batch.images, taps.student, taps.student_preact)
+        return _features(self.student, self.batch.images, self.method.student_features)
 
     def train_only(self, params: list[nn.Parameter]) -> None:
         """As the engine does per phase: gradients on for exactly ``params``."""
@@ -119,6 +126,45 @@ class Run:
             losses.append(loss_fn().item())
         return losses
 
+    def double(self) -> Run:
+        """Student, helpers, batch and teacher features in float64 (the teacher is not run again)."""
+        self.student.double()
+        self.method.double()
+        self.batch = Batch(self.batch.images.double(), self.batch.labels, self.batch.indices)
+        as64 = lambda x: None if x is None else x.double()  # noqa: E731
+        self.t = Features(logits=as64(self.t.logits), stem=as64(self.t.stem),
+                          stages=[x.double() for x in self.t.stages], embedding=as64(self.t.embedding))
+        return self
+
+    def descend(self, params: list[nn.Parameter], loss_fn, frozen_helpers: tuple[str, ...] = ()) -> tuple[float, float]:
+        """The descent check of one phase (see the module docstring), on the float64 run.
+
+        Gradients on for exactly ``params`` as the engine sets them; BatchNorm then fixed to
+        this batch's statistics. Every helper (child module of the method with parameters) is
+        in ``params`` and receives a gradient, except those named in ``frozen_helpers``, which
+        are outside ``params`` and receive none; so does the student where ``params`` holds
+        any of its parameters.
+        """
+        self.train_only(params)
+        fix_batch_statistics([self.student, self.method], loss_fn)
+        ids = {id(p) for p in params}
+        reaches, frozen = {}, []
+        student = [p for p in self.student.parameters() if id(p) in ids]
+        if student:
+            reaches["student"] = student
+        for name, child in self.method.named_children():
+            own = list(child.parameters())
+            if not own:
+                continue
+            if name in frozen_helpers:
+                assert not {id(p) for p in own} & ids, f"frozen helper {name} is trained"
+                frozen += own
+            else:
+                assert {id(p) for p in own} <= ids, f"helper {name} is left out of the phase's parameters"
+                reaches[name] = own
+        assert set(frozen_helpers) <= {n for n, _ in self.method.named_children()}, frozen_helpers
+        return assert_gradient_step_descends(loss_fn, params, frozen=frozen, reaches=reaches)
+
     def main_params(self) -> list[nn.Parameter]:
         return [*self.student.parameters(), *(p for p in self.method.parameters() if p.requires_grad)]
 
@@ -130,56 +176,50 @@ class Run:
         return sum(phase.loss(s, self.t, self.batch).values())
 
 
-def _assert_decreases(losses: list[float]) -> None:
-    assert all(torch.isfinite(torch.tensor(losses))), losses
-    assert losses[-1] < 0.999 * losses[0], losses
-
-
-# --------------------------------------------------------------------------- every method trains
+# --------------------------------------------------------------------------- every method's loss can be lowered
 @pytest.mark.parametrize("pair", CROSS_FAMILY, ids=lambda p: "-".join(p))
-@pytest.mark.parametrize("method,lr", [("ab", 0.05), ("ofd", 1e-4), ("reviewkd", 0.2)])  # ofd: ~ lr x its beta 0.001
-def test_loss_decreases_cross_family(method: str, lr: float, pair: tuple[str, str]) -> None:
-    run = Run(method, *pair)
+@pytest.mark.parametrize("method", ["ab", "ofd", "reviewkd"])
+def test_loss_decreases_cross_family(method: str, pair: tuple[str, str]) -> None:
+    run = Run(method, *pair).double()
     if method == "ab":  # the AB loss is trained by the init phase
         phase = run.method.phases()[0]
-        losses = run.sgd(list(phase.parameters(run.student)), lambda: run.phase_loss(phase), 4, lr)
+        run.descend(list(phase.parameters(run.student)), lambda: run.phase_loss(phase))
     else:
-        losses = run.sgd(run.main_params(), run.main_loss, 4, lr)
-    _assert_decreases(losses)
+        run.descend(run.main_params(), run.main_loss)
 
 
 @pytest.mark.parametrize("pair", CROSS_FAMILY, ids=lambda p: "-".join(p))
 def test_ft_paraphraser_then_translator(pair: tuple[str, str]) -> None:
-    run = Run("ft", *pair)
+    run = Run("ft", *pair).double()
     phase = run.method.phases()[0]
     assert phase.student_forward is False and phase.lr == 0.01 and phase.epochs == 30
     main = run.main_params()  # the engine plans the main phase's parameters before the init phase runs
     paraphraser = list(run.method.paraphraser.parameters())
     assert {id(p) for p in phase.parameters(run.student)} == {id(p) for p in paraphraser}
     assert not {id(p) for p in paraphraser} & {id(p) for p in main}
-    _assert_decreases(run.sgd(list(phase.parameters(run.student)), lambda: run.phase_loss(phase), 4, 0.1))
+    run.train_only(paraphraser)
     assert run.method.paraphraser.training  # trained in its phase
+    run.descend(list(phase.parameters(run.student)), lambda: run.phase_loss(phase), frozen_helpers=("translator",))
     before = [p.detach().clone() for p in paraphraser]
-    for p in paraphraser:
-        p.grad = None
-    _assert_decreases(run.sgd(main, run.main_loss, 4, 0.02))
+    run.train_only(main)
     assert not run.method.paraphraser.training  # frozen outside its phase: eval mode, unchanged, no gradient
+    run.descend(main, run.main_loss, frozen_helpers=("paraphraser",))
     assert all(torch.equal(a, p) for a, p in zip(before, paraphraser))
     assert all(p.grad is None for p in paraphraser)
 
 
 @pytest.mark.parametrize("pair", SAME_WIDTH, ids=lambda p: "-".join(p))
 def test_fsp_init_phase_lowers_its_loss(pair: tuple[str, str]) -> None:
-    run = Run("fsp", *pair)
+    run = Run("fsp", *pair).double()
     phase = run.method.phases()[0]
-    _assert_decreases(run.sgd(list(phase.parameters(run.student)), lambda: run.phase_loss(phase), 4, 0.2))
+    run.descend(list(phase.parameters(run.student)), lambda: run.phase_loss(phase))
 
 
 @pytest.mark.parametrize("pair", [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("vgg13", "vgg8")],
                          ids=lambda p: "-".join(p))
 def test_kdsvd_loss_decreases(pair: tuple[str, str]) -> None:
-    run = Run("kdsvd", *pair)
-    _assert_decreases(run.sgd(run.main_params(), run.main_loss, 4, 0.2))
+    run = Run("kdsvd", *pair).double()
+    run.descend(run.main_params(), run.main_loss)
 
 
 # --------------------------------------------------------------------------- init phases train exactly their parameters
@@ -277,7 +317,7 @@ def test_kdsvd_rejects_unequal_channels() -> None:
 
 def test_kdsvd_is_zero_for_identical_features_and_ignores_signs() -> None:
     kdsvd = METHODS.get("kdsvd")()
-    torch.manual_seed(1)
+    torch.manual_seed(seed(1))
     stages = [torch.randn(B, 8, 8, 8), torch.randn(B, 16, 4, 4), torch.randn(B, 32, 4, 4)]
     feats = Features(stages=stages)
     shapes = Features(stages=[f.shape for f in stages])
