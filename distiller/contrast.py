@@ -187,7 +187,9 @@ class ContrastMemory(nn.Module):
         b, k1 = contrast_idx.shape
         # float32 with autocast off: exp(x / 0.07) turns bf16 rounding of x into percent errors.
         with torch.autocast(v_s.device.type, enabled=False):
-            v_s, v_t = v_s.float(), v_t.float()
+            # float32 at least (bf16 scores would lose the negatives), the banks' dtype when wider
+            dtype = torch.promote_types(self.memory_t.dtype, torch.float32)
+            v_s, v_t = v_s.to(dtype), v_t.to(dtype)
             if self.memory_t.shape[0] <= b * k1:
                 # Score against every bank row ([B, N]: 12 MiB for CIFAR-100) and keep the 1 + K wanted
                 # columns: cheaper than gathering [B, 1+K, D] rows (512 MiB per side at K = 16384, both
