@@ -45,6 +45,14 @@ class Registry(Generic[T]):
         self._entries[name] = obj
         self._metadata[name] = dict(metadata)
 
+    def remove(self, name: str) -> None:
+        """Take ``name`` and its aliases out (plugins and tests that register for a while)."""
+        canonical = self.canonical(name)
+        for key in [k for k, target in self._canonical.items() if target == canonical]:
+            del self._canonical[key]
+        del self._entries[canonical]
+        self._metadata.pop(canonical, None)
+
     def metadata(self, name: str) -> dict[str, Any]:
         """The keyword arguments ``name`` was registered with (a copy; empty when there were none)."""
         return dict(self._metadata[self.canonical(name)])

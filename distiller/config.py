@@ -93,7 +93,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = key(choices=("step",))
-    milestones: List[int] = key(each={"ge": 1})
+    milestones: List[int] = key(each={"ge": 0})  # the lr drops after these epochs (0: from the first)
     gamma: float = key(gt=0)
 
 

@@ -27,7 +27,7 @@ BAD_VALUES = [
     ("train_teacher", ["seed=-1"], ["seed=-1", ">= 0"]),
     ("train_teacher", ["schedule.milestones=[abc]"], ["schedule.milestones[0]=abc", "whole number"]),
     ("train_teacher", ["schedule.milestones=5"], ["schedule.milestones=5", "list"]),
-    ("train_teacher", ["schedule.milestones=[0,10]"], ["schedule.milestones[0]=0", ">= 1"]),
+    ("train_teacher", ["schedule.milestones=[-1,10]"], ["schedule.milestones[0]=-1", ">= 0"]),
     ("train_teacher", ["schedule.gamma=0"], ["schedule.gamma=0", "> 0"]),
     ("train_teacher", ["trainer.epochs=0"], ["trainer.epochs=0", "> 0"]),
     ("train_teacher", ["trainer.epochs=2.5"], ["trainer.epochs=2.5", "whole number"]),

@@ -55,9 +55,18 @@ def make_trainer(tmp: Path, distill: dict, epochs: int = 1, optimizer: str = "sg
                    teacher_arch="resnet8")
 
 
-def register_once(registry: Registry, name: str, obj) -> None:
-    if name not in registry:
+@pytest.fixture
+def register():
+    """Register toys for one test only (other tests check the registries' exact contents)."""
+    added: list[tuple[Registry, str]] = []
+
+    def _register(registry: Registry, name: str, obj) -> None:
         registry.add(name, obj)
+        added.append((registry, name))
+
+    yield _register
+    for registry, name in added:
+        registry.remove(name)
 
 
 # ---- split gradients ------------------------------------------------------------------------------
@@ -69,8 +78,8 @@ class RecordingSplitSGD(torch.optim.SGD):
                          if p.grad is not None}
 
 
-def test_an_optimizer_with_step_kd_gets_the_distillation_and_task_gradients_apart(tmp_path: Path) -> None:
-    register_once(OPTIMIZERS, "recording_split", lambda params, lr, s, device: RecordingSplitSGD(params, lr=lr))
+def test_an_optimizer_with_step_kd_gets_the_distillation_and_task_gradients_apart(tmp_path: Path, register) -> None:
+    register(OPTIMIZERS, "recording_split", lambda params, lr, s, device: RecordingSplitSGD(params, lr=lr))
     trainer = make_trainer(tmp_path, {"name": "kd", "gamma": 0.1, "alpha": 0.9, "temperature": 4.0},
                            optimizer="recording_split")
     phase = trainer.plan[-1]
@@ -106,8 +115,8 @@ class TwoViewToy(DistillMethod):
         return {"view_kd": F.kd(s.logits, t.logits, 4.0), "view_ce": nnf.cross_entropy(s.logits, batch.labels)}
 
 
-def test_a_method_gets_both_networks_on_a_second_view_as_a_separate_batch(tmp_path: Path) -> None:
-    register_once(METHODS, "two_view_toy", TwoViewToy)
+def test_a_method_gets_both_networks_on_a_second_view_as_a_separate_batch(tmp_path: Path, register) -> None:
+    register(METHODS, "two_view_toy", TwoViewToy)
     trainer = make_trainer(tmp_path, {"name": "two_view_toy", "gamma": 1.0, "alpha": 0.0, "beta": 1.0})
     phase = trainer.plan[-1]
     optimizer = trainer.prepare_phase(phase)
@@ -158,8 +167,8 @@ class LearnedTemperatureToy(DistillMethod):
         return {"temperature": float(self.temperature().detach()), "schedule": float(self.epochs_seen[-1])}
 
 
-def test_a_learnable_scalar_trains_supplies_the_temperature_and_is_checkpointed(tmp_path: Path) -> None:
-    register_once(METHODS, "learned_t_toy", LearnedTemperatureToy)
+def test_a_learnable_scalar_trains_supplies_the_temperature_and_is_checkpointed(tmp_path: Path, register) -> None:
+    register(METHODS, "learned_t_toy", LearnedTemperatureToy)
     distill = {"name": "learned_t_toy", "gamma": 0.1, "alpha": 0.9, "beta": 0.0, "temperature": 4.0}
     trainer = make_trainer(tmp_path, distill, epochs=2)
     method = trainer.objective.methods["learned_t_toy"]
