@@ -1,1 +1,1 @@
-"""Command-line tools and sweep helpers (paper-table sweeps, results collector, GPU assignment)."""
+"""Command-line tools: paper-table sweeps, the results collector, the speed benchmark, the demo."""

@@ -11,32 +11,35 @@ config is ``benchmark.yaml``, which includes ``train_student.yaml`` and adds ``b
 On a shared machine use ``bench.rounds=3``: both loops are timed in alternating rounds and
 the best round of each counts. Results and method: ``docs/benchmarks.md``.
 
-Ours: a :class:`distiller.engine.Trainer` built as ``distill()`` builds it (the teacher is
-randomly initialised: speed does not depend on its weights), then
-``Trainer.train_step`` on batches of ``trainer.train_loader`` (on-device augmentation
-included): teacher forward, student forward/backward, method loss, optimizer step.
+Ours: the trainer built by the engine's own builder (``distiller.run.build_distillation``,
+as ``train_student.py`` builds it, the teacher randomly initialised: speed does not depend
+on its weights), then ``Trainer.train_step`` on batches of its on-device loader
+(augmentation included): teacher forward, student forward/backward, method loss,
+optimizer step. Only :func:`build_engine_step` knows these engine names.
 
-Reference: the loop of the older CIFAR distillation frameworks on the same images:
-a Dataset returning PIL images (torchvision's CIFAR100 ``__getitem__``), a torchvision
-DataLoader with RandomCrop(32, 4) / RandomHorizontalFlip / ToTensor / Normalize in
-``os.cpu_count()`` workers, fp32, contiguous memory, forward hooks for features, teacher
-under ``no_grad``, per-batch ``.item()`` of loss and accuracy, plain ``torch.optim.SGD``;
-CRD draws its contrast indices in the Dataset with ``np.random.choice`` as RepDistiller's
-``CIFAR100InstanceSample`` does. The loss itself is computed by a second, independent
-instance of the same objective.
+Reference: the loop of the older CIFAR distillation frameworks on the same images (its own
+section below): a Dataset returning PIL images (torchvision's CIFAR100 ``__getitem__``), a
+torchvision DataLoader with RandomCrop(32, 4) / RandomHorizontalFlip / ToTensor / Normalize
+in ``os.cpu_count()`` workers, fp32, contiguous memory, forward hooks on every declared
+feature, teacher under ``no_grad``, per-batch ``.item()`` of loss and accuracy, plain
+``torch.optim.SGD``; CRD draws its contrast indices in the Dataset with ``np.random.choice``
+as RepDistiller's ``CIFAR100InstanceSample`` does. Its networks and loss come from a second,
+independent engine build in fp32 (same seed, so the same initial weights).
 
+Timing: ``torch.utils.benchmark.Timer`` (which synchronises the accelerator around each timed
+block and runs two untimed calls before it) over ``bench.steps`` back-to-back steps per round.
 Printed: a table, then as the last line one JSON object (images_per_sec, ms_per_step,
 reference_images_per_sec, speedup, flops_per_image, achieved_flops, peak_flops, mfu,
 peak_memory_bytes, device, ...). FLOPs are counted with ``torch.utils.flop_counter`` over
 one step (matmuls and convolutions, forward and backward); ``peak_flops`` is measured in
-the same run with large matmuls in the run's precision, and ``mfu = achieved / peak``.
-Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA (over the timed steps), the
-process's peak resident set size (``getrusage``) on the CPU.
+the same run with large matmuls in the run's precision (``Timer.blocked_autorange``), and
+``mfu = achieved / peak``. Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA (over
+the timed steps), the process's peak resident set size (``getrusage``) on the CPU.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -46,33 +49,27 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
+from omegaconf import DictConfig, open_dict
+from torch import nn
+from torch.utils import benchmark
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-from torch import nn  # noqa: E402
-
-import distiller.cli  # noqa: E402,F401 - registers the method_label resolver the configs use
-from datasets import load_dataset  # noqa: E402
-from datasets.batch import Batch  # noqa: E402
-from datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD, DataSplits  # noqa: E402
-from distiller.cli import CONFIG_DIR, debug_mode, explain_config_error, fail  # noqa: E402
-from distiller.compile import compile_networks, is_compiled  # noqa: E402
-from distiller.engine import PlannedPhase, Trainer  # noqa: E402
-from distiller.methods.base import EMBEDDING, STAGES, STEM, BuildContext, Features  # noqa: E402
-from distiller.methods.crd import CONTRAST_IDX_KEY, CRD  # noqa: E402
-from distiller.objective import Objective  # noqa: E402
-from distiller.run import settings_from_config  # noqa: E402
-from distiller.runtime import PRECISIONS, Runtime, cpu_has_native_bf16, make_runtime, seed_everything  # noqa: E402
-from models import build_model  # noqa: E402
-from common.errors import UserError  # noqa: E402
+import distiller.cli  # noqa: F401 - registers the method_label resolver the configs use
+from common.errors import UserError
+from datasets import DATASETS, DataSplits
+from datasets.batch import Batch
+from datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD
+from distiller.cli import CONFIG_DIR, debug_mode, explain_config_error, fail
+from distiller.features import EMBEDDING, STAGES, STAGES_PREACT, STEM, FeatureHooks, Features
+from distiller.methods.crd import CONTRAST_IDX_KEY, CRD
+from distiller.objective import Objective
+from distiller.runtime import PRECISIONS, Runtime, cpu_has_native_bf16, make_runtime
 
 CONFIG_NAME = "benchmark"
+RANDOM_DATASET = "benchmark_random"  # bench.data=random: generated images, registered as a data set on first use
 
 # Dense tensor-core peaks from the vendors' data sheets (FLOP/s), for an MFU against the nominal
 # peak beside the one against the measured matmul peak. Only where the name is unambiguous.
@@ -84,7 +81,7 @@ NOMINAL_PEAKS = {
 }
 
 
-# ---- configuration ----------------------------------------------------------------------------------
+# ---- configuration and data ----------------------------------------------------------------------------------
 def compose_config(argv: list[str]) -> DictConfig:
     """``configs/benchmark.yaml`` with the command-line overrides (one clear line on a mistake)."""
     from hydra import compose, initialize_config_dir
@@ -127,34 +124,82 @@ def bench_settings(cfg: DictConfig) -> dict[str, Any]:
         "steps": _count(b, "steps", 1), "warmup": _count(b, "warmup", 0),
         "reference_steps": _count(b, "reference_steps", 0), "reference_warmup": _count(b, "reference_warmup", 0),
         "rounds": _count(b, "rounds", 1),
-        "reference_workers": int(workers), "data": data, "train_size": _count(b, "train_size", 2),
+        "reference_workers": int(workers), "data": data, "train_size": _count(b, "train_size", 100),
         "phase": str(b.get("phase", "main")), "peak_matmul": bool(b.get("peak_matmul", True)),
         "flops": bool(b.get("flops", True)), "seed": int(b.get("seed", 0)),
     }
 
 
-# ---- data -------------------------------------------------------------------------------------------
-def random_splits(train_size: int, num_classes: int, seed: int, test_size: int = 256) -> DataSplits:
+def random_splits(cfg: Mapping[str, Any]) -> DataSplits:
     """Uniform uint8 images with balanced, shuffled labels: the cost of a step does not depend on pixels."""
-    gen = torch.Generator().manual_seed(seed)
+    num_classes = int(cfg["num_classes"])
+    gen = torch.Generator().manual_seed(int(cfg["seed"]))
 
     def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
         labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gen)]
         return images, labels
 
-    train_images, train_labels = split(train_size)
-    test_images, test_labels = split(test_size)
+    train_images, train_labels = split(int(cfg["train_size"]))
+    test_images, test_labels = split(int(cfg["test_size"]))
     return DataSplits(train_images, train_labels, test_images, test_labels, num_classes,
                       [f"class_{i}" for i in range(num_classes)])
 
 
-def batch_stream(trainer: Trainer) -> Iterator[Batch]:
-    """Batches of the trainer's own loader, epoch after epoch."""
-    epoch = 1
-    while True:
-        yield from trainer.train_loader.epoch(epoch)
-        epoch += 1
+def use_random_data(cfg: DictConfig, bench: dict[str, Any]) -> None:
+    """Point ``cfg.dataset`` at :func:`random_splits` (``bench.data=random``); its other keys stay as they are."""
+    if RANDOM_DATASET not in DATASETS.names():
+        DATASETS.add(RANDOM_DATASET, random_splits)
+    with open_dict(cfg):
+        cfg.dataset.merge_with({"name": RANDOM_DATASET, "train_size": bench["train_size"], "test_size": 256,
+                                "seed": bench["seed"]})
+
+
+# ---- the engine's step ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class EngineStep:
+    """One training step of the engine, ready to call, and what it was built from."""
+
+    step: Callable[[Batch], torch.Tensor]  # one optimisation step on a batch; returns the loss
+    batches: Iterator[Batch]  # the trainer's own on-device loader, epoch after epoch
+    phase: str
+    is_main: bool
+    data: DataSplits
+    student: nn.Module
+    teacher: nn.Module | None  # None when the objective never runs it
+    objective: Objective
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+
+
+def build_engine_step(cfg: DictConfig, runtime: Runtime, phase_name: str, run_dir: Path) -> EngineStep:
+    """The engine's step of phase ``phase_name``, built as ``train_student.py`` builds it (random teacher).
+
+    The one function here that knows the engine's names: re-point it when they move.
+    """
+    from distiller.run import build_distillation, settings_from_config
+
+    settings = settings_from_config(cfg, runtime)
+    objective = Objective.from_config(cfg.distill, cfg.get("combine"))
+    trainer, teacher = build_distillation(cfg, run_dir, runtime, settings, objective, {}, load_teacher=False)
+    phases = {p.name: p for p in trainer.plan}  # the main phase is trainer.plan[-1]
+    if phase_name not in phases:
+        raise UserError(f"bench.phase={phase_name} is not a phase of this run; its phases are: {', '.join(phases)}")
+    phase = phases[phase_name]
+    optimizer = trainer.prepare_phase(phase)
+
+    def batches() -> Iterator[Batch]:
+        for epoch in itertools.count(1):
+            yield from trainer.train_loader.epoch(epoch)
+
+    return EngineStep(
+        step=lambda batch: trainer.train_step(batch, phase, 1, optimizer).total, batches=batches(), phase=phase.name,
+        is_main=phase.is_main, data=trainer.data, student=trainer.student,
+        teacher=teacher if objective.needs_teacher() else None, objective=objective,
+        batch_size=settings.batch_size, lr=settings.lr, momentum=settings.momentum,
+        weight_decay=settings.weight_decay)
 
 
 # ---- measurements -----------------------------------------------------------------------------------
@@ -182,12 +227,22 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def _timer(fn: Callable[[], Any]) -> benchmark.Timer:
+    # torch.utils.benchmark defaults to one thread; time with the threads the run uses
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+
+
+def seconds_per_call(fn: Callable[[], Any], calls: int) -> float:
+    """Mean seconds of one call over ``calls`` back-to-back calls (after the Timer's two untimed ones)."""
+    return _timer(fn).timeit(calls).mean
+
+
 def matmul_peak(device: torch.device, precision: str, budget_s: float = 1.5) -> tuple[float, int]:
     """Best FLOP/s of square matmuls in the run's precision, and the size used.
 
     The size doubles until one product takes a few milliseconds (GPU) or tens of
     milliseconds (CPU), so slow dtypes (bf16 without hardware support) stay cheap to
-    measure; then the best of several timings counts (other processes only slow it down).
+    measure; then the fastest block of ``blocked_autorange`` counts (other processes only slow it down).
     """
     dtype = PRECISIONS[precision] or torch.float32
     cuda = device.type == "cuda"
@@ -195,58 +250,21 @@ def matmul_peak(device: torch.device, precision: str, budget_s: float = 1.5) -> 
     while True:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        torch.mm(a, b)
-        synchronize(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)
-        once = time.perf_counter() - start
-        if once >= enough or n >= limit:
+        timer = _timer(lambda a=a, b=b: torch.mm(a, b))
+        if timer.timeit(1).mean >= enough or n >= limit:
             break
         n *= 2
-    reps = int(min(max(budget_s / max(once, 1e-6), 3), 50))
-    inner = 10 if cuda else 1  # back-to-back launches hide the launch latency on GPU
-    best = once
-    for _ in range(reps):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(inner):
-            torch.mm(a, b)
-        synchronize(device)
-        best = min(best, (time.perf_counter() - start) / inner)
+    best = min(timer.blocked_autorange(min_run_time=budget_s).times)
     return 2.0 * n ** 3 / best, n
 
 
-def count_step_flops(trainer: Trainer, phase: PlannedPhase, optimizer: torch.optim.Optimizer, batch: Batch) -> int:
-    """FLOPs of one full step (matmuls/convolutions forward and backward), counted by dispatch."""
+def count_step_flops(step: Callable[[Batch], Any], batch: Batch) -> int:
+    """FLOPs of one full step (matmuls/convolutions forward and backward), counted by dispatch, run eagerly."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    compiled = is_compiled(trainer.student) or is_compiled(trainer.teacher)
-    eager = torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
-    with eager, FlopCounterMode(display=False) as counter:
-        trainer.train_step(batch, phase, 1, optimizer)
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
+        step(batch)
     return int(counter.get_total_flops())
-
-
-def time_steps(step, batches: Iterator[Any], steps: int, device: torch.device) -> float:
-    """Seconds for ``steps`` calls of ``step`` (the host reads the last loss once, then waits for the device)."""
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = step(next(batches))
-    if isinstance(out, torch.Tensor):
-        out.item()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def warm_up(step, batches: Iterator[Any], steps: int, device: torch.device) -> float:
-    """Run ``steps`` untimed steps (compilation, allocator, caches, worker start-up); their seconds."""
-    started = time.perf_counter()
-    for _ in range(steps):
-        step(next(batches))
-    synchronize(device)
-    return time.perf_counter() - started
 
 
 # ---- the reference loop (older frameworks' style) ----------------------------------------------------
@@ -257,7 +275,7 @@ class ReferenceCIFAR(torch.utils.data.Dataset):
     sample, like RepDistiller's ``CIFAR100InstanceSample``.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, contrast: "ReferenceContrast | None") -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, contrast: ReferenceContrast | None) -> None:
         import torchvision.transforms as T
 
         self.data = images.permute(0, 2, 3, 1).contiguous().numpy()
@@ -299,69 +317,12 @@ class ReferenceContrast:
         return np.hstack((np.asarray([pos]), neg)).astype(np.int64)
 
 
-class ReferenceTaps:
-    """Forward hooks on every declared feature (as ``is_feat=True`` returns them all); pre-activation on demand."""
-
-    def __init__(self, model: nn.Module, preact: bool) -> None:
-        self.post: dict[str, torch.Tensor] = {}
-        self.pre: dict[str, torch.Tensor] = {}
-        self.stage_names = [s.name for s in model.feature_info if s.name.startswith("stage")]
-        for spec in model.feature_info:
-            self._hook(model, spec.post, spec.name, self.post)
-            if preact and spec.name in self.stage_names:
-                self._hook(model, spec.pre or spec.post, spec.name, self.pre)
-
-    @staticmethod
-    def _hook(model: nn.Module, tap: Any, name: str, store: dict) -> None:
-        module = model.get_submodule(tap.module)
-        if tap.take_input:
-            module.register_forward_pre_hook(lambda m, args, name=name: store.__setitem__(name, args[0]))
-        else:
-            module.register_forward_hook(lambda m, args, out, name=name: store.__setitem__(name, out))
-
-    def features(self, logits: torch.Tensor, kinds: frozenset[str], preact: bool, detach: bool = False) -> Features:
-        get = (lambda t: t.detach()) if detach else (lambda t: t)  # noqa: E731
-        stages = self.pre if preact else self.post
-        return Features(logits=logits,
-                        stem=get(self.post["stem"]) if STEM in kinds else None,
-                        stages=[get(stages[n]) for n in self.stage_names] if STAGES in kinds else [],
-                        embedding=get(self.post["embedding"]) if EMBEDDING in kinds else None)
-
-
-def reference_loop(cfg: DictConfig, data: DataSplits, teacher: nn.Module, student: nn.Module, device: torch.device,
-                   batch_size: int, workers: int, lr: float, momentum: float, weight_decay: float):
-    """(step function, batch iterator) of the older frameworks' training loop, ready to time."""
-    objective = Objective.from_config(cfg.distill, cfg.get("combine"))
-    use_teacher = objective.needs_teacher()
-    preact_s = any(t.student_preact for t in objective.taps())
-    preact_t = any(t.teacher_preact for t in objective.taps())
-    student = student.to(device)
-    teacher = teacher.to(device) if use_teacher else None
-    taps_s = ReferenceTaps(student, preact_s)
-    taps_t = ReferenceTaps(teacher, preact_t) if teacher is not None else None
-
-    # build the methods' helpers from probed shapes, as every framework does once before training
-    def probe(model: nn.Module) -> torch.Tensor:
-        model.eval()
-        with torch.no_grad():
-            return model(torch.zeros(2, 3, 32, 32, device=device))
-
-    s_logits = probe(student)
-    t_logits = probe(teacher) if teacher is not None else None
-    ctx = BuildContext(num_classes=data.num_classes, num_samples=len(data.train_labels),
-                       train_labels=data.train_labels.to(device), device=device, student=student, teacher=teacher,
-                       epochs=int(cfg.trainer.epochs))
-    shape = lambda f: Features(  # noqa: E731
-        logits=f.logits.shape, stem=None if f.stem is None else f.stem.shape,
-        stages=[t.shape for t in f.stages], embedding=None if f.embedding is None else f.embedding.shape)
-    for entry in objective.entries:
-        taps = entry.method.taps
-        s = shape(taps_s.features(s_logits, taps.student, taps.student_preact))
-        t = (shape(taps_t.features(t_logits, taps.teacher, taps.teacher_preact)) if taps_t is not None
-             else Features())
-        entry.method.build(s, t, ctx)
-    objective.to(device)
-
+def reference_loop(built: EngineStep, device: torch.device, workers: int) -> Callable[[], float]:
+    """One step of the older frameworks' loop on the networks and loss of ``built`` (an fp32 build), ready to time."""
+    student, teacher, objective = built.student, built.teacher, built.objective
+    every_feature = (STEM, STAGES, STAGES_PREACT, EMBEDDING)  # as `is_feat=True` returns them all
+    s_hooks = FeatureHooks(student, every_feature)
+    t_hooks = FeatureHooks(teacher, every_feature) if teacher is not None else None
     student.train()
     objective.train()
     if teacher is not None:
@@ -370,43 +331,37 @@ def reference_loop(cfg: DictConfig, data: DataSplits, teacher: nn.Module, studen
             for m in teacher.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.train()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    params = list(student.parameters()) + objective.main_parameters()
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(list(student.parameters()) + objective.main_parameters(), lr=built.lr,
+                                momentum=built.momentum, weight_decay=built.weight_decay)
 
+    data = built.data
     crd = next((e.method for e in objective.active() if isinstance(e.method, CRD)), None)
     contrast = ReferenceContrast(data.train_labels, crd.nce_k, crd.mode) if crd is not None else None
-    dataset = ReferenceCIFAR(data.train_images, data.train_labels, contrast)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+    loader = torch.utils.data.DataLoader(ReferenceCIFAR(data.train_images, data.train_labels, contrast),
+                                         batch_size=built.batch_size, shuffle=True, num_workers=workers,
                                          pin_memory=device.type == "cuda", drop_last=True,
                                          persistent_workers=workers > 0)
+    items = (item for _ in itertools.count() for item in loader)
     meters = {"loss": 0.0, "top1": 0.0, "count": 0}
 
-    def batches() -> Iterator[Any]:
-        while True:
-            yield from loader
-
-    def step(item: Any) -> float:
-        images, labels, index = item[0], item[1], item[2]
-        images = images.to(device, non_blocking=True).float()
-        labels = labels.to(device, non_blocking=True)
+    def step() -> float:
+        item = next(items)
+        images, labels, index = (t.to(device, non_blocking=True) for t in item[:3])
         extras = {CONTRAST_IDX_KEY: item[3].to(device, non_blocking=True)} if len(item) > 3 else {}
-        batch = Batch(images, labels, index.to(device), extras)
-        t_logits = None
+        batch = Batch(images.float(), labels, index, extras)
+        t_logits, t_store = None, {}
         if teacher is not None:
             with torch.no_grad():
-                t_logits = teacher(images)
-        s_logits = student(images)
-        per_method = {}
-        for entry in objective.entries:
-            taps = entry.method.taps
-            s = taps_s.features(s_logits, taps.student, taps.student_preact)
-            t = (taps_t.features(t_logits, taps.teacher, taps.teacher_preact, detach=True)
-                 if taps_t is not None else Features())
-            per_method[entry.label] = (s, t)
-        loss, _ = objective(Features(logits=s_logits), Features(logits=t_logits) if t_logits is not None else None,
-                            batch, 1, per_method)
+                t_logits = teacher(batch.images)
+            t_store = t_hooks.pop()
+        s_logits = student(batch.images)
+        s_store = s_hooks.pop()
+        per_method = {
+            e.label: (s_hooks.select(s_store, s_logits, e.method.student_features),
+                      t_hooks.select(t_store, t_logits, e.method.teacher_features) if t_hooks else Features())
+            for e in objective.entries}
+        loss = objective(Features(logits=s_logits), Features(logits=t_logits) if t_logits is not None else None,
+                         batch, 1, per_method).total
         top1 = (s_logits.topk(5, 1).indices[:, 0] == labels).float().mean() * 100.0
         n = labels.shape[0]
         meters["loss"] += loss.item() * n  # the older loops' per-batch host reads
@@ -417,80 +372,64 @@ def reference_loop(cfg: DictConfig, data: DataSplits, teacher: nn.Module, studen
         optimizer.step()
         return loss.item()
 
-    return step, batches()
+    return step
 
 
 # ---- the benchmark ----------------------------------------------------------------------------------
-def run(cfg: DictConfig) -> dict[str, Any]:
-    bench = bench_settings(cfg)
-    runtime: Runtime = make_runtime(cfg.trainer)
+def time_loops(cfg: DictConfig, runtime: Runtime, bench: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """Build both loops and time them in alternating rounds; seconds per step of each round, memory, FLOPs."""
     device = runtime.device
-    settings = settings_from_config(cfg, runtime)
-    num_classes = int(cfg.dataset.get("num_classes", 100))
+    ours = build_engine_step(cfg, runtime, bench["phase"], tmp / "ours")
+    if len(ours.data.train_labels) < ours.batch_size:
+        raise UserError(f"the training set has {len(ours.data.train_labels)} images, fewer than one batch of "
+                        f"dataset.batch_size={ours.batch_size}; raise bench.train_size or lower the batch size")
+
+    def our_step() -> torch.Tensor:
+        return ours.step(next(ours.batches))
+
+    started = time.perf_counter()
+    for _ in range(bench["warmup"]):  # compilation, allocator, caches
+        our_step()
+    synchronize(device)
+    out = {"warmup_s": time.perf_counter() - started, "ours": [], "reference": [], "peak_memory": 0,
+           "phase": ours.phase, "batch_size": ours.batch_size, "train_size": len(ours.data.train_labels)}
+    ref_step = None
+    with_reference = bench["reference_steps"] > 0 and ours.is_main
+    # Alternating rounds, best of each: on a shared machine, bursts of other load hit both loops alike.
+    for round_ in range(bench["rounds"]):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        out["ours"].append(seconds_per_call(our_step, bench["steps"]))
+        if device.type == "cuda":
+            out["peak_memory"] = max(out["peak_memory"], torch.cuda.max_memory_allocated(device))
+        elif round_ == 0:
+            out["peak_memory"] = peak_rss_bytes()  # before the reference loop exists
+        if with_reference:
+            if ref_step is None:
+                fp32 = dataclasses.replace(runtime, precision="fp32", channels_last=False, compile=False)
+                ref_step = reference_loop(build_engine_step(cfg, fp32, "main", tmp / "reference"), device,
+                                          bench["reference_workers"])
+                for _ in range(bench["reference_warmup"]):  # DataLoader worker start-up
+                    ref_step()
+            out["reference"].append(seconds_per_call(ref_step, bench["reference_steps"]))
+    out["flops_step"] = count_step_flops(ours.step, next(ours.batches)) if bench["flops"] else None
+    return out
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Time both loops, count FLOPs and measure the matmul peak; the raw and derived figures."""
+    bench = bench_settings(cfg)
     if bench["data"] == "random":
-        data = random_splits(bench["train_size"], num_classes, bench["seed"])
-    else:
-        data = load_dataset(cfg.dataset)
-    if len(data.train_labels) < settings.batch_size:
-        raise UserError(f"the training set has {len(data.train_labels)} images, fewer than one batch of "
-                        f"dataset.batch_size={settings.batch_size}; raise bench.train_size or lower the batch size")
-    teacher_arch, student_arch = str(cfg.teacher.name), str(cfg.student.name)
-    objective = Objective.from_config(cfg.distill, cfg.get("combine"))
-    seed_everything(settings.seed)
-    teacher = build_model(teacher_arch, num_classes=data.num_classes)
-    student = build_model(student_arch, num_classes=data.num_classes)
-    ref_teacher, ref_student = copy.deepcopy(teacher), copy.deepcopy(student)  # same initial weights
-    batch_size = settings.batch_size
-
-    with tempfile.TemporaryDirectory(prefix="kd-benchmark-") as run_dir:
-        trainer = Trainer(runtime=runtime, settings=settings, run_dir=Path(run_dir), data=data, student=student,
-                          student_arch=student_arch, objective=objective, teacher=teacher,
-                          teacher_arch=teacher_arch, config={}, header={})
-        # No-op when the engine already compiled the networks (trainer.compile resolved true).
-        compile_networks(runtime, trainer.student, trainer.teacher)
-        names = [p.name for p in trainer.plan]
-        if bench["phase"] not in names:
-            raise UserError(f"bench.phase={bench['phase']} is not a phase of this run; its phases are: "
-                            f"{', '.join(names)}")
-        phase = trainer.plan[names.index(bench["phase"])]
-        optimizer = trainer.prepare_phase(phase)
-        stream = batch_stream(trainer)
-
-        def our_step(batch: Batch) -> torch.Tensor:
-            return trainer.train_step(batch, phase, 1, optimizer)[0]
-
-        warmup_s = warm_up(our_step, stream, bench["warmup"], device)
-        ours_times, ref_times = [], []
-        peak_memory = 0
-        ref_step = ref_batches = None
-        with_reference = bench["reference_steps"] > 0 and phase.is_main
-        # Alternating rounds, best of each: on a shared machine, bursts of other load hit both loops alike.
-        for round_ in range(bench["rounds"]):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            ours_times.append(time_steps(our_step, stream, bench["steps"], device))
-            if device.type == "cuda":
-                peak_memory = max(peak_memory, torch.cuda.max_memory_allocated(device))
-            elif round_ == 0:
-                peak_memory = peak_rss_bytes()  # before the reference loop exists
-            if with_reference:
-                if ref_step is None:
-                    seed_everything(settings.seed)
-                    ref_step, ref_batches = reference_loop(
-                        cfg, data, ref_teacher, ref_student, device, batch_size, bench["reference_workers"],
-                        settings.lr, settings.momentum, settings.weight_decay)
-                    warm_up(ref_step, ref_batches, bench["reference_warmup"], device)
-                ref_times.append(time_steps(ref_step, ref_batches, bench["reference_steps"], device))
-        memory_kind = "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss"
-        flops_step = count_step_flops(trainer, phase, optimizer, next(stream)) if bench["flops"] else None
-        trainer.student_taps.remove()
-        if trainer.teacher_taps is not None:
-            trainer.teacher_taps.remove()
-        del trainer, optimizer, stream, ref_step, ref_batches
-
-    ours_ms = 1e3 * min(ours_times) / bench["steps"]
+        use_random_data(cfg, bench)
+    runtime = make_runtime(cfg.trainer)
+    device = runtime.device
+    with tempfile.TemporaryDirectory(prefix="kd-benchmark-") as tmp:
+        timed = time_loops(cfg, runtime, bench, Path(tmp))  # networks and loaders are gone on return
+    ours_times, ref_times, batch_size = timed["ours"], timed["reference"], timed["batch_size"]
+    flops_step = timed["flops_step"]
+    ours_ms = 1e3 * min(ours_times)
     ours_ips = 1e3 * batch_size / ours_ms
-    ref_ms = 1e3 * min(ref_times) / bench["reference_steps"] if ref_times else None
+    ref_ms = 1e3 * min(ref_times) if ref_times else None
     ref_ips = 1e3 * batch_size / ref_ms if ref_ms else None
     peak = size = None
     if bench["peak_matmul"]:
@@ -513,29 +452,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "mfu": achieved / peak if achieved is not None and peak else None,
         "nominal_peak_flops": nominal,
         "mfu_nominal": achieved / nominal if achieved is not None and nominal else None,
-        "peak_memory_bytes": int(peak_memory),
-        "peak_memory_kind": memory_kind,
+        "peak_memory_bytes": int(timed["peak_memory"]),
+        "peak_memory_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss",
         "device": device.type,
         "device_name": name,
         "threads": torch.get_num_threads(),
-        "teacher": teacher_arch,
-        "student": student_arch,
+        "teacher": str(cfg.teacher.name),
+        "student": str(cfg.student.name),
         "method": str(cfg.method_label),
-        "phase": phase.name,
+        "phase": timed["phase"],
         "batch_size": batch_size,
         "precision": runtime.precision,
         "channels_last": runtime.channels_last,
         "compile": runtime.compile,
         "steps": bench["steps"],
         "warmup": bench["warmup"],
-        "warmup_s": warmup_s,
+        "warmup_s": timed["warmup_s"],
         "rounds": bench["rounds"],
-        "ms_per_step_rounds": [1e3 * t / bench["steps"] for t in ours_times],
-        "reference_ms_per_step_rounds": [1e3 * t / bench["reference_steps"] for t in ref_times],
+        "ms_per_step_rounds": [1e3 * t for t in ours_times],
+        "reference_ms_per_step_rounds": [1e3 * t for t in ref_times],
         "reference_steps": bench["reference_steps"] if ref_times else 0,
         "reference_workers": bench["reference_workers"],
         "data": bench["data"],
-        "train_size": len(data.train_labels),
+        "train_size": timed["train_size"],
         "torch": torch.__version__,
     }
 
@@ -590,6 +529,9 @@ def main(argv: list[str]) -> int:
         if debug_mode():
             raise
         fail(str(err))
+    finally:
+        if RANDOM_DATASET in DATASETS:  # registered for this call only: the registry stays as it was
+            DATASETS.remove(RANDOM_DATASET)
     print(table(result))
     print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}),
           flush=True)

@@ -1,40 +1,37 @@
-"""Turn run directories into the paper tables: our mean +- std over seeds next to the published numbers.
+"""Turn run directories into the paper tables: our mean ± std over seeds next to the published numbers.
 
     python scripts/collect_results.py runs/                       # everything under runs/
     python scripts/collect_results.py runs/student 'runs/teacher/*/seed*' --table crd_table1
     python scripts/collect_results.py runs/ --out results/dkd --table dkd_same_arch --table dkd_cross_arch
 
-Reads any set of run directories (a multirun folder, a glob, single runs), groups student runs by
-(teacher, student, method) and plain cross-entropy runs (``train_teacher.py``) by architecture, and
-reports both evaluation protocols: top-1 of the last epoch (the CRD tables) and of the best epoch (the
-DKD tables), mean +- sample std over seeds and the number of runs. Each published source is placed
-beside the protocol it used, with the difference ours - published. A pair's ``teacher`` and
-``student`` rows are the plain cross-entropy runs of those architectures, when they are among the
-inputs. Runs that are not finished (still training, stopped, failed) are counted and listed, never
-silently dropped.
+Reads any set of run directories (a multirun folder, a glob, single runs) into one tidy table, one
+row per run, and groups it: student runs by (teacher, student, method), plain cross-entropy runs
+(``train_teacher.py``) by architecture. Both evaluation protocols are reported: top-1 of the last
+epoch (the CRD tables) and of the best epoch (the DKD tables), mean ± sample std over finished seeds
+and the number of runs. Each published source is placed beside the protocol it used, with the
+difference ours - published. A pair's ``teacher`` and ``student`` rows are the plain cross-entropy
+runs of those architectures, when they are among the inputs. Runs that are not finished (still
+training, stopped, failed) are counted and listed, never silently dropped.
 
-Writes ``<out>.md`` (Markdown, also printed), ``<out>.csv`` and ``<out>.png`` (per pair: our
-accuracy vs published, per method).
+Writes ``<out>.md`` (Markdown, also printed), ``<out>.csv`` (the summary, one row per table cell),
+``<out>_runs.csv`` (the tidy per-run table: ``pandas.read_csv`` it for your own analysis) and
+``<out>.png`` (per pair: our accuracy vs published, per method).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import json
 import math
 import os
-import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script: make the project importable
-    sys.path.insert(0, str(REPO))
+import pandas as pd
 
-from common.errors import UserError  # noqa: E402
+from common.errors import UserError
 
 PAPER_TABLES = Path(__file__).resolve().parent / "paper_tables"
 
@@ -69,6 +66,7 @@ PAPER_METHOD_NAMES: dict[str, str] = {
 # Row order inside a pair: baselines, then the CRD paper's column order, then the DKD paper's additions.
 METHOD_ORDER = ["teacher", "student", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft",
                 "fsp", "nst", "crd", "crd_kd", "ofd", "reviewkd", "dkd", "kdsvd", "kd_dot"]
+BASELINES = ("teacher", "student")  # rows filled from plain cross-entropy runs of one architecture
 
 # Short names for the published tables (--table), next to the ids used in the CSV files.
 TABLE_ALIASES = {
@@ -77,53 +75,61 @@ TABLE_ALIASES = {
 }
 
 FINISHED = "finished"
+CELL = ["teacher", "student", "method"]
+MISSING = "–"
+SUMMARY_COLUMNS = ["teacher", "student", "method", "runs", "last_top1_mean", "last_top1_std", "best_top1_mean",
+                   "best_top1_std", "not_finished", "hours_per_run", "seeds"]
 
 
 # ---- published numbers -----------------------------------------------------------------------------
-@dataclass
-class Published:
-    """Published top-1 per source and (teacher, student, method), and each table's cells in order."""
-
-    values: dict[str, dict[tuple[str, str, str], float]] = field(default_factory=dict)
-    tables: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
-
-
-def load_published(sources: Sequence[str] = tuple(SOURCES), folder: Path = PAPER_TABLES) -> Published:
-    """Read the published-number CSVs, mapping the papers' method names to ours."""
-    published = Published()
+def load_published(sources: Sequence[str] = tuple(SOURCES), folder: Path = PAPER_TABLES) -> pd.DataFrame:
+    """Published top-1, one row per (source, table, teacher, student, method) in file order, our method names."""
+    frames = []
     for key in sources:
         if key not in SOURCES:
             raise UserError(f"unknown source '{key}'; choose from {', '.join(SOURCES)}")
         source = SOURCES[key]
-        values = published.values.setdefault(key, {})
-        with open(folder / source.file, newline="") as f:
-            for row in csv.DictReader(f):
-                paper_name = row["method"].strip()
-                if paper_name not in PAPER_METHOD_NAMES:
-                    raise UserError(f"{source.file}: method '{paper_name}' has no mapping to our config names; "
-                                    f"add it to PAPER_METHOD_NAMES in scripts/collect_results.py")
-                cell = (row["teacher"].strip(), row["student"].strip(), PAPER_METHOD_NAMES[paper_name])
-                values[cell] = float(row["top1"])
-                cells = published.tables.setdefault(row["table"].strip(), [])
-                if cell not in cells:
-                    cells.append(cell)
-    return published
+        frame = pd.read_csv(folder / source.file, dtype={"top1": float})
+        for column in ("table", "teacher", "student", "method"):
+            frame[column] = frame[column].str.strip()
+        unknown = frame.loc[~frame["method"].isin(list(PAPER_METHOD_NAMES)), "method"]
+        if len(unknown):
+            raise UserError(f"{source.file}: method '{unknown.iloc[0]}' has no mapping to our config names; "
+                            f"add it to PAPER_METHOD_NAMES in scripts/collect_results.py")
+        frames.append(frame.assign(source=key, method=frame["method"].map(PAPER_METHOD_NAMES)))
+    columns = ["source", "table", *CELL, "top1"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def table_cells(published: pd.DataFrame, tables: Sequence[str]) -> pd.DataFrame:
+    """The (teacher, student, method) cells of the named published tables, in the papers' order."""
+    known = set(published["table"])
+    cells = []
+    for name in tables:
+        table_id = TABLE_ALIASES.get(name, name)
+        if table_id not in known:
+            raise UserError(f"unknown table '{name}'; choose from {', '.join(sorted(known | set(TABLE_ALIASES)))}")
+        cells.append(published.loc[published["table"] == table_id, CELL])
+    return pd.concat(cells).drop_duplicates(ignore_index=True)
 
 
 # ---- run directories -------------------------------------------------------------------------------
 @dataclass
 class Run:
-    """What the collector needs from one run directory."""
+    """What the collector reads from one run directory: one row of the tidy table."""
 
-    path: Path
+    run_dir: Path
     kind: str  # "student" (distillation) | "teacher" (plain cross-entropy training of one architecture)
     teacher: str | None
     student: str  # the trained architecture
     method: str  # distill.name (+ combined methods); "ce" for plain training
     seed: int | None
+    dataset: str | None
     status: str  # finished | running | failed | no metrics | unreadable
     final_top1: float | None = None
     best_top1: float | None = None
+    final_top5: float | None = None
+    best_top5: float | None = None
     epochs_done: int = 0
     epochs_planned: int | None = None
     hours: float = 0.0  # wall time of the epochs so far (sum of the engine's per-epoch time_s)
@@ -140,6 +146,7 @@ def _load_yaml(path: Path) -> dict[str, Any] | None:
 
 
 def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a run (its metrics or its config)."""
     return (path / "metrics.json").is_file() or (path / "config.yaml").is_file() \
         or (path / ".hydra" / "config.yaml").is_file()
 
@@ -165,8 +172,7 @@ def find_run_dirs(inputs: Iterable[str]) -> list[Path]:
                 if here != root and is_run_dir(here):
                     found.append(here)
                     dirnames[:] = []
-    unique = list(dict.fromkeys(p.resolve() for p in found))
-    return unique
+    return list(dict.fromkeys(p.resolve() for p in found))
 
 
 def _get(config: dict[str, Any], dotted: str) -> Any:
@@ -187,69 +193,142 @@ def read_run(path: Path) -> Run:
             config = _load_yaml(candidate)
             if config is not None:
                 break
-    metrics: dict[str, Any] | None = None
+    config = config or {}
+    metrics: dict[str, Any] = {}
     metrics_file = path / "metrics.json"
-    metrics_broken = False
+    status = "no metrics"
     if metrics_file.is_file():
         try:
             metrics = json.loads(metrics_file.read_text())
+            status = str(metrics.get("status", "running"))
         except (OSError, ValueError):
-            metrics_broken = True
-    config = config or {}
-    if _get(config, "teacher.name") is not None or (metrics or {}).get("kind") == "student":
+            status = "unreadable"
+    if _get(config, "teacher.name") is not None or metrics.get("kind") == "student":
         kind = "student"
-        teacher = _get(config, "teacher.name") or (metrics or {}).get("teacher")
-        student = _get(config, "student.name") or (metrics or {}).get("student")
+        teacher = _get(config, "teacher.name") or metrics.get("teacher")
+        student = _get(config, "student.name") or metrics.get("student")
         # the objective's label as in the run directory: distill.name, "+<key>" per combined method
         method = _get(config, "method_label")
         if not isinstance(method, str) or "${" in method:  # Hydra's copy keeps it unresolved
-            method = (metrics or {}).get("method")
+            method = metrics.get("method")
         if method is None:
             combine = _get(config, "combine") or {}
             method = "+".join([str(_get(config, "distill.name")), *sorted(str(k) for k in combine)])
     else:
-        kind = "teacher"
-        teacher = None
-        student = _get(config, "model.name") or (metrics or {}).get("arch")
-        method = "ce"
+        kind, teacher, method = "teacher", None, "ce"
+        student = _get(config, "model.name") or metrics.get("arch")
     seed = _get(config, "seed")
-    if seed is None and metrics:
-        seed = metrics.get("seed")
-    epochs_planned = _get(config, "trainer.epochs")
-    run = Run(path=path, kind=kind, teacher=None if teacher is None else str(teacher),
-              student=str(student), method=str(method), seed=None if seed is None else int(seed),
-              status="unreadable" if metrics_broken else "no metrics",
-              epochs_planned=epochs_planned if isinstance(epochs_planned, int) else None)
-    if student is None:
-        run.status = "unreadable"
-    if metrics is not None:
-        run.status = str(metrics.get("status", "running"))
-        history = metrics.get("epochs") or []
-        run.epochs_done = len(history)
-        run.final_top1 = metrics.get("final_top1")
-        run.best_top1 = metrics.get("best_top1")
-        run.hours = sum(float(e.get("time_s") or 0.0) for e in history) / 3600.0
-        run.error = metrics.get("error")
-    return run
+    seed = metrics.get("seed") if seed is None else seed
+    planned = _get(config, "trainer.epochs")
+    history = metrics.get("epochs") or []
+    top5 = [e["test_top5"] for e in history if e.get("test_top5") is not None]
+    return Run(
+        run_dir=path, kind=kind, teacher=None if teacher is None else str(teacher), student=str(student),
+        method=str(method), seed=None if seed is None else int(seed),
+        dataset=_get(config, "dataset.name") or metrics.get("dataset"),
+        status="unreadable" if student is None else status,
+        final_top1=metrics.get("final_top1"), best_top1=metrics.get("best_top1"),
+        final_top5=metrics.get("final_top5"), best_top5=max(top5) if top5 else None,
+        epochs_done=len(history), epochs_planned=planned if isinstance(planned, int) else None,
+        hours=sum(float(e.get("time_s") or 0.0) for e in history) / 3600.0, error=metrics.get("error"))
+
+
+def runs_frame(runs: Sequence[Run]) -> pd.DataFrame:
+    """The tidy table: one row per run directory."""
+    columns = [f.name for f in fields(Run)]
+    frame = pd.DataFrame([asdict(r) for r in runs], columns=columns)
+    frame["run_dir"] = frame["run_dir"].astype(str)
+    return frame.astype({"seed": "Int64", "epochs_planned": "Int64", "epochs_done": int, "hours": float,
+                         "final_top1": float, "best_top1": float, "final_top5": float, "best_top5": float})
 
 
 # ---- aggregation -----------------------------------------------------------------------------------
-@dataclass
+def _seed_list(seeds: pd.Series) -> str:
+    return " ".join(str(int(s)) for s in sorted(seeds.dropna()))
+
+
+# mean and sample std (ddof 1: NaN for a single run) over the finished runs of a group
+STATS = {
+    "runs": ("final_top1", "count"), "last_top1_mean": ("final_top1", "mean"),
+    "last_top1_std": ("final_top1", "std"), "best_runs": ("best_top1", "count"),
+    "best_top1_mean": ("best_top1", "mean"), "best_top1_std": ("best_top1", "std"),
+    "hours_per_run": ("hours", lambda h: h[h > 0].mean()), "seeds": ("seed", _seed_list),
+}
+
+
+def _ours(runs: pd.DataFrame, by: str | list[str]) -> pd.DataFrame:
+    """Per group: statistics of the finished runs and the number of runs not finished."""
+    finished = runs["status"] == FINISHED
+    not_finished = runs[~finished].groupby(by, dropna=False).size().rename("not_finished")
+    return pd.concat([runs[finished].groupby(by, dropna=False).agg(**STATS), not_finished], axis=1)
+
+
+def _method_rank(methods: pd.Series) -> pd.Series:
+    return methods.map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER))
+
+
+def layout(runs: pd.DataFrame, published: pd.DataFrame, tables: Sequence[str] = ()) -> pd.DataFrame:
+    """The table's cells in order: per pair, the baselines, then methods in :data:`METHOD_ORDER`.
+
+    With ``tables``: the published tables' pairs and cells (also those not run yet), plus our other
+    methods on those pairs. Without: every pair among the runs, and plain cross-entropy runs of
+    architectures in no pair as rows of their own.
+    """
+    ours = runs.loc[runs["kind"] == "student", CELL].drop_duplicates()
+    alone = pd.DataFrame(columns=CELL)
+    if tables:
+        cells = table_cells(published, tables)
+        pairs = cells[["teacher", "student"]].drop_duplicates()
+        cells = pd.concat([cells, ours.merge(pairs)]).drop_duplicates()
+    else:
+        pairs = ours[["teacher", "student"]].drop_duplicates().sort_values(["teacher", "student"])
+        cells = pd.concat([pairs.merge(pd.DataFrame({"method": list(BASELINES)}), how="cross"), ours])
+        paired = set(pairs["teacher"]) | set(pairs["student"])
+        archs = sorted(set(runs.loc[runs["kind"] == "teacher", "student"]) - paired)
+        alone = pd.DataFrame({"teacher": "-", "student": archs, "method": "student"}, columns=CELL)
+    order = {pair: i for i, pair in enumerate(zip(pairs["teacher"], pairs["student"]))}
+    cells = cells.assign(pair_rank=[order[p] for p in zip(cells["teacher"], cells["student"])],
+                         method_rank=_method_rank(cells["method"]))
+    cells = cells.sort_values(["pair_rank", "method_rank", "method"], kind="stable")[CELL]
+    return pd.concat([cells, alone], ignore_index=True)
+
+
+def summarize(runs: pd.DataFrame, published: pd.DataFrame, sources: Sequence[str],
+              tables: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per (teacher, student, method): ours under both protocols and each source's number."""
+    cells = layout(runs, published, tables)
+    baseline = cells["method"].isin(BASELINES)
+    cells["arch"] = cells["teacher"].where(cells["method"] == "teacher", cells["student"])
+    by_cell = cells[~baseline].join(_ours(runs[runs["kind"] == "student"], CELL), on=CELL)
+    by_arch = cells[baseline].join(_ours(runs[runs["kind"] == "teacher"], "student"), on="arch")
+    table = pd.concat([by_cell, by_arch]).sort_index().drop(columns="arch")
+    table[["runs", "best_runs", "not_finished"]] = table[["runs", "best_runs", "not_finished"]].fillna(0).astype(int)
+    table["seeds"] = [s if isinstance(s, str) else "" for s in table["seeds"]]  # no runs: no seeds
+    numbers = published.drop_duplicates(["source", *CELL], keep="last").pivot(index=CELL, columns="source",
+                                                                               values="top1")
+    for key in sources:
+        source = SOURCES[key]
+        theirs = numbers[key] if key in numbers else pd.Series(dtype=float)
+        table[f"{key}_published"] = table.join(theirs.rename("value"), on=CELL)["value"]
+        table[f"{key}_protocol"] = source.protocol
+        table[f"{key}_diff"] = table[f"{source.protocol}_top1_mean"] - table[f"{key}_published"]
+    return table.reset_index(drop=True)
+
+
+# ---- the rows as objects (for callers and tests) ---------------------------------------------------
+@dataclass(frozen=True)
 class Stat:
+    """Our numbers under one protocol: runs, mean and sample std (None for fewer than 2 runs)."""
+
     n: int
     mean: float | None
-    std: float | None  # sample std (n - 1); None for fewer than 2 runs
+    std: float | None
 
 
-def summarize(values: Sequence[float]) -> Stat:
-    values = [float(v) for v in values if v is not None]
-    if not values:
-        return Stat(0, None, None)
-    return Stat(len(values), statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
-
-
-@dataclass
+@dataclass(frozen=True)
 class Row:
+    """One cell of the summary table."""
+
     teacher: str
     student: str
     method: str
@@ -261,190 +340,114 @@ class Row:
     seeds: list[int]
 
 
-def _method_rank(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+def _value(x: Any) -> Any:
+    return None if pd.isna(x) else x
 
 
-def build_rows(runs: Sequence[Run], published: Published, tables: Sequence[str] = ()) -> list[Row]:
-    """One row per (teacher, student, method): ours under both protocols and each source's number."""
-    finished: dict[tuple[str, str, str], list[Run]] = {}
-    unfinished: dict[tuple[str, str, str], int] = {}
-    vanilla: dict[str, list[Run]] = {}
-    vanilla_unfinished: dict[str, int] = {}
-    for run in runs:
-        if run.kind == "teacher":
-            if run.status == FINISHED:
-                vanilla.setdefault(run.student, []).append(run)
-            else:
-                vanilla_unfinished[run.student] = vanilla_unfinished.get(run.student, 0) + 1
-            continue
-        key = (str(run.teacher), run.student, run.method)
-        if run.status == FINISHED:
-            finished.setdefault(key, []).append(run)
-        else:
-            unfinished[key] = unfinished.get(key, 0) + 1
-
-    if tables:
-        cells: list[tuple[str, str, str]] = []
-        for name in tables:
-            table_id = TABLE_ALIASES.get(name, name)
-            if table_id not in published.tables:
-                known = sorted(set(published.tables) | set(TABLE_ALIASES))
-                raise UserError(f"unknown table '{name}'; choose from {', '.join(known)}")
-            cells += [c for c in published.tables[table_id] if c not in cells]
-        pairs = list(dict.fromkeys((t, s) for t, s, _ in cells))
-        # our extra methods on the table's pairs come after the published ones
-        extra = sorted((k for k in set(finished) | set(unfinished) if (k[0], k[1]) in pairs and k not in cells),
-                       key=lambda k: (pairs.index((k[0], k[1])), _method_rank(k[2])))
-        cells += extra
-        order = {pair: i for i, pair in enumerate(pairs)}
-        cells.sort(key=lambda c: (order[(c[0], c[1])], _method_rank(c[2])))
-    else:
-        pairs = list(dict.fromkeys((t, s) for t, s, _ in sorted(set(finished) | set(unfinished))))
-        cells = []
-        for teacher, student in pairs:
-            cells += [(teacher, student, "teacher"), (teacher, student, "student")]
-            methods = {m for t, s, m in set(finished) | set(unfinished) if (t, s) == (teacher, student)}
-            cells += [(teacher, student, m) for m in sorted(methods, key=_method_rank)]
-        # plain cross-entropy runs of architectures that are in no pair get rows of their own
-        paired = {a for pair in pairs for a in pair}
-        for arch in sorted(set(vanilla) | set(vanilla_unfinished)):
-            if arch not in paired:
-                cells.append(("-", arch, "student"))
-
-    rows = []
-    for teacher, student, method in cells:
-        if method in ("teacher", "student"):
-            arch = teacher if method == "teacher" else student
-            group, open_runs = vanilla.get(arch, []), vanilla_unfinished.get(arch, 0)
-        else:
-            group = finished.get((teacher, student, method), [])
-            open_runs = unfinished.get((teacher, student, method), 0)
-        hours = [r.hours for r in group if r.hours > 0]
-        rows.append(Row(
-            teacher=teacher, student=student, method=method,
-            last=summarize([r.final_top1 for r in group]), best=summarize([r.best_top1 for r in group]),
-            unfinished=open_runs, hours_per_run=statistics.fmean(hours) if hours else None,
-            published={key: values.get((teacher, student, method)) for key, values in published.values.items()},
-            seeds=sorted(r.seed for r in group if r.seed is not None)))
-    return rows
+def rows_of(table: pd.DataFrame, sources: Sequence[str]) -> list[Row]:
+    """The summary table as :class:`Row` objects (missing numbers as None)."""
+    return [Row(teacher=r.teacher, student=r.student, method=r.method,
+                last=Stat(r.runs, _value(r.last_top1_mean), _value(r.last_top1_std)),
+                best=Stat(r.best_runs, _value(r.best_top1_mean), _value(r.best_top1_std)),
+                unfinished=r.not_finished, hours_per_run=_value(r.hours_per_run),
+                published={key: _value(getattr(r, f"{key}_published")) for key in sources},
+                seeds=[int(s) for s in r.seeds.split()])
+            for r in table.itertuples(index=False)]
 
 
 # ---- output ----------------------------------------------------------------------------------------
-def _fmt(stat: Stat) -> str:
-    if stat.mean is None:
-        return "–"
-    return f"{stat.mean:.2f}" if stat.std is None else f"{stat.mean:.2f} ± {stat.std:.2f}"
+def _mean_std(mean: float, std: float) -> str:
+    if pd.isna(mean):
+        return MISSING
+    return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-def _ours(row: Row, protocol: str) -> float | None:
-    return (row.last if protocol == "last" else row.best).mean
+def _number(x: float, fmt: str) -> str:
+    return MISSING if pd.isna(x) else format(x, fmt)
 
 
-def _diff(row: Row, key: str) -> float | None:
-    ours, theirs = _ours(row, SOURCES[key].protocol), row.published.get(key)
-    return None if ours is None or theirs is None else ours - theirs
+def _pair_title(teacher: str, student: str) -> str:
+    return student if teacher == "-" else f"{teacher} → {student}"
 
 
-def render_markdown(rows: Sequence[Row], runs: Sequence[Run], sources: Sequence[str],
-                    title: str = "Results") -> str:
+def render_markdown(table: pd.DataFrame, runs: pd.DataFrame, sources: Sequence[str], title: str = "Results") -> str:
     """Markdown: one table per teacher-student pair, then the runs that are not finished."""
-    n_finished = sum(r.status == FINISHED for r in runs)
-    hours = sum(r.hours for r in runs)
+    n_finished = int((runs["status"] == FINISHED).sum())
     lines = [f"# {title}", "",
              f"{len(runs)} run directories: {n_finished} finished, {len(runs) - n_finished} not finished; "
-             f"{hours:.2f} training hours recorded in them.",
+             f"{runs['hours'].sum():.2f} training hours recorded in them.",
              "Ours: mean ± sample std over seeds (n = runs). *last* = top-1 after the last epoch (the CRD "
              "tables' protocol), *best* = best epoch's top-1 (the DKD tables' protocol). Δ = ours − published, "
              "each source compared under its own protocol.", ""]
-    header = ["method", "n", "last-epoch top-1", "best-epoch top-1"]
+    # header -> cells; a list of pairs, since two sources of one protocol share the header "Δ (best)"
+    columns = [("method", table["method"]), ("n", table["runs"].astype(str)),
+               ("last-epoch top-1", [_mean_std(m, s) for m, s in zip(table["last_top1_mean"], table["last_top1_std"])]),
+               ("best-epoch top-1", [_mean_std(m, s) for m, s in zip(table["best_top1_mean"], table["best_top1_std"])])]
     for key in sources:
-        src = SOURCES[key]
-        header += [src.label, f"Δ ({src.protocol})"]
-    header.append("not finished")
-    for pair in dict.fromkeys((r.teacher, r.student) for r in rows):
-        teacher, student = pair
-        lines += [f"## {student}" if teacher == "-" else f"## {teacher} → {student}", "",
-                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for row in (r for r in rows if (r.teacher, r.student) == pair):
-            cells = [row.method, str(row.last.n), _fmt(row.last), _fmt(row.best)]
-            for key in sources:
-                value, diff = row.published.get(key), _diff(row, key)
-                cells += ["–" if value is None else f"{value:.2f}", "–" if diff is None else f"{diff:+.2f}"]
-            cells.append(str(row.unfinished) if row.unfinished else "")
-            lines.append("| " + " | ".join(cells) + " |")
+        source = SOURCES[key]
+        columns += [(source.label, [_number(x, ".2f") for x in table[f"{key}_published"]]),
+                    (f"Δ ({source.protocol})", [_number(x, "+.2f") for x in table[f"{key}_diff"]])]
+    columns.append(("not finished", [str(n) if n else "" for n in table["not_finished"]]))
+    shown = pd.DataFrame(dict(enumerate(cells for _, cells in columns)), index=table.index)
+    header = [name for name, _ in columns]
+    for (teacher, student), group in shown.groupby([table["teacher"], table["student"]], sort=False, dropna=False):
+        lines += [f"## {_pair_title(teacher, student)}", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in group.itertuples(index=False)]
         lines.append("")
-    open_runs = [r for r in runs if r.status != FINISHED]
-    if open_runs:
+    open_runs = runs[runs["status"] != FINISHED].sort_values("run_dir")
+    if len(open_runs):
         lines += ["## Runs not finished", "",
                   "Still training, stopped or failed; relaunching the same sweep resumes or re-runs them.", "",
                   "| run directory | status | epochs done | error |", "|---|---|---|---|"]
-        for run in sorted(open_runs, key=lambda r: str(r.path)):
-            planned = f" / {run.epochs_planned}" if run.epochs_planned else ""
-            error = (run.error or "").replace("|", "/")
-            lines.append(f"| {run.path} | {run.status} | {run.epochs_done}{planned} | {error} |")
+        for run in open_runs.itertuples(index=False):
+            planned = f" / {run.epochs_planned}" if pd.notna(run.epochs_planned) and run.epochs_planned else ""
+            error = "" if pd.isna(run.error) else str(run.error).replace("|", "/")
+            lines.append(f"| {run.run_dir} | {run.status} | {run.epochs_done}{planned} | {error} |")
         lines.append("")
     return "\n".join(lines)
 
 
-def write_csv(rows: Sequence[Row], sources: Sequence[str], path: Path) -> None:
-    """Machine-readable table, one row per (teacher, student, method)."""
-    def num(x: float | None) -> str:
-        return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-
-    fields = ["teacher", "student", "method", "runs", "last_top1_mean", "last_top1_std", "best_top1_mean",
-              "best_top1_std", "not_finished", "hours_per_run", "seeds"]
-    for key in sources:
-        fields += [f"{key}_published", f"{key}_protocol", f"{key}_diff"]
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(fields)
-        for row in rows:
-            values = [row.teacher, row.student, row.method, row.last.n, num(row.last.mean), num(row.last.std),
-                      num(row.best.mean), num(row.best.std), row.unfinished, num(row.hours_per_run),
-                      " ".join(map(str, row.seeds))]
-            for key in sources:
-                values += [num(row.published.get(key)), SOURCES[key].protocol, num(_diff(row, key))]
-            writer.writerow(values)
+def write_summary_csv(table: pd.DataFrame, sources: Sequence[str], path: Path) -> None:
+    """Machine-readable summary, one row per (teacher, student, method)."""
+    columns = SUMMARY_COLUMNS + [f"{key}_{part}" for key in sources for part in ("published", "protocol", "diff")]
+    table[columns].to_csv(path, index=False, float_format="%.4f")
 
 
-def plot(rows: Sequence[Row], sources: Sequence[str], path: Path) -> None:
+def plot(table: pd.DataFrame, sources: Sequence[str], path: Path) -> None:
     """Per pair, per method: ours (last and best epoch, mean ± std) and each source's published number."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = list(dict.fromkeys((r.teacher, r.student) for r in rows))
-    cols = min(3, max(1, len(pairs)))
-    nrows = math.ceil(len(pairs) / cols) if pairs else 1
+    pairs = table.groupby(["teacher", "student"], sort=False, dropna=False)
+    cols = min(3, max(1, pairs.ngroups))
+    nrows = math.ceil(pairs.ngroups / cols) if pairs.ngroups else 1
     fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 3.6 * nrows), squeeze=False)
     markers = {"crd": "x", "dkd": "+", "mdistiller": "1"}
-    for ax, pair in zip(axes.flat, pairs):
-        group = [r for r in rows if (r.teacher, r.student) == pair]
-        xs = range(len(group))
+    for ax, ((teacher, student), group) in zip(axes.flat, pairs):
+        group = group.reset_index(drop=True)
         for offset, protocol, style in ((-0.12, "last", "o"), (0.12, "best", "s")):
-            stats = [r.last if protocol == "last" else r.best for r in group]
-            pts = [(x + offset, s.mean, s.std or 0.0) for x, s in zip(xs, stats) if s.mean is not None]
-            if pts:
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt=style,
-                            ms=4, capsize=2, fillstyle="full" if protocol == "last" else "none",
-                            label=f"ours ({protocol} epoch)")
+            pts = group[group[f"{protocol}_top1_mean"].notna()]
+            if len(pts):
+                ax.errorbar(pts.index + offset, pts[f"{protocol}_top1_mean"],
+                            yerr=pts[f"{protocol}_top1_std"].fillna(0.0), fmt=style, ms=4, capsize=2,
+                            fillstyle="full" if protocol == "last" else "none", label=f"ours ({protocol} epoch)")
         for key in sources:
-            pts = [(x, r.published.get(key)) for x, r in zip(xs, group) if r.published.get(key) is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="none", ms=8,
-                        marker=markers.get(key, "*"), color="black" if key == "crd" else "tab:red",
+            pts = group[f"{key}_published"].dropna()
+            if len(pts):
+                ax.plot(pts.index, pts, linestyle="none", ms=8, marker=markers.get(key, "*"),
+                        color="black" if key == "crd" else "tab:red",
                         label=f"{SOURCES[key].label} ({SOURCES[key].protocol})")
-        teacher, student = pair
-        ax.set_title(student if teacher == "-" else f"{teacher} → {student}", fontsize=10)
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels([r.method for r in group], rotation=60, ha="right", fontsize=8)
+        ax.set_title(_pair_title(teacher, student), fontsize=10)
+        ax.set_xticks(list(group.index))
+        ax.set_xticklabels(group["method"], rotation=60, ha="right", fontsize=8)
         ax.set_ylabel("top-1 (%)")
         ax.grid(axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(pairs):]:
+    for ax in list(axes.flat)[pairs.ngroups:]:
         ax.axis("off")
-    handles, labels = {}, {}
+    handles: dict[str, Any] = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
@@ -456,19 +459,25 @@ def plot(rows: Sequence[Row], sources: Sequence[str], path: Path) -> None:
     plt.close(fig)
 
 
+def runs_csv_path(out: Path) -> Path:
+    """Where the tidy per-run table goes: ``<out>_runs.csv``."""
+    return out.with_name(out.name + "_runs.csv")
+
+
 def collect(inputs: Sequence[str], out: Path, sources: Sequence[str] = DEFAULT_SOURCES,
             tables: Sequence[str] = (), figure: bool = True, title: str = "Results") -> tuple[list[Row], list[Run]]:
-    """Read the runs, write ``out``.md/.csv/.png and return the rows and runs."""
+    """Read the runs, write ``out``.md/.csv/.png and ``out``_runs.csv; return the rows and runs."""
     published = load_published(sources)
     runs = [read_run(p) for p in find_run_dirs(inputs)]
-    rows = build_rows(runs, published, tables)
+    frame = runs_frame(runs)
+    table = summarize(frame, published, sources, tables)
     out.parent.mkdir(parents=True, exist_ok=True)
-    markdown = render_markdown(rows, runs, sources, title)
-    out.with_suffix(".md").write_text(markdown + "\n")
-    write_csv(rows, sources, out.with_suffix(".csv"))
-    if figure and rows:
-        plot(rows, sources, out.with_suffix(".png"))
-    return rows, runs
+    out.with_suffix(".md").write_text(render_markdown(table, frame, sources, title) + "\n")
+    write_summary_csv(table, sources, out.with_suffix(".csv"))
+    frame.to_csv(runs_csv_path(out), index=False)
+    if figure and len(table):
+        plot(table, sources, out.with_suffix(".png"))
+    return rows_of(table, sources), runs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -476,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="run directories, multirun folders or glob patterns")
     parser.add_argument("--out", default="results/results",
-                        help="output path without suffix: writes OUT.md, OUT.csv, OUT.png (default results/results)")
+                        help="output path without suffix: writes OUT.md, OUT.csv, OUT_runs.csv, OUT.png "
+                             "(default results/results)")
     parser.add_argument("--sources", default=",".join(DEFAULT_SOURCES),
                         help=f"published sources to show, comma-separated, from {', '.join(SOURCES)} "
                              f"(default {','.join(DEFAULT_SOURCES)})")
@@ -487,15 +497,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--title", default="Results")
     args = parser.parse_args(argv)
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    out = Path(args.out)
     try:
-        _, runs = collect(args.inputs, Path(args.out), sources, args.table, not args.no_figure, args.title)
+        _, runs = collect(args.inputs, out, sources, args.table, not args.no_figure, args.title)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(Path(args.out).with_suffix(".md").read_text())
+    print(out.with_suffix(".md").read_text())
     if not runs:
         print("warning: no run directories found under " + " ".join(args.inputs), file=sys.stderr)
-    written = [Path(args.out).with_suffix(s) for s in (".md", ".csv") + (() if args.no_figure else (".png",))]
+    written = [out.with_suffix(".md"), out.with_suffix(".csv"), runs_csv_path(out)]
+    written += [] if args.no_figure else [out.with_suffix(".png")]
     print("wrote " + ", ".join(str(p) for p in written if p.exists()), file=sys.stderr)
     return 0
 

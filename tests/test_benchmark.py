@@ -11,9 +11,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from torch import nn
 
-from conftest import run_cli
 from models import build_model
 from scripts import benchmark
 
@@ -48,7 +48,7 @@ def forward_flops_per_image(arch: str, num_classes: int = 100) -> tuple[int, int
 def test_benchmark_runs_and_reports_json(tmp_path) -> None:
     result = run_cli("scripts/benchmark.py", "teacher=resnet8", "student=resnet8", "distill=kd",
                      "trainer.device=cpu", f"dataset.batch_size={BATCH}", "bench.steps=2", "bench.warmup=1",
-                     "bench.reference_steps=2", "bench.reference_warmup=1", "bench.train_size=64", cwd=tmp_path,
+                     "bench.reference_steps=2", "bench.reference_warmup=1", "bench.train_size=128", cwd=tmp_path,
                      timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
@@ -77,12 +77,13 @@ def test_benchmark_runs_and_reports_json(tmp_path) -> None:
 @pytest.mark.parametrize("override, words", [
     ("bench.steps=0", "bench.steps"),
     ("bench.data=imagenet", "bench.data"),
+    ("bench.train_size=50", "bench.train_size"),  # the dataset schema's minimum (every class can appear)
     ("distill=kdd", "distill"),
     ("bench.phase=init", "phase"),
     ("steps", "unexpected argument"),
 ])
 def test_benchmark_user_errors_are_one_line(override: str, words: str, capsys) -> None:
-    tiny = ["teacher=resnet8", "student=resnet8", "trainer.device=cpu", "bench.train_size=64",
+    tiny = ["teacher=resnet8", "student=resnet8", "trainer.device=cpu", "bench.train_size=128",
             "bench.reference_steps=0", "bench.peak_matmul=false", "bench.flops=false", "bench.steps=1"]
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(tiny + [override])

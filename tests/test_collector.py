@@ -14,12 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from scripts import collect_results as cr  # noqa: E402
-from common.errors import UserError  # noqa: E402
+from common.errors import UserError
+from scripts import collect_results as cr
 
 
 def write_run(root: Path, teacher: str | None, student: str, method: str, seed: int, final: float | None,
@@ -132,6 +130,34 @@ def test_means_stds_and_published_numbers(runs: Path, tmp_path: Path) -> None:
             "non-finite kd at epoch 1, step 7 |") in markdown
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_tidy_runs_csv_loads_with_pandas(runs: Path, tmp_path: Path) -> None:
+    """``<out>_runs.csv``: one row per run directory, whose groups give the hand-computed statistics."""
+    import pandas as pd
+
+    out = tmp_path / "tidy" / "table"
+    cr.collect([str(runs)], out, figure=False)
+    frame = pd.read_csv(tmp_path / "tidy" / "table_runs.csv")
+    assert len(frame) == 13  # 3 kd + 1 crd_kd + 5 dkd + 1 at + 3 plain cross-entropy runs
+    for column in ("run_dir", "kind", "teacher", "student", "method", "seed", "status", "final_top1", "best_top1",
+                   "final_top5", "best_top5", "epochs_done", "hours", "error"):
+        assert column in frame.columns, column
+    kd = frame[(frame["method"] == "kd") & (frame["status"] == "finished")].sort_values("seed")
+    assert kd["seed"].tolist() == [0, 1, 2] and set(kd["teacher"]) == {"resnet32x4"}
+    # last 70, 71, 72: mean 71, sample std sqrt(((-1)^2 + 0 + 1^2) / 2) = 1;
+    # best 72, 72, 75: mean 73, sample std sqrt((1 + 1 + 4) / 2) = sqrt(3)
+    assert kd["final_top1"].mean() == pytest.approx(71.0) and kd["final_top1"].std() == pytest.approx(1.0)
+    assert kd["best_top1"].mean() == pytest.approx(73.0) and kd["best_top1"].std() == pytest.approx(math.sqrt(3.0))
+    assert kd["hours"].tolist() == pytest.approx([3 * 60.0 / 3600.0] * 3)
+    assert (kd["final_top5"] == 90.0).all() and (kd["best_top5"] == 90.0).all()
+    dkd = frame[frame["method"] == "dkd"].set_index("seed")
+    assert dkd["status"].to_dict() == {0: "finished", 1: "finished", 2: "running", 3: "no metrics", 4: "failed"}
+    assert dkd.loc[4, "error"] == "non-finite kd at epoch 1, step 7"
+    assert dkd.loc[3, "epochs_done"] == 0 and pd.isna(dkd.loc[3, "final_top1"])
+    plain = frame[frame["kind"] == "teacher"]
+    assert set(plain["method"]) == {"ce"} and plain["teacher"].isna().all()
+    assert sorted(plain["student"]) == ["resnet32x4", "resnet8x4", "resnet8x4"]
 
 
 def test_glob_selects_runs_and_table_layout(runs: Path, tmp_path: Path) -> None:

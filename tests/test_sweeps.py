@@ -14,12 +14,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import CONFIGS, REPO, run_cli, tiny_overrides
 
-sys.path.insert(0, str(REPO))
-
-import distiller.cli  # noqa: E402,F401 - registers the method_label resolver the configs use
+import distiller.cli  # noqa: F401 - registers the method_label resolver the configs use
 
 # ---- RECIPES.md, typed by hand -----------------------------------------------------------------------
 CRD_T1_PAIRS = ["wrn_40_2-wrn_16_2", "wrn_40_2-wrn_40_1", "resnet56-resnet20", "resnet110-resnet20",
@@ -276,7 +273,7 @@ def test_local_gpus_launcher_gives_each_running_job_its_own_gpu(tmp_path: Path) 
             dir: {tmp_path / 'sweep'}
             subdir: job${{job}}
         """))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "5,6,7"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "5,6,7"}  # the callback comes from the installed package
     result = subprocess.run([sys.executable, str(tmp_path / "app.py"), "-m", "hydra/launcher=local_gpus",
                              "hydra.launcher.n_jobs=3", f"hydra.callbacks.gpu_slots.lock_dir={tmp_path / 'locks'}",
                              "job=range(6)"], capture_output=True, text=True, env=env, timeout=300)
@@ -295,7 +292,7 @@ def test_local_gpus_launcher_gives_each_running_job_its_own_gpu(tmp_path: Path) 
 
 def test_gpu_slots_rejects_more_jobs_than_gpus(tmp_path: Path) -> None:
     from common.errors import UserError
-    from scripts.gpu_slots import GpuSlots
+    from distiller.launcher import GpuSlots
 
     with pytest.raises(UserError, match="n_jobs=4"):
         GpuSlots(num_slots=4, lock_dir=str(tmp_path), devices=[0, 1])

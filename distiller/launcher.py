@@ -24,6 +24,8 @@ from typing import Any, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from common.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # The GPU this process holds, with the open lock file that keeps it; one per process, kept until exit.
@@ -80,8 +82,6 @@ class GpuSlots(Callback):
     def __init__(self, num_slots: int, lock_dir: str, devices: Sequence[int] | str | int | None = None,
                  poll_s: float = 1.0) -> None:
         if int(num_slots) < 1:
-            from common.errors import UserError  # imported here: the package pulls in torch
-
             raise UserError(f"hydra.launcher.n_jobs={num_slots}: set it to the number of GPUs to use (>= 1)")
         self.num_slots = int(num_slots)
         # resolved here, in the launching process, so every worker sees the same list
@@ -89,8 +89,6 @@ class GpuSlots(Callback):
         self.lock_dir = str(lock_dir)
         self.poll_s = float(poll_s)
         if len(self.devices) < self.num_slots:
-            from common.errors import UserError
-
             raise UserError(f"hydra.launcher.n_jobs={self.num_slots} parallel jobs but only {len(self.devices)} "
                             f"GPU(s) to give them ({','.join(self.devices)}); lower hydra.launcher.n_jobs or "
                             f"list more GPUs in hydra.callbacks.gpu_slots.devices")
