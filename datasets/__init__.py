@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Callable
 
+from common.errors import UserError
+from common.registry import Registry
 from datasets.batch import Batch
 from datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD, DataSplits, cfg_get, cfg_int, load_cifar100
 from datasets.device_loader import DeviceLoader
 from datasets.synthetic import load_synthetic
-from common.errors import UserError
-from common.registry import Registry
 
 DATASETS: Registry[Callable[[Mapping[str, Any]], DataSplits]] = Registry("dataset")
 DATASETS.add("cifar100", load_cifar100)

@@ -113,7 +113,7 @@ def load_pickle(path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             # latin1 decodes the Python 2 strings of the official files (as torchvision does).
             entry = _ArrayUnpickler(f, encoding="latin1").load()
-    except Exception as e:  # truncated or garbage files raise many different types
+    except Exception as e:  # noqa: BLE001 - truncated or garbage files raise many different types
         raise CorruptDataError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     if not isinstance(entry, dict):
         raise CorruptDataError(f"cannot read {path}: expected a dict, found {type(entry).__name__}")
@@ -208,7 +208,7 @@ def prepare_cifar100(root: Path, download: bool = True, verify_checksums: bool =
             )
         try:
             tv_utils.extract_archive(str(archive), str(root))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any failure to extract is the archive's
             raise UserError(f"cannot extract {archive} ({type(e).__name__}: {e}): delete it and run again") from None
         folder = find_cifar_folder(root)
     if folder is None:
@@ -217,7 +217,7 @@ def prepare_cifar100(root: Path, download: bool = True, verify_checksums: bool =
         log.info("downloading CIFAR-100 to %s", root)
         try:
             download_cifar100(root)
-        except Exception as e:  # URLError, OSError, md5 mismatch (RuntimeError), bad archive...
+        except Exception as e:  # noqa: BLE001 - URLError, OSError, md5 mismatch (RuntimeError), bad archive...
             raise UserError(
                 f"could not download CIFAR-100 ({type(e).__name__}: {e}); {_missing_message(root)}"
             ) from None

@@ -31,12 +31,11 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from common.errors import UserError
 from datasets.augment import PAD, crop_and_flip
 from datasets.batch import Batch
 from datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD
-from common.errors import UserError
 from datasets.views import VIEWS
-
 
 
 def epoch_seed(seed: int, epoch: int, *more: int) -> int:

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import UserError
+from common.files import atomic_write
 from datasets.cifar100 import (
     BASE_FOLDER,
     NUM_CLASSES,
@@ -36,8 +38,6 @@ from datasets.cifar100 import (
     data_root,
     read_cifar_folder,
 )
-from common.errors import UserError
-from common.files import atomic_write
 
 log = logging.getLogger(__name__)
 

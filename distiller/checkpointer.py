@@ -45,7 +45,8 @@ class Checkpointer:
         self.student_arch, self.teacher_arch = student_arch, teacher_arch
         self.num_classes, self.config = num_classes, config
 
-    def save_last(self, state: RunState, optimizer: torch.optim.Optimizer, meter_state: dict[str, torch.Tensor]) -> None:
+    def save_last(self, state: RunState, optimizer: torch.optim.Optimizer,
+                  meter_state: dict[str, torch.Tensor]) -> None:
         """Everything needed to continue; all ranks wait until it is on disk."""
         if self.is_main:
             atomic_save({

@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from common.errors import UserError
-
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common.errors import UserError
 from distiller.config import SCHEMAS, group_options, validate
 from distiller.config_messages import describe_error
 from models import MODELS

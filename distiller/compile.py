@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from distiller.runtime import Runtime
 from common.errors import UserError
+from distiller.runtime import Runtime
 
 # Marks a module this helper compiled, so a second call (engine + benchmark) is a no-op.
 _MARK = "_distiller_compiled"

@@ -170,7 +170,8 @@ def probe(model: nn.Module, hooks: FeatureHooks, input_size: Sequence[int] = (2,
         return hooks.pop(), logits
 
 
-def forward_features(model: nn.Module, x: torch.Tensor, preact: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+def forward_features(model: nn.Module, x: torch.Tensor,
+                     preact: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Run ``model`` once and return ``([stem, stage_1..stage_L, embedding], logits)``.
 
     With ``preact=True`` each stage output is taken before the stage's final ReLU.

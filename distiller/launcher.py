@@ -58,7 +58,7 @@ def acquire_gpu(devices: Sequence[str], lock_dir: Path, poll_s: float = 1.0) -> 
     while True:
         for device in devices:
             path = lock_dir / f"gpu{device}.lock"
-            handle = open(path, "a+")  # noqa: SIM115 - kept open on purpose: the lock lives as long as it
+            handle = open(path, "a+")  # kept open on purpose: the lock lives as long as it
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
+from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.methods import METHODS
 from distiller.features import Features
+from distiller.methods import METHODS
 from distiller.methods.base import DistillMethod, Phase
-from common.errors import UserError
 
 # keys of a distill/<name>.yaml node that belong to the objective, not to the method's constructor
 OBJECTIVE_KEYS = ("name", "method", "gamma", "alpha", "beta", "temperature", "warmup_epochs")
@@ -89,7 +89,7 @@ class Objective(nn.Module):
         self.methods = nn.ModuleDict({m.label: m.method for m in self.entries})
 
     @classmethod
-    def from_config(cls, distill: Mapping[str, Any] | None, combine: Mapping[str, Any] | None = None) -> "Objective":
+    def from_config(cls, distill: Mapping[str, Any] | None, combine: Mapping[str, Any] | None = None) -> Objective:
         """``distill`` is the primary method node; each ``combine.<label>`` node adds one more method."""
         if distill is None:  # plain training (teachers, baselines)
             return cls(gamma=1.0, alpha=0.0)

@@ -99,6 +99,7 @@ def sgd(params: list[nn.Parameter], lr: float, s: TrainSettings, device: torch.d
                            nesterov=s.nesterov, **kwargs)
 
 
-def make_optimizer(params: list[nn.Parameter], lr: float, s: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], lr: float, s: TrainSettings,
+                   device: torch.device) -> torch.optim.Optimizer:
     """The optimizer ``s.optimizer`` names, over ``params``."""
     return OPTIMIZERS.get(s.optimizer)(params, lr, s, device)

@@ -19,6 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common.errors import UserError
+from common.files import atomic_write
 from datasets import load_dataset
 from distiller.checkpoint import atomic_save, load_weights, safe_load
 from distiller.config import validate
@@ -27,8 +29,6 @@ from distiller.engine import Trainer, TrainSettings
 from distiller.objective import Objective
 from distiller.runtime import Runtime, barrier, make_runtime, seed_everything
 from models import build_model
-from common.errors import UserError
-from common.files import atomic_write
 
 log = logging.getLogger("distiller")
 

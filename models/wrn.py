@@ -32,7 +32,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_planes)
         self.relu2 = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(out_planes, out_planes)
-        self.convShortcut = None  # noqa: N815 -- checkpoint parameter name
+        self.convShortcut = None  # the checkpoints' parameter name
         if in_planes != out_planes:
             self.convShortcut = nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 

@@ -287,7 +287,7 @@ class ReferenceCIFAR(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int):  # noqa: ANN204 - the DataLoader's tuple
+    def __getitem__(self, index: int):  # the DataLoader's tuple
         from PIL import Image
 
         img, target = self.data[index], self.targets[index]

@@ -40,7 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     # one folder per setting: rerunning the same demo only prints the stored results
     out = REPO / args.out / f"{args.teacher}-{args.student}-e{args.epochs}-n{args.train_size}"
-    common = ["dataset=synthetic", f"dataset.train_size={args.train_size}", f"trainer.epochs={args.epochs}", f"teacher_dir={out / 'teachers'}",
+    common = ["dataset=synthetic", f"dataset.train_size={args.train_size}", f"trainer.epochs={args.epochs}",
+              f"teacher_dir={out / 'teachers'}",
               # the published lr decays at 150/180/210 of 240 epochs; keep that shape for a short run
               f"schedule.milestones=[{int(args.epochs * 0.625)},{int(args.epochs * 0.75)},{int(args.epochs * 0.875)}]",
               *args.overrides]

@@ -24,9 +24,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 import pytest
-
-import distiller.cli  # noqa: F401,E402 - registers the config resolvers used by composed configs
 import torch
+
+import distiller.cli  # noqa: F401 - registers the config resolvers used by composed configs
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -94,7 +94,8 @@ def tiny_overrides(tmp: Path, train_size: int = 200, test_size: int = 100) -> li
 @pytest.fixture
 def compose():
     """Compose a primary config with overrides through Hydra's compose API."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     def _compose(config_name: str, overrides: list[str] = (), return_hydra_config: bool = False):

@@ -22,10 +22,10 @@ import torchvision
 import torchvision.datasets.cifar as tv_cifar
 import torchvision.datasets.utils as tv_utils
 
+from common.errors import UserError
 from datasets import CIFAR100_MEAN, CIFAR100_STD, DATASETS, DeviceLoader, load_dataset
 from datasets.cifar100 import load_pickle
 from datasets.synthetic import cache_folder
-from common.errors import UserError
 
 REAL_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-100-python"
 FILES = ("train", "test", "meta")
@@ -96,7 +96,8 @@ def test_torchvision_reads_synthetic_folder(synthetic_folder: Path, monkeypatch:
     monkeypatch.setattr(torchvision.datasets.CIFAR100, "_check_integrity", lambda self: True)
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
     ours = load_dataset(synthetic_cfg(synthetic_folder.parents[1]))
-    for train, images, labels in ((True, ours.train_images, ours.train_labels), (False, ours.test_images, ours.test_labels)):
+    splits = ((True, ours.train_images, ours.train_labels), (False, ours.test_images, ours.test_labels))
+    for train, images, labels in splits:
         tv = torchvision.datasets.CIFAR100(str(synthetic_folder.parent), train=train, download=False)
         assert np.array_equal(tv.data, images.permute(0, 2, 3, 1).numpy())  # torchvision stores HWC
         assert tv.targets == labels.tolist()
@@ -416,7 +417,8 @@ def test_augmented_images_are_padded_windows_possibly_mirrored() -> None:
                 oy, ox, flip, window = matches[0]
                 assert torch.allclose(batch.images[k].double(), naive_normalise(window), atol=1e-5)
                 # The plan of the epoch is what was applied, position by position.
-                assert (oy, ox, flip) == (offsets[position, 0].item(), offsets[position, 1].item(), flips[position].item())
+                expected = (offsets[position, 0].item(), offsets[position, 1].item(), flips[position].item())
+                assert (oy, ox, flip) == expected
                 assert order[position].item() == index
                 found.append((oy, ox, flip))
                 position += 1

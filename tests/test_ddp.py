@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import CONFIGS, REPO, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
@@ -33,7 +32,6 @@ def steps_with_engine(rank: int, world_size: int, port: int, out: Path, override
     if world_size == 1:
         os.environ["WORLD_SIZE"] = "1"
     torch.set_num_threads(1)
-    sys.path.insert(0, str(REPO))
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -69,7 +67,8 @@ def run_ranks(world_size: int, out: Path, overrides: list[str], steps: int = 3) 
     if world_size == 1:
         ctx = mp.get_context("spawn")
         p = ctx.Process(target=steps_with_engine, args=(0, 1, port, out, overrides, steps))
-        p.start(); p.join()
+        p.start()
+        p.join()
         assert p.exitcode == 0
     else:
         mp.start_processes(steps_with_engine, args=(world_size, port, out, overrides, steps), nprocs=world_size,

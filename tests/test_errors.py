@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli, tiny_overrides
 
 EXIT_USER_ERROR = 2

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONFIGS, generator, seed
 from omegaconf import OmegaConf
 
-from conftest import CONFIGS, generator, seed
 from datasets.cifar100 import DataSplits
 from distiller.compile import compile_module, compile_networks, is_compiled
 from distiller.contrast import ContrastMemory

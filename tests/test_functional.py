@@ -447,7 +447,7 @@ def test_ofd_matches_loop() -> None:
 
 
 def truncated_negative_mean(beta: float, s: float) -> float:
-    pdf = lambda x: stats.norm.pdf(x, loc=beta, scale=s)  # noqa: E731
+    pdf = lambda x: stats.norm.pdf(x, loc=beta, scale=s)
     lo = beta - 40 * s
     mass = integrate.quad(pdf, lo, 0.0, epsabs=0, epsrel=1e-12, limit=200)[0]
     first = integrate.quad(lambda x: x * pdf(x), lo, 0.0, epsabs=0, epsrel=1e-12, limit=200)[0]
@@ -560,7 +560,7 @@ def test_bfloat16_inputs_match_float32(name: str) -> None:
     got = fn(*s16, *t16)
     assert got.dim() == 0 and got.dtype == torch.float32 and torch.isfinite(got)
     assert got.item() == pytest.approx(ref.item(), rel=3e-2, abs=1e-6)
-    up = lambda xs: tuple(x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
+    up = lambda xs: tuple(x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
                           for x in xs)
     assert got.item() == pytest.approx(fn(*up(s16), *up(t16)).item(), rel=1e-6, abs=1e-9)
 
@@ -582,7 +582,7 @@ def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
     dev = torch.device("cuda")
     for name, (fn, s, t) in _case_inputs(dtype).items():
         ref = fn(*s, *t)
-        move = lambda xs: tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in xs)  # noqa: E731
+        move = lambda xs: tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in xs)
         got = fn(*move(s), *move(t))
         assert got.device.type == "cuda", name
         assert got.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-6), name

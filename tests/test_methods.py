@@ -19,20 +19,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import MIN_DECREASE, assert_gradient_step_descends, fix_batch_statistics, generator, seed
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import MIN_DECREASE, assert_gradient_step_descends, fix_batch_statistics, generator, seed
+from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.contrast import ContrastMemory, ContrastSampler, momentum_update
-from distiller.features import forward_features, probe_shapes
+from distiller.features import Features, forward_features, probe_shapes
 from distiller.helpers import ConvRegressor, pair_stages
-from distiller.features import Features
 from distiller.methods import METHODS, BuildContext
 from distiller.methods.crd import CONTRAST_IDX_KEY
 from models import build_model
-from common.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL_DIR = ROOT / "configs" / "distill"
@@ -78,7 +77,7 @@ def make_ctx(student: nn.Module, teacher: nn.Module, labels: torch.Tensor = TRAI
 
 
 def features_double(f: Features) -> Features:
-    as64 = lambda x: None if x is None else x.double()  # noqa: E731
+    as64 = lambda x: None if x is None else x.double()
     return Features(logits=as64(f.logits), stem=as64(f.stem), stages=[x.double() for x in f.stages],
                     embedding=as64(f.embedding))
 
@@ -233,7 +232,7 @@ def test_conv_regressor_maps_to_teacher_shape_and_learns(s_hw, t_hw, layer):
     assert reg(x).shape == (4, 10, *t_hw)
     reg.double()
     x, target = x.double(), target.double()
-    loss = lambda: F.hint(reg(x), target)  # noqa: E731
+    loss = lambda: F.hint(reg(x), target)
     fix_batch_statistics([reg], loss)
     assert_gradient_step_descends(loss, list(reg.parameters()), reaches={"conv": list(reg.conv.parameters()),
                                                                          "bn": list(reg.bn.parameters())})
@@ -276,7 +275,7 @@ def test_stage_methods_with_unequal_stage_counts():
               torch.randn(2, 96, 4, 4)]
     s = Features(stages=s_maps, embedding=torch.randn(2, 32))
     t = Features(stages=t_maps, embedding=torch.randn(2, 96))
-    shapes = lambda f: Features(stages=[m.shape for m in f.stages], embedding=f.embedding.shape)  # noqa: E731
+    shapes = lambda f: Features(stages=[m.shape for m in f.stages], embedding=f.embedding.shape)
     ctx = make_ctx(nn.Identity(), nn.Identity())
     expected_pairs = [(s_maps[0], t_maps[1]), (s_maps[1], t_maps[2]), (s_maps[2], t_maps[3])]
 
@@ -315,7 +314,7 @@ def test_method_reads_the_documented_features(name):
     name, _, variant = name.partition("-")
     method = METHODS.get(name)(**({"variant": variant} if variant else {}))
     method.build(_shapes(s), _shapes(t), make_ctx(nn.Identity(), nn.Identity()))
-    lin = lambda layer, x: x @ layer.linear.weight.t() + layer.linear.bias  # noqa: E731
+    lin = lambda layer, x: x @ layer.linear.weight.t() + layer.linear.bias
     if name == "fitnet":  # hint layer 2 = stage2 of each
         expected = F.hint(method.regressor(s.stages[1]), t.stages[1])
         assert method.regressor.conv.in_channels == 16 and method.regressor.conv.out_channels == 24
@@ -558,7 +557,7 @@ def test_crd_checkpoint_round_trip_of_banks_and_normalisers():
     torch.manual_seed(seed(0))
     labels = crd_labels()
     crd = make_crd(labels).train()
-    for step in range(3):
+    for _ in range(3):
         idx = torch.randint(0, 60, (4,))
         crd(Features(embedding=torch.randn(4, 12)), Features(embedding=torch.randn(4, 20)),
             Batch(torch.empty(4), labels[idx], idx))

@@ -20,18 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as TF
+from conftest import assert_gradient_step_descends, fix_batch_statistics, seed
 from torch import nn
 
-from conftest import assert_gradient_step_descends, fix_batch_statistics, seed
+from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.features import forward_features, probe_shapes
+from distiller.features import EMBEDDING, STAGES, STAGES_PREACT, STEM, Features, forward_features, probe_shapes
 from distiller.methods import METHODS
-from distiller.features import EMBEDDING, STAGES, STAGES_PREACT, STEM, Features
 from distiller.methods.base import BuildContext, DistillMethod
 from distiller.methods.ofd import find_preact_batchnorms
 from models import build_model
-from common.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CROSS_FAMILY = [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("vgg13", "MobileNetV2")]
@@ -87,7 +86,7 @@ class Run:
         s_kinds, t_kinds = self.method.student_features, self.method.teacher_features
         s_shapes = probe_shapes(self.student, preact=STAGES_PREACT in s_kinds)
         t_shapes = probe_shapes(self.teacher, preact=STAGES_PREACT in t_kinds)
-        as_features = lambda shapes, kinds: Features(  # noqa: E731
+        as_features = lambda shapes, kinds: Features(
             logits=torch.Size([2, 100]), stem=shapes[0] if STEM in kinds else None,
             stages=list(shapes[1:-1]) if kinds & {STAGES, STAGES_PREACT} else [],
             embedding=shapes[-1] if EMBEDDING in kinds else None)
@@ -131,7 +130,7 @@ class Run:
         self.student.double()
         self.method.double()
         self.batch = Batch(self.batch.images.double(), self.batch.labels, self.batch.indices)
-        as64 = lambda x: None if x is None else x.double()  # noqa: E731
+        as64 = lambda x: None if x is None else x.double()
         self.t = Features(logits=as64(self.t.logits), stem=as64(self.t.stem),
                           stages=[x.double() for x in self.t.stages], embedding=as64(self.t.embedding))
         return self

@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
+from common.errors import UserError
 from distiller.features import forward_features
 from models import MODELS, build_model, list_models
-from common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 _CANDIDATES = [REPO / "tests" / "fixtures" / "model_keys.json", REPO.parent / "shared" / "fixtures" / "model_keys.json"]

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, run_cli, tiny_overrides
 
 VOLATILE_RECORD_KEYS = {"time_s", "images_per_s"}
@@ -19,7 +18,7 @@ VOLATILE_RECORD_KEYS = {"time_s", "images_per_s"}
 
 def comparable_metrics(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    strip = lambda records: [{k: v for k, v in r.items() if k not in VOLATILE_RECORD_KEYS} for r in records]  # noqa: E731
+    strip = lambda records: [{k: v for k, v in r.items() if k not in VOLATILE_RECORD_KEYS} for r in records]
     return {"epochs": strip(metrics["epochs"]), "init_epochs": strip(metrics["init_epochs"]),
             "final_top1": metrics["final_top1"], "best_top1": metrics["best_top1"], "status": metrics["status"]}
 
@@ -100,7 +99,7 @@ def test_finished_run_recognises_it_is_finished(teacher):
                  *tiny_overrides(teacher)]
     first = run_cli("train_student.py", *overrides)
     assert first.returncode == 0, first.stderr[-3000:]
-    files = lambda: {p.name: p.stat().st_mtime_ns for p in (teacher / "done").iterdir()  # noqa: E731
+    files = lambda: {p.name: p.stat().st_mtime_ns for p in (teacher / "done").iterdir()
                      if p.is_file() and p.suffix != ".log"}  # the job log records every launch
     stamp = files()
     again = run_cli("train_student.py", *overrides)
@@ -118,9 +117,9 @@ def test_resume_without_checkpoint_is_an_error(teacher, tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(teacher, monkeypatch):
     """A NaN KD term at step 5: the run stops naming the term, epoch and step; last.pt stays the step-4 one."""
-    from omegaconf import OmegaConf
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
 
     import distiller.cli  # noqa: F401 - registers the config resolvers
     from distiller import functional

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from test_seams import make_trainer
 
 

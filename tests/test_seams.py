@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as nnf
+from conftest import generator, seed
 from torch import nn
 
 from common.registry import Registry
-from conftest import generator, seed
 from datasets import DataSplits
 from distiller import functional as F
 from distiller.engine import Trainer, TrainSettings
@@ -49,7 +49,8 @@ def make_trainer(tmp: Path, distill: dict, epochs: int = 1, optimizer: str = "sg
     objective = Objective.from_config(distill)
     settings = TrainSettings(epochs=epochs, lr=0.01, batch_size=16, eval_batch_size=16, progress=False,
                              optimizer=optimizer)
-    return Trainer(runtime=Runtime(torch.device("cpu"), "fp32", False, compile=False), settings=settings, run_dir=tmp, data=tiny_data(),
+    runtime = Runtime(torch.device("cpu"), "fp32", False, compile=False)
+    return Trainer(runtime=runtime, settings=settings, run_dir=tmp, data=tiny_data(),
                    student=build_model("resnet8", num_classes=NUM_CLASSES), student_arch="resnet8",
                    objective=objective, teacher=build_model("resnet8", num_classes=NUM_CLASSES),
                    teacher_arch="resnet8")

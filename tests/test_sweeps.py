@@ -304,7 +304,8 @@ def sweep(tmp_path_factory):
     """A resnet56 teacher, then `-m distill=kd,at seed=0,1` into resnet20 (tiny synthetic data)."""
     tmp = tmp_path_factory.mktemp("sweep")
     tiny = tiny_overrides(tmp)
-    teacher = run_cli("train_teacher.py", "model=resnet56", *tiny, f"hydra.run.dir={tmp / 'runs/teacher/resnet56/seed0'}")
+    teacher = run_cli("train_teacher.py", "model=resnet56", *tiny,
+                      f"hydra.run.dir={tmp / 'runs/teacher/resnet56/seed0'}")
     assert teacher.returncode == 0, teacher.stderr[-3000:]
     command = ["-m", "teacher=resnet56", "student=resnet20", "distill=kd,at", "seed=0,1", *tiny,
                f"hydra.sweep.dir={tmp / 'runs/student'}"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import CONFIGS, run_cli, tiny_overrides
+
 from distiller.methods import METHODS
 from distiller.run import distill
 from models import build_model

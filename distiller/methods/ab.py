@@ -15,12 +15,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.helpers import Resize, log_stage_pairing, pair_stages
 from distiller.features import EMBEDDING, STAGES_PREACT, Features, feature_info
-from distiller.methods.base import BuildContext, DistillMethod, METHODS, Phase
-from common.errors import UserError
+from distiller.helpers import Resize, log_stage_pairing, pair_stages
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, Phase
 
 
 def student_feature_parameters(student: nn.Module) -> list[nn.Parameter]:

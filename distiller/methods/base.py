@@ -14,9 +14,10 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 from torch import nn
 
+from common.registry import Registry
 from datasets.batch import Batch
 from distiller.features import Features
-from common.registry import Registry
+
 
 @dataclass
 class BuildContext:

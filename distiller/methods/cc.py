@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.helpers import Embed, flat_dim
 from distiller.features import EMBEDDING, Features
-from distiller.methods.base import BuildContext, DistillMethod, METHODS
-from common.errors import UserError
+from distiller.helpers import Embed, flat_dim
+from distiller.methods.base import METHODS, BuildContext, DistillMethod
 
 VARIANTS = ("benchmark", "gram", "rbf")
 

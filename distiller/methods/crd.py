@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
+from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.contrast import MODES, ContrastMemory, ContrastSampler
-from distiller.helpers import Embed, flat_dim
 from distiller.features import EMBEDDING, Features
-from distiller.methods.base import BuildContext, DistillMethod, METHODS
-from common.errors import UserError
+from distiller.helpers import Embed, flat_dim
+from distiller.methods.base import METHODS, BuildContext, DistillMethod
 
 # Optional side data: a data pipeline that samples its own contrast indices [B, 1 + K]
 # (column 0 the positive) may pass them under this key; otherwise they are drawn here, on the device.

@@ -6,7 +6,7 @@ import torch
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import Features
-from distiller.methods.base import DistillMethod, METHODS
+from distiller.methods.base import METHODS, DistillMethod
 
 
 @METHODS.register("dkd")

@@ -5,12 +5,12 @@ from typing import TypeVar
 
 import torch
 
+from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
+from distiller.features import STAGES, STEM, Features
 from distiller.helpers import ConvRegressor
-from distiller.features import Features, STAGES, STEM
-from distiller.methods.base import BuildContext, DistillMethod, METHODS
-from common.errors import UserError
+from distiller.methods.base import METHODS, BuildContext, DistillMethod
 
 T = TypeVar("T")
 

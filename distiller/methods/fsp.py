@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
+from distiller.features import STAGES, STEM, Features
 from distiller.methods.ab import student_feature_parameters
-from distiller.features import Features, STAGES, STEM
-from distiller.methods.base import BuildContext, DistillMethod, METHODS, Phase
-from common.errors import UserError
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, Phase
 
 
 def _levels(features: Features) -> list:

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
+from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.features import Features, STAGES
-from distiller.methods.base import BuildContext, DistillMethod, METHODS, Phase
-from common.errors import UserError
+from distiller.features import STAGES, Features
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, Phase
 
 
 def _conv_block(c_in: int, c_out: int, use_bn: bool, transposed: bool = False) -> list[nn.Module]:
@@ -106,7 +106,7 @@ class FactorTransfer(DistillMethod):
     def _paraphraser_training(self) -> bool:
         return any(p.requires_grad for p in self.paraphraser.parameters())
 
-    def train(self, mode: bool = True) -> "FactorTransfer":
+    def train(self, mode: bool = True) -> FactorTransfer:
         super().train(mode)
         if self.paraphraser is not None and not self._paraphraser_training():
             self.paraphraser.eval()  # frozen: the same factor for a map in every step

@@ -5,7 +5,7 @@ import torch
 
 from datasets.batch import Batch
 from distiller.features import Features
-from distiller.methods.base import DistillMethod, METHODS
+from distiller.methods.base import METHODS, DistillMethod
 
 
 @METHODS.register("kd")

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as TF
 
-from datasets.batch import Batch
-from distiller.helpers import log_stage_pairing
-from distiller.features import Features, STAGES
-from distiller.methods.base import BuildContext, DistillMethod, METHODS
 from common.errors import UserError
+from datasets.batch import Batch
+from distiller.features import STAGES, Features
+from distiller.helpers import log_stage_pairing
+from distiller.methods.base import METHODS, BuildContext, DistillMethod
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:

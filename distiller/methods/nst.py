@@ -5,9 +5,9 @@ import torch
 
 from datasets.batch import Batch
 from distiller import functional as F
+from distiller.features import STAGES, Features
 from distiller.helpers import log_stage_pairing, pair_stages
-from distiller.features import Features, STAGES
-from distiller.methods.base import BuildContext, DistillMethod, METHODS
+from distiller.methods.base import METHODS, BuildContext, DistillMethod
 
 
 @METHODS.register("nst")

@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
+from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.helpers import log_stage_pairing, pair_stages
 from distiller.features import STAGES_PREACT, Features, feature_info
-from distiller.methods.base import BuildContext, DistillMethod, METHODS
-from common.errors import UserError
+from distiller.helpers import log_stage_pairing, pair_stages
+from distiller.methods.base import METHODS, BuildContext, DistillMethod
+
 
 @dataclass(frozen=True)
 class PreactBatchNorm:

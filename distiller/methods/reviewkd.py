@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
+from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
+from distiller.features import EMBEDDING, STAGES, STAGES_PREACT, Features
 from distiller.helpers import log_stage_pairing
-from distiller.features import EMBEDDING, Features, STAGES, STAGES_PREACT
-from distiller.methods.base import BuildContext, DistillMethod, METHODS
-from common.errors import UserError
+from distiller.methods.base import METHODS, BuildContext, DistillMethod
 
 
 class ABF(nn.Module):

@@ -5,8 +5,8 @@ import torch
 
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.features import Features, STAGES
-from distiller.methods.base import DistillMethod, METHODS
+from distiller.features import STAGES, Features
+from distiller.methods.base import METHODS, DistillMethod
 
 
 @METHODS.register("sp", aliases=("similarity",))

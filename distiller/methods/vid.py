@@ -9,9 +9,9 @@ from torch import nn
 
 from datasets.batch import Batch
 from distiller import functional as F
+from distiller.features import STAGES, Features
 from distiller.helpers import log_stage_pairing, pair_stages
-from distiller.features import Features, STAGES
-from distiller.methods.base import BuildContext, DistillMethod, METHODS
+from distiller.methods.base import METHODS, BuildContext, DistillMethod
 
 
 def _conv1x1(c_in: int, c_out: int) -> nn.Conv2d:
