@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,15 @@ from datasets import DataSplits
 from datasets.batch import Batch
 from datasets.device_loader import DeviceLoader
 from distiller.checkpointer import Checkpointer, RunState
-from distiller.features import FeatureHooks, probe
+from distiller.evaluation import evaluate
+from distiller.features import FeatureHooks
 from distiller.meter import Meter, NonFiniteLossError
 from distiller.methods.base import BuildContext
 from distiller.objective import Objective
 from distiller.plan import PlannedPhase, TrainSettings, lr_at, make_optimizer, plan_phases
 from distiller.run_log import RunLogger
 from distiller.runtime import Runtime, all_reduce_sum
-from distiller.step import DistillStep, StepOutput, train_step
+from distiller.step import DistillStep, StepOutput, distribute, train_step
 
 log = logging.getLogger("distiller")
 
@@ -70,7 +70,11 @@ class Trainer:
         self.student_hooks = FeatureHooks(self.student, {k for m in methods for k in m.student_features})
         self.teacher_hooks = (FeatureHooks(self.teacher, {k for m in methods for k in m.teacher_features})
                               if self.teacher is not None else None)
-        self._build_methods()
+        if objective.entries:
+            ctx = BuildContext(num_classes=data.num_classes, num_samples=len(data.train_labels),
+                               train_labels=data.train_labels.to(device), device=device,
+                               student=self.student, teacher=self.teacher, epochs=settings.epochs)
+            objective.build(self.student_hooks, self.teacher_hooks, ctx, fmt)
         from distiller.compile import compile_networks
 
         # trainer.compile: in place (names, identity and hooks kept), after the hooks and shape probes
@@ -82,34 +86,11 @@ class Trainer:
                                          teacher_arch, data.num_classes, config or {})
 
     # ---- construction -----------------------------------------------------------------------------
-    def _build_methods(self) -> None:
-        """Give each method the probed feature shapes of both networks, then move helpers to the device."""
-        if not self.objective.entries:
-            return
-        fmt = self.rt.memory_format()
-        s_store, s_logits = probe(self.student, self.student_hooks, memory_format=fmt)
-        t_store, t_logits = (probe(self.teacher, self.teacher_hooks, memory_format=fmt)
-                             if self.teacher is not None else ({}, None))
-        ctx = BuildContext(num_classes=self.data.num_classes, num_samples=len(self.data.train_labels),
-                           train_labels=self.data.train_labels.to(self.rt.device), device=self.rt.device,
-                           student=self.student, teacher=self.teacher, epochs=self.s.epochs)
-        for entry in self.objective.entries:
-            method = entry.method
-            s = self.student_hooks.select(s_store, s_logits, method.student_features).shapes()
-            t = (self.teacher_hooks.select(t_store, t_logits, method.teacher_features).shapes()
-                 if self.teacher_hooks is not None else self.student_hooks.select({}, None, ()).shapes())
-            method.build(s, t, ctx)
-        self.objective.to(self.rt.device)
-
     def remove_hooks(self) -> None:
         """Take the feature hooks off both networks (the trainer cannot train afterwards)."""
         self.student_hooks.remove()
         if self.teacher_hooks is not None:
             self.teacher_hooks.remove()
-
-    def slim_checkpoint(self, top1: float | None) -> dict:
-        """What a user of the trained network needs (loads like the older frameworks' files)."""
-        return self.checkpointer.slim(len(self.state.history), top1)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self, resume_from: dict | None = None) -> RunState:
@@ -149,18 +130,8 @@ class Trainer:
             for p in module.parameters():
                 p.requires_grad_(id(p) in wanted)
         self.step.phase = phase
-        self._step_call = self.step
-        if self.rt.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-            with warnings.catch_warnings():
-                # Buffers stay rank-local on purpose (CRD banks sync their own rows; BN statistics
-                # are per rank unless trainer.sync_bn); the replacement flag still syncs at init.
-                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-                self._step_call = DistributedDataParallel(
-                    self.step, device_ids=ids, broadcast_buffers=False,
-                    find_unused_parameters=self.s.find_unused_parameters)
+        self._step_call = (distribute(self.step, self.rt, self.s.find_unused_parameters) if self.rt.distributed
+                           else self.step)
 
     def prepare_phase(self, phase: PlannedPhase) -> torch.optim.Optimizer:
         """Freeze all but the phase's parameters, set train/eval modes, and make its optimizer."""
@@ -254,38 +225,16 @@ class Trainer:
         return record
 
     def _check_finite(self, meter: Meter, epoch: int, phase: PlannedPhase) -> None:
-        bad = meter.first_nonfinite()
-        if bad is None:
-            return
-        bad_step, name = bad
-        kept = "last.pt" if (self.run_dir / "last.pt").exists() else "no checkpoint"
-        self.logger.metrics(asdict(self.state), "failed",
-                            {"error": f"non-finite {name} at epoch {epoch}, step {bad_step + 1}"})
-        raise NonFiniteLossError(
-            f"non-finite loss term '{name}' at {phase.name} epoch {epoch}, step {bad_step + 1}; "
-            f"stopped, {kept} left as it was (lower optim.lr or check the inputs)")
+        """Stop the run, naming the term, at the first non-finite step (``last.pt`` stays as it was)."""
+        if (bad := meter.first_nonfinite()) is not None:
+            step, name = bad[0] + 1, bad[1]
+            kept = "last.pt" if (self.run_dir / "last.pt").exists() else "no checkpoint"
+            where = f"epoch {epoch}, step {step}"
+            self.logger.metrics(asdict(self.state), "failed", {"error": f"non-finite {name} at {where}"})
+            raise NonFiniteLossError(f"non-finite loss term '{name}' at {phase.name} {where}; "
+                                     f"stopped, {kept} left as it was (lower optim.lr or check the inputs)")
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Top-1/top-5 and loss on the test split with large batches (reduced over ranks)."""
-        was_training = model.training
-        model.eval()
+        """Top-1/top-5 and loss of ``model`` (the student, the teacher or another network) on the test split."""
         hooks = {id(self.student): self.student_hooks, id(self.teacher): self.teacher_hooks}.get(id(model))
-        sums = torch.zeros(4, device=self.rt.device, dtype=torch.float64)
-        for batch in self.test_loader.epoch(0):
-            with self.rt.autocast():
-                logits = model(batch.images)
-            if hooks is not None:
-                hooks.pop()  # drop what the taps stored: nothing of an evaluation batch may outlive it
-            logits = logits.float()
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits = top5 == batch.labels[:, None]
-            sums += torch.stack([
-                torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum").double(),
-                hits[:, 0].sum().double(), hits.any(1).sum().double(),
-                torch.tensor(float(len(batch)), device=self.rt.device, dtype=torch.float64)])
-        all_reduce_sum(sums)
-        model.train(was_training)
-        loss, top1, top5, count = sums.tolist()
-        count = max(count, 1.0)
-        return {"test_loss": loss / count, "test_top1": 100.0 * top1 / count, "test_top5": 100.0 * top5 / count}
+        return evaluate(model, self.test_loader, self.rt, hooks)

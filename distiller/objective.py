@@ -16,9 +16,9 @@ from torch import nn
 from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.features import Features
+from distiller.features import FeatureHooks, Features, probe
 from distiller.methods import METHODS
-from distiller.methods.base import DistillMethod, Phase
+from distiller.methods.base import BuildContext, DistillMethod, Phase
 
 # keys of a distill/<name>.yaml node that belong to the objective, not to the method's constructor
 OBJECTIVE_KEYS = ("name", "method", "gamma", "alpha", "beta", "temperature", "warmup_epochs")
@@ -108,6 +108,23 @@ class Objective(nn.Module):
                 raise UserError(f"{key}.warmup_epochs={warmup} must be >= 0")
             entries.append(WeightedMethod(label, build_method(node), beta, warmup))
         return cls(gamma, alpha, temperature, entries)
+
+    def build(self, student_hooks: FeatureHooks, teacher_hooks: FeatureHooks | None, ctx: BuildContext,
+              memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        """Give each method the probed feature shapes of both networks, then move helpers to the device.
+
+        One dummy forward per network (eval mode, no gradient) through the hooks the run trains with.
+        """
+        s_store, s_logits = probe(ctx.student, student_hooks, memory_format=memory_format)
+        t_store, t_logits = (probe(ctx.teacher, teacher_hooks, memory_format=memory_format)
+                             if teacher_hooks is not None else ({}, None))
+        for entry in self.entries:
+            method = entry.method
+            s = student_hooks.select(s_store, s_logits, method.student_features).shapes()
+            t = (teacher_hooks.select(t_store, t_logits, method.teacher_features).shapes()
+                 if teacher_hooks is not None else Features())
+            method.build(s, t, ctx)
+        self.to(ctx.device)
 
     # ---- what the engine needs to know ---------------------------------------------------------
     def active(self) -> list[WeightedMethod]:

@@ -174,7 +174,7 @@ def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     state = trainer.fit(resume_from=start)
     final = state.history[-1]
     if runtime.is_main:
-        slim = trainer.slim_checkpoint(final["test_top1"])
+        slim = trainer.checkpointer.slim(len(state.history), final["test_top1"])
         atomic_save(slim, run_dir / "final.pt")
         if job.save_teacher:
             target = Path(str(cfg.teacher_dir)) / f"{arch}.pt"
@@ -213,7 +213,7 @@ def distill(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     state = trainer.fit(resume_from=start)
     final = state.history[-1]
     if runtime.is_main:
-        atomic_save(trainer.slim_checkpoint(final["test_top1"]), run_dir / "final.pt")
+        atomic_save(trainer.checkpointer.slim(len(state.history), final["test_top1"]), run_dir / "final.pt")
         print(f"{student_arch} <- {teacher_arch} [{cfg.method_label}]: final test top-1 {final['test_top1']:.2f}  "
               f"best {state.best_top1:.2f}  ({run_dir})")
     return final

@@ -16,6 +16,7 @@ Seams for methods that need more than one forward and one backward:
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -117,6 +118,19 @@ class DistillStep(nn.Module):
         terms = phase.loss(s_feats, t_feats, batch)
         total = sum(v.float() for v in terms.values())
         return StepOutput(total, terms, s_logits)
+
+
+def distribute(step: DistillStep, runtime: Runtime, find_unused_parameters: bool = False) -> nn.Module:
+    """``step`` wrapped in DDP: gradients of everything trainable are all-reduced in each backward."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    with warnings.catch_warnings():
+        # Buffers stay rank-local on purpose (CRD banks sync their own rows; BN statistics
+        # are per rank unless trainer.sync_bn); the replacement flag still syncs at init.
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False,
+                                       find_unused_parameters=find_unused_parameters)
 
 
 def _backward_and_update(out: StepOutput, optimizer: torch.optim.Optimizer) -> None:
