@@ -72,6 +72,18 @@ def _mkldnn_switch():
         torch.backends.mkldnn.enabled = before
 
 
+def random_splits(n: int, num_classes: int, seed_base: int, test_n: int):
+    """Random uint8 images with balanced labels, in memory (no files: the data's content does not matter);
+    the test split is the first ``test_n`` training images."""
+    from datasets import DataSplits
+
+    gen = generator(seed_base)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.arange(n) % num_classes
+    return DataSplits(images, labels, images[:test_n].clone(), labels[:test_n].clone(), num_classes,
+                      [str(i) for i in range(num_classes)])
+
+
 def run_cli(script: str, *overrides: str, cwd: Path | None = None, env: dict | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
     """Run an entry point exactly as a user types it; returns the completed process."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, generator, seed
+from conftest import CONFIGS, random_splits, seed
 from omegaconf import OmegaConf
 
 from datasets.cifar100 import DataSplits
@@ -36,12 +36,7 @@ LR = 0.01
 
 
 def tiny_data(n: int = 64) -> DataSplits:
-    """Random uint8 images with balanced labels (no files: the data's content does not matter here)."""
-    gen = generator(123)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    labels = torch.arange(n) % NUM_CLASSES
-    return DataSplits(images, labels, images[:8].clone(), labels[:8].clone(), NUM_CLASSES,
-                      [str(i) for i in range(NUM_CLASSES)])
+    return random_splits(n, NUM_CLASSES, 123, test_n=8)
 
 
 def method_config(name: str) -> dict:

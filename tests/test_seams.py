@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as nnf
-from conftest import generator, seed
+from conftest import random_splits, seed
 from torch import nn
 
 from common.registry import Registry
@@ -37,11 +37,7 @@ NUM_CLASSES = 10
 
 
 def tiny_data(n: int = 48) -> DataSplits:
-    gen = generator(7)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    labels = torch.arange(n) % NUM_CLASSES
-    return DataSplits(images, labels, images[:16].clone(), labels[:16].clone(), NUM_CLASSES,
-                      [str(i) for i in range(NUM_CLASSES)])
+    return random_splits(n, NUM_CLASSES, 7, test_n=16)
 
 
 def make_trainer(tmp: Path, distill: dict, epochs: int = 1, optimizer: str = "sgd") -> Trainer:
