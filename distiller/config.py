@@ -81,13 +81,15 @@ class DatasetConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = key(choices=tuple(OPTIMIZERS.names()))  # distiller.plan.OPTIMIZERS
+    name: str = key(choices=tuple(OPTIMIZERS.names()))  # distiller.optim.OPTIMIZERS
     lr: float = key(gt=0)
     momentum: float = key(ge=0)
     weight_decay: float = key(ge=0)
     nesterov: bool = key()
     implementation: str = key(choices=("auto", "fused", "foreach", "loop"))
     scale_lr_with_batch: bool = key()
+    # keys of one optimizer only (null: the optimizer has no such key)
+    delta: float | None = key(None, ge=0)  # dot: task momentum - delta, distillation momentum + delta
 
 
 @dataclass

@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from common.registry import Registry
 from distiller.objective import Objective
+from distiller.optim import OPTIMIZERS, make_optimizer  # noqa: F401 (the optimizers live in distiller.optim)
 
 
 @dataclass
@@ -80,26 +80,3 @@ def plan_phases(objective: Objective, student: nn.Module, settings: TrainSetting
 def lr_at(base_lr: float, epoch: int, milestones: Iterable[int], decay: float) -> float:
     """Step schedule of the published recipe: ``base * decay ** #(milestones < epoch)``, epochs from 1."""
     return base_lr * decay ** sum(1 for m in milestones if epoch > m)
-
-
-OptimizerFactory = Callable[[list[nn.Parameter], float, "TrainSettings", torch.device], torch.optim.Optimizer]
-OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
-"""Optimizers by config name (``optim.name``): ``factory(params, lr, settings, device)``. An optimizer
-that defines ``step_kd()`` receives split task / distillation gradients (see distiller.step)."""
-
-
-@OPTIMIZERS.register("sgd")
-def sgd(params: list[nn.Parameter], lr: float, s: TrainSettings, device: torch.device) -> torch.optim.SGD:
-    """SGD with the fused kernel on CUDA and the foreach kernel elsewhere (or as configured)."""
-    impl = s.optimizer_impl
-    if impl == "auto":
-        impl = "fused" if device.type == "cuda" else "foreach"
-    kwargs: dict[str, Any] = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-    return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay,
-                           nesterov=s.nesterov, **kwargs)
-
-
-def make_optimizer(params: list[nn.Parameter], lr: float, s: TrainSettings,
-                   device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer ``s.optimizer`` names, over ``params``."""
-    return OPTIMIZERS.get(s.optimizer)(params, lr, s, device)

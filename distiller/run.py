@@ -27,6 +27,8 @@ from distiller.config import validate
 from distiller.config_messages import describe_error
 from distiller.engine import Trainer, TrainSettings
 from distiller.objective import Objective
+from distiller.optim import check_optimizer, optimizer_options
+from distiller.pairs import apply_pair_settings
 from distiller.runtime import Runtime, barrier, make_runtime, seed_everything
 from models import build_model
 
@@ -49,15 +51,17 @@ def settings_from_config(cfg: DictConfig, runtime: Runtime) -> TrainSettings:
     impl = job.optim.implementation
     if impl == "fused" and runtime.device.type != "cuda":
         impl = "foreach"
-    return TrainSettings(
+    settings = TrainSettings(
         epochs=job.trainer.epochs, lr=lr, momentum=job.optim.momentum, weight_decay=job.optim.weight_decay,
         nesterov=job.optim.nesterov, optimizer_impl=impl, milestones=tuple(job.schedule.milestones),
         lr_decay=job.schedule.gamma, batch_size=job.dataset.batch_size, eval_batch_size=job.dataset.eval_batch_size,
         seed=job.seed, log_interval=job.trainer.log_interval,
         checkpoint_every_steps=job.trainer.checkpoint_every_steps, nonfinite_check=job.trainer.nonfinite_check,
         progress=job.trainer.progress, find_unused_parameters=job.trainer.find_unused_parameters,
-        optimizer=job.optim.name,
+        optimizer=job.optim.name, optimizer_options=optimizer_options(job.optim.name, job.optim),
     )
+    check_optimizer(settings, runtime.device)  # a bad optimizer option fails now, not after an init phase
+    return settings
 
 
 # ---- the run directory ----------------------------------------------------------------------------
@@ -191,6 +195,7 @@ def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 
 def distill(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """Distill ``cfg.teacher`` into ``cfg.student`` with the objective of ``cfg.distill`` (+ ``cfg.combine``)."""
+    applied = apply_pair_settings(cfg)
     job = validate(cfg, "train_student")
     config = _resolve(cfg)
     runtime = make_runtime(cfg.trainer)
@@ -202,6 +207,8 @@ def distill(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         return None
     trainer, teacher = build_distillation(cfg, run_dir, runtime, settings, objective, config)
     teacher_arch, student_arch = trainer.teacher_arch, trainer.student_arch
+    if applied and runtime.is_main:
+        print(f"published settings of the pair {teacher_arch}-{student_arch}: {', '.join(applied)}")
     if trainer.teacher is not None:
         teacher_eval = trainer.evaluate(trainer.teacher)
     else:  # a plain-CE objective never runs the teacher; still measure it for the record

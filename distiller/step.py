@@ -135,11 +135,14 @@ def distribute(step: DistillStep, runtime: Runtime, find_unused_parameters: bool
 
 def _backward_and_update(out: StepOutput, optimizer: torch.optim.Optimizer) -> None:
     if isinstance(optimizer, SplitGradientOptimizer) and out.task is not None:
+        # a part that is a constant (no CE with gamma 0; no distillation when training a teacher) has no graph
         optimizer.zero_grad(set_to_none=True)
-        out.distill.backward(retain_graph=True)
+        if out.distill.requires_grad:
+            out.distill.backward(retain_graph=out.task.requires_grad)
         optimizer.step_kd()
         optimizer.zero_grad(set_to_none=True)
-        out.task.backward()
+        if out.task.requires_grad:
+            out.task.backward()
     else:
         optimizer.zero_grad(set_to_none=True)
         out.total.backward()

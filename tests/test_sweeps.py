@@ -52,6 +52,8 @@ WEIGHTS = {
     "reviewkd": (1.0, 0.0, 5.0, 20, {}),
 }
 LOW_LR_STUDENTS = {"MobileNetV2", "ShuffleV1", "ShuffleV2"}  # lr 0.01, others 0.05
+# ReviewKD's loss weight per pair (mdistiller's CIFAR-100 configs), 5.0 elsewhere
+REVIEWKD_WEIGHT = {"resnet56-resnet20": 0.6, "resnet110-resnet32": 1.0, "resnet32x4-ShuffleV2": 8.0}
 # FT's paraphraser init lr (RepDistiller): 0.01 for ResNet/WRN students, else the student's lr
 FT_INIT_LR = {"vgg8": 0.05, "MobileNetV2": 0.01, "ShuffleV1": 0.01, "ShuffleV2": 0.01}
 TABLE_TEACHERS = ["wrn_40_2", "resnet56", "resnet110", "resnet32x4", "vgg13", "ResNet50"]
@@ -139,6 +141,8 @@ def check_cell(pair: str, method: str, cfg: dict, subdir: str) -> None:
     assert subdir == f"{pair}/{method}/seed3", where
     distill = cfg["distill"]
     gamma, alpha, beta, warmup, params = WEIGHTS[method]
+    if method == "reviewkd":
+        beta = REVIEWKD_WEIGHT.get(pair, beta)
     assert distill["name"] == method, where
     assert (distill["gamma"], distill["alpha"], distill["beta"]) == pytest.approx((gamma, alpha, beta)), where
     assert distill["temperature"] == 4.0 and distill["warmup_epochs"] == warmup, where
@@ -159,9 +163,9 @@ def check_cell(pair: str, method: str, cfg: dict, subdir: str) -> None:
 def test_every_pair_and_method_composes_with_the_published_settings() -> None:
     """Every pair (with DKD and FT, whose settings depend on the pair) and every method (on one pair)
     composes to RECIPES.md's settings. A cell's config is its pair's part plus its method's part; the
-    only links between them are DKD's and FT's per-pair values, checked here for every pair."""
-    cells = [(p, m) for p in ALL_PAIRS for m in ("dkd", "ft")]
-    cells += [("resnet32x4-resnet8x4", m) for m in ALL_METHODS if m not in ("dkd", "ft")]
+    only links between them are DKD's, FT's and ReviewKD's per-pair values, checked here for every pair."""
+    cells = [(p, m) for p in ALL_PAIRS for m in ("dkd", "ft", "reviewkd")]
+    cells += [("resnet32x4-resnet8x4", m) for m in ALL_METHODS if m not in ("dkd", "ft", "reviewkd")]
     composed = compose_cells(cells)
     for (pair, method), (cfg, subdir) in composed.items():
         check_cell(pair, method, cfg, subdir)
