@@ -35,7 +35,7 @@ PUBLISHED_TEACHER_TOP1: dict[str, float] = {
 
 
 def key(default: Any = MISSING, *, gt: float | None = None, ge: float | None = None, le: float | None = None,
-        choices: tuple | None = None, pattern: str | None = None, each: dict | None = None,
+        lt: float | None = None, choices: tuple | None = None, pattern: str | None = None, each: dict | None = None,
         extra_keys: bool = False) -> Any:
     """A schema field: ``MISSING`` (the YAML sets it) or a default, plus its range or valid values.
 
@@ -43,7 +43,7 @@ def key(default: Any = MISSING, *, gt: float | None = None, ge: float | None = N
     the valid values in messages); ``each`` holds the same checks for every item of a list;
     ``extra_keys`` lets a typed mapping carry further, untyped keys.
     """
-    checks = {"gt": gt, "ge": ge, "le": le, "choices": choices, "pattern": pattern, "each": each,
+    checks = {"gt": gt, "ge": ge, "le": le, "lt": lt, "choices": choices, "pattern": pattern, "each": each,
               "extra_keys": extra_keys}
     checks = {k: v for k, v in checks.items() if v is not None and v is not False}
     if isinstance(default, (list, dict)):
@@ -83,7 +83,7 @@ class DatasetConfig:
 class OptimConfig:
     name: str = key(choices=tuple(OPTIMIZERS.names()))  # distiller.optim.OPTIMIZERS
     lr: float = key(gt=0)
-    momentum: float = key(ge=0)
+    momentum: float = key(ge=0, lt=1)  # 1 or more: the momentum buffer never forgets and the run diverges
     weight_decay: float = key(ge=0)
     nesterov: bool = key()
     implementation: str = key(choices=("auto", "fused", "foreach", "loop"))
@@ -250,7 +250,7 @@ def _check_value(path: str, value: Any, checks: Any, given: Any) -> None:
         if value != value:
             raise UserError(f"{path}={shown} is not a number")
         for op, fails, text in (("gt", lambda lim: value <= lim, ">"), ("ge", lambda lim: value < lim, ">="),
-                                ("le", lambda lim: value > lim, "<=")):
+                                ("le", lambda lim: value > lim, "<="), ("lt", lambda lim: value >= lim, "<")):
             if op in checks and fails(checks[op]):
                 raise UserError(f"{path}={shown} must be {text} {show(checks[op])}")
 

@@ -24,6 +24,8 @@ EXIT_USER_ERROR = 2
 # (entry point, overrides, words the one line must hold)
 BAD_VALUES = [
     ("train_teacher", ["seed=abc"], ["seed=abc", "whole number"]),
+    ("train_teacher", ["optim.momentum=1.5"], ["optim.momentum=1.5", "< 1"]),
+    ("train_student", ["optim.momentum=1"], ["optim.momentum=1", "< 1"]),
     ("train_teacher", ["seed=-1"], ["seed=-1", ">= 0"]),
     ("train_teacher", ["schedule.milestones=[abc]"], ["schedule.milestones[0]=abc", "whole number"]),
     ("train_teacher", ["schedule.milestones=5"], ["schedule.milestones=5", "list"]),

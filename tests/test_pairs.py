@@ -14,8 +14,10 @@ from distiller.run import distill
 from models import build_model
 
 # The published values (RECIPES.md DKD per pair; mdistiller's ReviewKD CIFAR-100 configs)
-DKD_NCKD = {("resnet56", "resnet20"): 2.0, ("resnet32x4", "resnet8x4"): 8.0, ("vgg13", "vgg8"): 6.0,
-            ("wrn_40_2", "ShuffleV1"): 8.0}
+DKD_NCKD = {("resnet56", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0, ("resnet32x4", "resnet8x4"): 8.0,
+            ("wrn_40_2", "wrn_16_2"): 6.0, ("wrn_40_2", "wrn_40_1"): 6.0, ("vgg13", "vgg8"): 6.0,
+            ("vgg13", "MobileNetV2"): 6.0, ("ResNet50", "MobileNetV2"): 8.0, ("resnet32x4", "ShuffleV1"): 8.0,
+            ("resnet32x4", "ShuffleV2"): 8.0, ("wrn_40_2", "ShuffleV1"): 8.0}
 REVIEWKD_WEIGHT = {("resnet56", "resnet20"): 0.6, ("resnet110", "resnet32"): 1.0, ("resnet32x4", "ShuffleV2"): 8.0,
                    ("resnet32x4", "resnet8x4"): 5.0, ("vgg13", "vgg8"): 5.0}
 
@@ -60,3 +62,13 @@ def test_the_run_prints_and_records_what_the_pair_changed(compose, tmp_path: Pat
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "finished"
     assert "nckd_weight: 3.0" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_every_pair_file_is_found_from_its_teacher_and_student(compose) -> None:
+    """Each configs/pair/<teacher>-<student>.yaml applies to exactly that teacher and student, by name."""
+    files = sorted(pairs.PAIR_DIR.glob("*.yaml"))
+    assert len(files) >= len(DKD_NCKD)
+    for path in files:
+        teacher, student = path.stem.split("-")
+        settings = pairs.pair_settings(teacher.lower(), student.lower())  # names are case-insensitive
+        assert settings is not None and settings["name"] == path.stem
