@@ -31,7 +31,8 @@ from common.errors import UserError
 __all__ = [
     "kd", "hint", "attention", "similarity", "correlation", "correlation_gram", "correlation_rbf",
     "vid", "rkd", "pkt", "ab", "factor_transfer", "fsp_matrix", "fsp", "nst", "crd_nce", "ofd",
-    "ofd_margin", "dkd", "hcl",
+    "ofd_margin", "dkd", "hcl", "dist", "logit_standardize", "ctkd_lambda", "ctkd_temperature", "wttm", "nkd",
+    "mlkd_batch", "mlkd_class", "mlkd",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -100,8 +101,11 @@ def _spatial_attention(f: Tensor, p: float) -> Tensor:
 # --------------------------------------------------------------------------- logits
 
 @_full_precision
-def kd(logits_s: Tensor, logits_t: Tensor, temperature: float = 4.0) -> Tensor:
-    """Hinton KD: ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` summed over classes, mean over batch."""
+def kd(logits_s: Tensor, logits_t: Tensor, temperature: float | Tensor = 4.0) -> Tensor:
+    """Hinton KD: ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` summed over classes, mean over batch.
+
+    ``temperature`` may be a 0-dim tensor that requires gradient (CTKD's learned T).
+    """
     log_p_s = F.log_softmax(logits_s / temperature, dim=1)
     log_p_t = F.log_softmax(logits_t / temperature, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
@@ -110,7 +114,7 @@ def kd(logits_s: Tensor, logits_t: Tensor, temperature: float = 4.0) -> Tensor:
 
 @_full_precision
 def dkd(logits_s: Tensor, logits_t: Tensor, target: Tensor, alpha: float = 1.0, beta: float = 8.0,
-        temperature: float = 4.0) -> Tensor:
+        temperature: float | Tensor = 4.0) -> Tensor:
     """Decoupled KD (Zhao et al., CVPR 2022): ``alpha * TCKD + beta * NCKD``.
 
     TCKD is the KL between the binary (target, rest) distributions, NCKD the KL
@@ -118,7 +122,10 @@ def dkd(logits_s: Tensor, logits_t: Tensor, target: Tensor, alpha: float = 1.0, 
     The binary log-probabilities come from logsumexp of the log-softmax (equal to
     the reference's ``log(sum p)`` but finite when the student is very confident).
     As in the reference, NCKD masks the target class by subtracting 1000 from its
-    scaled logit, which in float32 gives it exactly zero teacher probability.
+    scaled logit, which in float32 gives it exactly zero teacher probability. The
+    teacher side is kept in log space (``log_target=True``): with a probability target,
+    ``kl_div``'s gradient with respect to that exact zero is NaN (0 * log 0), and a
+    0-dim tensor ``temperature`` that requires gradient (CTKD) receives it.
     """
     gt = F.one_hot(target.reshape(-1).long(), logits_s.shape[1]).bool()
     zs, zt = logits_s / temperature, logits_t / temperature
@@ -133,9 +140,173 @@ def dkd(logits_s: Tensor, logits_t: Tensor, target: Tensor, alpha: float = 1.0, 
     b = logits_s.shape[0]
     tckd = F.kl_div(binary(ls), binary(lt), reduction="sum", log_target=True) * temperature ** 2 / b
     shift = 1000.0 * gt.to(zs.dtype)
-    nckd = F.kl_div(F.log_softmax(zs - shift, dim=1), F.softmax(zt - shift, dim=1),
-                    reduction="sum") * temperature ** 2 / b
+    nckd = F.kl_div(F.log_softmax(zs - shift, dim=1), F.log_softmax(zt - shift, dim=1),
+                    reduction="sum", log_target=True) * temperature ** 2 / b
     return alpha * tckd + beta * nckd
+
+
+def _centred_cosine(a: Tensor, b: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
+    """DIST's ``rho`` along ``dim``: cosine of the mean-centred vectors, ``eps`` added once to the norms' product."""
+    a = a - a.mean(dim, keepdim=True)
+    b = b - b.mean(dim, keepdim=True)
+    return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + eps)
+
+
+@_full_precision
+def dist(logits_s: Tensor, logits_t: Tensor, beta: float = 1.0, gamma: float = 1.0,
+         temperature: float = 4.0) -> Tensor:
+    """DIST (Huang et al., NeurIPS 2022): ``tau^2 * (beta * inter + gamma * intra)``.
+
+    On ``Y = softmax(z / tau)``: ``inter = 1 - mean_i rho(Y_s[i, :], Y_t[i, :])`` (each sample
+    across its classes), ``intra = 1 - mean_j rho(Y_s[:, j], Y_t[:, j])`` (each class across
+    the batch, so the term depends on the batch's composition). ``rho`` is the Pearson
+    correlation with 1e-8 added to the product of the centred norms (a constant vector
+    gives 0). The ``tau^2`` factor is the authors' code's (their paper omits it).
+    """
+    y_s = F.softmax(logits_s / temperature, dim=1)
+    y_t = F.softmax(logits_t / temperature, dim=1)
+    inter = 1.0 - _centred_cosine(y_s, y_t, dim=1).mean()
+    intra = 1.0 - _centred_cosine(y_s, y_t, dim=0).mean()
+    return temperature ** 2 * (beta * inter + gamma * intra)
+
+
+@_full_precision
+def logit_standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Logit standardisation (Sun et al., CVPR 2024): ``(z - mean_c z) / (std_c z + eps)`` per sample.
+
+    ``std`` is unbiased (divisor C - 1) and ``eps`` is added to it, not under the root; the
+    gradient flows through both mean and std. A constant row gives zeros (its std's own
+    gradient is undefined; only teacher rows, which need none, are ever constant).
+    ``kd(logit_standardize(z_s), logit_standardize(z_t), T)`` is KD+LS, likewise for ``dkd``.
+    """
+    centred = logits - logits.mean(dim=1, keepdim=True)
+    return centred / (logits.std(dim=1, keepdim=True) + eps)
+
+
+def ctkd_lambda(epoch: int, lambda_min: float = 0.0, lambda_max: float = 1.0, ramp_epochs: int = 10) -> float:
+    """CTKD's reversal strength at ``epoch`` (counted from 1): a cosine ramp from ``lambda_min``
+    to ``lambda_max`` over ``ramp_epochs`` epochs, ``lambda_max`` after; epoch <= 0 gives ``lambda_min``.
+    """
+    if ramp_epochs <= 0:
+        raise UserError(f"ctkd ramp_epochs={ramp_epochs} must be a positive number of epochs")
+    e = min(max(epoch, 0), ramp_epochs)
+    return lambda_min + (lambda_max - lambda_min) * (1.0 - math.cos(math.pi * e / ramp_epochs)) / 2.0
+
+
+class _GradientReversal(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by ``-strength``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, strength: float) -> Tensor:
+        ctx.strength = strength
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return -ctx.strength * grad, None
+
+
+@_full_precision
+def ctkd_temperature(theta: Tensor, lambda_: float, t_min: float = 1.0, t_range: float = 20.0) -> Tensor:
+    """CTKD's temperature ``t_min + t_range * sigmoid(r(theta))``, shaped like ``theta``.
+
+    ``r`` is gradient reversal with strength ``lambda_`` (positive): the student descends the
+    logit loss while ``theta`` ascends it, which makes distillation harder as ``lambda_`` grows.
+    """
+    return t_min + t_range * torch.sigmoid(_GradientReversal.apply(theta, float(lambda_)))
+
+
+@_full_precision
+def wttm(logits_s: Tensor, logits_t: Tensor, gamma: float = 0.2, weighted: bool = True) -> Tensor:
+    """(Weighted) transformed teacher matching (Zheng and Yang, ICLR 2024).
+
+    The teacher's power transform ``q = softmax(z_t)^gamma / U`` is ``softmax(gamma * z_t)``
+    (the teacher at temperature 1/gamma); the student stays at temperature 1.
+    TTM (``weighted=False``) is ``mean_i KL(q_i || softmax(z_s,i))``, no ``T^2`` factor; WTTM
+    weights sample i by ``U_i = sum_c softmax(z_t,i)_c^gamma``, from its log-sum-exp form.
+    """
+    log_q = F.log_softmax(gamma * logits_t, dim=1)
+    kl = F.kl_div(F.log_softmax(logits_s, dim=1), log_q, reduction="none", log_target=True).sum(1)
+    if weighted:
+        kl = torch.logsumexp(gamma * F.log_softmax(logits_t, dim=1), dim=1).exp() * kl
+    return kl.mean()
+
+
+@_full_precision
+def nkd(logits_s: Tensor, logits_t: Tensor, target: Tensor, temperature: float = 1.0,
+        gamma: float = 1.5) -> Tensor:
+    """Normalized KD (Yang et al., ICCV 2023): target term plus non-target term, both cross-entropies.
+
+    ``L_t = -mean_i p_t[i, y_i] log p_s[i, y_i]`` at temperature 1; the label's column is
+    removed from both logit sets and ``L_nt = -gamma * T^2 * mean_i sum_j t_ij log s_ij``
+    with ``s``, ``t`` the softmaxes of the remaining C - 1 logits at ``T``. Not 0 when the
+    student equals the teacher (the teacher's entropies are included); gradients are KL's.
+    """
+    b, c = logits_s.shape
+    y = target.reshape(-1, 1).long()
+    target_term = -(F.softmax(logits_t, dim=1).gather(1, y) * F.log_softmax(logits_s, dim=1).gather(1, y)).mean()
+    keep = ~F.one_hot(y.reshape(-1), c).bool()
+    log_s = F.log_softmax(logits_s[keep].reshape(b, c - 1) / temperature, dim=1)
+    p_t = F.softmax(logits_t[keep].reshape(b, c - 1) / temperature, dim=1)
+    return target_term - gamma * temperature ** 2 * (p_t * log_s).sum(1).mean()
+
+
+@_full_precision
+def mlkd_batch(logits_s: Tensor, logits_t: Tensor, temperature: float = 4.0) -> Tensor:
+    """MLKD's batch level: ``||P_t P_t^T - P_s P_s^T||_F^2 / B`` of the [B, B] sample similarities
+    of ``P = softmax(z / T)``; no ``T^2`` factor."""
+    p_s = F.softmax(logits_s / temperature, dim=1)
+    p_t = F.softmax(logits_t / temperature, dim=1)
+    return (p_t @ p_t.t() - p_s @ p_s.t()).pow(2).sum() / logits_s.shape[0]
+
+
+@_full_precision
+def mlkd_class(logits_s: Tensor, logits_t: Tensor, temperature: float = 4.0) -> Tensor:
+    """MLKD's class level: ``||P_t^T P_t - P_s^T P_s||_F^2 / C`` of the [C, C] class correlations
+    of ``P = softmax(z / T)``; no ``T^2`` factor."""
+    p_s = F.softmax(logits_s / temperature, dim=1)
+    p_t = F.softmax(logits_t / temperature, dim=1)
+    return (p_t.t() @ p_t - p_s.t() @ p_s).pow(2).sum() / logits_s.shape[1]
+
+
+def _fraction_at_or_below_median(values: Tensor) -> Tensor:
+    """The share of ``values`` <= their median (linearly interpolated, numpy's default)."""
+    return (values <= torch.quantile(values, 0.5)).to(values.dtype).mean()
+
+
+@_full_precision
+def mlkd(logits_s_weak: Tensor, logits_t_weak: Tensor, logits_s_strong: Tensor, logits_t_strong: Tensor,
+         temperature: float = 4.0, standardize: bool = False) -> Tensor:
+    """Multi-Level Logit Distillation (Jin et al., CVPR 2023) as released: the unweighted distillation term.
+
+    Temperatures ``(T0, 3, 5, 2, 6)`` with ``T0 = temperature``. ``f_b`` and ``f_c`` are the
+    shares of samples (max probability) and classes (summed probability) at or below their
+    median, from the teacher's weak view at temperature 1. The sum: ``f_b * KD`` on the weak
+    view at every T; KD on the strong view at T0, 3, 5 and on the weak view at 2 and 6 (the
+    released code's choice); ``f_c * mlkd_class`` and ``f_b * mlkd_batch`` on the weak view at
+    every T. The masks only scale batch scalars, as in the released code. ``standardize``
+    applies :func:`logit_standardize` inside the KD terms only (MLKD+LS).
+    """
+    temps = (temperature, 3.0, 5.0, 2.0, 6.0)
+    with torch.no_grad():
+        q = F.softmax(logits_t_weak, dim=1)
+        f_b = _fraction_at_or_below_median(q.max(dim=1).values)
+        f_c = _fraction_at_or_below_median(q.sum(dim=0))
+
+    def kd_term(a: Tensor, b: Tensor, t: float) -> Tensor:
+        return kd(logit_standardize(a), logit_standardize(b), t) if standardize else kd(a, b, t)
+
+    total = logits_s_weak.new_zeros(())
+    for t in temps:
+        total = total + f_b * kd_term(logits_s_weak, logits_t_weak, t)
+    for t in temps[:3]:
+        total = total + kd_term(logits_s_strong, logits_t_strong, t)
+    for t in temps[3:]:
+        total = total + kd_term(logits_s_weak, logits_t_weak, t)
+    for t in temps:
+        total = total + f_c * mlkd_class(logits_s_weak, logits_t_weak, t)
+        total = total + f_b * mlkd_batch(logits_s_weak, logits_t_weak, t)
+    return total
 
 
 # --------------------------------------------------------------------------- feature maps

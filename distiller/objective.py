@@ -2,9 +2,17 @@
 
 Built from the ``distill`` config node (plus any ``combine.<label>`` nodes), so any
 method combines with KD and with further methods without code knowing their names.
+
+Two things reach the logit terms generically. A temperature supplied by a method
+(``DistillMethod.temperature()``, e.g. a learned one) replaces the config's in the KD term
+and is passed to every method whose ``forward`` takes a ``temperature`` keyword (None when no
+method supplies one, so the method keeps its own). With ``logit_standardize: true`` the KD
+term and every method that declares ``logit_terms = True`` see both networks' logits
+standardised per sample (:func:`distiller.functional.logit_standardize`).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -21,7 +29,7 @@ from distiller.methods import METHODS
 from distiller.methods.base import BuildContext, DistillMethod, Phase
 
 # keys of a distill/<name>.yaml node that belong to the objective, not to the method's constructor
-OBJECTIVE_KEYS = ("name", "method", "gamma", "alpha", "beta", "temperature", "warmup_epochs")
+OBJECTIVE_KEYS = ("name", "method", "gamma", "alpha", "beta", "temperature", "warmup_epochs", "logit_standardize")
 
 
 @dataclass
@@ -68,6 +76,25 @@ def build_method(node: Mapping[str, Any]) -> DistillMethod:
         raise UserError(f"method '{method_name}': {err}") from None
 
 
+def _takes_temperature(method: DistillMethod) -> bool:
+    """Whether the method's ``forward`` declares a ``temperature`` keyword (it then gets the supplied one)."""
+    return "temperature" in inspect.signature(method.forward).parameters
+
+
+def _standardized(features: Features) -> Features:
+    """The same features with the logits (also on extra views) standardised per sample."""
+    if features.logits is None:
+        return features
+    views = {name: _standardized(view) for name, view in features.views.items()}
+    return dataclasses.replace(features, logits=F.logit_standardize(features.logits), views=views)
+
+
+def _check_flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{key}={value!r} must be true or false")
+    return value
+
+
 def _check_weight(value: Any, key: str) -> float:
     try:
         value = float(value)
@@ -82,11 +109,13 @@ class Objective(nn.Module):
     """Weighted sum of cross-entropy, KD and the methods' terms; owns the methods (and their helpers)."""
 
     def __init__(self, gamma: float = 1.0, alpha: float = 0.0, temperature: float = 4.0,
-                 methods: list[WeightedMethod] | None = None) -> None:
+                 methods: list[WeightedMethod] | None = None, logit_standardize: bool = False) -> None:
         super().__init__()
         self.gamma, self.alpha, self.temperature_ = gamma, alpha, temperature
+        self.logit_standardize = logit_standardize
         self.entries = methods or []
         self.methods = nn.ModuleDict({m.label: m.method for m in self.entries})
+        self._takes_temperature = {m.label for m in self.entries if _takes_temperature(m.method)}
 
     @classmethod
     def from_config(cls, distill: Mapping[str, Any] | None, combine: Mapping[str, Any] | None = None) -> Objective:
@@ -98,6 +127,7 @@ class Objective(nn.Module):
         temperature = float(distill.get("temperature", 4.0))
         if temperature <= 0:
             raise UserError(f"distill.temperature={temperature} must be > 0")
+        standardize = _check_flag(distill.get("logit_standardize", False), "distill.logit_standardize")
         entries = []
         nodes = [("distill", distill)] + [(f"combine.{k}", v) for k, v in (combine or {}).items()]
         for key, node in nodes:
@@ -107,7 +137,7 @@ class Objective(nn.Module):
             if warmup < 0:
                 raise UserError(f"{key}.warmup_epochs={warmup} must be >= 0")
             entries.append(WeightedMethod(label, build_method(node), beta, warmup))
-        return cls(gamma, alpha, temperature, entries)
+        return cls(gamma, alpha, temperature, entries, logit_standardize=standardize)
 
     def build(self, student_hooks: FeatureHooks, teacher_hooks: FeatureHooks | None, ctx: BuildContext,
               memory_format: torch.memory_format = torch.contiguous_format) -> None:
@@ -145,13 +175,18 @@ class Objective(nn.Module):
         return [p for m in self.active() for p in m.method.parameters() if p.requires_grad]
 
     # ---- the loss -------------------------------------------------------------------------------
-    def temperature(self) -> float | torch.Tensor:
-        """The logit terms' temperature: the first method that supplies one (e.g. a learned T), else the config's."""
+    def supplied_temperature(self) -> torch.Tensor | None:
+        """The temperature of the first active method that supplies one (e.g. a learned T), else None."""
         for entry in self.active():
             supplied = entry.method.temperature()
             if supplied is not None:
                 return supplied
-        return self.temperature_
+        return None
+
+    def temperature(self) -> float | torch.Tensor:
+        """The logit terms' temperature: the first method that supplies one (e.g. a learned T), else the config's."""
+        supplied = self.supplied_temperature()
+        return self.temperature_ if supplied is None else supplied
 
     def forward(self, student: Features, teacher: Features | None, batch: Batch, epoch: int,
                 per_method: Mapping[str, tuple[Features, Features]]) -> LossParts:
@@ -161,6 +196,11 @@ class Objective(nn.Module):
         terms``); ``total`` sums the terms in one fixed order (the value that is minimised).
         """
         logits = student.logits
+        active = self.active()
+        # one temperature per step, shared by every logit term (a learned one is computed once)
+        needs_supplied = self.alpha > 0 and teacher is not None or any(
+            m.label in self._takes_temperature for m in active)
+        supplied = self.supplied_temperature() if needs_supplied else None
         terms: dict[str, torch.Tensor] = {}
         total = logits.new_zeros((), dtype=torch.float32)
         task = logits.new_zeros((), dtype=torch.float32)
@@ -170,13 +210,19 @@ class Objective(nn.Module):
             total = total + self.gamma * terms["ce"]
             task = task + self.gamma * terms["ce"]
         if self.alpha > 0 and teacher is not None:
-            terms["kd"] = F.kd(logits, teacher.logits, self.temperature())
+            z_s, z_t = logits, teacher.logits
+            if self.logit_standardize:
+                z_s, z_t = F.logit_standardize(z_s), F.logit_standardize(z_t)
+            terms["kd"] = F.kd(z_s, z_t, self.temperature_ if supplied is None else supplied)
             total = total + self.alpha * terms["kd"]
             distill = distill + self.alpha * terms["kd"]
-        for entry in self.active():
+        for entry in active:
             s_feats, t_feats = per_method[entry.label]
+            if self.logit_standardize and entry.method.logit_terms:
+                s_feats, t_feats = _standardized(s_feats), _standardized(t_feats)
+            kwargs = {"temperature": supplied} if entry.label in self._takes_temperature else {}
             weight = entry.weight(epoch)
-            for name, value in entry.method(s_feats, t_feats, batch).items():
+            for name, value in entry.method(s_feats, t_feats, batch, **kwargs).items():
                 key = name if name not in terms else f"{entry.label}.{name}"
                 terms[key] = value
                 total = total + weight * value.float()

@@ -18,22 +18,9 @@ from torch import nn
 from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.features import EMBEDDING, STAGES_PREACT, Features, feature_info
+from distiller.features import STAGES_PREACT, Features, feature_extractor_parameters
 from distiller.helpers import Resize, log_stage_pairing, pair_stages
 from distiller.methods.base import METHODS, BuildContext, DistillMethod, Phase
-
-
-def student_feature_parameters(student: nn.Module) -> list[nn.Parameter]:
-    """Every parameter of ``student`` except its classifier's (the module whose input is the embedding).
-
-    This is what RepDistiller's ``get_feat_modules()`` trains in the AB and FSP
-    initialisation phases, found from the model's ``feature_info`` instead of a per-model list.
-    """
-    head: set[int] = set()
-    for info in feature_info(student):
-        if info.name == EMBEDDING and info.module:
-            head = {id(p) for p in student.get_submodule(info.module).parameters()}
-    return [p for p in student.parameters() if id(p) not in head]
 
 
 class BoundaryConnector(nn.Module):
@@ -116,7 +103,7 @@ class ActivationBoundaries(DistillMethod):
             name="init",
             epochs=self.init_epochs,
             # the connectors and the student's feature layers; the classifier stays as initialised
-            parameters=lambda student: [*self.connectors.parameters(), *student_feature_parameters(student)],
+            parameters=lambda student: [*self.connectors.parameters(), *feature_extractor_parameters(student)],
             loss=lambda s, t, batch: {"ab": self.ab_loss(s.stages, t.stages)},
             lr=self.init_lr,
         )]

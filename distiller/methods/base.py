@@ -73,6 +73,9 @@ class DistillMethod(nn.Module):
     # A method that acts on the objective itself (e.g. supplies the logit terms' temperature) takes
     # part in the main phase, its helpers trained, even when its own weight beta is 0.
     always_active: ClassVar[bool] = False
+    # A method whose terms compare the two networks' logits: it sees standardised logits under
+    # distill.logit_standardize=true, and may take a supplied temperature as ``forward(..., temperature=)``.
+    logit_terms: ClassVar[bool] = False
 
     def build(self, student: Features[torch.Size], teacher: Features[torch.Size], ctx: BuildContext) -> None:
         """Create trainable helpers from probed feature shapes. Default: nothing to build."""

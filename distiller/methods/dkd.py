@@ -18,23 +18,27 @@ class DKD(DistillMethod):
     so both are logged; their sum is DKD's loss. ``dkd_temperature`` is DKD's own
     temperature (its config defaults it to the KD ``temperature`` key, 4). The paper's
     linear warm-up over 20 epochs is the config's generic ``warmup_epochs``, which the
-    objective applies to ``beta``. Needs ``batch.labels``.
+    objective applies to ``beta``. A temperature supplied by another method (CTKD's learned T)
+    replaces ``dkd_temperature``; with ``logit_standardize`` it sees standardised logits. Needs
+    ``batch.labels``.
     """
 
+    logit_terms = True
 
     def __init__(self, tckd_weight: float = 1.0, nckd_weight: float = 8.0, dkd_temperature: float = 4.0) -> None:
         super().__init__()
         self.tckd_weight = tckd_weight
         self.nckd_weight = nckd_weight
-        self.temperature = float(dkd_temperature)
+        self.dkd_temperature = float(dkd_temperature)
 
-    def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+    def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor], batch: Batch,
+                temperature: float | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         z_s, z_t, y = student.logits, teacher.logits, batch.labels
+        t = self.dkd_temperature if temperature is None else temperature
         return {
-            "tckd": F.dkd(z_s, z_t, y, alpha=self.tckd_weight, beta=0.0, temperature=self.temperature),
-            "nckd": F.dkd(z_s, z_t, y, alpha=0.0, beta=self.nckd_weight, temperature=self.temperature),
+            "tckd": F.dkd(z_s, z_t, y, alpha=self.tckd_weight, beta=0.0, temperature=t),
+            "nckd": F.dkd(z_s, z_t, y, alpha=0.0, beta=self.nckd_weight, temperature=t),
         }
 
     def extra_repr(self) -> str:
-        return f"tckd_weight={self.tckd_weight}, nckd_weight={self.nckd_weight}, temperature={self.temperature}"
+        return f"tckd_weight={self.tckd_weight}, nckd_weight={self.nckd_weight}, dkd_temperature={self.dkd_temperature}"

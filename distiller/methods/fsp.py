@@ -15,8 +15,7 @@ import torch
 from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.features import STAGES, STEM, Features
-from distiller.methods.ab import student_feature_parameters
+from distiller.features import STAGES, STEM, Features, feature_extractor_parameters
 from distiller.methods.base import METHODS, BuildContext, DistillMethod, Phase
 
 
@@ -76,7 +75,7 @@ class FSP(DistillMethod):
         return [Phase(
             name="init",
             epochs=self.init_epochs,
-            parameters=student_feature_parameters,  # all of the student but its classifier
+            parameters=feature_extractor_parameters,  # the stem and the stages, not the head
             loss=lambda s, t, batch: {"fsp": self.fsp_loss(s, t)},
             lr=self.init_lr,
         )]
