@@ -128,6 +128,7 @@ class DistillConfig:
     beta: float = key(ge=0)  # weight of the method's own terms
     temperature: float = key(gt=0)  # KD temperature
     warmup_epochs: int = key(ge=0)  # beta ramps linearly over this many epochs
+    logit_standardize: bool | None = key(None)  # LS: standardise logits before KD and logit methods (absent: false)
 
 
 @dataclass

@@ -192,3 +192,27 @@ def probe_shapes(model: nn.Module, preact: bool = False, input_size: Sequence[in
     with eval_mode(model), torch.no_grad():
         feats, _ = forward_features(model, torch.zeros(*input_size, device=device), preact=preact)
     return [f.shape for f in feats]
+
+
+def feature_extractor_parameters(model: nn.Module, input_size: Sequence[int] = (2, 3, 32, 32)) -> list[nn.Parameter]:
+    """The parameters of every module that runs before the last stage's feature is complete.
+
+    That is the older frameworks' ``get_feat_modules()``: the stem and the stages, without
+    the head (a WRN's final BatchNorm, MobileNetV2's and ShuffleNetV2's last 1x1 conv, the
+    classifier). Found from one probe's execution order, so any declared model has it.
+    """
+    last = [i for i in feature_info(model) if i.is_stage][-1]
+    order: list[nn.Module] = []
+    done: list[int] = []
+    leaves = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    handles = [m.register_forward_hook(lambda m, a, o: order.append(m)) for m in leaves]
+    handles.append(model.get_submodule(last.module).register_forward_hook(lambda m, a, o: done.append(len(order))))
+    first = next(model.parameters())
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(torch.zeros(*input_size, device=first.device, dtype=first.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    ran_before = {id(m) for m in order[:done[0]]}
+    return [p for m in leaves if id(m) in ran_before for p in m.parameters(recurse=False)]

@@ -39,6 +39,9 @@ VOLATILE_KEYS = ("trainer.resume", "trainer.auto_resume", "trainer.force", "trai
                  "trainer.log_interval", "trainer.num_threads", "trainer.checkpoint_every_steps",
                  "trainer.device", "trainer.compile", "dataset.root", "teacher.ckpt", "teacher_dir",
                  "dataset.eval_batch_size")
+# keys added to configs after runs were made with them absent: at these values they change nothing,
+# so a run directory written before they existed still resumes
+NEUTRAL_DEFAULTS = {"distill.logit_standardize": False}
 
 
 # ---- validation -----------------------------------------------------------------------------------
@@ -68,10 +71,11 @@ def settings_from_config(cfg: DictConfig, runtime: Runtime) -> TrainSettings:
 def run_identity(config: dict[str, Any]) -> dict[str, Any]:
     """The config without keys that may change between a run and its resumption."""
     identity = OmegaConf.create(config)
-    for key in VOLATILE_KEYS:
+    for key in (*VOLATILE_KEYS, *NEUTRAL_DEFAULTS):
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(identity, parent) if parent else identity
-        if isinstance(node, DictConfig) and leaf in node:
+        if isinstance(node, DictConfig) and leaf in node and (key not in NEUTRAL_DEFAULTS
+                                                              or node[leaf] == NEUTRAL_DEFAULTS[key]):
             del node[leaf]
     return OmegaConf.to_container(identity)
 

@@ -253,3 +253,17 @@ def test_command_line_run_dir_that_is_a_file(tmp_path):
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
         f"error: hydra.run.dir={blocker} is a file, not a directory; choose another hydra.run.dir"]
     assert blocker.read_text() == "keep me"
+
+
+def test_logit_standardize_is_a_plain_override_and_old_runs_still_resume(compose) -> None:
+    """distill.logit_standardize=true needs no '+', and a run written before the key existed is the same
+    run as one with it at false (resume compares configs), but not as one with it at true."""
+    from distiller.run import run_identity
+
+    on = compose("train_student", ["distill=kd", "distill.logit_standardize=true"])
+    assert on.distill.logit_standardize is True
+    new = OmegaConf.to_container(compose("train_student", ["distill=kd"]), resolve=True)
+    old = OmegaConf.to_container(compose("train_student", ["distill=kd"]), resolve=True)
+    del old["distill"]["logit_standardize"]
+    assert run_identity(old) == run_identity(new)
+    assert run_identity(old) != run_identity(OmegaConf.to_container(on, resolve=True))

@@ -36,6 +36,7 @@ from models import build_model
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL_DIR = ROOT / "configs" / "distill"
 SCHEMA_KEYS = ["name", "method", "gamma", "alpha", "beta", "temperature", "warmup_epochs"]
+OPTIONAL_OBJECTIVE_KEYS = ["logit_standardize"]  # the objective's too, present in the logit methods' files
 MY_METHODS = ["kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "nst", "crd", "dkd"]
 PAIRS = [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("vgg13", "MobileNetV2")]
 
@@ -66,7 +67,7 @@ def shapes_of(model: nn.Module) -> Features:
 def method_kwargs(name: str, **overrides) -> tuple[dict, dict]:
     """(full resolved config, constructor kwargs) of ``configs/distill/<name>.yaml``."""
     cfg = OmegaConf.to_container(OmegaConf.load(DISTILL_DIR / f"{name}.yaml"), resolve=True)
-    kwargs = {k: v for k, v in cfg.items() if k not in SCHEMA_KEYS}
+    kwargs = {k: v for k, v in cfg.items() if k not in SCHEMA_KEYS + OPTIONAL_OBJECTIVE_KEYS}
     kwargs.update(overrides)
     return cfg, kwargs
 
