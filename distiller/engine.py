@@ -114,23 +114,7 @@ class Trainer:
         return self.state
 
     def _set_modes(self, phase: PlannedPhase) -> None:
-        """Main phase: the student in train mode. Initialisation phase: as the older frameworks, the
-        student in eval mode except the modules whose parameters the phase trains (its BatchNorms
-        outside the trained set keep their statistics)."""
-        self.student.train(phase.is_main)
-        if not phase.is_main:
-            wanted = {id(p) for p in phase.parameters}
-            for m in self.student.modules():
-                own = list(m.parameters(recurse=False))
-                if own and all(id(p) in wanted for p in own):
-                    m.train()
-        self.objective.train()
-        if self.teacher is not None:
-            self.teacher.eval()
-            if phase.is_main and self.objective.teacher_bn_train():
-                for m in self.teacher.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.train()
+        phase.set_modes(self.student, self.objective, self.teacher, self.objective.teacher_bn_train())
 
     def _wrap(self, phase: PlannedPhase) -> None:
         """Train exactly the phase's parameters: freeze the rest, and wrap in DDP when distributed."""

@@ -54,6 +54,30 @@ class PlannedPhase:
     needs_teacher: bool = True
     loss: Callable[..., dict[str, torch.Tensor]] | None = None
 
+    def set_modes(self, student: nn.Module, helpers: nn.Module, teacher: nn.Module | None,
+                  teacher_bn_train: bool = False) -> None:
+        """Train/eval modes for this phase.
+
+        Main phase: student and helpers in train mode, the teacher in eval (its BatchNorms in
+        train mode when a method asks, as OFD). Initialisation phase: as the older frameworks,
+        the student in eval mode except the modules whose parameters the phase trains, so its
+        BatchNorms outside the trained set keep their statistics.
+        """
+        student.train(self.is_main)
+        if not self.is_main:
+            wanted = {id(p) for p in self.parameters}
+            for m in student.modules():
+                own = list(m.parameters(recurse=False))
+                if own and all(id(p) in wanted for p in own):
+                    m.train()
+        helpers.train()
+        if teacher is not None:
+            teacher.eval()
+            if self.is_main and teacher_bn_train:
+                for m in teacher.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.train()
+
     @property
     def tag(self) -> str:
         """TensorBoard prefix of the phase's scalars."""
