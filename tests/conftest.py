@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import distiller.cli  # noqa: F401 - registers the config resolvers used by composed configs
+from common.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -82,6 +83,20 @@ def random_splits(n: int, num_classes: int, seed_base: int, test_n: int):
     labels = torch.arange(n) % num_classes
     return DataSplits(images, labels, images[:test_n].clone(), labels[:test_n].clone(), num_classes,
                       [str(i) for i in range(num_classes)])
+
+
+@pytest.fixture
+def register():
+    """Register toys for one test only (other tests check the registries' exact contents)."""
+    added: list[tuple[Registry, str]] = []
+
+    def _register(registry: Registry, name: str, obj) -> None:
+        registry.add(name, obj)
+        added.append((registry, name))
+
+    yield _register
+    for registry, name in added:
+        registry.remove(name)
 
 
 def run_cli(script: str, *overrides: str, cwd: Path | None = None, env: dict | None = None,

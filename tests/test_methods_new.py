@@ -21,7 +21,6 @@ from conftest import generator, random_splits, seed
 from omegaconf import OmegaConf
 
 from common.errors import UserError
-from common.registry import Registry
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.engine import Trainer, TrainSettings
@@ -67,20 +66,6 @@ def call(objective: Objective, zs: torch.Tensor, zt: torch.Tensor, batch: Batch,
     """One Trainer-free step of the objective on logits alone (every method here reads logits only)."""
     per_method = {e.label: (Features(logits=zs), Features(logits=zt)) for e in objective.entries}
     return objective(Features(logits=zs), Features(logits=zt), batch, epoch, per_method)
-
-
-@pytest.fixture
-def register():
-    """Register toys for one test only (other tests check the registries' exact contents)."""
-    added: list[tuple[Registry, str]] = []
-
-    def _register(registry: Registry, name: str, obj) -> None:
-        registry.add(name, obj)
-        added.append((registry, name))
-
-    yield _register
-    for registry, name in added:
-        registry.remove(name)
 
 
 # --------------------------------------------------------------------------- configs

@@ -22,7 +22,6 @@ import torch.nn.functional as nnf
 from conftest import random_splits, seed
 from torch import nn
 
-from common.registry import Registry
 from datasets import DataSplits
 from distiller import functional as F
 from distiller.engine import Trainer, TrainSettings
@@ -50,20 +49,6 @@ def make_trainer(tmp: Path, distill: dict, epochs: int = 1, optimizer: str = "sg
                    student=build_model("resnet8", num_classes=NUM_CLASSES), student_arch="resnet8",
                    objective=objective, teacher=build_model("resnet8", num_classes=NUM_CLASSES),
                    teacher_arch="resnet8")
-
-
-@pytest.fixture
-def register():
-    """Register toys for one test only (other tests check the registries' exact contents)."""
-    added: list[tuple[Registry, str]] = []
-
-    def _register(registry: Registry, name: str, obj) -> None:
-        registry.add(name, obj)
-        added.append((registry, name))
-
-    yield _register
-    for registry, name in added:
-        registry.remove(name)
 
 
 # ---- split gradients ------------------------------------------------------------------------------
