@@ -85,7 +85,7 @@ class DeviceLoader:
         self.rank = rank
         self.world_size = world_size
         self.channels_last = channels_last
-        self.views = [VIEWS.canonical(v) for v in views]  # extra views of each training batch
+        self.views = {VIEWS.canonical(v): VIEWS.get(v) for v in views}  # extra views of each training batch
         # One transfer of the whole set; every batch afterwards is a gather on the device.
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
@@ -152,9 +152,9 @@ class DeviceLoader:
                 idx = order[pos]
                 raw = self.images[idx]
                 batch = Batch(self._normalise(crop_and_flip(raw, offsets[pos], flips[pos])), self.labels[idx], idx, {})
-                for k, name in enumerate(self.views, start=1):
+                for k, (name, make_view) in enumerate(self.views.items(), start=1):
                     gen = torch.Generator(device="cpu").manual_seed(epoch_seed(self.seed, epoch, step, k))
-                    batch.views[name] = self._normalise(VIEWS.get(name)(raw, gen))
+                    batch.views[name] = self._normalise(make_view(raw, gen))
                 yield batch
         else:
             for start, size in self._spans[start_step:]:

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes, safe reads, and loading the widely shared teacher files.
+"""Checkpoint files: safe reads and loading the widely shared teacher files (writes: common.files.atomic_write).
 
 Every file is read with ``torch.load(weights_only=True)``: a checkpoint from the
 internet cannot run code while it is unpickled. Our own checkpoints hold only
@@ -16,14 +16,8 @@ import torch
 from torch import nn
 
 from common.errors import UserError
-from common.files import atomic_write
 
 UNSAFE_ENV = "KD_TRUST_CHECKPOINTS"  # set to 1 to allow full unpickling of files you trust
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write a torch checkpoint atomically (see :func:`common.files.atomic_write`)."""
-    atomic_write(obj, path, "torch")
 
 
 def safe_load(path: str | Path, what: str = "checkpoint", trust: bool | None = None) -> Any:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
-from distiller.checkpoint import atomic_save
+from common.files import atomic_write
 from distiller.runtime import barrier, rng_state, set_rng_state
 
 CHECKPOINT_FORMAT = 1
@@ -49,7 +49,7 @@ class Checkpointer:
                   meter_state: dict[str, torch.Tensor]) -> None:
         """Everything needed to continue; all ranks wait until it is on disk."""
         if self.is_main:
-            atomic_save({
+            atomic_write({
                 "format": CHECKPOINT_FORMAT, "arch": self.student_arch, "num_classes": self.num_classes,
                 "teacher_arch": self.teacher_arch, "model": self.student.state_dict(),
                 "objective": self.objective.state_dict(), "optimizer": optimizer.state_dict(),
@@ -64,7 +64,7 @@ class Checkpointer:
 
     def save_best(self, epochs: int, top1: float) -> None:
         if self.is_main:
-            atomic_save(self.slim(epochs, top1), self.run_dir / "best.pt")
+            atomic_write(self.slim(epochs, top1), self.run_dir / "best.pt")
 
     def restore(self, checkpoint: dict, device: torch.device) -> tuple[RunState, dict | None, dict[str, torch.Tensor]]:
         """Load a ``last.pt``: weights, helpers, RNG. Returns (run state, optimizer state, meter sums)."""

@@ -58,26 +58,27 @@ def feature_info(model: nn.Module) -> Sequence[FeatureInfo]:
     return infos
 
 
-def _check_kinds(kinds: Iterable[str]) -> frozenset[str]:
+def _check_kinds(kinds: Iterable[str], one_stage_kind: bool = True) -> frozenset[str]:
+    """``kinds`` as a set; unknown kinds raise, and so do both stage kinds where one method asks."""
     kinds = frozenset(kinds)
     unknown = kinds - set(KINDS)
     if unknown:
         raise ValueError(f"unknown feature kind(s) {sorted(unknown)}; valid: {', '.join(KINDS)}")
-    if STAGES in kinds and STAGES_PREACT in kinds:
+    if one_stage_kind and STAGES in kinds and STAGES_PREACT in kinds:
         raise ValueError("ask for either stages or stages_preact, not both")
     return kinds
 
 
 class FeatureHooks:
-    """Forward hooks on ``model`` for the union of ``kinds``; :meth:`collect` hands out :class:`Features`.
+    """Forward hooks on ``model`` for the union of ``kinds`` (several methods' needs, so both
+    stage kinds may be asked for); :meth:`select` hands out one method's :class:`Features`.
 
     Registered once for a whole run (or used as a context manager); every forward pass
-    refills the store, and :meth:`collect` empties it so no tensor outlives its step.
+    refills the store, and :meth:`pop` empties it so no tensor outlives its step.
     """
 
     def __init__(self, model: nn.Module, kinds: Iterable[str]) -> None:
-        kinds = frozenset(kinds)
-        _check_kinds(kinds - {STAGES_PREACT} if STAGES in kinds else kinds)
+        kinds = _check_kinds(kinds, one_stage_kind=False)
         self.model = model
         infos = feature_info(model) if kinds else []
         self.stage_names = [i.name for i in infos if i.is_stage]
@@ -204,7 +205,7 @@ def feature_extractor_parameters(model: nn.Module, input_size: Sequence[int] = (
     last = [i for i in feature_info(model) if i.is_stage][-1]
     order: list[nn.Module] = []
     done: list[int] = []
-    leaves = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    leaves = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
     handles = [m.register_forward_hook(lambda m, a, o: order.append(m)) for m in leaves]
     handles.append(model.get_submodule(last.module).register_forward_hook(lambda m, a, o: done.append(len(order))))
     first = next(model.parameters())

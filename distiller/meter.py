@@ -54,12 +54,14 @@ class Meter:
 
     def shown(self, with_accuracy: bool, with_terms: bool = False) -> dict[str, float]:
         """Mean loss (train accuracy, each term as ``loss_<term>``) so far: a host sync, for the bar and logs."""
-        count = max(self.sums["count"].item(), 1.0)
-        shown = {"loss": self.sums["loss"].item() / count}
+        terms = self.term_names if with_terms else []
+        values = torch.stack([self.sums[k] for k in ("count", "loss", "correct", *(f"term/{n}" for n in terms))])
+        count, loss, correct, *term_sums = values.tolist()  # one transfer
+        count = max(count, 1.0)
+        shown = {"loss": loss / count}
         if with_accuracy:
-            shown["acc"] = 100.0 * self.sums["correct"].item() / count
-        if with_terms:
-            shown.update({f"loss_{n}": self.sums[f"term/{n}"].item() / count for n in self.term_names})
+            shown["acc"] = 100.0 * correct / count
+        shown.update({f"loss_{n}": value / count for n, value in zip(terms, term_sums)})
         return shown
 
     def first_nonfinite(self) -> tuple[int, str] | None:

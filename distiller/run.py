@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from common.errors import UserError
 from common.files import atomic_write
 from datasets import load_dataset
-from distiller.checkpoint import atomic_save, load_weights, safe_load
+from distiller.checkpoint import load_weights, safe_load
 from distiller.config import validate
 from distiller.config_messages import describe_error
 from distiller.engine import Trainer, TrainSettings
@@ -183,14 +183,14 @@ def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     final = state.history[-1]
     if runtime.is_main:
         slim = trainer.checkpointer.slim(len(state.history), final["test_top1"])
-        atomic_save(slim, run_dir / "final.pt")
+        atomic_write(slim, run_dir / "final.pt")
         if job.save_teacher:
             target = Path(str(cfg.teacher_dir)) / f"{arch}.pt"
             if target.exists():  # never lose a teacher: keep the previous file beside the new one
                 backup = target.with_name(f"{target.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
                 os.replace(target, backup)
                 log.warning("kept the previous %s as %s", target, backup)
-            atomic_save(slim, target)
+            atomic_write(slim, target)
             log.info("stored the trained model as %s (used by teacher=%s)", target, arch)
     if runtime.is_main:
         print(f"{arch}: final test top-1 {final['test_top1']:.2f}  best {state.best_top1:.2f}  ({run_dir})")
@@ -224,7 +224,7 @@ def distill(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     state = trainer.fit(resume_from=start)
     final = state.history[-1]
     if runtime.is_main:
-        atomic_save(trainer.checkpointer.slim(len(state.history), final["test_top1"]), run_dir / "final.pt")
+        atomic_write(trainer.checkpointer.slim(len(state.history), final["test_top1"]), run_dir / "final.pt")
         print(f"{student_arch} <- {teacher_arch} [{cfg.method_label}]: final test top-1 {final['test_top1']:.2f}  "
               f"best {state.best_top1:.2f}  ({run_dir})")
     return final

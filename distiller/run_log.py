@@ -13,11 +13,6 @@ from common.files import atomic_write
 log = logging.getLogger("distiller")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON atomically, so readers never see half a file."""
-    atomic_write(data, path, "json")
-
-
 class RunLogger:
     """TensorBoard scalars and the run's ``metrics.json`` (pinned keys: final_top1, best_top1, final_top5, epochs)."""
 
@@ -59,7 +54,7 @@ class RunLogger:
             "init_epochs": state["init_history"],
             **(extra or {}),
         }
-        write_json_atomic(self.run_dir / "metrics.json", data)
+        atomic_write(data, self.run_dir / "metrics.json", "json")
 
     def flush(self) -> None:
         if self._writer is not None:
