@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from common.errors import UserError
 from distiller.config_messages import describe_error, either, show, unwrap
-from distiller.plan import OPTIMIZERS
+from distiller.optim import OPTIMIZERS
 from models import MODELS, list_models, model_metadata
 
 # Test top-1 of the widely shared pretrained CIFAR-100 teachers (RepDistiller / CRD, RECIPES.md).

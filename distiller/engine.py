@@ -29,9 +29,11 @@ from distiller.features import FeatureHooks
 from distiller.meter import Meter, NonFiniteLossError
 from distiller.methods.base import BuildContext
 from distiller.objective import Objective
-from distiller.plan import PlannedPhase, TrainSettings, lr_at, make_optimizer, plan_phases
+from distiller.optim import make_optimizer
+from distiller.plan import PlannedPhase, lr_at, plan_phases
 from distiller.run_log import RunLogger
 from distiller.runtime import Runtime, all_reduce_sum
+from distiller.settings import TrainSettings
 from distiller.step import DistillStep, StepOutput, distribute, train_step
 
 log = logging.getLogger("distiller")

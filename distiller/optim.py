@@ -8,20 +8,18 @@ those keys of the ``optim`` node beyond the common ones (DOT's ``delta``); they 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from common.errors import UserError
 from common.registry import Registry
-
-if TYPE_CHECKING:  # plan.py imports this module
-    from distiller.plan import TrainSettings
+from distiller.settings import TrainSettings
 
 __all__ = ["OPTIMIZERS", "DOT", "sgd", "dot", "make_optimizer", "optimizer_options", "check_optimizer"]
 
-OptimizerFactory = Callable[[list[nn.Parameter], float, "TrainSettings", torch.device], torch.optim.Optimizer]
+OptimizerFactory = Callable[[list[nn.Parameter], float, TrainSettings, torch.device], torch.optim.Optimizer]
 OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
 """Optimizers by config name (``optim.name``): ``factory(params, lr, settings, device)``. An optimizer
 that defines ``step_kd()`` receives split task / distillation gradients (see distiller.step)."""

@@ -28,7 +28,7 @@ from distiller.engine import Trainer, TrainSettings
 from distiller.features import Features
 from distiller.methods import METHODS, DistillMethod
 from distiller.objective import Objective
-from distiller.plan import OPTIMIZERS
+from distiller.optim import OPTIMIZERS
 from distiller.runtime import Runtime, seed_everything
 from models import build_model
 
