@@ -3,6 +3,7 @@
     python scripts/collect_results.py runs/                       # everything under runs/
     python scripts/collect_results.py runs/student 'runs/teacher/*/seed*' --table crd_table1
     python scripts/collect_results.py runs/ --out results/dkd --table dkd_same_arch --table dkd_cross_arch
+    python scripts/collect_results.py runs/student --out results/new --sources post_dkd --table lskd_same_arch
 
 Reads any set of run directories (a multirun folder, a glob, single runs) into one tidy table, one
 row per run, and groups it: student runs by (teacher, student, method), plain cross-entropy runs
@@ -12,6 +13,13 @@ and the number of runs. Each published source is placed beside the protocol it u
 difference ours - published. A pair's ``teacher`` and ``student`` rows are the plain cross-entropy
 runs of those architectures, when they are among the inputs. Runs that are not finished (still
 training, stopped, failed) are counted and listed, never silently dropped.
+
+The post-DKD methods (DIST, LS, CTKD, MLKD, DOT, WTTM/TTM, NKD; source ``post_dkd``) were published
+under different recipes, so each of their published numbers carries its recipe: epochs, views per
+step, augmentation, and best or last epoch (MLKD: 480 or 960 epochs, 2 views with RandAugment +
+Cutout, best epoch). Runs with ``distill.logit_standardize=true`` or ``optim=dot`` are grouped as
+their own method (``kd_ls``, ``kd_dot``, ...), like the ``kd_ls`` / ``experiment=new_methods_table_dot``
+presets name them.
 
 Writes ``<out>.md`` (Markdown, also printed), ``<out>.csv`` (the summary, one row per table cell),
 ``<out>_runs.csv`` (the tidy per-run table: ``pandas.read_csv`` it for your own analysis) and
@@ -25,7 +33,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -43,15 +51,18 @@ class Source:
     key: str
     file: str
     label: str
-    protocol: str  # "last" | "best"
+    protocol: str  # "last" | "best": the protocol its numbers are compared under
+    recipes: bool = False  # the file's rows differ in recipe: show each number's recipe beside it
 
 
 SOURCES: dict[str, Source] = {
     "crd": Source("crd", "crd_paper_repdistiller_readme.csv", "CRD paper", "last"),
     "dkd": Source("dkd", "dkd_paper.csv", "DKD paper", "best"),
     "mdistiller": Source("mdistiller", "mdistiller_readme.csv", "mdistiller README", "best"),
+    # per-row protocol in the file (best, or unstated where the authors' code tracks the best epoch)
+    "post_dkd": Source("post_dkd", "post_dkd_methods.csv", "post-DKD papers", "best", recipes=True),
 }
-DEFAULT_SOURCES = ("crd", "dkd")
+DEFAULT_SOURCES = ("crd", "dkd", "post_dkd")
 
 # The papers' method names -> our config names (configs/distill/<name>.yaml). Explicit on purpose:
 # a new spelling in a data file must be added here, not guessed.
@@ -60,12 +71,15 @@ PAPER_METHOD_NAMES: dict[str, str] = {
     "KD": "kd", "FitNet": "fitnet", "AT": "at", "SP": "sp", "CC": "cc", "VID": "vid", "RKD": "rkd",
     "PKT": "pkt", "AB": "ab", "FT": "ft", "FSP": "fsp", "NST": "nst", "CRD": "crd", "CRD+KD": "crd_kd",
     "OFD": "ofd", "ReviewKD": "reviewkd", "DKD": "dkd", "KDSVD": "kdsvd",
-    "KD+DOT": "kd_dot",  # KD trained with the DOT optimizer (mdistiller); not a method of ours
+    "KD+DOT": "kd_dot",  # KD trained with the DOT optimizer (experiment=new_methods_table_dot)
+    "DIST": "dist", "KD+LS": "kd_ls", "DKD+LS": "dkd_ls", "CTKD": "ctkd", "CTKD+LS": "ctkd_ls", "MLKD": "mlkd",
+    "MLKD+LS": "mlkd_ls", "TTM": "ttm", "WTTM": "wttm", "WTTM+CRD": "wttm+crd", "NKD": "nkd",
 }
 
 # Row order inside a pair: baselines, then the CRD paper's column order, then the DKD paper's additions.
 METHOD_ORDER = ["teacher", "student", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft",
-                "fsp", "nst", "crd", "crd_kd", "ofd", "reviewkd", "dkd", "kdsvd", "kd_dot"]
+                "fsp", "nst", "crd", "crd_kd", "ofd", "reviewkd", "dkd", "kdsvd", "kd_dot",
+                "dist", "kd_ls", "dkd_ls", "ctkd", "ctkd_ls", "mlkd", "mlkd_ls", "ttm", "wttm", "wttm+crd", "nkd"]
 BASELINES = ("teacher", "student")  # rows filled from plain cross-entropy runs of one architecture
 
 # Short names for the published tables (--table), next to the ids used in the CSV files.
@@ -81,9 +95,48 @@ SUMMARY_COLUMNS = ["teacher", "student", "method", "runs", "last_top1_mean", "la
                    "best_top1_std", "not_finished", "hours_per_run", "seeds"]
 
 
+# ---- published recipes ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """How a published number was trained and read off (METHODS_NEW.md, per method)."""
+
+    epochs: int
+    views: int  # augmented views of each image per step (each one a forward of both networks)
+    augmentation: str
+    protocol: str  # "best" | "last" | "unstated" (epoch the number was read at)
+
+    def tag(self) -> str:
+        views = f"{self.views} view" + ("s" if self.views > 1 else "")
+        read = {"best": "best epoch", "last": "last epoch"}.get(self.protocol, "best or last unstated")
+        return f"{self.epochs} ep, {views} ({self.augmentation}), {read}"
+
+
+STANDARD_AUGMENTATION = "crop + flip"
+# MLKD's released recipe (MLKD+LS too): a weak and a strong view, 480 epochs (960 for resnet32x4 ->
+# ShuffleV1/V2 from its commit 77b91ec), lr 0.025 (0.01 mobile), decays still at 150/180/210, best epoch.
+TWO_VIEW_METHODS = {"MLKD", "MLKD+LS"}
+TWO_VIEW_AUGMENTATION = "RandAugment + Cutout"
+LONG_SCHEDULE_PAIRS = {("resnet32x4", "ShuffleV1"): 960, ("resnet32x4", "ShuffleV2"): 960}
+# where one cell is in several tables of a file, the method's own authors' number is shown
+OWN_TABLES = {"DIST": "dist_readme", "CTKD": "ctkd_readme"}
+
+
+def published_recipe(method: str, teacher: str, student: str, protocol: str) -> Recipe:
+    """The recipe behind one published number: ``method`` in the paper's spelling, ``protocol`` the file's text."""
+    read = next((p for p in ("best", "last") if protocol.strip().lower().startswith(p)), "unstated")
+    if method in TWO_VIEW_METHODS:
+        return Recipe(LONG_SCHEDULE_PAIRS.get((teacher, student), 480), 2, TWO_VIEW_AUGMENTATION, read)
+    return Recipe(240, 1, STANDARD_AUGMENTATION, read)
+
+
 # ---- published numbers -----------------------------------------------------------------------------
+PUBLISHED_COLUMNS = ["source", "table", *CELL, "top1", "epochs", "views", "augmentation", "protocol", "recipe",
+                     "preferred"]
+
+
 def load_published(sources: Sequence[str] = tuple(SOURCES), folder: Path = PAPER_TABLES) -> pd.DataFrame:
-    """Published top-1, one row per (source, table, teacher, student, method) in file order, our method names."""
+    """Published top-1, one row per (source, table, teacher, student, method) in file order, our method names,
+    each with its recipe (``epochs``, ``views``, ``augmentation``, ``protocol``, and all four as ``recipe``)."""
     frames = []
     for key in sources:
         if key not in SOURCES:
@@ -96,9 +149,18 @@ def load_published(sources: Sequence[str] = tuple(SOURCES), folder: Path = PAPER
         if len(unknown):
             raise UserError(f"{source.file}: method '{unknown.iloc[0]}' has no mapping to our config names; "
                             f"add it to PAPER_METHOD_NAMES in scripts/collect_results.py")
-        frames.append(frame.assign(source=key, method=frame["method"].map(PAPER_METHOD_NAMES)))
-    columns = ["source", "table", *CELL, "top1"]
-    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+        protocols = frame["protocol"].astype(str) if "protocol" in frame else [source.protocol] * len(frame)
+        recipes = [published_recipe(m, t, s, p) for m, t, s, p in
+                   zip(frame["method"], frame["teacher"], frame["student"], protocols)]
+        frames.append(frame.assign(
+            source=key, epochs=[r.epochs for r in recipes], views=[r.views for r in recipes],
+            augmentation=[r.augmentation for r in recipes], protocol=[r.protocol for r in recipes],
+            recipe=[r.tag() for r in recipes],
+            preferred=[OWN_TABLES.get(m) == t for m, t in zip(frame["method"], frame["table"])],
+            method=frame["method"].map(PAPER_METHOD_NAMES)))
+    if not frames:
+        return pd.DataFrame(columns=PUBLISHED_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[PUBLISHED_COLUMNS]
 
 
 def table_cells(published: pd.DataFrame, tables: Sequence[str]) -> pd.DataFrame:
@@ -184,6 +246,17 @@ def _get(config: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+def variant_label(method: str, config: dict[str, Any]) -> str:
+    """The method's label with the switches that make it another published method: ``kd`` run with
+    ``distill.logit_standardize=true`` is ``kd_ls`` (the LS paper's KD+LS), with ``optim=dot`` ``kd_dot``."""
+    name, *combined = method.split("+")
+    if _get(config, "distill.logit_standardize") is True and not name.endswith("_ls"):
+        name += "_ls"
+    if _get(config, "optim.name") == "dot" and not name.endswith("_dot"):
+        name += "_dot"
+    return "+".join([name, *combined])
+
+
 def read_run(path: Path) -> Run:
     """Identity from the run's config (``config.yaml``, else Hydra's ``.hydra/config.yaml``), results
     from ``metrics.json``."""
@@ -214,6 +287,7 @@ def read_run(path: Path) -> Run:
         if method is None:
             combine = _get(config, "combine") or {}
             method = "+".join([str(_get(config, "distill.name")), *sorted(str(k) for k in combine)])
+        method = variant_label(str(method), config)
     else:
         kind, teacher, method = "teacher", None, "ce"
         student = _get(config, "model.name") or metrics.get("arch")
@@ -304,14 +378,20 @@ def summarize(runs: pd.DataFrame, published: pd.DataFrame, sources: Sequence[str
     table = pd.concat([by_cell, by_arch]).sort_index().drop(columns="arch")
     table[["runs", "best_runs", "not_finished"]] = table[["runs", "best_runs", "not_finished"]].fillna(0).astype(int)
     table["seeds"] = [s if isinstance(s, str) else "" for s in table["seeds"]]  # no runs: no seeds
-    numbers = published.drop_duplicates(["source", *CELL], keep="last").pivot(index=CELL, columns="source",
-                                                                               values="top1")
+    # one number per cell and source: the method authors' own table where a cell is in several, else the last
+    chosen = published.sort_values("preferred", kind="stable").drop_duplicates(["source", *CELL], keep="last")
     for key in sources:
         source = SOURCES[key]
-        theirs = numbers[key] if key in numbers else pd.Series(dtype=float)
-        table[f"{key}_published"] = table.join(theirs.rename("value"), on=CELL)["value"]
-        table[f"{key}_protocol"] = source.protocol
-        table[f"{key}_diff"] = table[f"{source.protocol}_top1_mean"] - table[f"{key}_published"]
+        theirs = chosen.loc[chosen["source"] == key].set_index(CELL)
+        joined = table.join(theirs[["top1", "protocol", "recipe"]], on=CELL)
+        table[f"{key}_published"] = joined["top1"]
+        table[f"{key}_recipe"] = joined["recipe"].fillna("")
+        # each number is compared under its own protocol; "unstated" ones against our best epoch (their
+        # code tracks the best), and a source without a number here keeps the source's protocol
+        protocol = joined["protocol"].where(joined["protocol"].isin(["best", "last"]), "best")
+        table[f"{key}_protocol"] = protocol.where(joined["top1"].notna(), source.protocol)
+        ours = table["last_top1_mean"].where(table[f"{key}_protocol"] == "last", table["best_top1_mean"])
+        table[f"{key}_diff"] = ours - table[f"{key}_published"]
     return table.reset_index(drop=True)
 
 
@@ -338,6 +418,7 @@ class Row:
     hours_per_run: float | None
     published: dict[str, float | None]
     seeds: list[int]
+    recipes: dict[str, str] = field(default_factory=dict)  # source -> the published number's recipe
 
 
 def _value(x: Any) -> Any:
@@ -351,7 +432,8 @@ def rows_of(table: pd.DataFrame, sources: Sequence[str]) -> list[Row]:
                 best=Stat(r.best_runs, _value(r.best_top1_mean), _value(r.best_top1_std)),
                 unfinished=r.not_finished, hours_per_run=_value(r.hours_per_run),
                 published={key: _value(getattr(r, f"{key}_published")) for key in sources},
-                seeds=[int(s) for s in r.seeds.split()])
+                seeds=[int(s) for s in r.seeds.split()],
+                recipes={key: getattr(r, f"{key}_recipe") for key in sources if getattr(r, f"{key}_recipe")})
             for r in table.itertuples(index=False)]
 
 
@@ -387,6 +469,8 @@ def render_markdown(table: pd.DataFrame, runs: pd.DataFrame, sources: Sequence[s
         source = SOURCES[key]
         columns += [(source.label, [_number(x, ".2f") for x in table[f"{key}_published"]]),
                     (f"Δ ({source.protocol})", [_number(x, "+.2f") for x in table[f"{key}_diff"]])]
+        if source.recipes:  # numbers of one file trained under different recipes: say which, per number
+            columns.append((f"{source.label}: recipe", list(table[f"{key}_recipe"])))
     columns.append(("not finished", [str(n) if n else "" for n in table["not_finished"]]))
     shown = pd.DataFrame(dict(enumerate(cells for _, cells in columns)), index=table.index)
     header = [name for name, _ in columns]
@@ -410,7 +494,8 @@ def render_markdown(table: pd.DataFrame, runs: pd.DataFrame, sources: Sequence[s
 
 def write_summary_csv(table: pd.DataFrame, sources: Sequence[str], path: Path) -> None:
     """Machine-readable summary, one row per (teacher, student, method)."""
-    columns = SUMMARY_COLUMNS + [f"{key}_{part}" for key in sources for part in ("published", "protocol", "diff")]
+    columns = SUMMARY_COLUMNS + [f"{key}_{part}" for key in sources
+                                 for part in ("published", "protocol", "diff", "recipe")]
     table[columns].to_csv(path, index=False, float_format="%.4f")
 
 

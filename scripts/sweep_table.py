@@ -34,6 +34,7 @@ TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "crd_table1": ("train_student.py", ("crd_table1", "crd_table1_fsp")),
     "crd_table2": ("train_student.py", ("crd_table2",)),
     "dkd": ("train_student.py", ("dkd_tables",)),
+    "new_methods": ("train_student.py", ("new_methods_table", "new_methods_table_dot")),
 }
 
 
@@ -51,6 +52,8 @@ def expand_preset(preset: str, overrides: Sequence[str] = ()) -> list[dict[str, 
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    import distiller.cli  # noqa: F401 - the teacher/student config nodes and resolvers the presets compose with
 
     entry = entry_point(preset)
     parser = OverridesParser.create()

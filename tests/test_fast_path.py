@@ -41,7 +41,7 @@ def tiny_data(n: int = 64) -> DataSplits:
 
 def method_config(name: str) -> dict:
     """The published config of a method; CRD with few negatives so 64 images suffice."""
-    node = OmegaConf.to_container(OmegaConf.load(CONFIGS / "distill" / f"{name}.yaml"))
+    node = OmegaConf.to_container(OmegaConf.load(CONFIGS / "distill" / f"{name}.yaml"), resolve=True)
     if name == "crd":
         node["nce_k"] = 16
     return node
