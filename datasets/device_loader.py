@@ -19,6 +19,10 @@ Batch rules (train mode), with B the per-rank batch size and W the world size:
   (R >= 2W); otherwise it is dropped for that epoch, because BatchNorm cannot train
   on a single sample. With W = 1 this means: a final batch of one sample is dropped.
 
+When the uint8 set does not fit on an accelerator (more than :data:`DEVICE_FRACTION` of its
+free memory, e.g. a large image folder), it stays in CPU memory (pinned) and each batch is
+gathered there and moved to the device: the same batches, one transfer per step (logged once).
+
 Eval mode: no shuffling and no augmentation; rank r owns the r-th contiguous shard
 of the data set (sizes as even as possible) and walks it in order, keeping the
 last partial batch whatever its size. Shards cover every sample exactly once; ranks
@@ -26,16 +30,31 @@ may differ by one step, so reduce metrics after the loop, not per step.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from common.errors import UserError
-from datasets.augment import PAD, crop_and_flip
+from datasets.augment import crop_and_flip, padding_for
 from datasets.batch import Batch
 from datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD
 from datasets.views import VIEWS
+
+log = logging.getLogger(__name__)
+
+# A data set is kept on an accelerator when it takes at most this share of the free memory;
+# the rest is for the networks, their activations and the optimizer.
+DEVICE_FRACTION = 0.5
+
+
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` of data may live on ``device`` (always on the CPU: it is already there)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= DEVICE_FRACTION * free
 
 
 def epoch_seed(seed: int, epoch: int, *more: int) -> int:
@@ -47,9 +66,12 @@ def epoch_seed(seed: int, epoch: int, *more: int) -> int:
 class DeviceLoader:
     """Iterates normalised, augmented :class:`Batch` es of an on-device uint8 data set.
 
-    ``images``: uint8 [N, 3, H, W]; ``labels``: integer [N]. ``train`` switches on
-    shuffling and crop / flip augmentation. ``seed`` fixes the per-epoch randomness;
-    ``rank`` / ``world_size`` shard it for DDP (see the module docstring for the rules).
+    ``images``: uint8 [N, C, H, W]; ``labels``: integer [N]. ``train`` switches on
+    shuffling and crop / flip augmentation (padding scaled to the size, :func:`padding_for`).
+    ``seed`` fixes the per-epoch randomness; ``rank`` / ``world_size`` shard it for DDP (see the
+    module docstring for the rules). ``mean`` / ``std``: the data set's per-channel statistics.
+    ``resident``: keep the images on the device (``None``: when they fit, :func:`fits_on_device`);
+    ``False`` streams each batch from CPU memory instead, with identical batches.
     """
 
     def __init__(
@@ -67,6 +89,7 @@ class DeviceLoader:
         mean: Sequence[float] = CIFAR100_MEAN,
         std: Sequence[float] = CIFAR100_STD,
         views: Sequence[str] = (),
+        resident: bool | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
@@ -86,8 +109,19 @@ class DeviceLoader:
         self.world_size = world_size
         self.channels_last = channels_last
         self.views = {VIEWS.canonical(v): VIEWS.get(v) for v in views}  # extra views of each training batch
-        # One transfer of the whole set; every batch afterwards is a gather on the device.
-        self.images = images.to(self.device)
+        self.pad = padding_for(images.shape[2], images.shape[3])
+        nbytes = images.numel() * images.element_size()
+        self.resident = fits_on_device(nbytes, self.device) if resident is None else bool(resident)
+        if self.resident:
+            # One transfer of the whole set; every batch afterwards is a gather on the device.
+            self.images = images.to(self.device)
+        else:
+            if resident is None:
+                log.warning("the %s split (%.2f GiB of uint8 images) does not fit in %d%% of the free memory of "
+                            "%s: it stays in CPU memory and each batch is moved to the device (slower)",
+                            "training" if train else "test", nbytes / 2**30, int(DEVICE_FRACTION * 100), self.device)
+            pin = self.device.type == "cuda" and not images.is_pinned()
+            self.images = images.pin_memory() if pin else images
         self.labels = labels.to(self.device, torch.int64)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -124,7 +158,7 @@ class DeviceLoader:
         return [(lo, min(self.batch_size, stop - lo)) for lo in range(start, stop, self.batch_size)]
 
     def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The epoch's permutation [N], crop offsets [N, 2] (row, col in 0..8) and flips [N] (bool).
+        """The epoch's permutation [N], crop offsets [N, 2] (row, col in 0..2*pad) and flips [N] (bool).
 
         Indexed by position in the epoch, drawn on the CPU from a generator seeded by
         (seed, epoch) and moved to the device once. Identical on every rank.
@@ -134,7 +168,7 @@ class DeviceLoader:
         n = self.dataset_size
         gen = torch.Generator(device="cpu").manual_seed(epoch_seed(self.seed, epoch))
         order = torch.randperm(n, generator=gen)
-        offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=gen)
+        offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=gen)
         flips = torch.rand(n, generator=gen) < 0.5
         return order.to(self.device), offsets.to(self.device), flips.to(self.device)
 
@@ -147,11 +181,14 @@ class DeviceLoader:
             )
         if self.train:
             order, offsets, flips = self.epoch_plan(epoch)
+            # streaming gathers on the CPU: one copy of the order per epoch, no device sync per step
+            source = order if self.resident else order.cpu()
             for step, (start, size) in enumerate(self._spans[start_step:], start=start_step):
                 pos = slice(start, start + size)
                 idx = order[pos]
-                raw = self.images[idx]
-                batch = Batch(self._normalise(crop_and_flip(raw, offsets[pos], flips[pos])), self.labels[idx], idx, {})
+                raw = self._gather(source[pos])
+                augmented = crop_and_flip(raw, offsets[pos], flips[pos], self.pad)
+                batch = Batch(self._normalise(augmented), self.labels[idx], idx, {})
                 for k, (name, make_view) in enumerate(self.views.items(), start=1):
                     gen = torch.Generator(device="cpu").manual_seed(epoch_seed(self.seed, epoch, step, k))
                     batch.views[name] = self._normalise(make_view(raw, gen))
@@ -159,8 +196,14 @@ class DeviceLoader:
         else:
             for start, size in self._spans[start_step:]:
                 idx = torch.arange(start, start + size, device=self.device)
-                images = self.images[start : start + size]
+                images = self.images[start : start + size].to(self.device)  # a no-op when resident
                 yield Batch(self._normalise(images), self.labels[start : start + size], idx, {})
+
+    def _gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """The uint8 images at ``idx`` (given where the set lives), on the device."""
+        if self.resident:
+            return self.images[idx]
+        return self.images[idx].to(self.device)
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 -> float32 ``(x / 255 - mean) / std``, the same ops as ToTensor + Normalize."""

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from common.registry import Registry
-from datasets.augment import PAD, crop_and_flip
+from datasets.augment import crop_and_flip, padding_for
 
 View = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 VIEWS: Registry[View] = Registry("view")
@@ -22,8 +22,9 @@ VIEWS: Registry[View] = Registry("view")
 
 @VIEWS.register("standard")
 def standard_view(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Another RandomCrop(32, padding 4) + horizontal flip, independent of the main view's."""
-    b = images.shape[0]
-    offsets = torch.randint(0, 2 * PAD + 1, (b, 2), generator=gen).to(images.device)
+    """Another random crop (padding 1/8 of the side: 4 at 32 x 32) + horizontal flip, independent of the main one."""
+    b, _, h, w = images.shape
+    pad = padding_for(h, w)
+    offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=gen).to(images.device)
     flips = (torch.rand(b, generator=gen) < 0.5).to(images.device)
-    return crop_and_flip(images, offsets, flips)
+    return crop_and_flip(images, offsets, flips, pad)

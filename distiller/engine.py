@@ -53,7 +53,7 @@ class Trainer:
         self.student_arch, self.teacher_arch = student_arch, teacher_arch
         self.objective = objective
         self.state = RunState()
-        self.logger = RunLogger(self.run_dir, runtime.is_main, header or {})
+        self.logger = RunLogger(self.run_dir, runtime.is_main, header or {}, config)  # config: its logger node
         device, fmt = runtime.device, runtime.memory_format()
         self.student = student.to(device=device, memory_format=fmt)
         self.teacher = None
@@ -62,7 +62,9 @@ class Trainer:
             self.teacher.eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
-        loader = dict(rank=runtime.rank, world_size=runtime.world_size, channels_last=runtime.channels_last)
+        # normalised with the data set's own statistics (augmentation scales with its image size)
+        loader = dict(rank=runtime.rank, world_size=runtime.world_size, channels_last=runtime.channels_last,
+                      mean=data.mean, std=data.std)
         views = sorted({v for entry in objective.active() for v in entry.method.views})
         self.train_loader = DeviceLoader(data.train_images, data.train_labels, settings.batch_size, device,
                                          train=True, seed=settings.seed, views=views, **loader)
@@ -75,7 +77,8 @@ class Trainer:
         if objective.entries:
             ctx = BuildContext(num_classes=data.num_classes, num_samples=len(data.train_labels),
                                train_labels=data.train_labels.to(device), device=device,
-                               student=self.student, teacher=self.teacher, epochs=settings.epochs)
+                               student=self.student, teacher=self.teacher, epochs=settings.epochs,
+                               image_shape=data.image_shape)
             objective.build(self.student_hooks, self.teacher_hooks, ctx, fmt)
         from distiller.compile import compile_networks
 

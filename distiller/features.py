@@ -164,7 +164,11 @@ def eval_mode(*models: nn.Module | None) -> Iterator[None]:
 
 def probe(model: nn.Module, hooks: FeatureHooks, input_size: Sequence[int] = (2, 3, 32, 32),
           memory_format: torch.memory_format = torch.contiguous_format) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One dummy forward in eval mode without gradient: the hook store and the logits."""
+    """One dummy forward in eval mode without gradient: the hook store and the logits.
+
+    ``input_size`` is the dummy batch [B, C, H, W]: feature shapes depend on the resolution, so the
+    engine probes with the data set's images (``BuildContext.image_shape``), not CIFAR's 32 x 32.
+    """
     device = next(model.parameters()).device
     with eval_mode(model), torch.no_grad():
         logits = model(torch.zeros(*input_size, device=device).contiguous(memory_format=memory_format))

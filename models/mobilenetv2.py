@@ -97,7 +97,7 @@ class MobileNetV2(nn.Module):
             out = block(out)
         out = self.conv2(out)
         # The reference pools with AvgPool2d(2, ceil_mode=True): global on the 2x2 map of 32 px inputs.
-        out = F.avg_pool2d(out, 2, ceil_mode=True)
+        out = F.avg_pool2d(out, out.shape[-2:])  # global: the reference's 2x2 pool at 32 px, any size beyond
         return self.classifier(out.flatten(1))
 
 

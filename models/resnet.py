@@ -75,7 +75,7 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        x = F.avg_pool2d(x, 8)  # the reference's AvgPool2d(8): global on 32 px inputs
+        x = F.avg_pool2d(x, x.shape[-2:])  # global: the reference's AvgPool2d(8) at 32 px, any size beyond
         return self.fc(x.flatten(1))
 
 

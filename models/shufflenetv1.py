@@ -83,7 +83,7 @@ class ShuffleNetV1(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
-        out = F.avg_pool2d(out, 4)  # the reference's fixed 4x4 pool: global on 32 px inputs
+        out = F.avg_pool2d(out, out.shape[-2:])  # global: the reference's 4x4 pool at 32 px, any size beyond
         return self.linear(out.flatten(1))
 
 

@@ -50,7 +50,7 @@ BAD_VALUES = [
     ("train_teacher", ["optim.implementation=fast"], ["optim.implementation=fast", "auto, fused, foreach or loop"]),
     ("train_teacher", ["dataset.batch_size=0"], ["dataset.batch_size=0", "> 0"]),
     ("train_teacher", ["dataset.eval_batch_size=x"], ["dataset.eval_batch_size=x", "whole number"]),
-    ("train_teacher", ["dataset=synthetic", "dataset.train_size=50"], ["dataset.train_size=50", ">= 100"]),
+    ("train_teacher", ["dataset=synthetic", "dataset.train_size=5"], ["dataset.train_size=5", ">= 10"]),
     ("train_teacher", ["save_teacher=maybe"], ["save_teacher=maybe", "true or false"]),
     ("train_teacher", ["model.lr=0"], ["model.lr=0", "> 0"]),
     ("train_teacher", ["+trainer.epoch=3"], ["trainer.epoch", "does not exist", "epochs"]),

@@ -56,14 +56,17 @@ def synthetic_folder(synthetic_root: Path) -> Path:
 
 
 def test_registry_names_and_unknown_dataset() -> None:
-    assert set(DATASETS.names()) == {"cifar100", "synthetic"}
-    with pytest.raises(UserError, match="cifar100, synthetic"):
-        load_dataset({"name": "cifar10", "root": "unused"})
+    assert set(DATASETS.names()) == {"cifar10", "cifar100", "imagefolder", "synthetic"}
+    with pytest.raises(UserError, match="cifar10, cifar100, imagefolder, synthetic"):
+        load_dataset({"name": "svhn", "root": "unused"})
 
 
 def test_num_classes_mismatch_is_a_user_error(synthetic_root: Path) -> None:
-    with pytest.raises(UserError, match="num_classes"):
-        load_dataset({**synthetic_cfg(synthetic_root), "num_classes": 10})
+    # (for dataset=synthetic num_classes picks the set: 100 or 10 classes)
+    cfg = {"name": "cifar100", "root": str(synthetic_root / "synthetic-200-100-seed0"), "verify_checksums": False,
+           "download": False, "num_classes": 10}
+    with pytest.raises(UserError, match="dataset.num_classes=10 but the cifar100 data set has 100 classes"):
+        load_dataset(cfg)
 
 
 def test_root_defaults_to_env_var(synthetic_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

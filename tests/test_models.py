@@ -297,3 +297,20 @@ def test_declared_batchnorm_produces_the_preactivation(bundle: Bundle) -> None:
             assert torch.equal(outputs[i.name], pre), i.name
     if bundle.arch in BN_BEFORE_RELU:
         assert [i.bn for i in stages] == BN_BEFORE_RELU[bundle.arch]
+
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_runs_at_64_px_with_a_global_pool(arch: str) -> None:
+    """At 64x64 (an image folder such as Tiny-ImageNet) the final pool still covers the whole map: the
+    embedding has the same width as at 32 px, and the maps shrink stage by stage. (The declared
+    reductions hold at 32 px; VGG, like its reference, pools once more at 64 px.)"""
+    model = build_model(arch, num_classes=10).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        feats64, logits64 = forward_features(model, torch.randn(2, 3, 64, 64, generator=gen))
+        feats32, _ = forward_features(model, torch.randn(2, 3, 32, 32, generator=gen))
+    assert logits64.shape == (2, 10)
+    assert feats64[-1].shape == feats32[-1].shape and feats64[-1].dim() == 2
+    sizes = [feat.shape[-1] for feat in feats64[:-1]]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] >= feats32[-2].shape[-1]

@@ -34,6 +34,7 @@ class BuildContext:
     student: nn.Module
     teacher: nn.Module
     epochs: int = 240
+    image_shape: tuple[int, int, int] = (3, 32, 32)  # one input [C, H, W] of the data set: what shapes are probed on
 
 
 @dataclass
@@ -75,6 +76,7 @@ class DistillMethod(nn.Module):
     always_active: ClassVar[bool] = False
     # A method whose terms compare the two networks' logits: it sees standardised logits under
     # distill.logit_standardize=true, and may take a supplied temperature as ``forward(..., temperature=)``.
+    # One whose ``forward`` takes ``standardize=`` gets raw logits and the switch, to standardise only some terms.
     logit_terms: ClassVar[bool] = False
 
     def build(self, student: Features[torch.Size], teacher: Features[torch.Size], ctx: BuildContext) -> None:

@@ -1,0 +1,156 @@
+"""What every data set shares: the registry, the facts a data set declares, and :class:`DataSplits`.
+
+A data set is one file in ``datasets/`` that registers its loader with
+``@DATASETS.register(name, facts=DatasetFacts(...))``; ``datasets/__init__.py``
+imports every module of the package, so adding the file is adding the data set.
+The loader turns the ``dataset`` config node into :class:`DataSplits`; the facts
+(classes, image size, channels, mean/std) travel with the splits, and the engine,
+the device loader and the feature probe read them from there, never from CIFAR
+constants.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from common.errors import UserError
+from common.registry import Registry
+
+DATA_ROOT_ENV = "KD_DATA_ROOT"
+
+Loader = Callable[[Mapping[str, Any]], "DataSplits"]
+DATASETS: Registry[Loader] = Registry("dataset")
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What a data set declares before it is read; ``None``: the data itself says (read at load time).
+
+    ``image_size`` is (height, width); ``mean`` / ``std`` are per channel, on pixels scaled to [0, 1].
+    """
+
+    num_classes: int | None = None
+    image_size: tuple[int, int] | None = None
+    channels: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def dataset_facts(name: str) -> DatasetFacts:
+    """The facts data set ``name`` registered (all ``None`` for a loader registered without any)."""
+    return DATASETS.metadata(name).get("facts") or DatasetFacts()
+
+
+class CorruptDataError(UserError):
+    """A data file exists but cannot be read as its format (truncated, garbage, wrong shapes)."""
+
+
+@dataclass
+class DataSplits:
+    """A whole data set in memory: uint8 images [N, C, H, W] and int64 labels [N] on the CPU, with its facts.
+
+    ``mean`` / ``std`` (per channel, pixels in [0, 1]) normalise the images; when a loader
+    leaves them out they are the training split's own statistics.
+    """
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+    class_names: list[str]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mean is None or self.std is None:
+            mean, std = channel_stats(self.train_images)
+            self.mean = self.mean if self.mean is not None else mean
+            self.std = self.std if self.std is not None else std
+        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+
+    @property
+    def channels(self) -> int:
+        return int(self.train_images.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of every image."""
+        return int(self.train_images.shape[2]), int(self.train_images.shape[3])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width): what a network is fed, e.g. by the feature probe."""
+        return (self.channels, *self.image_size)
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) standard deviation of uint8 images [N, C, H, W], pixels / 255.
+
+    Sums in float64 over chunks of images, so memory stays bounded and the result is exact to
+    float64 rounding whatever the set's size.
+    """
+    if images.shape[0] == 0:
+        raise UserError("the training split has no images, so its mean and std are undefined")
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    squares = torch.zeros(c, dtype=torch.float64)
+    for lo in range(0, images.shape[0], chunk):
+        x = images[lo : lo + chunk].to(torch.float64)
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+    count = images.numel() / c
+    mean = total / count
+    var = (squares / count - mean.square()).clamp_min(0.0)
+    std = var.sqrt() / 255.0
+    # A constant channel has std 0; dividing by it would make every pixel inf. 1 leaves it centred.
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return tuple((mean / 255.0).tolist()), tuple(std.tolist())
+
+
+def cfg_get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """``cfg[key]`` for a plain Mapping or an OmegaConf DictConfig, ``default`` when absent or null."""
+    value = cfg.get(key, default)
+    return default if value is None else value
+
+
+def cfg_int(cfg: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
+    """An integer config value of at least ``minimum``; anything else is a :class:`UserError`."""
+    value = cfg_get(cfg, key, default)
+    # bool is an int subclass; `dataset.train_size=true` is a typo, not 1.
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise UserError(f"dataset.{key} must be an integer >= {minimum}, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise UserError(f"dataset.{key} must be an integer >= {minimum}, got {value!r}") from None
+    if number < minimum:
+        raise UserError(f"dataset.{key} must be an integer >= {minimum}, got {number}")
+    return number
+
+
+def cfg_floats(cfg: Mapping[str, Any], key: str, count: int, positive: bool = False) -> tuple[float, ...] | None:
+    """A list of ``count`` numbers (``dataset.mean`` / ``dataset.std``), or ``None`` when unset."""
+    value = cfg_get(cfg, key)
+    if value is None:
+        return None
+    need = f"dataset.{key} must be a list of {count} {'positive ' if positive else ''}numbers (one per channel)"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise UserError(f"{need}, got {value!r}")
+    items = list(value)
+    if len(items) != count or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
+        raise UserError(f"{need}, got {items!r}")
+    if positive and any(not v > 0 for v in items):
+        raise UserError(f"{need}, got {items!r}")
+    return tuple(float(v) for v in items)
+
+
+def data_root(cfg: Mapping[str, Any]) -> Path:
+    """``dataset.root``; when unset, ``$KD_DATA_ROOT`` or ``./data`` (the config default does the same)."""
+    root = cfg_get(cfg, "root") or os.environ.get(DATA_ROOT_ENV) or "data"
+    return Path(str(root)).expanduser()
