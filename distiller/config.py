@@ -8,7 +8,8 @@ keyword arguments (``distill.nce_k``, ...) stay untyped: its constructor defines
 
 The groups ``model``, ``teacher`` and ``student`` have no YAML files: one node per registered
 architecture is generated from the model registry (name, and the ``lr`` the model file declares),
-so adding a model is adding its file in ``models/``.
+so adding a model is adding its file in ``models/``; and one per network source outside the zoo
+(``torchvision``, ``timm``, ``module``: :mod:`models.external`), whose nodes carry further keys.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from common.errors import UserError
 from distiller.config_messages import describe_error, either, show, unwrap
+from distiller.loggers import BACKENDS
 from distiller.optim import OPTIMIZERS
-from models import MODELS, list_models, model_metadata
+from models import MODEL_METADATA_DEFAULTS, MODELS, list_models, model_metadata
+from models.external import SOURCES
 
 # Test top-1 of the widely shared pretrained CIFAR-100 teachers (RepDistiller / CRD, RECIPES.md).
 PUBLISHED_TEACHER_TOP1: dict[str, float] = {
@@ -62,6 +65,43 @@ class ModelConfig:
 class TeacherConfig(ModelConfig):
     ckpt: str = key()  # the teacher's weights
     published_top1: float | None = key(ge=0, le=100)  # test top-1 of the widely shared pretrained teacher
+    verify: bool = key()  # check the file against the teacher index (distiller/teachers.py) before use
+
+
+@dataclass
+class TapsConfig:
+    """Where an external network's features are, by module path (``path``; ``path@in``: its input): models/taps.py."""
+
+    stem: str | None = key(None)
+    stages: List[str] | None = key(None)  # in forward order, reductions non-decreasing
+    embedding: str | None = key(None)  # the pooled [B, D] vector, e.g. fc@in
+    preact: Any = key(None)  # per stage, the map before its final activation; or "same" (stages end without one)
+    bn: List[Any] | None = key(None)  # per stage, the BatchNorm producing the pre-activation map (OFD)
+    reductions: List[int] | None = key(None)  # input size / stage map size, checked against the measured ones
+
+
+@dataclass
+class ExternalKeys:
+    """The keys of a network from outside the zoo (``model=torchvision|timm|module``: models/external.py).
+
+    Further keys are the network constructor's keyword arguments (``+model.width=2``).
+    """
+
+    source: str = key(choices=tuple(SOURCES.names()))  # models.external.SOURCES
+    cifar_stem: bool = key(False)  # first conv 3x3 stride 1, no max-pool before the first stage (32 px inputs)
+    weights: str | None = key(None)  # the library's own weights file, loaded before training (never downloaded)
+    taps: TapsConfig = field(default_factory=TapsConfig)  # over the taps inferred for the family
+    _target_: str | None = key(None)  # module: import path of the network's class or builder
+
+
+@dataclass
+class ExternalModelConfig(ExternalKeys, ModelConfig):
+    pass
+
+
+@dataclass
+class ExternalTeacherConfig(ExternalKeys, TeacherConfig):
+    pass
 
 
 @dataclass
@@ -70,13 +110,16 @@ class DatasetConfig:
     root: str = key()
     batch_size: int = key(gt=0)
     eval_batch_size: int = key(gt=0)
-    num_classes: int = key(gt=0)
+    num_classes: int | None = key(None, gt=0)  # must match the data; null: the data set's own count
+    mean: List[float] | None = key(None)  # per-channel normalisation (pixels in [0, 1]); null: the data set's
+    std: List[float] | None = key(None, each={"gt": 0})
     # keys of one data set only (null: the data set has no such key)
-    download: bool | None = key(None)  # cifar100
-    verify_checksums: bool | None = key(None)  # cifar100
-    train_size: int | None = key(None, ge=100)  # synthetic: every class appears
+    download: bool | None = key(None)  # cifar100, cifar10
+    verify_checksums: bool | None = key(None)  # cifar100, cifar10
+    train_size: int | None = key(None, ge=10)  # synthetic: every class appears (checked by the data set)
     test_size: int | None = key(None, ge=1)  # synthetic
     seed: int | None = key(None, ge=0)  # synthetic
+    image_size: int | None = key(None, gt=0)  # imagefolder: resize every image to N x N (null: one shared size)
 
 
 @dataclass
@@ -104,6 +147,7 @@ class TrainerConfig:
     epochs: int = key(gt=0)
     device: str = key(choices=("auto", "cpu", "cuda", "cuda:N"), pattern=r"auto|cpu|cuda(:\d+)?")
     precision: str = key(choices=("auto", "fp32", "bf16", "fp16"))
+    eval_precision: str = key(choices=("fp32", "same", "bf16", "fp16"))  # evaluation's; same: as training
     channels_last: bool | str = key(choices=("auto", True, False))
     compile: bool | str = key(choices=("auto", True, False))
     log_interval: int = key(gt=0)
@@ -132,6 +176,21 @@ class DistillConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Where the curves go (``logger=tensorboard|wandb|none``, configs/logger/); metrics.json is always written."""
+
+    # every group file sets it; the default is for configs without a logger node (runs made before it existed)
+    backends: List[str] = key(["tensorboard"], each={"choices": tuple(BACKENDS.names())})
+    # Weights & Biases (backend wandb; configs/logger/wandb.yaml sets them; null: W&B's own default)
+    project: str | None = key(None)
+    entity: str | None = key(None)
+    name: str | None = key(None)  # null: the run directory below runs/
+    group: str | None = key(None)
+    tags: List[str] | None = key(None)
+    mode: str | None = key(None, choices=("online", "offline", "disabled"))  # null: $WANDB_MODE, else offline
+
+
+@dataclass
 class JobConfig:
     seed: int = key(ge=0)
     teacher_dir: str = key()  # where finished teachers are stored and teacher=<arch> looks
@@ -139,6 +198,7 @@ class JobConfig:
     optim: OptimConfig = key()
     schedule: ScheduleConfig = key()
     trainer: TrainerConfig = key()
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # absent: TensorBoard only
 
 
 @dataclass
@@ -175,18 +235,52 @@ def validate(cfg: DictConfig | dict, job: str | None = None) -> DictConfig:
     if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) in SCHEMAS.values():
         return cfg
     schema = SCHEMAS[job] if job else (StudentJob if "distill" in cfg else TeacherJob)
+    _require_network_names(cfg)
     data = _resolved(cfg)
     typed = OmegaConf.structured(schema)
     OmegaConf.set_struct(typed, False)  # unknown top-level keys pass; every group node stays closed
     if isinstance(data.get("combine"), dict):
         typed.combine = {name: OmegaConf.structured(DistillConfig) for name in data["combine"]}
+    external = _type_external_networks(typed, data)
     _open_nodes(typed, schema)
     try:
         typed = OmegaConf.merge(typed, data)
         _check(typed, schema, "", data)
+        for group, kind in external.items():
+            _check(typed[group], kind, f"{group}.", data[group])
     except OmegaConfBaseException as err:
         raise UserError(describe_error(err, schema)) from None
     return typed
+
+
+def _require_network_names(cfg: DictConfig | dict) -> None:
+    """An external network node names its model (``teacher=torchvision teacher.name=resnet18``): say so in one line."""
+    for group in ("model", "teacher", "student"):
+        node = cfg.get(group) if isinstance(cfg, (dict, DictConfig)) else None
+        if not isinstance(node, (dict, DictConfig)) or node.get("source") is None:
+            continue
+        key = "_target_" if node.get("source") == "module" else "name"
+        example = "pkg.module.Class" if key == "_target_" else "resnet18"
+        if isinstance(node, DictConfig):
+            absent = key not in node.keys() or OmegaConf.is_missing(node, key)
+        else:
+            absent = node.get(key) in (None, MISSING)
+        if absent:
+            raise UserError(f"{group}={node.get('source')} needs {group}.{key}=... (e.g. {group}.{key}={example})")
+
+
+def _type_external_networks(typed: DictConfig, data: dict) -> dict[str, type]:
+    """Type the network nodes that name a ``source`` as external networks, open for constructor arguments."""
+    external = {}
+    for group in ("model", "teacher", "student"):
+        node = data.get(group)
+        if group in typed.keys() and isinstance(node, dict) and node.get("source") is not None:
+            kind = ExternalTeacherConfig if group == "teacher" else ExternalModelConfig
+            typed[group] = OmegaConf.structured(kind)
+            OmegaConf.set_struct(typed[group], False)
+            OmegaConf.set_struct(typed[group].taps, True)  # a misspelt tap key is an error
+            external[group] = kind
+    return external
 
 
 def _resolved(cfg: DictConfig | dict) -> dict:
@@ -265,12 +359,29 @@ def model_nodes(arch: str) -> dict[str, Any]:
         "student": ModelConfig(name=arch, lr=lr),
         # train_teacher.py model=<arch> writes the default checkpoint
         "teacher": TeacherConfig(name=arch, lr=lr, ckpt=f"${{teacher_dir}}/{arch}.pt",
-                                 published_top1=PUBLISHED_TEACHER_TOP1.get(arch)),
+                                 published_top1=PUBLISHED_TEACHER_TOP1.get(arch), verify=True),
+    }
+
+
+def external_nodes(source: str) -> dict[str, Any]:
+    """The ``model``, ``student`` and ``teacher`` nodes of a network source (``teacher=torchvision``).
+
+    ``name`` is the library's model name (module: the import path); ``lr`` is the zoo's default; the
+    teacher's checkpoint is where ``train_teacher.py model=<source> model.name=<name>`` stores it.
+    """
+    common = dict(source=source, name="${._target_}" if source == "module" else MISSING,
+                  lr=float(MODEL_METADATA_DEFAULTS["lr"]), _target_=MISSING if source == "module" else None)
+    return {
+        "model": ExternalModelConfig(**common),
+        "student": ExternalModelConfig(**common),
+        "teacher": ExternalTeacherConfig(**common, ckpt="${teacher_dir}/${.source}-${.name}.pt", published_top1=None,
+                                         verify=True),
     }
 
 
 def register_configs(store: ConfigStore | None = None) -> None:
-    """Fill Hydra's ConfigStore: the job schemas, and one model/teacher/student node per architecture.
+    """Fill Hydra's ConfigStore: the job schemas, and one model/teacher/student node per architecture
+    and per network source (torchvision, timm, module).
 
     Each architecture is also stored under its lower-case spelling and its aliases (``model=mobilenetv2``).
     """
@@ -282,12 +393,15 @@ def register_configs(store: ConfigStore | None = None) -> None:
         for group, node in model_nodes(arch).items():
             for spelling in spellings:
                 store.store(group=group, name=spelling, node=node)
+    for source in SOURCES.names():
+        for group, node in external_nodes(source).items():
+            store.store(group=group, name=source, node=node)
 
 
 def group_options(group: str) -> list[str]:
     """Names a config group offers from the ConfigStore (canonical architecture names for the model groups)."""
     if group in ("model", "teacher", "student"):
-        return list_models()
+        return list_models() + SOURCES.names()
     entries = ConfigStore.instance().repo.get(group, {})
     return sorted(name.removesuffix(".yaml") for name in entries if isinstance(name, str) and name.endswith(".yaml"))
 

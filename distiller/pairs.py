@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from models import MODELS
+from models.external import network_label
 
 PAIR_DIR = Path(__file__).resolve().parent.parent / "configs" / "pair"
 log = logging.getLogger("distiller")
@@ -46,7 +47,8 @@ def apply_pair_settings(cfg: DictConfig) -> list[str]:
     """
     if cfg.get("pair") is not None:
         return []
-    settings = pair_settings(str(cfg.teacher.name), str(cfg.student.name))
+    # an external network (teacher=timm teacher.name=resnet50) is not the zoo architecture of the same name
+    settings = pair_settings(network_label(cfg.teacher), network_label(cfg.student))
     if not settings:
         return []
     before = _method_nodes(cfg)

@@ -1,0 +1,385 @@
+"""Networks from outside the zoo (issue 12): torchvision and timm models by name, a module of our own by path.
+
+Each network is built through the config path (``models.external.build_network``) and used as
+teacher and as student against the zoo's resnet8 for kd, fitnet, at, crd, dkd and FT (two-stage):
+on one fixed batch, in float64 with BatchNorm fixed to the batch's statistics, one backtracked
+gradient step lowers the method's loss (``conftest.assert_gradient_step_descends``). The hooked
+features are compared with the modules' outputs computed by calling the modules one by one in
+the test; the taps of the zoo's resnet56, written out as a config declaration, give exactly its
+built-in ``feature_info``. Every bad declaration ends in one line naming the key. CPU, no network,
+no downloads (torchvision models are built with ``weights=None``, timm's with ``pretrained=False``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MIN_DECREASE, assert_gradient_step_descends, fix_batch_statistics, run_cli, seed, tiny_overrides
+from omegaconf import OmegaConf
+from torch import nn
+
+from common.errors import UserError
+from datasets.batch import Batch
+from distiller import functional as F
+from distiller.cli import explain_config_error
+from distiller.config import ExternalTeacherConfig, validate
+from distiller.features import EMBEDDING, STAGES, STAGES_PREACT, STEM, Features, forward_features
+from distiller.methods import METHODS, BuildContext
+from distiller.methods.crd import CONTRAST_IDX_KEY
+from distiller.objective import build_method
+from distiller.pairs import apply_pair_settings
+from models import build_model
+from models.external import CONFIG_KEYS, build_network, network_label
+from models.taps import check_taps
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES, N_DATA, TEST_K, B = 8, 128, 64, 4
+TRAIN_LABELS = torch.arange(N_DATA) % NUM_CLASSES
+TINY = "tests.external_nets.TinyNet"
+TINY_TAPS = {"stem": "stem", "stages": ["stage1", "stage2", "stage3"], "embedding": "head@in",
+             "preact": ["stage1.act@in", "stage2.act@in", "stage3.act@in"],
+             "bn": ["stage1.bn", "stage2.bn", "stage3.bn"]}
+NETWORKS = {
+    "tv_resnet18": {"source": "torchvision", "name": "resnet18", "cifar_stem": True},
+    "tv_mobilenet_v3_small": {"source": "torchvision", "name": "mobilenet_v3_small", "cifar_stem": True},
+    "tinynet": {"source": "module", "name": TINY, "_target_": TINY, "taps": TINY_TAPS},
+}
+METHOD_NAMES = ["kd", "fitnet", "at", "crd", "dkd", "ft"]
+ZOO = "resnet8"
+
+
+def method_node(name: str) -> dict:
+    node = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "distill" / f"{name}.yaml"), resolve=True)
+    if name == "crd":
+        node["nce_k"] = TEST_K
+    return node
+
+
+_BUILT: dict[str, nn.Module] = {}
+
+
+def network(key: str) -> nn.Module:
+    """A fresh copy of the external network ``key`` (built once: the build probes it)."""
+    if key not in _BUILT:
+        torch.manual_seed(seed(10))
+        _BUILT[key] = build_network(NETWORKS[key], NUM_CLASSES, role="teacher")
+    return copy.deepcopy(_BUILT[key])
+
+
+def features(model: nn.Module, x: torch.Tensor, kinds: frozenset) -> Features:
+    feats, logits = forward_features(model, x, preact=STAGES_PREACT in kinds)
+    return Features(logits=logits, stem=feats[0] if STEM in kinds else None,
+                    stages=list(feats[1:-1]) if kinds & {STAGES, STAGES_PREACT} else [],
+                    embedding=feats[-1] if EMBEDDING in kinds else None)
+
+
+def shapes(model: nn.Module, kinds: frozenset) -> Features:
+    with torch.no_grad():
+        was = model.training
+        f = features(model.eval(), torch.zeros(2, 3, 32, 32, dtype=next(model.parameters()).dtype), kinds)
+        model.train(was)
+    size = lambda t: None if t is None else t.shape
+    return Features(size(f.logits), size(f.stem), [t.shape for t in f.stages], size(f.embedding))
+
+
+# --------------------------------------------------------------------------- config and schema
+def test_every_schema_key_of_an_external_node_is_kept_from_the_constructor() -> None:
+    assert {f.name for f in dataclasses.fields(ExternalTeacherConfig)} <= CONFIG_KEYS
+
+
+def test_pinned_command_lines_compose_and_validate(compose, tmp_path: Path) -> None:
+    tiny = tiny_overrides(tmp_path)
+    cfg = compose("train_student", ["teacher=torchvision", "teacher.name=resnet18", "teacher.cifar_stem=true",
+                                    "student=timm", "student.name=resnet10t", "distill=crd", *tiny])
+    job = validate(cfg)
+    assert (job.teacher.source, job.teacher.name, job.teacher.cifar_stem) == ("torchvision", "resnet18", True)
+    assert (job.student.source, job.student.name, job.student.lr) == ("timm", "resnet10t", 0.05)
+    # train_teacher.py model=torchvision model.name=resnet18 stores where teacher=torchvision looks
+    trained = compose("train_teacher", ["model=torchvision", "model.name=resnet18", *tiny])
+    assert job.teacher.ckpt == str(tmp_path / "teachers" / f"{network_label(trained.model)}.pt")
+    assert job.teacher.ckpt.endswith("torchvision-resnet18.pt")
+    own = validate(compose("train_student", ["teacher=module", f"teacher._target_={TINY}", "+teacher.width=4",
+                                             "teacher.taps.stem=stem", "teacher.taps.stages=[stage1,stage2]",
+                                             "teacher.taps.embedding=head@in", *tiny]))
+    assert own.teacher.name == TINY and own.teacher.width == 4 and list(own.teacher.taps.stages) == ["stage1", "stage2"]
+    zoo = validate(compose("train_student", ["teacher=resnet56", *tiny]))
+    assert set(zoo.teacher.keys()) == {"name", "lr", "ckpt", "published_top1", "verify"}  # zoo nodes unchanged
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["teacher=torchvision"], "teacher=torchvision needs teacher.name="),
+    (["student=module"], "student=module needs student._target_="),
+    (["teacher=resnet56", "+teacher.width=2"], "config key 'teacher.width' does not exist"),  # zoo nodes stay strict
+    (["teacher=torchvision", "teacher.name=resnet18", "+teacher.taps.stemm=conv1"], "teacher.taps.stemm"),
+    (["teacher=torchvision", "teacher.name=resnet18", "teacher.cifar_stem=maybe"], "teacher.cifar_stem"),
+])
+def test_bad_external_nodes_are_one_line_errors(compose, tmp_path: Path, overrides: list, message: str) -> None:
+    """As the entry points' preflight reports them: a composition error or the schema's check, in one line."""
+    try:
+        validate(compose("train_student", [*overrides, *tiny_overrides(tmp_path)]))
+    except Exception as err:  # noqa: BLE001 - whatever composing raises, the user sees explain_config_error's line
+        line = explain_config_error(err)
+    else:
+        pytest.fail(f"{overrides} was accepted")
+    assert message in line and "\n" not in line
+
+
+def test_an_external_network_never_takes_a_zoo_pairs_settings(compose, tmp_path: Path) -> None:
+    """timm's resnet50 is not the zoo's CIFAR ResNet50, so the ResNet50-vgg8 settings must not apply."""
+    zoo = compose("train_student", ["teacher=ResNet50", "student=vgg8", "distill=ft", *tiny_overrides(tmp_path)])
+    assert apply_pair_settings(zoo)  # the published pair changes FT's init lr
+    timm_cfg = compose("train_student", ["teacher=timm", "teacher.name=resnet50", "student=vgg8", "distill=ft",
+                                         *tiny_overrides(tmp_path)])
+    assert apply_pair_settings(timm_cfg) == []
+
+
+# --------------------------------------------------------------------------- taps
+def test_declared_taps_of_a_zoo_model_give_its_feature_info() -> None:
+    """resnet56's taps written out by module path (the CIFAR ResNet's facts) on a copy that declares none."""
+    declared = {"stem": "relu", "stages": ["layer1", "layer2", "layer3"], "embedding": "fc@in",
+                "preact": ["layer1.8.relu_out@in", "layer2.8.relu_out@in", "layer3.8.relu_out@in"],
+                "bn": ["layer1.8.bn2", "layer2.8.bn2", "layer3.8.bn2"], "reductions": [1, 2, 4]}
+    built = build_network({"source": "module", "name": "bare", "_target_": "tests.external_nets.bare_resnet56",
+                           "taps": declared}, 100)
+    assert built.feature_info == build_model("resnet56").feature_info
+    assert built.undeclared_taps == {}
+
+
+def _direct_resnet18(m: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """torchvision ResNet's forward written out: conv-BN-ReLU stem, (max-pool), layer1..4, pool, fc."""
+    stem = m.relu(m.bn1(m.conv1(x)))
+    stages, y = [], m.maxpool(stem)
+    for layer in (m.layer1, m.layer2, m.layer3, m.layer4):
+        y = layer(y)
+        stages.append(y)
+    return [stem, *stages, torch.flatten(m.avgpool(y), 1)], []
+
+
+def _direct_mobilenet_v3_small(m: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """MobileNetV3-Small's features one by one; its blocks change resolution at 1, 2, 4 and 9 (Howard et al.,
+    Table 2), so with a stride-1 stem the stage ends are blocks 1, 3, 8 and 11; the 1x1 conv (12) is the head."""
+    outs, y = [], x
+    for block in m.features:
+        y = block(y)
+        outs.append(y)
+    return [outs[0], outs[1], outs[3], outs[8], outs[11], torch.flatten(m.avgpool(outs[12]), 1)], \
+        [outs[1], outs[3], outs[8], outs[11]]  # linear block outputs: each map is its own pre-activation
+
+
+def _direct_tinynet(m: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    stem = m.stem(x)
+    y, stages, pre = stem, [], []
+    for stage in (m.stage1, m.stage2, m.stage3):
+        pre.append(stage.bn(stage.conv(y)))
+        y = stage(y)
+        stages.append(y)
+    return [stem, *stages, torch.flatten(m.pool(y), 1)], pre
+
+
+DIRECT = {"tv_resnet18": _direct_resnet18, "tv_mobilenet_v3_small": _direct_mobilenet_v3_small,
+          "tinynet": _direct_tinynet}
+
+
+@pytest.mark.parametrize("key", list(NETWORKS))
+def test_hooked_features_equal_the_modules_outputs(key: str) -> None:
+    """The same modules called one by one on the same input in eval mode: the same kernels on the same
+    tensors, so the values agree exactly."""
+    model = network(key).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        feats, logits = forward_features(model, x)
+        pre_feats, _ = forward_features(model, x, preact=True) if key != "tv_resnet18" else (None, None)
+        direct, direct_pre = DIRECT[key](model, x)
+        reference_logits = model(x)
+    assert len(feats) == len(direct)
+    for got, want in zip(feats, direct):
+        assert got.shape == want.shape and torch.equal(got, want)
+    assert torch.equal(logits, reference_logits)
+    if pre_feats is not None:
+        for got, want in zip(pre_feats[1:-1], direct_pre):
+            assert torch.equal(got, want)
+    stage_infos = [i for i in model.feature_info if i.is_stage]
+    assert [i.channels for i in stage_infos] == [f.shape[1] for f in direct[1:-1]]
+    assert [i.reduction for i in stage_infos] == [32 // f.shape[-1] for f in direct[1:-1]]
+
+
+@pytest.mark.parametrize("taps, message", [
+    ({"stages": ["stage1", "stage9", "stage3"]}, r"student.taps.stages\[1\]='stage9' is not a module of"),
+    ({"stages": ["stage2", "stage1", "stage3"]}, r"stages must be in forward order .* stages\[1\]='stage1'"),
+    ({"stages": ["stage1", "stage2", "stage3"], "reductions": [1, 1, 4]},
+     r"student.taps.reductions\[1\]=1 but stages\[1\]='stage2' reduces the resolution by 2"),
+    ({"embedding": "pool"}, r"student.taps.embedding='pool' gives a \[2, 32, 1, 1\] tensor .* not a \[B, D\] vector"),
+    ({"stages": ["stage1", "stage2"], "preact": ["stage1.act@in"]}, r"student.taps.preact has 1 entries"),
+    ({"stages": ["stage1"], "bn": ["stage1.conv"]}, r"student.taps.bn\[0\]='stage1.conv' is a Conv2d, not a BatchNorm"),
+    ({"stemm": "stem"}, r"student.taps.stemm is not a tap key"),
+])
+def test_bad_tap_declarations_are_one_line_errors(taps: dict, message: str) -> None:
+    node = {"source": "module", "name": TINY, "_target_": TINY, "taps": taps}
+    with pytest.raises(UserError, match=message) as err:
+        build_network(node, NUM_CLASSES, role="student")
+    assert "\n" not in str(err.value)
+
+
+def test_a_shared_or_in_place_activation_cannot_be_a_tap() -> None:
+    """torchvision's BasicBlock calls one in-place ReLU twice: its input is no pre-activation tap."""
+    node = {**NETWORKS["tv_resnet18"], "taps": {"preact": [f"layer{i}.1.relu@in" for i in (1, 2, 3, 4)]}}
+    with pytest.raises(UserError, match=r"teacher.taps.preact\[0\]='layer1.1.relu@in' runs 2 times"):
+        build_network(node, NUM_CLASSES, role="teacher")
+
+
+def test_a_method_needing_a_tap_the_network_lacks_names_both(compose, tmp_path: Path) -> None:
+    from distiller.run import distill
+
+    cfg = compose("train_student", ["teacher=torchvision", "teacher.name=resnet18", "teacher.cifar_stem=true",
+                                    "student=resnet8", "distill=ab", *tiny_overrides(tmp_path)])
+    with pytest.raises(UserError, match=r"method 'ab' needs the teacher's stages_preact features, but teacher "
+                                        r"torchvision-resnet18 has none .*teacher.taps.preact="):
+        distill(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    tiny = build_network({"source": "module", "name": TINY, "_target_": TINY}, NUM_CLASSES)  # no taps declared
+    with pytest.raises(UserError, match=r"method 'fitnet' needs the student's stages features.*student.taps.stages="):
+        check_taps(tiny, "student", "module-TinyNet", {"fitnet": METHODS.get("fitnet").student_features})
+    check_taps(tiny, "student", "module-TinyNet", {"kd": frozenset(), "crd": frozenset({EMBEDDING})})
+
+
+def test_other_bad_networks_are_one_line_errors(monkeypatch) -> None:
+    cases = [
+        ({"source": "torchvision", "name": "resnet181"}, r"teacher.name='resnet181' is not a torchvision .*"
+                                                         r"Did you mean 'resnet18'"),
+        ({"source": "module", "name": "x", "_target_": "tests.no_such_module.Net"}, r"teacher._target_="),
+        ({"source": "module", "name": "x", "_target_": "tests.external_nets.NoSuchNet"}, r"has no attribute"),
+        ({"source": "module", "name": TINY, "_target_": TINY, "width": "wide"}, r"building .*TinyNet failed"),
+        ({"source": "module", "name": "x", "_target_": "torch.nn.Identity"}, r"outputs \[2, 3, 32, 32\] .* 8 classes"),
+        ({"source": "module", "name": TINY, "_target_": TINY, "taps": {"stages": "stage1"}},
+         r"teacher.taps.stages must be a list"),
+    ]
+    for node, message in cases:
+        with pytest.raises(UserError, match=message) as err:
+            build_network(node, NUM_CLASSES, role="teacher")
+        assert "\n" not in str(err.value)
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
+    with pytest.raises(UserError, match=r"needs the package timm.*pip install timm"):
+        build_network({"source": "timm", "name": "resnet18"}, NUM_CLASSES, role="student")
+
+
+def test_library_weights_load_and_the_classifier_is_adapted(tmp_path: Path) -> None:
+    """A torchvision-style file (a bare state_dict for 1000 classes) into a 10-class CIFAR-stem network."""
+    import torchvision
+
+    torch.manual_seed(seed(3))
+    source = torchvision.models.mobilenet_v3_small(weights=None)
+    path = tmp_path / "mobilenet_v3_small-imagenet.pth"
+    torch.save(source.state_dict(), path)
+    node = {"source": "torchvision", "name": "mobilenet_v3_small", "cifar_stem": True, "weights": str(path)}
+    loaded = build_network(node, 10, role="model").state_dict()
+    saved = source.state_dict()
+    classifier = {"classifier.3.weight", "classifier.3.bias"}
+    assert all(torch.equal(loaded[k], v) for k, v in saved.items() if k not in classifier)
+    assert loaded["classifier.3.weight"].shape == (10, 1024)  # a fresh 10-class classifier
+    wrong = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), wrong)
+    with pytest.raises(UserError, match=r"model.weights=.*does not fit this network"):
+        build_network({**node, "weights": str(wrong)}, 10, role="model")
+
+
+# --------------------------------------------------------------------------- every method on external pairs
+def _pair(key: str, external_role: str) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed(1))
+    zoo = build_model(ZOO, num_classes=NUM_CLASSES)
+    return (network(key), zoo) if external_role == "teacher" else (zoo, network(key))
+
+
+@pytest.mark.parametrize("external_role", ["teacher", "student"])
+@pytest.mark.parametrize("key", list(NETWORKS))
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_method_step_lowers_the_loss(name: str, key: str, external_role: str) -> None:
+    teacher, student = _pair(key, external_role)
+    teacher.eval().requires_grad_(False)
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    method = build_method(method_node(name))
+    s_kinds, t_kinds = method.student_features, method.teacher_features
+    ctx = BuildContext(num_classes=NUM_CLASSES, num_samples=N_DATA, train_labels=TRAIN_LABELS,
+                       device=torch.device("cpu"), student=student, teacher=teacher)
+    method.build(shapes(student, s_kinds), shapes(teacher, t_kinds), ctx)
+    images = torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(seed(2)))
+    indices = torch.tensor([3, 12, 21, 30])
+    with torch.no_grad():
+        t = features(teacher, images, t_kinds)
+    as64 = lambda v: None if v is None else v.double()
+    t = Features(as64(t.logits), as64(t.stem), [v.double() for v in t.stages], as64(t.embedding))
+    student.double()
+    method.double()
+    min_decrease = MIN_DECREASE
+    if name == "crd":  # CRD's memory scores in float32 (see test_methods.py): a decrease above its rounding
+        method.memory.float()
+        min_decrease = 2.0 ** -10
+    extras = {CONTRAST_IDX_KEY: method.sampler(indices)} if name == "crd" else {}
+    batch = Batch(images.double(), TRAIN_LABELS[indices], indices, extras)
+
+    def loss() -> torch.Tensor:
+        s = features(student, batch.images, s_kinds)
+        if name == "kd":  # KD is the objective's own term (alpha); the method adds none
+            assert method(s, t, batch) == {}
+            return F.kd(s.logits, t.logits, 4.0)
+        return sum(method(s, t, batch).values())
+
+    main = {id(p) for p in [*student.parameters(), *method.parameters()] if p.requires_grad}
+    for phase in method.phases():  # FT's paraphraser phase: only the paraphraser learns, on the teacher's map
+        own = {id(p) for p in phase.parameters(student)}
+        for p in [*student.parameters(), *method.parameters()]:
+            p.requires_grad_(id(p) in own)
+        phase_loss = lambda phase=phase: sum(phase.loss(Features(), t, batch).values())
+        fix_batch_statistics([student, method], phase_loss)
+        assert_gradient_step_descends(phase_loss, list(phase.parameters(student)))
+        for p in [*student.parameters(), *method.parameters()]:
+            p.requires_grad_(id(p) in main)  # as the engine sets the main phase: the paraphraser stays frozen
+    params = list(student.parameters()) + [p for p in method.parameters() if p.requires_grad]
+    fix_batch_statistics([student, method], loss)
+    helpers = {n: list(c.parameters()) for n, c in method.named_children()
+               if any(p.requires_grad for p in c.parameters())}
+    assert_gradient_step_descends(loss, params, reaches={"student": list(student.parameters()), **helpers},
+                                  min_decrease=min_decrease)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())
+
+
+# --------------------------------------------------------------------------- timm (optional)
+def test_timm_network_taps_follow_its_feature_info() -> None:
+    """timm's resnet10t with a CIFAR stem: stem, four stages and the embedding equal timm's own
+    forward_features / forward_head(pre_logits=True), which compute them without our hooks."""
+    pytest.importorskip("timm")
+    torch.manual_seed(seed(4))
+    model = build_network({"source": "timm", "name": "resnet10t", "cifar_stem": True}, NUM_CLASSES).eval()
+    assert [i.name for i in model.feature_info] == ["stem", "stage1", "stage2", "stage3", "stage4", "embedding"]
+    assert [i.reduction for i in model.feature_info if i.is_stage] == [1, 2, 4, 8]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats, logits = forward_features(model, x)
+        last = model.forward_features(x)
+        embedding = model.forward_head(last, pre_logits=True)
+    assert torch.equal(feats[-2], last) and torch.equal(feats[-1], embedding)
+    assert torch.equal(logits, model.forward_head(last))
+
+
+# --------------------------------------------------------------------------- the command line
+def test_cli_distils_a_torchvision_teacher_into_a_zoo_student(tmp_path: Path) -> None:
+    """The issue's command line, with a saved random resnet18 as the teacher checkpoint (speed does not
+    depend on the weights) and a tiny synthetic data set."""
+    node = {"source": "torchvision", "name": "resnet18", "cifar_stem": True}
+    torch.manual_seed(seed(5))
+    teacher = build_network(node, 100, role="teacher")
+    ckpt = tmp_path / "teacher.pt"
+    torch.save({"model": teacher.state_dict()}, ckpt)
+    run_dir = tmp_path / "run"
+    result = run_cli("train_student.py", "teacher=torchvision", "teacher.name=resnet18", "teacher.cifar_stem=true",
+                     f"teacher.ckpt={ckpt}", "student=resnet8", "distill=crd", "distill.nce_k=64",
+                     *tiny_overrides(tmp_path, train_size=100, test_size=16), "dataset.batch_size=16",
+                     "dataset.eval_batch_size=16", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "final_top1" in metrics and len(metrics["epochs"]) == 1
+    assert "resnet8 <- torchvision-resnet18 [crd]" in result.stdout
