@@ -8,7 +8,9 @@ Two things reach the logit terms generically. A temperature supplied by a method
 and is passed to every method whose ``forward`` takes a ``temperature`` keyword (None when no
 method supplies one, so the method keeps its own). With ``logit_standardize: true`` the KD
 term and every method that declares ``logit_terms = True`` see both networks' logits
-standardised per sample (:func:`distiller.functional.logit_standardize`).
+standardised per sample (:func:`distiller.functional.logit_standardize`); a logit method whose
+``forward`` takes a ``standardize`` keyword gets the raw logits and the switch instead, and
+standardises only where its terms need it (MLKD: inside its KD terms, not its other levels).
 """
 from __future__ import annotations
 
@@ -81,6 +83,11 @@ def _takes_temperature(method: DistillMethod) -> bool:
     return "temperature" in inspect.signature(method.forward).parameters
 
 
+def _standardizes_itself(method: DistillMethod) -> bool:
+    """Whether the method's ``forward`` declares a ``standardize`` keyword (it then gets raw logits and the switch)."""
+    return "standardize" in inspect.signature(method.forward).parameters
+
+
 def _standardized(features: Features) -> Features:
     """The same features with the logits (also on extra views) standardised per sample."""
     if features.logits is None:
@@ -116,6 +123,7 @@ class Objective(nn.Module):
         self.entries = methods or []
         self.methods = nn.ModuleDict({m.label: m.method for m in self.entries})
         self._takes_temperature = {m.label for m in self.entries if _takes_temperature(m.method)}
+        self._standardizes_itself = {m.label for m in self.entries if _standardizes_itself(m.method)}
 
     @classmethod
     def from_config(cls, distill: Mapping[str, Any] | None, combine: Mapping[str, Any] | None = None) -> Objective:
@@ -145,8 +153,9 @@ class Objective(nn.Module):
 
         One dummy forward per network (eval mode, no gradient) through the hooks the run trains with.
         """
-        s_store, s_logits = probe(ctx.student, student_hooks, memory_format=memory_format)
-        t_store, t_logits = (probe(ctx.teacher, teacher_hooks, memory_format=memory_format)
+        size = (2, *ctx.image_shape)  # the data set's images: feature shapes depend on the resolution
+        s_store, s_logits = probe(ctx.student, student_hooks, input_size=size, memory_format=memory_format)
+        t_store, t_logits = (probe(ctx.teacher, teacher_hooks, input_size=size, memory_format=memory_format)
                              if teacher_hooks is not None else ({}, None))
         for entry in self.entries:
             method = entry.method
@@ -218,9 +227,11 @@ class Objective(nn.Module):
             distill = distill + self.alpha * terms["kd"]
         for entry in active:
             s_feats, t_feats = per_method[entry.label]
-            if self.logit_standardize and entry.method.logit_terms:
-                s_feats, t_feats = _standardized(s_feats), _standardized(t_feats)
             kwargs = {"temperature": supplied} if entry.label in self._takes_temperature else {}
+            if entry.label in self._standardizes_itself:
+                kwargs["standardize"] = self.logit_standardize and entry.method.logit_terms
+            elif self.logit_standardize and entry.method.logit_terms:
+                s_feats, t_feats = _standardized(s_feats), _standardized(t_feats)
             weight = entry.weight(epoch)
             for name, value in entry.method(s_feats, t_feats, batch, **kwargs).items():
                 key = name if name not in terms else f"{entry.label}.{name}"

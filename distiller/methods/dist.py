@@ -6,6 +6,7 @@ import torch
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import Features
+from distiller.gather import gather_batch
 from distiller.methods.base import METHODS, DistillMethod
 
 
@@ -16,7 +17,9 @@ class DIST(DistillMethod):
     One term, :func:`distiller.functional.dist`: Pearson correlations of the softmaxes at
     ``dist_temperature``, across classes (``inter_weight``, the paper's beta) and across the
     batch (``intra_weight``, its gamma), times ``tau^2`` as in the authors' code. The intra
-    term correlates the samples of one batch: under DDP it is computed on each rank's shard.
+    term correlates the samples of one batch: under DDP both networks' logits are gathered over
+    the ranks (:func:`distiller.gather.gather_batch`), so loss and gradient are those of one
+    process with the global batch.
     """
 
     # a logit term: with distill.logit_standardize the objective hands it standardised logits
@@ -30,7 +33,8 @@ class DIST(DistillMethod):
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
                 batch: Batch) -> dict[str, torch.Tensor]:
-        return {"dist": F.dist(student.logits, teacher.logits, beta=self.inter_weight, gamma=self.intra_weight,
+        z_s, z_t = gather_batch(student.logits), gather_batch(teacher.logits)
+        return {"dist": F.dist(z_s, z_t, beta=self.inter_weight, gamma=self.intra_weight,
                                temperature=self.dist_temperature)}
 
     def extra_repr(self) -> str:
