@@ -7,17 +7,20 @@ Importing this module also fills Hydra's ConfigStore (:mod:`distiller.config`).
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import logging
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
+from omegaconf.nodes import BooleanNode
 
 from common.errors import UserError
 from distiller.config import SCHEMAS, group_options, validate
@@ -34,6 +37,21 @@ def method_label(name: str, combine: Any = None) -> str:
 
 
 OmegaConf.register_new_resolver("method_label", method_label, replace=True)
+
+
+def if_switch(flag: Any, then: Any, otherwise: Any) -> Any:
+    """``${if:FLAG,A,B}``: A when FLAG is true, else B. A method default that follows a switch, e.g.
+    KD's temperature under ``logit_standardize`` (the pair's LS value) and without it (4). FLAG is read
+    as the schema reads a boolean (``yes``/``on``/``1`` are true); a value that is no boolean picks B,
+    and the schema then reports it in one line."""
+    try:
+        on = BooleanNode(value=flag)._value() is True
+    except ValidationError:
+        on = False
+    return then if on else otherwise
+
+
+OmegaConf.register_new_resolver("if", if_switch, replace=True)
 
 
 def debug_mode() -> bool:
@@ -123,7 +141,12 @@ def canonical_model_choices(argv: list[str]) -> list[str]:
 
 
 def check_run_dir(path: Path) -> None:
-    """Fail now, in one line, where Hydra could not create the run directory or write into it."""
+    """Fail now, in one line, where Hydra could not create the run directory or write into it.
+
+    Permission bits do not tell (root passes them everywhere; ``/proc`` or a read-only mount only
+    refuse when written), so the directory is really created and a file opened in it; whatever
+    the check created is removed again, so it writes nothing either way.
+    """
     if path.exists() and not path.is_dir():
         raise UserError(f"hydra.run.dir={path} is a file, not a directory; choose another hydra.run.dir")
     existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
@@ -132,6 +155,18 @@ def check_run_dir(path: Path) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"hydra.run.dir={path} cannot be created or written: {existing} is not writable; "
                         f"choose another hydra.run.dir")
+    created = [p for p in (path.absolute(), *path.absolute().parents) if not p.exists()]  # deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UserError(f"hydra.run.dir={path} cannot be created or written ({err.strerror or err}); "
+                        f"choose another hydra.run.dir") from None
+    finally:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def preflight(config_name: str, argv: list[str]) -> None:

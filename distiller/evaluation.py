@@ -14,6 +14,10 @@ def evaluate(model: nn.Module, loader: DeviceLoader, runtime: Runtime,
              hooks: FeatureHooks | None = None) -> dict[str, float]:
     """``test_loss``, ``test_top1``, ``test_top5`` of ``model`` in eval mode (its mode restored after).
 
+    The forward passes run in ``runtime.eval_precision`` (``trainer.eval_precision``: fp32 by
+    default, even when training autocasts to bf16/fp16), so accuracies are not rounded by training's
+    precision and the best epoch is picked on the network, not on its rounding.
+
     ``hooks``: the feature hooks registered on ``model``, emptied after every batch so nothing
     of an evaluation batch outlives it.
     """
@@ -21,7 +25,7 @@ def evaluate(model: nn.Module, loader: DeviceLoader, runtime: Runtime,
     model.eval()
     sums = torch.zeros(4, device=runtime.device, dtype=torch.float64)
     for batch in loader.epoch(0):
-        with runtime.autocast():
+        with runtime.eval_autocast():  # fp32 unless trainer.eval_precision says otherwise
             logits = model(batch.images)
         if hooks is not None:
             hooks.pop()

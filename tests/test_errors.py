@@ -56,7 +56,7 @@ def student(tmp: Path, run: str, *extra: str):
 # ---- names -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("override, group, suggestion", [
     ("model=resnet9", "model", "resnet8"),
-    ("dataset=cifar10", "dataset", "cifar100"),
+    ("dataset=cifar1000", "dataset", "cifar100"),
 ])
 def test_unknown_name_in_teacher_training(tmp_path, override, group, suggestion):
     result = run_cli("train_teacher.py", override, f"hydra.run.dir={tmp_path / 'run'}")

@@ -1,0 +1,90 @@
+"""Bad input as typed (issue 13, item 7): one line on stderr, status 2, no traceback, nothing written.
+
+``tests/test_config.py`` checks each wrong value through ``preflight`` and a few as typed; here the
+issue's list is run as a user types it, and a run directory that cannot be created although the
+permission bits allow it (``/proc/x/y``: root passes ``os.access`` everywhere, ``/proc`` refuses at
+``mkdir``).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, tiny_overrides
+
+from common.errors import UserError
+from distiller.cli import check_run_dir, preflight
+
+EXIT_USER_ERROR = 2
+HAS_PROC = sys.platform.startswith("linux") and Path("/proc/self").is_dir()
+
+
+def _one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="needs Linux /proc, where mkdir fails whatever the permissions")
+def test_check_run_dir_refuses_a_folder_that_cannot_be_created():
+    with pytest.raises(UserError, match=r"hydra\.run\.dir=/proc/x/y cannot be created") as caught:
+        check_run_dir(Path("/proc/x/y"))
+    assert "\n" not in str(caught.value) and "choose another hydra.run.dir" in str(caught.value)
+    assert not Path("/proc/x").exists()
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="needs Linux /proc, an existing folder that refuses new files")
+def test_check_run_dir_refuses_an_existing_folder_that_cannot_be_written():
+    with pytest.raises(UserError, match=r"hydra\.run\.dir=/proc "):
+        check_run_dir(Path("/proc"))
+
+
+def test_check_run_dir_leaves_nothing_behind(tmp_path):
+    """A creatable run directory passes, and the check removes the folders it made to find out."""
+    check_run_dir(tmp_path / "a" / "b" / "run")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "old.txt").write_text("old")
+    check_run_dir(tmp_path / "kept")
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["old.txt"]
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="needs Linux /proc")
+def test_preflight_one_line_for_an_uncreatable_run_dir(capsys):
+    with pytest.raises(SystemExit) as caught:
+        preflight("train_teacher", ["model=resnet8", "dataset=synthetic", "hydra.run.dir=/proc/x/y"])
+    assert caught.value.code == EXIT_USER_ERROR
+    line = _one_line(capsys.readouterr().err)
+    assert line == ("error: hydra.run.dir=/proc/x/y cannot be created or written (No such file or directory); "
+                    "choose another hydra.run.dir"), line
+
+
+# The issue's list, as typed (train_teacher.py; the words the line must hold). Each is refused before
+# anything is written: no run directory, no data set generated.
+AS_TYPED = [
+    (["seed=abc"], ["seed=abc"]),
+    (["schedule.milestones=[abc]"], ["schedule.milestones[0]=abc"]),
+    (["schedule.milestones=5"], ["schedule.milestones=5", "list"]),
+    (["optim.momentum=1.5"], ["optim.momentum=1.5", "< 1"]),
+]
+
+
+@pytest.mark.parametrize("overrides, words", AS_TYPED, ids=[a[0][0] for a in AS_TYPED])
+def test_wrong_value_as_typed(tmp_path, overrides, words):
+    result = run_cli("train_teacher.py", "model=resnet8", f"hydra.run.dir={tmp_path / 'run'}",
+                     *tiny_overrides(tmp_path), *overrides)
+    assert result.returncode == EXIT_USER_ERROR, result.stderr[-2000:]
+    line = _one_line(result.stderr)
+    for word in words:
+        assert word in line, (word, line)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="needs Linux /proc")
+def test_uncreatable_run_dir_as_typed(tmp_path):
+    result = run_cli("train_teacher.py", "model=resnet8", *tiny_overrides(tmp_path), "hydra.run.dir=/proc/x/y")
+    assert result.returncode == EXIT_USER_ERROR, result.stderr[-2000:]
+    line = _one_line(result.stderr)
+    assert "hydra.run.dir=/proc/x/y cannot be created" in line, line
+    assert not (tmp_path / "data").exists() and not (tmp_path / "teachers").exists()
