@@ -9,7 +9,6 @@ the objects and hand them to :class:`distiller.engine.Trainer`.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from common.errors import UserError
 from common.files import atomic_write
 from datasets import load_dataset
-from distiller.checkpoint import load_weights, safe_load
+from distiller.checkpoint import safe_load
 from distiller.config import validate
 from distiller.config_messages import describe_error
 from distiller.engine import Trainer, TrainSettings
@@ -30,7 +29,9 @@ from distiller.objective import Objective
 from distiller.optim import check_optimizer, optimizer_options
 from distiller.pairs import apply_pair_settings
 from distiller.runtime import Runtime, barrier, make_runtime, seed_everything
-from models import build_model
+from distiller.teachers import load_teacher_weights, published_check, store_teacher
+from models.external import build_network, network_label
+from models.taps import check_taps
 
 log = logging.getLogger("distiller")
 
@@ -38,7 +39,8 @@ log = logging.getLogger("distiller")
 VOLATILE_KEYS = ("trainer.resume", "trainer.auto_resume", "trainer.force", "trainer.progress",
                  "trainer.log_interval", "trainer.num_threads", "trainer.checkpoint_every_steps",
                  "trainer.device", "trainer.compile", "dataset.root", "teacher.ckpt", "teacher_dir",
-                 "dataset.eval_batch_size")
+                 "dataset.eval_batch_size", "teacher.verify", "logger",
+                 "trainer.eval_precision")  # evaluation's precision never changes the training
 # keys added to configs after runs were made with them absent: at these values they change nothing,
 # so a run directory written before they existed still resumes
 NEUTRAL_DEFAULTS = {"distill.logit_standardize": False}
@@ -172,8 +174,8 @@ def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         return None
     seed_everything(settings.seed)
     data = load_dataset(cfg.dataset)
-    arch = str(cfg.model.name)
-    model = build_model(arch, num_classes=data.num_classes)
+    arch = network_label(cfg.model)  # resnet56, torchvision-resnet18, ...
+    model = build_network(cfg.model, data.num_classes, data.train_images.shape[-2:], role="model")
     header = {"kind": "teacher", "arch": arch, "student": arch, "teacher": None, "method": "ce",
               "seed": settings.seed, "dataset": str(cfg.dataset.name)}
     trainer = Trainer(runtime=runtime, settings=settings, run_dir=run_dir, data=data, student=model,
@@ -184,14 +186,8 @@ def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     if runtime.is_main:
         slim = trainer.checkpointer.slim(len(state.history), final["test_top1"])
         atomic_write(slim, run_dir / "final.pt")
-        if job.save_teacher:
-            target = Path(str(cfg.teacher_dir)) / f"{arch}.pt"
-            if target.exists():  # never lose a teacher: keep the previous file beside the new one
-                backup = target.with_name(f"{target.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
-                os.replace(target, backup)
-                log.warning("kept the previous %s as %s", target, backup)
-            atomic_write(slim, target)
-            log.info("stored the trained model as %s (used by teacher=%s)", target, arch)
+        if job.save_teacher:  # <teacher_dir>/<arch>.pt, indexed (distiller/teachers.py); a previous file -> .bak
+            store_teacher(slim, Path(str(cfg.teacher_dir)), arch, str(cfg.dataset.name), final, config, run_dir)
     if runtime.is_main:
         print(f"{arch}: final test top-1 {final['test_top1']:.2f}  best {state.best_top1:.2f}  ({run_dir})")
     return final
@@ -221,6 +217,7 @@ def distill(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     log.info("teacher %s: test top-1 %.2f", teacher_arch, teacher_eval["test_top1"])
     if runtime.is_main:
         print(f"teacher {teacher_arch}: test top-1 {teacher_eval['test_top1']:.2f}")
+        _warn_below_published(cfg, teacher_arch, len(trainer.data.test_labels), teacher_eval["test_top1"])
     state = trainer.fit(resume_from=start)
     final = state.history[-1]
     if runtime.is_main:
@@ -228,6 +225,16 @@ def distill(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         print(f"{student_arch} <- {teacher_arch} [{cfg.method_label}]: final test top-1 {final['test_top1']:.2f}  "
               f"best {state.best_top1:.2f}  ({run_dir})")
     return final
+
+
+def _warn_below_published(cfg: DictConfig, teacher_arch: str, num_test: int, measured: float) -> None:
+    """Say so when the teacher is clearly weaker than the shared pretrained one of its architecture."""
+    published = cfg.teacher.get("published_top1")
+    check = published_check(teacher_arch, str(cfg.dataset.name), num_test, measured,
+                            None if published is None else float(published))
+    if check is not None and not check["ok"]:
+        print(f"warning: teacher {teacher_arch} scores {measured:.2f}, {-check['difference']:.2f} points below the "
+              f"published {check['published_top1']:.2f}; check teacher.ckpt (a wrong or under-trained file?)")
 
 
 def build_distillation(cfg: DictConfig, run_dir: Path, runtime: Runtime, settings: TrainSettings,
@@ -239,16 +246,15 @@ def build_distillation(cfg: DictConfig, run_dir: Path, runtime: Runtime, setting
     """
     seed_everything(settings.seed)
     data = load_dataset(cfg.dataset)
-    teacher_arch, student_arch = str(cfg.teacher.name), str(cfg.student.name)
-    teacher = build_model(teacher_arch, num_classes=data.num_classes)
-    if load_teacher:
-        ckpt = Path(str(cfg.teacher.ckpt))
-        if not ckpt.is_file():
-            raise UserError(f"teacher checkpoint not found: {ckpt}. Train it with `python train_teacher.py "
-                            f"model={teacher_arch}` (saved there), or pass teacher.ckpt=PATH to a pretrained "
-                            f"{teacher_arch} file ({{'model': state_dict}})")
-        load_weights(teacher, ckpt, teacher_arch, what="teacher checkpoint")
-    student = build_model(student_arch, num_classes=data.num_classes)
+    teacher_arch, student_arch = network_label(cfg.teacher), network_label(cfg.student)
+    needs = lambda role: {e.label: getattr(e.method, f"{role}_features") for e in objective.entries}
+    teacher = build_network(cfg.teacher, data.num_classes, data.train_images.shape[-2:], role="teacher")
+    check_taps(teacher, "teacher", teacher_arch, needs("teacher"))  # a tap the methods need exists (before any I/O)
+    if load_teacher:  # checked against the teacher index of its folder first (teacher.verify)
+        load_teacher_weights(teacher, Path(str(cfg.teacher.ckpt)), teacher_arch, dataset=str(cfg.dataset.name),
+                             verify=bool(cfg.teacher.get("verify", True)))
+    student = build_network(cfg.student, data.num_classes, data.train_images.shape[-2:], role="student")
+    check_taps(student, "student", student_arch, needs("student"))
     header = {"kind": "student", "arch": student_arch, "student": student_arch, "teacher": teacher_arch,
               "method": str(cfg.get("method_label", cfg.distill.name)), "seed": settings.seed,
               "dataset": str(cfg.dataset.name)}

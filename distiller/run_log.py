@@ -1,40 +1,39 @@
-"""What a run leaves behind for people: TensorBoard curves, ``metrics.json``, log lines.
+"""What a run leaves behind for people: curves (TensorBoard, W&B: :mod:`distiller.loggers`), ``metrics.json``.
 
 Only the main process (rank 0) writes; other ranks get a logger that does nothing.
 """
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 from common.files import atomic_write
+from distiller.loggers import make_backends
 
 log = logging.getLogger("distiller")
 
 
 class RunLogger:
-    """TensorBoard scalars and the run's ``metrics.json`` (pinned keys: final_top1, best_top1, final_top5, epochs)."""
+    """Curves for the ``logger`` backends and the run's ``metrics.json`` (pinned keys: final_top1, best_top1,
+    final_top5, epochs).
 
-    def __init__(self, run_dir: Path, enabled: bool, header: dict[str, Any]) -> None:
+    ``config``: the resolved config of the run; its ``logger`` node chooses the backends
+    (absent: TensorBoard), and backends that record configs (W&B) get all of it.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, header: dict[str, Any],
+                 config: dict[str, Any] | None = None) -> None:
         self.run_dir = run_dir
         self.enabled = enabled
         self.header = header
-        self._writer = None
-
-    @property
-    def writer(self):  # created lazily: importing tensorboard costs start-up time
-        if self._writer is None and self.enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
-        return self._writer
+        self._status = "running"
+        self.backends = make_backends(run_dir, (config or {}).get("logger"), config or {}) if enabled else []
 
     def scalars(self, values: dict[str, float], step: int, prefix: str) -> None:
-        if not self.enabled:
-            return
-        for name, value in values.items():
-            self.writer.add_scalar(f"{prefix}/{name}", value, step)
+        for backend in self.backends:
+            backend.scalars(values, step, prefix)
 
     def metrics(self, state: dict[str, Any], status: str, extra: dict[str, Any] | None = None) -> None:
         """Rewrite ``metrics.json`` from the run state (atomic)."""
@@ -55,12 +54,17 @@ class RunLogger:
             **(extra or {}),
         }
         atomic_write(data, self.run_dir / "metrics.json", "json")
+        self._status = status
+        for backend in self.backends:
+            backend.summary(data)
 
     def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
+        for backend in self.backends:
+            backend.flush()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        """End every backend's run; a run that failed or is being interrupted (called from the trainer's
+        ``finally``, with an exception on its way out) is marked failed where the backend knows the notion."""
+        failed = self._status == "failed" or sys.exc_info()[0] is not None
+        for backend in self.backends:
+            backend.close(failed=failed)

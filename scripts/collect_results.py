@@ -40,6 +40,7 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 
 from common.errors import UserError
+from common.lookup import dotted_get
 
 PAPER_TABLES = Path(__file__).resolve().parent / "paper_tables"
 
@@ -237,22 +238,15 @@ def find_run_dirs(inputs: Iterable[str]) -> list[Path]:
     return list(dict.fromkeys(p.resolve() for p in found))
 
 
-def _get(config: dict[str, Any], dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def variant_label(method: str, config: dict[str, Any]) -> str:
     """The method's label with the switches that make it another published method: ``kd`` run with
     ``distill.logit_standardize=true`` is ``kd_ls`` (the LS paper's KD+LS), with ``optim=dot`` ``kd_dot``."""
     name, *combined = method.split("+")
-    if _get(config, "distill.logit_standardize") is True and not name.endswith("_ls"):
+    if dotted_get(config, "distill.logit_standardize") is True and not name.endswith("_ls"):
         name += "_ls"
-    if _get(config, "optim.name") == "dot" and not name.endswith("_dot"):
+    if dotted_get(config, "optim.name") == "dot" and not name.endswith("_dot"):
         name += "_dot"
     return "+".join([name, *combined])
 
@@ -276,30 +270,30 @@ def read_run(path: Path) -> Run:
             status = str(metrics.get("status", "running"))
         except (OSError, ValueError):
             status = "unreadable"
-    if _get(config, "teacher.name") is not None or metrics.get("kind") == "student":
+    if dotted_get(config, "teacher.name") is not None or metrics.get("kind") == "student":
         kind = "student"
-        teacher = _get(config, "teacher.name") or metrics.get("teacher")
-        student = _get(config, "student.name") or metrics.get("student")
+        teacher = dotted_get(config, "teacher.name") or metrics.get("teacher")
+        student = dotted_get(config, "student.name") or metrics.get("student")
         # the objective's label as in the run directory: distill.name, "+<key>" per combined method
-        method = _get(config, "method_label")
+        method = dotted_get(config, "method_label")
         if not isinstance(method, str) or "${" in method:  # Hydra's copy keeps it unresolved
             method = metrics.get("method")
         if method is None:
-            combine = _get(config, "combine") or {}
-            method = "+".join([str(_get(config, "distill.name")), *sorted(str(k) for k in combine)])
+            combine = dotted_get(config, "combine") or {}
+            method = "+".join([str(dotted_get(config, "distill.name")), *sorted(str(k) for k in combine)])
         method = variant_label(str(method), config)
     else:
         kind, teacher, method = "teacher", None, "ce"
-        student = _get(config, "model.name") or metrics.get("arch")
-    seed = _get(config, "seed")
+        student = dotted_get(config, "model.name") or metrics.get("arch")
+    seed = dotted_get(config, "seed")
     seed = metrics.get("seed") if seed is None else seed
-    planned = _get(config, "trainer.epochs")
+    planned = dotted_get(config, "trainer.epochs")
     history = metrics.get("epochs") or []
     top5 = [e["test_top5"] for e in history if e.get("test_top5") is not None]
     return Run(
         run_dir=path, kind=kind, teacher=None if teacher is None else str(teacher), student=str(student),
         method=str(method), seed=None if seed is None else int(seed),
-        dataset=_get(config, "dataset.name") or metrics.get("dataset"),
+        dataset=dotted_get(config, "dataset.name") or metrics.get("dataset"),
         status="unreadable" if student is None else status,
         final_top1=metrics.get("final_top1"), best_top1=metrics.get("best_top1"),
         final_top5=metrics.get("final_top5"), best_top5=max(top5) if top5 else None,

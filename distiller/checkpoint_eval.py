@@ -1,0 +1,228 @@
+"""Evaluate any checkpoint on a data set's test split: top-1, top-5, loss and accuracy per class.
+
+Reads our files (``final.pt``, ``best.pt``, ``last.pt``, stored teachers: ``{'model', 'arch',
+'num_classes', ...}``), the older frameworks' ``ckpt_epoch_240.pth`` (``{'model': state_dict,
+...}``) and plain state dicts (torchvision style, with or without a ``module.`` prefix). The
+architecture comes from our header, else from ``model=``, else from the parameter names and
+shapes; the class count from the header, else from the classifier's shape. A file that does not
+fit the architecture is a one-line error naming the keys that differ. Used by
+``scripts/evaluate.py`` and ``scripts/teachers.py``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from common.errors import UserError
+from datasets import DataSplits, DeviceLoader, load_dataset
+from distiller.checkpoint import extract_state_dict, guess_architecture, safe_load
+from distiller.runtime import Runtime, resolve_device
+from models import MODELS, build_model
+
+SHOWN_KEYS = 3  # keys named per kind of mismatch in an error line
+# data-defining keys of a checkpoint's own dataset node that carry over (the rest: this machine's choice)
+DATA_KEYS = ("train_size", "test_size", "seed", "num_classes")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint loaded into its network, with what the file said about itself."""
+
+    path: Path
+    layout: str  # ours | model-dict (the older frameworks' {'model': sd}) | state_dict-key | state-dict
+    arch: str
+    arch_from: str  # header | model= | parameter shapes
+    num_classes: int
+    model: nn.Module
+    header: dict[str, Any] = field(default_factory=dict)  # the file's other entries: accuracy, epoch, config, ...
+
+
+def checkpoint_layout(obj: Any) -> str:
+    """Which of the accepted layouts ``obj`` (a loaded checkpoint) has."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        return "ours" if "arch" in obj else "model-dict"
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        return "state_dict-key"
+    return "state-dict"
+
+
+def classifier_classes(state: Mapping[str, torch.Tensor], arch: str) -> int | None:
+    """The class count ``state`` was trained for, read from the parameters whose shape depends on it.
+
+    Which parameters those are is found by building ``arch`` for 100 and 101 classes and comparing,
+    so no classifier name is assumed.
+    """
+    a = {k: tuple(v.shape) for k, v in build_model(arch, num_classes=100).state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in build_model(arch, num_classes=101).state_dict().items()}
+    for key, shape in a.items():
+        if key in state and b.get(key) != shape and state[key].ndim == len(shape):
+            dim = next(i for i, (x, y) in enumerate(zip(shape, b[key])) if x != y)
+            return int(state[key].shape[dim])
+    return None
+
+
+def _shown(keys: list[str]) -> str:
+    more = f" (+{len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else ""
+    return ", ".join(keys[:SHOWN_KEYS]) + more
+
+
+def describe_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str | None:
+    """How ``state`` differs from ``expected`` (missing keys, unexpected keys, shapes), or None if it fits."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k} {list(state[k].shape)} vs {list(expected[k].shape)}" for k in expected
+              if k in state and state[k].shape != expected[k].shape]
+    parts = [f"{label}: {_shown(keys)}" for label, keys in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shapes (file vs model)", shapes)) if keys]
+    return "; ".join(parts) or None
+
+
+def load_checkpoint(path: str | Path, arch: str | None = None) -> LoadedCheckpoint:
+    """Build the network of the checkpoint at ``path`` and load its weights (strict).
+
+    ``arch`` (``model=``) overrides the file's header; without either, the architecture is
+    recognised from the parameter names and shapes.
+    """
+    path = Path(path)
+    obj = safe_load(path, "checkpoint")
+    state = extract_state_dict(obj)
+    layout = checkpoint_layout(obj)
+    header = {k: v for k, v in obj.items() if k not in ("model", "state_dict")} if isinstance(obj, Mapping) else {}
+    if arch is not None:
+        arch, arch_from = MODELS.canonical(arch), "model="
+    elif header.get("arch"):
+        arch, arch_from = MODELS.canonical(str(header["arch"])), "header"
+    else:
+        arch, arch_from = guess_architecture(state), "parameter shapes"
+        if arch is None:
+            raise UserError(f"cannot tell the architecture of {path} (no 'arch' entry, and its parameters match "
+                            f"no model of the zoo); pass model=ARCH")
+    num_classes = header.get("num_classes") or classifier_classes(state, arch) or 100
+    model = build_model(arch, num_classes=int(num_classes))
+    mismatch = describe_mismatch(state, model.state_dict())
+    if mismatch:
+        guess = guess_architecture(state)
+        hint = f"; its weights are those of a {guess}: pass model={guess}" if guess and guess != arch else \
+            "; pass model= with the checkpoint's architecture"
+        raise UserError(f"checkpoint {path} does not fit {arch} ({arch_from}): {mismatch}{hint}")
+    model.load_state_dict(state, strict=True)
+    return LoadedCheckpoint(path, layout, arch, arch_from, int(num_classes), model, header)
+
+
+@torch.no_grad()
+def evaluate_per_class(model: nn.Module, data: DataSplits, runtime: Runtime, batch_size: int = 1024) -> dict[str, Any]:
+    """Top-1, top-5 and mean cross-entropy on ``data``'s test split, overall and per class (in %).
+
+    ``per_class_top1[c]`` / ``per_class_top5[c]``: accuracy on the test images of class ``c``
+    (None for a class without test images); ``per_class_count[c]``: how many there are.
+    """
+    loader = DeviceLoader(data.test_images, data.test_labels, batch_size, runtime.device, train=False,
+                          mean=data.mean, std=data.std)
+    n = data.num_classes
+    was_training = model.training
+    model.eval().to(runtime.device)
+    count = torch.zeros(n, dtype=torch.float64, device=runtime.device)
+    hit1, hit5 = torch.zeros_like(count), torch.zeros_like(count)
+    loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    for batch in loader.epoch(0):
+        with runtime.eval_autocast():  # fp32 unless trainer.eval_precision says otherwise
+            logits = model(batch.images)
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == batch.labels[:, None]
+        loss += nn.functional.cross_entropy(logits, batch.labels, reduction="sum").double()
+        count += torch.bincount(batch.labels, minlength=n).double()
+        hit1 += torch.bincount(batch.labels[hits[:, 0]], minlength=n).double()
+        hit5 += torch.bincount(batch.labels[hits.any(1)], minlength=n).double()
+    model.train(was_training)
+    total = float(count.sum())
+    if total == 0:
+        raise UserError("the data set's test split is empty; choose another dataset or dataset.test_size")
+    per1 = [None if c == 0 else 100.0 * h / c for h, c in zip(hit1.tolist(), count.tolist())]
+    per5 = [None if c == 0 else 100.0 * h / c for h, c in zip(hit5.tolist(), count.tolist())]
+    return {"test_top1": 100.0 * float(hit1.sum()) / total, "test_top5": 100.0 * float(hit5.sum()) / total,
+            "test_loss": float(loss) / total, "num_images": int(total), "per_class_top1": per1,
+            "per_class_top5": per5, "per_class_count": [int(c) for c in count.tolist()]}
+
+
+# ---- the evaluation command (scripts/evaluate.py, scripts/teachers.py add --measure) ---------------
+def _override(overrides: list[str], key: str) -> str | None:
+    """The value the command line gives ``key`` (None when it is not overridden)."""
+    values = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key]
+    return values[-1] if values else None
+
+
+def data_overrides(header: dict[str, Any], overrides: list[str]) -> tuple[list[str], str]:
+    """Overrides choosing the checkpoint's own data set (unless the command line chooses one), and their origin."""
+    stored = (header.get("config") or {}).get("dataset") if isinstance(header.get("config"), dict) else None
+    if _override(overrides, "dataset") is not None or not isinstance(stored, dict) or "name" not in stored:
+        return [], "command line" if _override(overrides, "dataset") is not None else "default"
+    extra = [f"dataset={stored['name']}"]
+    extra += [f"dataset.{k}={stored[k]}" for k in DATA_KEYS
+              if stored.get(k) is not None and _override(overrides, f"dataset.{k}") is None]
+    return extra, "the checkpoint's config"
+
+
+def compose_config(overrides: list[str]) -> Any:
+    """The ``train_teacher`` config with these overrides, validated (the data set and trainer nodes are used)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from distiller.cli import CONFIG_DIR, explain_config_error
+    from distiller.config import validate
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name="train_teacher", overrides=overrides)
+        validate(cfg, "train_teacher")
+    except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
+        raise UserError(explain_config_error(err)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Everything the command reports, as one JSON-ready dict."""
+    from distiller.cli import canonical_model_choices
+    from distiller.teachers import file_sha256, published_check, read_index
+
+    path = Path(path)
+    overrides = canonical_model_choices(list(overrides))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise UserError(f"'{bad[0]}' is not an override; write KEY=VALUE (e.g. model=resnet56, dataset=synthetic)")
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    loaded = load_checkpoint(path, _override(overrides, "model"))
+    extra, data_from = data_overrides(loaded.header, overrides)
+    cfg = compose_config([*extra, *[o for o in overrides if o.split("=", 1)[0] != "model"]])
+    data = load_dataset(cfg.dataset)
+    if data.num_classes != loaded.num_classes:
+        raise UserError(f"{path} holds a {loaded.num_classes}-class {loaded.arch}, but the {cfg.dataset.name} data "
+                        f"set has {data.num_classes} classes; choose its data set with dataset=NAME "
+                        f"(and dataset.num_classes=)")
+    precision = _override(overrides, "trainer.precision")
+    precision = "fp32" if precision in (None, "auto") else precision
+    runtime = Runtime(resolve_device(str(cfg.trainer.device)), precision, channels_last=False, compile=False)
+    result = evaluate_per_class(loaded.model, data, runtime, int(cfg.dataset.eval_batch_size))
+    entry = read_index(path.parent).get(path.name)
+    index = None
+    if entry is not None:
+        index = {"entry": entry, "sha256_matches": file_sha256(path) == entry.get("sha256")}
+    stored = loaded.header.get("accuracy")
+    return {
+        "checkpoint": str(path), "layout": loaded.layout, "arch": loaded.arch, "arch_from": loaded.arch_from,
+        "num_classes": loaded.num_classes, "epoch": loaded.header.get("epoch"),
+        "stored_top1": float(stored) if isinstance(stored, (int, float)) else None,
+        "dataset": str(cfg.dataset.name), "dataset_from": data_from, "precision": precision,
+        "device": str(runtime.device), **result, "class_names": list(data.class_names),
+        "published": published_check(loaded.arch, str(cfg.dataset.name), result["num_images"], result["test_top1"]),
+        "index": index,
+    }

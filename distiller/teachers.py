@@ -1,0 +1,218 @@
+"""The teacher index: what each stored teacher is, checked before a student learns from it.
+
+``train_teacher.py`` stores a finished teacher as ``<teacher_dir>/<arch>.pt`` and records it in
+``<teacher_dir>/index.json``: architecture, data set, sha256 of the file, the test accuracy
+measured when it was stored, the recipe (epochs, lr, batch, seed, ...), the date and the run
+directory. ``train_student.py`` checks a teacher file against the index of its folder before
+loading it: a file that changed since it was indexed, or that was indexed as another
+architecture, is a one-line error saying how to fix it; a file the index does not know (a
+downloaded pretrained teacher) loads as before, with a log line. ``scripts/teachers.py`` lists
+the index and adds downloaded files to it.
+
+Why a sha256 and not the accuracy: re-evaluating a teacher costs a pass over the test set, while
+hashing a 30 MB file costs a fraction of a second and catches any change, including a swapped
+file of the same architecture.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from common.errors import UserError
+from common.files import atomic_write
+from common.lookup import dotted_get
+
+log = logging.getLogger("distiller")
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = 1
+# a stored or downloaded teacher measured this many points below its published accuracy is flagged:
+# the published numbers are single runs, and retrained teachers spread by about +-0.5 points over
+# seeds, so one point below is beyond seed noise (a wrong file, wrong preprocessing or a short recipe)
+PUBLISHED_TOLERANCE = 1.0
+# the published teacher accuracies are on CIFAR-100's full test split
+PUBLISHED_DATASET, PUBLISHED_TEST_SIZE = "cifar100", 10000
+
+
+# ---- the index file -------------------------------------------------------------------------------
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def index_path(folder: str | Path) -> Path:
+    return Path(folder) / INDEX_NAME
+
+
+def read_index(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """The entries of ``folder``'s index, by file name (empty when there is no index)."""
+    path = index_path(folder)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        entries = data["teachers"]
+        if not isinstance(entries, dict):
+            raise TypeError("'teachers' is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"the teacher index {path} is unreadable ({err}); move it aside and re-index the teachers "
+                        f"with `python scripts/teachers.py add FILE model=ARCH`") from None
+    return entries
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s index lock: teachers trained in parallel (a sweep) update one index in turn."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{INDEX_NAME}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def update_index(folder: str | Path, change: Callable[[dict[str, dict[str, Any]]], None]) -> None:
+    """Read the index, apply ``change`` to its entries in place, write it back atomically (under the lock)."""
+    folder = Path(folder)
+    with _locked(folder):
+        entries = read_index(folder)
+        change(entries)
+        atomic_write({"format": INDEX_FORMAT, "teachers": dict(sorted(entries.items()))}, index_path(folder), "json")
+
+
+def recipe_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The training recipe of a resolved run config (what a reader needs to judge or redo the teacher)."""
+    keys = {"epochs": "trainer.epochs", "optimizer": "optim.name", "lr": "optim.lr", "momentum": "optim.momentum",
+            "weight_decay": "optim.weight_decay", "batch_size": "dataset.batch_size",
+            "milestones": "schedule.milestones", "lr_decay": "schedule.gamma", "seed": "seed",
+            "precision": "trainer.precision", "train_size": "dataset.train_size", "test_size": "dataset.test_size"}
+    return {name: dotted_get(config, path) for name, path in keys.items() if dotted_get(config, path) is not None}
+
+
+def make_entry(path: Path, arch: str, dataset: str | None, num_classes: int | None,
+               metrics: Mapping[str, Any] | None, recipe: Mapping[str, Any] | None, source: str,
+               run_dir: str | None = None) -> dict[str, Any]:
+    """One index entry for the file at ``path`` (hashed now)."""
+    metrics = metrics or {}
+    return {
+        "arch": arch, "dataset": dataset, "num_classes": num_classes, "sha256": file_sha256(path),
+        "bytes": path.stat().st_size, "test_top1": metrics.get("test_top1"), "test_top5": metrics.get("test_top5"),
+        "recipe": dict(recipe or {}), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": source, "run_dir": run_dir,
+    }
+
+
+# ---- storing and loading --------------------------------------------------------------------------
+def store_teacher(slim: Mapping[str, Any], folder: str | Path, arch: str, dataset: str,
+                  metrics: Mapping[str, Any], config: Mapping[str, Any], run_dir: str | Path) -> Path:
+    """Write a trained network as ``<folder>/<arch>.pt`` and index it; a previous file is kept as ``.bak``.
+
+    The previous file's index entry moves with it to the ``.bak`` name, so the kept file stays verifiable.
+    """
+    folder = Path(folder)
+    target = folder / f"{arch}.pt"
+    with _locked(folder):  # one teacher at a time per folder: the file and its entry change together
+        entries = read_index(folder)
+        if target.exists():  # never lose a teacher: keep the previous file beside the new one
+            backup = target.with_name(f"{target.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
+            os.replace(target, backup)
+            if target.name in entries:
+                entries[backup.name] = entries.pop(target.name)
+            log.warning("kept the previous %s as %s", target, backup)
+        atomic_write(slim, target)
+        entries[target.name] = make_entry(target, arch, dataset, slim.get("num_classes"), metrics,
+                                          recipe_of(config), "train_teacher.py", str(run_dir))
+        atomic_write({"format": INDEX_FORMAT, "teachers": dict(sorted(entries.items()))}, index_path(folder), "json")
+    log.info("stored the trained model as %s (used by teacher=%s), indexed in %s", target, arch, index_path(folder))
+    return target
+
+
+def verify_teacher(path: str | Path, arch: str, dataset: str | None = None) -> dict[str, Any] | None:
+    """Check ``path`` against its folder's index; returns its entry (None: not indexed, loaded unchecked).
+
+    Raises a one-line :class:`UserError` when the file changed since it was indexed (sha256) or was
+    indexed as another architecture.
+    """
+    path = Path(path)
+    entry = read_index(path.parent).get(path.name)
+    if entry is None:
+        log.info("teacher %s has no entry in %s (a downloaded teacher?): loading it without a checksum check; "
+                 "`python scripts/teachers.py add %s model=%s` records it", path, index_path(path.parent), path, arch)
+        return None
+    if entry.get("arch") is not None and str(entry["arch"]).lower() != arch.lower():
+        raise UserError(f"teacher checkpoint {path} is indexed as a {entry['arch']} teacher, not {arch}: pass "
+                        f"teacher={entry['arch']}, or teacher.ckpt=PATH to a {arch} file")
+    actual = file_sha256(path)
+    if actual != entry.get("sha256"):
+        raise UserError(f"teacher checkpoint {path} changed since it was indexed (sha256 {actual[:12]}..., index "
+                        f"{str(entry.get('sha256'))[:12]}...): retrain it with `python train_teacher.py model={arch}`, "
+                        f"re-index it with `python scripts/teachers.py add {path} model={arch}` if the change is "
+                        f"intended, or pass teacher.verify=false to load it unchecked")
+    if dataset is not None and entry.get("dataset") not in (None, dataset):
+        log.warning("teacher %s was trained on %s, this run uses %s", path, entry["dataset"], dataset)
+    log.info("teacher %s matches its index entry (%s, %s, test top-1 %s, stored %s)", path, entry.get("arch"),
+             entry.get("dataset"), entry.get("test_top1"), entry.get("date"))
+    return entry
+
+
+def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str | None = None,
+                         verify: bool = True) -> dict[str, Any] | None:
+    """Load a teacher file into ``model``, checked against the teacher index first (``verify``).
+
+    Returns the index entry (None when the file is not indexed or ``verify`` is off).
+    """
+    from distiller.checkpoint import load_weights
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"teacher checkpoint not found: {path}. Train it with `python train_teacher.py "
+                        f"model={arch}` (saved there), or pass teacher.ckpt=PATH to a pretrained "
+                        f"{arch} file ({{'model': state_dict}})")
+    entry = verify_teacher(path, arch, dataset) if verify else None
+    if not verify:
+        log.warning("teacher.verify=false: %s is loaded without checking it against the teacher index", path)
+    load_weights(model, path, arch, what="teacher checkpoint")
+    return entry
+
+
+def add_teacher(path: str | Path, arch: str, dataset: str | None = None, num_classes: int | None = None,
+                metrics: Mapping[str, Any] | None = None, recipe: Mapping[str, Any] | None = None,
+                source: str = "added") -> dict[str, Any]:
+    """Index (or re-index) an existing teacher file in its folder's index; returns the new entry."""
+    path = Path(path)
+    entry = make_entry(path, arch, dataset, num_classes, metrics, recipe, source)
+    update_index(path.parent, lambda entries: entries.__setitem__(path.name, entry))
+    return entry
+
+
+# ---- accuracy against the published numbers -------------------------------------------------------
+def published_check(arch: str, dataset: str, num_test: int, measured_top1: float,
+                    published: float | None = None) -> dict[str, Any] | None:
+    """Compare a measured teacher accuracy with the published one (None where no comparison applies).
+
+    The published numbers (``distiller.config.PUBLISHED_TEACHER_TOP1``) hold for CIFAR-100's full
+    test split only; ``ok`` is false when the measurement is more than :data:`PUBLISHED_TOLERANCE`
+    points below.
+    """
+    if published is None:
+        from distiller.config import PUBLISHED_TEACHER_TOP1
+
+        published = PUBLISHED_TEACHER_TOP1.get(arch)
+    if published is None or dataset != PUBLISHED_DATASET or num_test != PUBLISHED_TEST_SIZE:
+        return None
+    difference = measured_top1 - published
+    return {"published_top1": published, "measured_top1": measured_top1, "difference": difference,
+            "tolerance": PUBLISHED_TOLERANCE, "ok": difference >= -PUBLISHED_TOLERANCE}

@@ -1,0 +1,125 @@
+"""The teacher index: list the stored teachers, check them, add downloaded ones.
+
+    python scripts/teachers.py list                      # every index under checkpoints/teachers/
+    python scripts/teachers.py list checkpoints/teachers/cifar100 --json
+    python scripts/teachers.py check                     # re-hash every indexed file (status 2 if one changed)
+    python scripts/teachers.py add save/models/resnet56_vanilla/ckpt_epoch_240.pth model=resnet56 dataset=cifar100
+    python scripts/teachers.py add FILE model=ARCH dataset=cifar100 --measure   # also measure its test accuracy
+
+``train_teacher.py`` indexes the teachers it stores; ``add`` indexes a file it did not make (a
+downloaded pretrained teacher, or a file you changed on purpose), after checking that the weights
+fit ``model=``. ``train_student.py`` then checks the file before using it (``teacher.verify``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from common.errors import UserError
+from distiller.cli import canonical_model_choices, fail
+from distiller.teachers import INDEX_NAME, add_teacher, file_sha256, read_index, recipe_of
+
+DEFAULT_ROOT = Path(os.environ.get("KD_TEACHER_DIR") or "checkpoints/teachers")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and status 2, like every other mistake
+        fail(f"{message} (see --help)")
+
+
+def folders(root: Path) -> list[Path]:
+    """``root`` and every folder below it that holds a teacher index."""
+    if not root.exists():
+        raise UserError(f"no teacher folder at {root}; train a teacher with `python train_teacher.py model=ARCH`, "
+                        f"or name the folder")
+    if root.is_file():
+        root = root.parent
+    return sorted({p.parent for p in root.rglob(INDEX_NAME)} | ({root} if (root / INDEX_NAME).is_file() else set()))
+
+
+def entries(root: Path, check: bool) -> list[dict[str, Any]]:
+    """One row per indexed file: its entry plus ``file`` and, with ``check``, ``status`` (ok/changed/missing)."""
+    rows = []
+    for folder in folders(root):
+        for name, entry in read_index(folder).items():
+            row = {"file": str(folder / name), **entry}
+            if check:
+                path = folder / name
+                row["status"] = ("missing" if not path.is_file()
+                                 else "ok" if file_sha256(path) == entry.get("sha256") else "changed")
+            rows.append(row)
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    header = ["file", "arch", "dataset", "top-1", "epochs", "sha256", "date", *(["status"] if rows and
+                                                                               "status" in rows[0] else [])]
+    body = [[r["file"], _fmt(r.get("arch")), _fmt(r.get("dataset")), _fmt(r.get("test_top1")),
+             _fmt((r.get("recipe") or {}).get("epochs")), str(r.get("sha256"))[:12], _fmt(r.get("date")),
+             *([r["status"]] if "status" in r else [])] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header, *body])
+
+
+def add(path: Path, overrides: list[str], measure: bool) -> dict[str, Any]:
+    """Index ``path`` (its weights must fit ``model=`` or its header's architecture)."""
+    from distiller.checkpoint_eval import _override, evaluate_checkpoint, load_checkpoint
+
+    overrides = canonical_model_choices(overrides)
+    if not path.is_file():
+        raise UserError(f"teacher file not found: {path}")
+    loaded = load_checkpoint(path, _override(overrides, "model"))
+    config = loaded.header.get("config") if isinstance(loaded.header.get("config"), dict) else {}
+    dataset = _override(overrides, "dataset") or (config.get("dataset") or {}).get("name")
+    metrics = None
+    if measure:
+        result = evaluate_checkpoint(path, overrides)
+        metrics, dataset = {k: result[k] for k in ("test_top1", "test_top5")}, result["dataset"]
+    elif isinstance(loaded.header.get("accuracy"), (int, float)):
+        metrics = {"test_top1": float(loaded.header["accuracy"])}  # as the file records it
+    return add_teacher(path, loaded.arch, dataset, loaded.num_classes, metrics, recipe_of(config),
+                       source="added (measured)" if measure else "added")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, what in (("list", "list the indexed teachers"), ("check", "re-hash every indexed teacher file")):
+        sub = commands.add_parser(name, help=what)
+        sub.add_argument("folder", nargs="?", default=str(DEFAULT_ROOT), help=f"default: {DEFAULT_ROOT}")
+        sub.add_argument("--json", action="store_true", help="print JSON")
+    sub = commands.add_parser("add", help="index a teacher file (a downloaded one, or one changed on purpose)")
+    sub.add_argument("file")
+    sub.add_argument("overrides", nargs="*", help="model=ARCH (else the file's header), dataset=NAME, dataset.*=...")
+    sub.add_argument("--measure", action="store_true", help="measure the test accuracy on dataset= and record it")
+    sub.add_argument("--json", action="store_true", help="print the new entry as JSON")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.command == "add":
+            entry = add(Path(args.file), list(args.overrides), args.measure)
+            print(json.dumps(entry) if args.json else
+                  f"indexed {args.file} as {entry['arch']} ({_fmt(entry['dataset'])}, test top-1 "
+                  f"{_fmt(entry['test_top1'])}, sha256 {entry['sha256'][:12]}...)")
+            return 0
+        rows = entries(Path(args.folder), check=args.command == "check")
+        print(json.dumps(rows) if args.json else table(rows) if rows else f"no indexed teachers under {args.folder}")
+        changed = [r["file"] for r in rows if r.get("status") not in (None, "ok")]
+        if changed:
+            fail(f"{len(changed)} teacher file(s) changed or missing since they were indexed ({', '.join(changed)}); "
+                 f"retrain them, or re-index with `python scripts/teachers.py add FILE model=ARCH`")
+    except UserError as err:
+        fail(str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The teacher index: written when train_teacher.py stores a teacher, checked when one is loaded, listed.
+
+Hashes are recomputed here with :mod:`hashlib` over the file's bytes; accuracies come from the
+run's own ``metrics.json``; the recipe from the overrides the test passed.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli, tiny_overrides
+
+from common.errors import UserError
+from distiller.teachers import INDEX_NAME, load_teacher_weights, read_index, store_teacher, verify_teacher
+from models import build_model
+from scripts import teachers as teachers_cmd
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny teacher trained by the command a user types; returns the temporary folder."""
+    tmp = tmp_path_factory.mktemp("teacher")
+    run = run_cli("train_teacher.py", "model=resnet8", f"hydra.run.dir={tmp / 'run'}", *tiny_overrides(tmp),
+                  "seed=3", "optim.lr=0.04")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return tmp
+
+
+@pytest.fixture
+def teachers(trained, tmp_path) -> Path:
+    """A private copy of the stored teacher folder (tests change files in it)."""
+    folder = tmp_path / "teachers"
+    shutil.copytree(trained / "teachers", folder)
+    return folder
+
+
+def test_train_teacher_writes_the_index(trained):
+    folder = trained / "teachers"
+    entries = json.loads((folder / INDEX_NAME).read_text())["teachers"]
+    assert list(entries) == ["resnet8.pt"]
+    entry = entries["resnet8.pt"]
+    metrics = json.loads((trained / "run" / "metrics.json").read_text())
+    assert entry["arch"] == "resnet8" and entry["dataset"] == "synthetic" and entry["num_classes"] == 100
+    assert entry["sha256"] == sha256(folder / "resnet8.pt")
+    assert entry["bytes"] == (folder / "resnet8.pt").stat().st_size
+    assert entry["test_top1"] == metrics["final_top1"] and entry["test_top5"] == metrics["final_top5"]
+    recipe = entry["recipe"]
+    assert (recipe["epochs"], recipe["lr"], recipe["batch_size"], recipe["seed"]) == (1, 0.04, 32, 3)
+    assert (recipe["train_size"], recipe["test_size"], recipe["optimizer"]) == (200, 100, "sgd")
+    stored = dt.datetime.fromisoformat(entry["date"])
+    assert abs((dt.datetime.now(dt.timezone.utc) - stored).total_seconds()) < 24 * 3600
+    assert entry["run_dir"] == str(trained / "run")
+
+
+def test_a_stored_teacher_loads_and_its_entry_comes_back(teachers):
+    model = build_model("resnet8", num_classes=100)
+    entry = load_teacher_weights(model, teachers / "resnet8.pt", "resnet8", dataset="synthetic")
+    assert entry["sha256"] == sha256(teachers / "resnet8.pt")
+    saved = torch.load(teachers / "resnet8.pt", weights_only=True)["model"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_a_modified_file_is_refused_in_one_line(teachers, tmp_path):
+    path = teachers / "resnet8.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="changed since it was indexed") as err:
+        verify_teacher(path, "resnet8")
+    message = str(err.value)
+    assert "\n" not in message and "teacher.verify=false" in message and "scripts/teachers.py add" in message
+    # the user's command: status 2, one line, no traceback, nothing trained
+    run = run_cli("train_student.py", "teacher=resnet8", "student=resnet8", "distill=kd",
+                  f"hydra.run.dir={tmp_path / 'student'}", *tiny_overrides(tmp_path), f"teacher_dir={teachers}")
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: teacher checkpoint") and "changed since it was indexed" in lines[-1]
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "student" / "last.pt").exists()
+
+
+def test_verify_false_loads_a_changed_file(teachers):
+    path = teachers / "resnet8.pt"
+    obj = torch.load(path, weights_only=True)
+    obj["model"]["fc.bias"] = obj["model"]["fc.bias"] + 1.0  # changed on purpose: a valid file, another hash
+    torch.save(obj, path)
+    model = build_model("resnet8", num_classes=100)
+    with pytest.raises(UserError, match="changed since it was indexed"):
+        load_teacher_weights(model, path, "resnet8")
+    assert load_teacher_weights(model, path, "resnet8", verify=False) is None
+    assert torch.equal(model.fc.bias, obj["model"]["fc.bias"])
+
+
+def test_a_wrong_architecture_is_refused(teachers):
+    with pytest.raises(UserError, match="indexed as a resnet8 teacher, not resnet20: pass teacher=resnet8"):
+        load_teacher_weights(build_model("resnet20", num_classes=100), teachers / "resnet8.pt", "resnet20")
+
+
+def test_a_file_without_entry_loads_with_a_log_line(teachers, tmp_path, caplog):
+    downloaded = tmp_path / "downloads" / "ckpt_epoch_240.pth"
+    downloaded.parent.mkdir()
+    saved = torch.load(teachers / "resnet8.pt", weights_only=True)["model"]
+    torch.save({"model": saved, "epoch": 240}, downloaded)  # the older frameworks' layout, no index beside it
+    model = build_model("resnet8", num_classes=100)
+    with caplog.at_level(logging.INFO, logger="distiller"):
+        assert load_teacher_weights(model, downloaded, "resnet8") is None
+    assert any("has no entry" in r.getMessage() and "scripts/teachers.py add" in r.getMessage() for r in caplog.records)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_storing_again_keeps_the_previous_file_and_its_entry(teachers):
+    old_sha = sha256(teachers / "resnet8.pt")
+    model = build_model("resnet8", num_classes=100)
+    slim = {"model": model.state_dict(), "arch": "resnet8", "num_classes": 100, "epoch": 2, "accuracy": 9.0}
+    store_teacher(slim, teachers, "resnet8", "synthetic", {"test_top1": 9.0, "test_top5": 20.0},
+                  {"trainer": {"epochs": 2}, "seed": 1}, "runs/x")
+    backups = list(teachers.glob("resnet8.pt.*.bak"))
+    assert len(backups) == 1 and sha256(backups[0]) == old_sha
+    entries = read_index(teachers)
+    assert entries[backups[0].name]["sha256"] == old_sha  # the kept file stays verifiable
+    new = entries["resnet8.pt"]
+    assert new["sha256"] == sha256(teachers / "resnet8.pt") != old_sha
+    assert (new["test_top1"], new["recipe"], new["source"]) == (9.0, {"epochs": 2, "seed": 1}, "train_teacher.py")
+    verify_teacher(teachers / "resnet8.pt", "resnet8")
+    verify_teacher(backups[0], "resnet8")
+
+
+def test_the_command_lists_checks_and_adds(teachers, tmp_path, capsys):
+    assert teachers_cmd.main(["list", str(teachers.parent)]) == 0
+    out = capsys.readouterr().out
+    assert str(teachers / "resnet8.pt") in out and sha256(teachers / "resnet8.pt")[:12] in out
+    # a downloaded file of the older frameworks, indexed with add, then checked with check
+    downloaded = teachers / "resnet8_vanilla.pth"
+    torch.save({"model": torch.load(teachers / "resnet8.pt", weights_only=True)["model"]}, downloaded)
+    assert teachers_cmd.main(["add", str(downloaded), "model=resnet8", "dataset=cifar100"]) == 0
+    assert "indexed" in capsys.readouterr().out
+    entry = read_index(teachers)["resnet8_vanilla.pth"]
+    assert (entry["arch"], entry["dataset"], entry["sha256"]) == ("resnet8", "cifar100", sha256(downloaded))
+    assert teachers_cmd.main(["check", str(teachers), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {Path(r["file"]).name: r["status"] for r in rows} == {"resnet8.pt": "ok", "resnet8_vanilla.pth": "ok"}
+    downloaded.write_bytes(downloaded.read_bytes() + b"\0")
+    with pytest.raises(SystemExit) as stop:
+        teachers_cmd.main(["check", str(teachers)])
+    assert stop.value.code == 2
+    captured = capsys.readouterr()
+    assert "changed" in captured.out and "resnet8_vanilla.pth" in captured.err
+    with pytest.raises(SystemExit):  # weights that do not fit model= are not indexed
+        teachers_cmd.main(["add", str(teachers / "resnet8.pt"), "model=resnet20"])
+    assert "does not fit resnet20" in capsys.readouterr().err
+
+
+def test_train_student_warns_when_the_teacher_is_below_its_published_accuracy(capsys) -> None:
+    """resnet56's shared teacher scores 72.34 on CIFAR-100's 10,000 test images: 60 is flagged, 72 not."""
+    from omegaconf import OmegaConf
+
+    from distiller.run import _warn_below_published
+
+    cfg = OmegaConf.create({"teacher": {"published_top1": 72.34}, "dataset": {"name": "cifar100"}})
+    _warn_below_published(cfg, "resnet56", 10000, 60.0)
+    assert "12.34 points below the published 72.34" in capsys.readouterr().out
+    _warn_below_published(cfg, "resnet56", 10000, 72.0)  # within the 1-point tolerance
+    _warn_below_published(cfg, "resnet56", 500, 10.0)  # a subset: the published number does not apply
+    assert capsys.readouterr().out == ""
