@@ -17,6 +17,13 @@ from common.errors import UserError
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _autocast(device: torch.device, precision: str) -> ContextManager:
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 @dataclass(frozen=True)
 class Runtime:
     """The resolved execution settings of one process."""
@@ -28,6 +35,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    eval_precision: str = "fp32"  # fp32 | bf16 | fp16: evaluation's own (trainer.eval_precision, resolved)
 
     @property
     def is_main(self) -> bool:
@@ -38,11 +46,13 @@ class Runtime:
         return self.world_size > 1
 
     def autocast(self) -> ContextManager:
-        """Mixed-precision context for forward passes (a no-op in fp32)."""
-        dtype = PRECISIONS[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        """Mixed-precision context for training forward passes (a no-op in fp32)."""
+        return _autocast(self.device, self.precision)
+
+    def eval_autocast(self) -> ContextManager:
+        """Context for evaluation forward passes: fp32 by default whatever training uses, so reported
+        accuracy (and the best epoch picked from it) is not moved by bf16/fp16 rounding."""
+        return _autocast(self.device, self.eval_precision)
 
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
@@ -74,13 +84,56 @@ def _auto_flag(value: Any, default: bool, key: str) -> bool:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True on CPUs with AVX512-BF16 or AMX, where bf16 autocast runs faster than fp32."""
+    """True on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX; bf16 on Arm), where bf16 beats fp32.
+
+    Both must agree: oneDNN's own probe (``torch.ops.mkldnn._is_mkldnn_bf16_supported``, what
+    PyTorch uses to route bf16 convolutions to its fast kernels) and the CPU's flags. The probe
+    alone also says yes on plain AVX-512, where bf16 is emulated with fp32 FMAs and gains
+    nothing; without oneDNN support bf16 convolutions take ATen's emulated slow path, ~10x
+    slower than fp32 (docs/benchmarks.md). Where the flags cannot be read, the probe decides.
+    """
+    if not _onednn_bf16_probe():
+        return False
+    flags = _cpu_flags()
+    if flags is None:
+        return True
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def _onednn_bf16_probe() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (x86 ``flags``, Arm ``Features``) from /proc/cpuinfo; None where unreadable."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            text = f.read()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags
+
+
+def auto_precision(device: torch.device) -> str:
+    """``trainer.precision=auto``: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere.
+
+    bf16 on such CPUs rests on the fp32/bf16 accuracy pair of docs/benchmarks.md (same seed,
+    real-data subset: ``scripts/gpu_check.py --cpu-precision-check``); elsewhere bf16 is
+    emulated and slower than fp32, so auto keeps fp32.
+    """
+    if device.type == "cuda":
+        return "bf16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
 
 
 def make_runtime(trainer_cfg: Any) -> Runtime:
@@ -91,7 +144,7 @@ def make_runtime(trainer_cfg: Any) -> Runtime:
     device = resolve_device(trainer_cfg.device, local_rank)
     precision = str(trainer_cfg.precision)
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        precision = auto_precision(device)
     if precision not in PRECISIONS:
         raise UserError(f"trainer.precision={precision} is not valid; use auto, {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
@@ -103,7 +156,20 @@ def make_runtime(trainer_cfg: Any) -> Runtime:
     compile_ = _auto_flag(trainer_cfg.compile, device.type == "cuda", "trainer.compile")
     if trainer_cfg.get("num_threads"):
         torch.set_num_threads(int(trainer_cfg.num_threads))
-    return Runtime(device, precision, channels_last, compile_, rank, world_size, local_rank)
+    eval_precision = resolve_eval_precision(trainer_cfg.get("eval_precision", "fp32"), precision, device)
+    return Runtime(device, precision, channels_last, compile_, rank, world_size, local_rank, eval_precision)
+
+
+def resolve_eval_precision(value: Any, precision: str, device: torch.device) -> str:
+    """``trainer.eval_precision``: fp32 (default), ``same`` (the resolved training precision), bf16 or fp16."""
+    value = "fp32" if value is None else str(value)
+    if value == "same":
+        return precision
+    if value not in PRECISIONS:
+        raise UserError(f"trainer.eval_precision={value} is not valid; use fp32, same, bf16 or fp16")
+    if value == "fp16" and device.type != "cuda":
+        raise UserError("trainer.eval_precision=fp16 needs a CUDA device; on CPU use fp32, same or bf16")
+    return value
 
 
 def init_distributed(device_name: str) -> tuple[int, int, int]:

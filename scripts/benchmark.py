@@ -2,6 +2,15 @@
 
     python scripts/benchmark.py teacher=resnet32x4 student=resnet8x4 distill=kd
     python scripts/benchmark.py distill=crd trainer.device=cuda trainer.compile=false bench.steps=100 bench.rounds=3
+    python scripts/benchmark.py --methods new trainer.device=cpu bench.steps=6 bench.rounds=2
+
+``--methods SET`` times each method of a preset (:data:`METHOD_SETS`; ``new``: the 2022-2024
+methods next to KD) on the same pair (resnet32x4 -> resnet8x4 unless ``teacher=``/``student=``
+say otherwise) in this process, all built first and then timed in interleaved rounds
+(``bench.rounds``), and prints a table with each method's images/s and its ratio to KD's,
+then one JSON object (``{"methods": [...]}``). The reference
+loop is off there (``bench.reference_steps=0``) unless given; a method whose config does not
+exist yet is listed as unavailable, one that fails is reported and the others still run (exit 1).
 
 Overrides are those of ``train_student.py`` (``teacher=``, ``student=``, ``distill=``,
 ``trainer.device=``, ``trainer.precision=``, ``trainer.channels_last=``, ``trainer.compile=``,
@@ -49,7 +58,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -60,6 +69,7 @@ from torch.utils import benchmark
 import distiller.cli  # noqa: F401 - registers the method_label resolver the configs use
 from common.errors import UserError
 from datasets import DATASETS, DataSplits
+from datasets.augment import padding_for
 from datasets.batch import Batch
 from datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD
 from distiller.cli import CONFIG_DIR, debug_mode, explain_config_error, fail
@@ -69,6 +79,22 @@ from distiller.objective import Objective
 from distiller.runtime import PRECISIONS, Runtime, cpu_has_native_bf16, make_runtime
 
 CONFIG_NAME = "benchmark"
+# ``--methods`` presets: label -> the overrides that select the method. KD first: the ratios' base.
+METHOD_SETS: dict[str, dict[str, list[str]]] = {
+    "new": {
+        "kd": ["distill=kd"],
+        "dist": ["distill=dist"],
+        "ctkd": ["distill=ctkd"],
+        "mlkd": ["distill=mlkd"],
+        "wttm": ["distill=wttm"],
+        "ttm": ["distill=ttm"],
+        "nkd": ["distill=nkd"],
+        "kd+ls": ["distill=kd", "distill.logit_standardize=true"],
+        "kd+dot": ["distill=kd", "optim=dot"],
+    },
+}
+METHODS_PAIR = ("teacher=resnet32x4", "student=resnet8x4")
+METHODS_DEFAULTS = ("bench.reference_steps=0",)  # methods are compared with KD, not with the older loop
 RANDOM_DATASET = "benchmark_random"  # bench.data=random: generated images, registered as a data set on first use
 
 # Dense tensor-core peaks from the vendors' data sheets (FLOP/s), for an MFU against the nominal
@@ -275,14 +301,16 @@ class ReferenceCIFAR(torch.utils.data.Dataset):
     sample, like RepDistiller's ``CIFAR100InstanceSample``.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, contrast: ReferenceContrast | None) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, contrast: ReferenceContrast | None,
+                 mean: Sequence[float] = CIFAR100_MEAN, std: Sequence[float] = CIFAR100_STD) -> None:
         import torchvision.transforms as T
 
         self.data = images.permute(0, 2, 3, 1).contiguous().numpy()
         self.targets = labels.tolist()
         self.contrast = contrast
-        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                                    T.Normalize(CIFAR100_MEAN, CIFAR100_STD)])
+        h, w = images.shape[2:]  # RandomCrop(32, padding=4) at CIFAR's size, scaled like the engine's crop
+        self.transform = T.Compose([T.RandomCrop((h, w), padding=padding_for(h, w)), T.RandomHorizontalFlip(),
+                                    T.ToTensor(), T.Normalize(mean, std)])
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -337,7 +365,8 @@ def reference_loop(built: EngineStep, device: torch.device, workers: int) -> Cal
     data = built.data
     crd = next((e.method for e in objective.active() if isinstance(e.method, CRD)), None)
     contrast = ReferenceContrast(data.train_labels, crd.nce_k, crd.mode) if crd is not None else None
-    loader = torch.utils.data.DataLoader(ReferenceCIFAR(data.train_images, data.train_labels, contrast),
+    loader = torch.utils.data.DataLoader(ReferenceCIFAR(data.train_images, data.train_labels, contrast,
+                                                        data.mean, data.std),
                                          batch_size=built.batch_size, shuffle=True, num_workers=workers,
                                          pin_memory=device.type == "cuda", drop_last=True,
                                          persistent_workers=workers > 0)
@@ -518,10 +547,155 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---- several methods side by side ---------------------------------------------------------------------
+def _with_defaults(argv: list[str], defaults: tuple[str, ...]) -> list[str]:
+    """``defaults`` for the keys ``argv`` leaves unset (Hydra rejects a key given twice), then ``argv``."""
+    given = {a.split("=", 1)[0].lstrip("+~") for a in argv}
+    return [d for d in defaults if d.split("=", 1)[0] not in given] + list(argv)
+
+
+def method_available(overrides: list[str]) -> str | None:
+    """None when every ``distill=``/``optim=`` group option of ``overrides`` has its config file, else why not."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key in ("distill", "optim") and not (CONFIG_DIR / key / f"{value}.yaml").is_file():
+            return f"configs/{key}/{value}.yaml does not exist yet"
+    return None
+
+
+@dataclasses.dataclass
+class _MethodRun:
+    label: str
+    built: EngineStep
+    device: torch.device
+    runtime: Runtime
+    cfg: DictConfig
+    warmup_s: float
+    flops_step: int | None
+    times: list[float] = dataclasses.field(default_factory=list)
+
+
+def run_methods(set_name: str, argv: list[str]) -> list[dict[str, Any]]:
+    """Time every method of ``METHOD_SETS[set_name]`` with the common overrides ``argv``; one row per method.
+
+    Every method's step is built and warmed up first; then ``bench.rounds`` rounds each time
+    ``bench.steps`` steps of every method in turn, and the best round of each counts: on a
+    shared machine a burst of load hits all methods of a round alike, instead of whichever
+    method happened to run then. A row is ``label``, ``status`` (``ok``, ``unavailable`` or
+    ``failed``) and, when ok, the figures (``images_per_sec``, ``ms_per_step``, ``vs_kd`` ...).
+    """
+    if set_name not in METHOD_SETS:
+        raise UserError(f"--methods {set_name} is not a method set; use one of: {', '.join(METHOD_SETS)}")
+    if any(a.split("=", 1)[0] in ("distill", "optim") for a in argv):
+        raise UserError("--methods chooses distill= and optim= itself; leave them out of the overrides")
+    common = _with_defaults(argv, METHODS_PAIR + METHODS_DEFAULTS)
+    rows: dict[str, dict[str, Any]] = {}
+    runs: list[_MethodRun] = []
+    bench = bench_settings(compose_config(common + ["distill=kd"]))
+    with tempfile.TemporaryDirectory(prefix="kd-benchmark-") as tmp:
+        for label, overrides in METHOD_SETS[set_name].items():
+            why = method_available(overrides)
+            if why is not None:
+                rows[label] = {"label": label, "status": "unavailable", "error": why}
+                continue
+            try:
+                cfg = compose_config(common + overrides)
+                if bench["data"] == "random":
+                    use_random_data(cfg, bench)
+                runtime = make_runtime(cfg.trainer)
+                built = build_engine_step(cfg, runtime, bench["phase"], Path(tmp) / f"m{len(runs)}")
+                started = time.perf_counter()
+                for _ in range(bench["warmup"]):
+                    built.step(next(built.batches))
+                synchronize(runtime.device)
+                warmup_s = time.perf_counter() - started
+                flops = count_step_flops(built.step, next(built.batches)) if bench["flops"] else None
+                runs.append(_MethodRun(label, built, runtime.device, runtime, cfg, warmup_s, flops))
+                rows[label] = {"label": label, "status": "ok"}
+            except Exception as err:  # noqa: BLE001 - one method's failure must not hide the others' figures
+                message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+                rows[label] = {"label": label, "status": "failed", "error": message}
+            finally:
+                if RANDOM_DATASET in DATASETS:  # the data is loaded: the registration is no longer needed
+                    DATASETS.remove(RANDOM_DATASET)
+        for _ in range(bench["rounds"]):
+            for run_ in list(runs):
+                try:
+                    run_.times.append(seconds_per_call(lambda r=run_: r.built.step(next(r.built.batches)),
+                                                       bench["steps"]))
+                except Exception as err:  # noqa: BLE001 - as above
+                    rows[run_.label] = {"label": run_.label, "status": "failed",
+                                        "error": f"{type(err).__name__}: {err}"}
+                    runs.remove(run_)
+    for run_ in runs:
+        ms = 1e3 * min(run_.times)
+        ips = 1e3 * run_.built.batch_size / ms
+        rows[run_.label].update({
+            "images_per_sec": ips, "ms_per_step": ms, "ms_per_step_rounds": [1e3 * t for t in run_.times],
+            "reference_images_per_sec": None, "flops_per_step": run_.flops_step,
+            "flops_per_image": run_.flops_step / run_.built.batch_size if run_.flops_step is not None else None,
+            "device": run_.device.type, "device_name": device_name(run_.device), "threads": torch.get_num_threads(),
+            "teacher": str(run_.cfg.teacher.name), "student": str(run_.cfg.student.name),
+            "method": str(run_.cfg.method_label), "batch_size": run_.built.batch_size,
+            "precision": run_.runtime.precision, "channels_last": run_.runtime.channels_last,
+            "compile": run_.runtime.compile, "steps": bench["steps"], "warmup": bench["warmup"],
+            "warmup_s": run_.warmup_s, "rounds": bench["rounds"], "data": bench["data"], "torch": torch.__version__})
+        print(f"[benchmark] {run_.label}: {ips:.1f} images/s", file=sys.stderr, flush=True)
+    base = rows.get("kd") if rows.get("kd", {}).get("status") == "ok" else None
+    for r in rows.values():
+        if r["status"] == "ok" and base is not None:
+            r["vs_kd"] = r["images_per_sec"] / base["images_per_sec"]
+    return list(rows.values())
+
+
+def methods_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of :func:`run_methods` rows."""
+    first = next((r for r in rows if r["status"] == "ok"), None)
+    lines = []
+    if first is not None:
+        lines.append(f"{first['teacher']} -> {first['student']}, batch {first['batch_size']}, {first['device']} "
+                     f"({first['device_name']}), {first['threads']} threads, precision {first['precision']}, "
+                     f"compile {first['compile']}, {first['steps']} timed steps per round, best of "
+                     f"{first['rounds']} interleaved round(s), torch {first['torch']}")
+        lines.append("")
+    lines += ["| method | images/s | ms/step | vs KD | FLOPs/image |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['label']} | {r['status']}: {r['error']} | | | |")
+            continue
+        lines.append(f"| {r['label']} | {_fmt(r['images_per_sec'])} | {_fmt(r['ms_per_step'])} | "
+                     f"{_fmt(r.get('vs_kd'), 'x', digits=2)} | {_fmt(r['flops_per_image'], ' G', 1e9, 3)} |")
+    return "\n".join(lines)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
+    if "--methods" in argv:
+        at = argv.index("--methods")
+        if at + 1 >= len(argv):
+            fail(f"--methods needs a set name: {', '.join(METHOD_SETS)}")
+        set_name, rest = argv[at + 1], argv[:at] + argv[at + 2:]
+        try:
+            rows = run_methods(set_name, rest)
+        except UserError as err:
+            if debug_mode():
+                raise
+            fail(str(err))
+        print(methods_table(rows))
+        print(json.dumps(_finite({"methods": rows})), flush=True)
+        return 0 if all(r["status"] != "failed" for r in rows) else 1
     try:
         cfg = compose_config(argv)
         result = run(cfg)
@@ -533,8 +707,7 @@ def main(argv: list[str]) -> int:
         if RANDOM_DATASET in DATASETS:  # registered for this call only: the registry stays as it was
             DATASETS.remove(RANDOM_DATASET)
     print(table(result))
-    print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}),
-          flush=True)
+    print(json.dumps(_finite(result)), flush=True)
     return 0
 
 

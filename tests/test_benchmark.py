@@ -108,3 +108,38 @@ def test_reference_contrast_sampling_follows_the_published_sampler(mode: str) ->
             assert labels[row[0]] == target
         assert all(labels[j] != target for j in row[1:])
         assert len(set(row[1:].tolist())) == 20  # K < pool size: drawn without replacement, as published
+
+
+def test_methods_preset_times_each_method_next_to_kd(monkeypatch, capsys) -> None:
+    """--methods: one row per method, images/s and the ratio to KD's; a method without a config is listed
+    as unavailable and does not stop the others."""
+    monkeypatch.setitem(benchmark.METHOD_SETS, "tiny", {
+        "kd": ["distill=kd"], "nkd": ["distill=nkd"], "kd+ls": ["distill=kd", "distill.logit_standardize=true"],
+        "ghost": ["distill=ghost_method"]})
+    code = benchmark.main(["--methods", "tiny", "teacher=resnet8", "student=resnet8", "trainer.device=cpu",
+                           f"dataset.batch_size={BATCH}", "bench.steps=1", "bench.warmup=1", "bench.train_size=128",
+                           "bench.peak_matmul=false", "bench.flops=false"])
+    assert code == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    rows = {r["label"]: r for r in json.loads(out[-1])["methods"]}
+    assert list(rows) == ["kd", "nkd", "kd+ls", "ghost"]
+    assert rows["ghost"]["status"] == "unavailable" and "ghost_method.yaml" in rows["ghost"]["error"]
+    for label in ("kd", "nkd", "kd+ls"):
+        r = rows[label]
+        assert r["status"] == "ok" and r["images_per_sec"] > 0 and r["reference_images_per_sec"] is None
+        assert r["vs_kd"] == pytest.approx(r["images_per_sec"] / rows["kd"]["images_per_sec"], rel=1e-12)
+        assert (r["teacher"], r["student"], r["batch_size"]) == ("resnet8", "resnet8", BATCH)
+    assert rows["nkd"]["method"] == "nkd"
+    assert any(line.startswith("| nkd |") for line in out) and any("| ghost | unavailable" in line for line in out)
+
+
+def test_methods_preset_errors_are_one_line(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--methods", "nosuchset", "trainer.device=cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nosuchset" in err and "new" in err
+    with pytest.raises(SystemExit):
+        benchmark.main(["--methods", "new", "distill=kd"])
+    assert "distill=" in capsys.readouterr().err
+    assert "mlkd" in benchmark.METHOD_SETS["new"] and "kd+dot" in benchmark.METHOD_SETS["new"]

@@ -1,0 +1,218 @@
+"""scripts/gpu_check.py without a GPU: the CPU dry run, the no-CUDA exit, the CIFAR-100 subset writer;
+and trainer.precision=auto's choice on CPUs with and without native bf16.
+
+Speed is never asserted; the dry run's figures only show that every step runs and reports.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, SHARED
+from omegaconf import OmegaConf
+
+from common.errors import UserError
+from distiller import runtime as rt
+from scripts import gpu_check
+
+COLUMNS = ("step", "config", "images/s", "ms/step", "MFU", "peak memory", "speedup", "accuracy", "status")
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """Body rows of the one Markdown table in ``markdown`` (cells stripped)."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert all(any(col in h for h in header) for col in COLUMNS), header
+    assert set(lines[1].replace("|", "").strip()) <= {"-"}
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def outputs(folder: Path) -> tuple[str, dict]:
+    (md,) = folder.glob("gpu_check-*.md")
+    (js,) = folder.glob("gpu_check-*.json")
+    return md.read_text(), json.loads(js.read_text())
+
+
+# ---- no GPU, no dry run --------------------------------------------------------------------------------------
+def test_without_cuda_the_check_exits_2_with_one_line(monkeypatch, capsys, tmp_path) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CUDA device" in err and "--dry-run" in err
+    assert not list(tmp_path.iterdir())  # failed fast: nothing measured, nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_cuda_the_command_exits_2(tmp_path) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "no CUDA device" in lines[0]
+
+
+def test_unknown_step_is_a_user_error(capsys) -> None:
+    assert gpu_check.main(["--dry-run", "--only", "benchmark,speedtest"]) == 2
+    assert "speedtest" in capsys.readouterr().err
+
+
+# ---- the dry run ------------------------------------------------------------------------------------------
+def test_dry_run_of_benchmark_and_compile_writes_table_and_json(tmp_path, capsys) -> None:
+    """In process: two steps, rows consistent between the table and the JSON file."""
+    assert gpu_check.main(["--dry-run", "--only", "benchmark,compile", "--out", str(tmp_path)]) == 0
+    md, data = outputs(tmp_path)
+    rows = table_rows(md)
+    assert "DRY RUN" in md and "Command: `python scripts/gpu_check.py --dry-run --only benchmark,compile" in md
+    assert len(rows) == len(data["rows"])
+    bench = [r for r in data["rows"] if r["step"] == "benchmark"]
+    assert len(bench) == 2 and all(r["status"] == "ok" for r in bench)  # fp32 and the "fast" path
+    for r in bench:
+        e = r["extra"]
+        assert r["images_per_sec"] > 0 and e["reference_images_per_sec"] > 0
+        assert r["ms_per_step"] == pytest.approx(1e3 * e["batch_size"] / r["images_per_sec"], rel=1e-9)
+        assert r["speedup"] == pytest.approx(r["images_per_sec"] / e["reference_images_per_sec"], rel=1e-9)
+    assert {r["extra"]["channels_last"] for r in bench} == {False, True}
+    comp = [r for r in data["rows"] if r["step"] == "compile"]
+    assert [r["status"] for r in comp] == ["ok", "skipped"]  # CUDA graphs need CUDA
+    # aot_eager runs the traced graph with the same kernels: fp32 differences are rounding only
+    assert comp[0]["extra"]["loss_gap"] < 1e-4 and comp[0]["extra"]["weight_gap"] < 1e-4
+    assert len(comp[0]["extra"]["losses"]) == 2
+    out = capsys.readouterr().out
+    assert f"table: {tmp_path}" in out and f"json:  {tmp_path}" in out
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_step(tmp_path) -> None:
+    """The whole rehearsal as a user types it: every step, a table and a JSON file, exit 0."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--dry-run", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=1500,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    md, data = outputs(tmp_path)
+    rows = table_rows(md)
+    assert {r[0] for r in rows} == set(gpu_check.STEPS)
+    assert {r["step"] for r in data["rows"]} == set(gpu_check.STEPS)
+    assert not [r for r in data["rows"] if r["status"] == "failed"]
+    acc = [r for r in data["rows"] if r["step"] == "accuracy"]
+    assert [r["config"].split(",")[0].split()[-1] for r in acc] == ["fp32", "fast"]
+    assert all("fp32 " in r["accuracy"] and "fast " in r["accuracy"] for r in acc)
+    conc = [r for r in data["rows"] if r["step"] == "concurrency"]
+    assert [len(r["extra"]["runs"]) for r in conc] == [1, 2]
+    for r in conc:  # aggregate = all images over the span from the first start to the last end
+        runs = r["extra"]["runs"]
+        span = max(x["end"] for x in runs) - min(x["start"] for x in runs)
+        assert r["images_per_sec"] == pytest.approx(sum(x["images"] for x in runs) / span, rel=1e-9)
+    ddp = [r for r in data["rows"] if r["step"] == "ddp"]
+    assert ddp[0]["status"] == "ok" and "gloo" in ddp[0]["config"]
+    assert data["dry_run"] is True and not (tmp_path / "gpu_check.json").exists()  # never read as a GPU figure
+
+
+# ---- the CIFAR-100 subset ------------------------------------------------------------------------------------
+def fake_cifar(root: Path, train_per_class: int, test_per_class: int, seed: int = 0) -> Path:
+    """A small official-format cifar-100-python folder: random pixels, shuffled labels, unique filenames."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        labels = rng.permutation(np.repeat(np.arange(100), n))
+        entry = {"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), "fine_labels": labels.tolist(),
+                 "coarse_labels": (labels // 5).tolist(), "batch_label": split,
+                 "filenames": [f"{split}_{i:05d}.png" for i in range(len(labels))]}
+        (folder / split).write_bytes(pickle.dumps(entry, protocol=2))
+    meta = {"fine_label_names": [f"class{i}" for i in range(100)],
+            "coarse_label_names": [f"super{i}" for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return folder
+
+
+def check_subset(source: Path, written: Path, per_class: tuple[int, int]) -> None:
+    """Every written image is the source's image of the same file name and label; classes balanced."""
+    from datasets.cifar100 import read_cifar_folder
+
+    splits = read_cifar_folder(written)  # the loader the runs use (restricted unpickler, shape checks)
+    for split, n, images, labels in (("train", per_class[0], splits.train_images, splits.train_labels),
+                                     ("test", per_class[1], splits.test_images, splits.test_labels)):
+        src = pickle.loads((source / split).read_bytes(), encoding="latin1")
+        out = pickle.loads((written / split).read_bytes(), encoding="latin1")
+        by_name = {name: i for i, name in enumerate(src["filenames"])}
+        assert np.bincount(labels.numpy(), minlength=100).tolist() == [n] * 100
+        assert len(set(out["filenames"])) == 100 * n
+        for j, name in enumerate(out["filenames"]):
+            i = by_name[name]
+            assert src["fine_labels"][i] == out["fine_labels"][j] == int(labels[j])
+            assert src["coarse_labels"][i] == out["coarse_labels"][j]
+            assert np.array_equal(src["data"][i].reshape(3, 32, 32), images[j].numpy())
+    assert pickle.loads((written / "meta").read_bytes()) == pickle.loads((source / "meta").read_bytes(),
+                                                                         encoding="latin1")
+
+
+def test_subset_writer_writes_a_loadable_official_format(tmp_path) -> None:
+    source = fake_cifar(tmp_path / "src", 4, 3)
+    written = gpu_check.write_cifar_subset(tmp_path / "src", tmp_path / "subset", per_class=(2, 1))
+    assert written == tmp_path / "subset" / "cifar-100-python"
+    check_subset(source, written, (2, 1))
+    stamp = (written / "train").stat().st_mtime_ns
+    gpu_check.write_cifar_subset(tmp_path / "src", tmp_path / "subset", per_class=(3, 2))  # written once
+    assert (written / "train").stat().st_mtime_ns == stamp
+    gpu_check.write_cifar_subset(tmp_path / "src", tmp_path / "subset", per_class=(3, 2), force=True)
+    check_subset(source, written, (3, 2))
+    with pytest.raises(UserError, match="fewer than 5 per class"):
+        gpu_check.write_cifar_subset(tmp_path / "src", tmp_path / "other", per_class=(5, 1))
+    with pytest.raises(UserError, match="no CIFAR-100"):
+        gpu_check.write_cifar_subset(tmp_path / "nothing", tmp_path / "other")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "data" / "cifar-100-python" / "train").is_file(), reason="no real CIFAR-100")
+def test_subset_writer_on_the_real_data(tmp_path) -> None:
+    written = gpu_check.write_cifar_subset(SHARED / "data", tmp_path / "subset", per_class=(3, 2))
+    check_subset(SHARED / "data" / "cifar-100-python", written, (3, 2))
+    # the default size fits the GPU machine's data allowance: 19,000 images of 3,072 bytes < 60 MB
+    assert 100 * sum(gpu_check.SUBSET_PER_CLASS) * 3072 < 60e6
+
+
+# ---- trainer.precision=auto ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("probe, flags, native", [
+    (False, {"avx512_bf16", "amx_bf16"}, False),  # oneDNN cannot run bf16 fast: nothing to gain
+    (True, {"avx2", "fma"}, False),               # AVX2 only (this project's machine)
+    (True, {"avx512f", "avx512bw"}, False),       # plain AVX-512: oneDNN emulates bf16 with fp32 FMAs
+    (True, {"avx512f", "avx512_bf16"}, True),     # Cooper Lake, Zen 4
+    (True, {"amx_bf16", "amx_tile"}, True),       # Sapphire Rapids
+    (True, {"fp", "asimd", "bf16"}, True),        # Arm with BF16 (Graviton 3)
+    (True, None, True),                           # flags unreadable: the probe decides
+])
+def test_native_bf16_needs_the_probe_and_the_flags(monkeypatch, probe, flags, native) -> None:
+    monkeypatch.setattr(rt, "_onednn_bf16_probe", lambda: probe)
+    monkeypatch.setattr(rt, "_cpu_flags", lambda: flags)
+    assert rt.cpu_has_native_bf16() is native
+
+
+@pytest.mark.parametrize("native, requested, expected", [
+    (True, "auto", "bf16"), (False, "auto", "fp32"), (True, "fp32", "fp32"), (False, "bf16", "bf16"),
+])
+def test_precision_auto_on_the_cpu(monkeypatch, native, requested, expected) -> None:
+    monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: native)
+    cfg = OmegaConf.create({"device": "cpu", "precision": requested, "channels_last": "auto", "compile": "auto",
+                            "num_threads": None})
+    assert rt.make_runtime(cfg).precision == expected
+
+
+def test_precision_auto_on_cuda_is_bf16_whatever_the_cpu(monkeypatch) -> None:
+    monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: False)
+    assert rt.auto_precision(torch.device("cuda")) == "bf16"
+    assert rt.auto_precision(torch.device("cpu")) == "fp32"
+
+
+def test_this_machine_cpu_flags_are_read() -> None:
+    flags = rt._cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo")
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags and "bf16" not in flags:
+        assert rt.cpu_has_native_bf16() is False
