@@ -109,6 +109,24 @@ def run_cli(script: str, *overrides: str, cwd: Path | None = None, env: dict | N
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_ranks(target: Callable[..., None], world: int, *args: object) -> None:
+    """Run ``target(rank, world, *args)`` in ``world`` forked processes and require each to exit cleanly.
+
+    Forked, not spawned: the children inherit the imported modules instead of re-importing torch.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=target, args=(rank, world, *args)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        if proc.is_alive():
+            proc.kill()
+    assert [proc.exitcode for proc in procs] == [0] * world
+
+
 def tiny_overrides(tmp: Path, train_size: int = 200, test_size: int = 100) -> list[str]:
     """Overrides for a tiny, fast CPU run on synthetic data inside ``tmp``."""
     return [

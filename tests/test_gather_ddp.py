@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import generator, seed
+from conftest import generator, run_ranks, seed
 from torch import nn
 
 from datasets.batch import Batch
@@ -86,15 +85,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, name: str) -> N
 
 @pytest.mark.parametrize("name", ["dist", "mlkd"])
 def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path: Path, name: str) -> None:
-    ctx = mp.get_context("fork")  # the children inherit the imported modules
-    procs = [ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "pg"), str(tmp_path), name)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-        if proc.is_alive():
-            proc.kill()
-    assert [proc.exitcode for proc in procs] == [0, 0]
+    run_ranks(_worker, 2, str(tmp_path / "pg"), str(tmp_path), name)
     want_loss, want_grads = reference(name)
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import MIN_DECREASE, assert_gradient_step_descends, fix_batch_statistics, generator, seed
+from conftest import MIN_DECREASE, assert_gradient_step_descends, fix_batch_statistics, generator, run_ranks, seed
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -613,16 +612,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_crd_banks_stay_identical_across_processes(tmp_path):
-    # Forked, not spawned: the children inherit the imported modules instead of re-importing torch.
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "pg"), str(tmp_path))) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-        if proc.is_alive():
-            proc.kill()
-    assert [proc.exitcode for proc in procs] == [0, 0]
+    run_ranks(_ddp_worker, 2, str(tmp_path / "pg"), str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(r0["memory_s"], r1["memory_s"]) and torch.equal(r0["memory_t"], r1["memory_t"])
     assert torch.equal(r0["norm_s"], r1["norm_s"])
