@@ -190,6 +190,14 @@ class LoggerConfig:
     mode: str | None = key(None, choices=("online", "offline", "disabled"))  # null: $WANDB_MODE, else offline
 
 
+def logger_settings(node: Any) -> DictConfig:
+    """The ``logger`` node (None: a run made before it existed) with the schema's defaults filled in."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(LoggerConfig), node or {})
+    except OmegaConfBaseException as err:
+        raise UserError(f"invalid logger settings: {str(err).splitlines()[0]}") from None
+
+
 @dataclass
 class JobConfig:
     seed: int = key(ge=0)

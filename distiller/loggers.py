@@ -156,15 +156,7 @@ class WandbBackend(Backend):
             self._run = None
 
 
-def make_backends(run_dir: Path, logger_config: Any, config: dict[str, Any]) -> list[Backend]:
-    """The backends ``logger_config`` (the ``logger`` node, or None for the default) names."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from distiller.config import LoggerConfig  # here: distiller.config validates names against BACKENDS
-
-    try:
-        settings = OmegaConf.merge(OmegaConf.structured(LoggerConfig), logger_config or {})
-    except OmegaConfBaseException as err:
-        raise UserError(f"invalid logger settings: {str(err).splitlines()[0]}") from None
+def make_backends(run_dir: Path, settings: Any, config: dict[str, Any]) -> list[Backend]:
+    """The backends ``settings`` names: the ``logger`` node with its defaults filled in
+    (:func:`distiller.config.logger_settings`)."""
     return [BACKENDS.get(name)(run_dir, settings, config) for name in dict.fromkeys(settings.backends)]

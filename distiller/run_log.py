@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from common.files import atomic_write
+from distiller.config import logger_settings
 from distiller.loggers import make_backends
 
 log = logging.getLogger("distiller")
@@ -29,7 +30,8 @@ class RunLogger:
         self.enabled = enabled
         self.header = header
         self._status = "running"
-        self.backends = make_backends(run_dir, (config or {}).get("logger"), config or {}) if enabled else []
+        settings = logger_settings((config or {}).get("logger"))
+        self.backends = make_backends(run_dir, settings, config or {}) if enabled else []
 
     def scalars(self, values: dict[str, float], step: int, prefix: str) -> None:
         for backend in self.backends:

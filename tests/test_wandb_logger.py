@@ -19,7 +19,7 @@ from conftest import seed
 from test_seams import NUM_CLASSES, tiny_data
 
 from common.errors import UserError
-from distiller.config import validate
+from distiller.config import logger_settings, validate
 from distiller.engine import Trainer, TrainSettings
 from distiller.loggers import DEFAULT_WANDB_MODE, make_backends, wandb_mode
 from distiller.objective import Objective
@@ -123,7 +123,7 @@ def test_an_offline_run_logs_what_tensorboard_logs_plus_config_and_summary(tmp_p
 def test_a_missing_package_is_one_line_naming_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
     with pytest.raises(UserError) as err:
-        make_backends(tmp_path, {"backends": ["tensorboard", "wandb"]}, {})
+        make_backends(tmp_path, logger_settings({"backends": ["tensorboard", "wandb"]}), {})
     assert "\n" not in str(err.value) and "pip install wandb" in str(err.value)
     assert not list(tmp_path.iterdir())  # nothing written
 
@@ -144,7 +144,7 @@ def test_logger_group_choices(compose, tmp_path):
     for choice, names in (("tensorboard", ["tensorboard"]), ("wandb", ["tensorboard", "wandb"]), ("none", [])):
         cfg = compose("train_teacher", [f"logger={choice}"])
         assert list(validate(cfg, "train_teacher").logger.backends) == names
-        assert [type(b).__name__ for b in make_backends(tmp_path, cfg.logger, {})] == \
+        assert [type(b).__name__ for b in make_backends(tmp_path, logger_settings(cfg.logger), {})] == \
             [{"tensorboard": "TensorBoardBackend", "wandb": "WandbBackend"}[n] for n in names]
     assert not (tmp_path / "wandb").exists()  # a W&B run starts at the first scalar, not when the backend is made
     with pytest.raises(UserError, match=r"logger.backends\[0\]=mlflow is not valid"):
