@@ -3,17 +3,19 @@
 Reads our files (``final.pt``, ``best.pt``, ``last.pt``, stored teachers: ``{'model', 'arch',
 'num_classes', ...}``), the older frameworks' ``ckpt_epoch_240.pth`` (``{'model': state_dict,
 ...}``) and plain state dicts (torchvision style, with or without a ``module.`` prefix). The
-architecture comes from our header, else from ``model=``, else from the parameter names and
-shapes; the class count from the header, else from the classifier's shape. A file that does not
-fit the architecture is a one-line error naming the keys that differ. Used by
-``scripts/evaluate.py`` and ``scripts/teachers.py``.
+architecture comes from ``model=``, else from our header, else from the parameter names and
+shapes; the class count from the header, else from the classifier's shape. A network from outside
+the zoo (``model=torchvision model.name=resnet18 model.cifar_stem=true``, or the node our header's
+run config recorded for it) is rebuilt from its config node. A file that does not fit the
+architecture is a one-line error naming the keys that differ. Used by ``scripts/evaluate.py`` and
+``scripts/teachers.py``.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -23,10 +25,25 @@ from datasets import DataSplits, DeviceLoader, load_dataset
 from distiller.checkpoint import extract_state_dict, guess_architecture, safe_load
 from distiller.runtime import Runtime, resolve_device
 from models import MODELS, build_model
+from models.external import build_network, network_label
 
 SHOWN_KEYS = 3  # keys named per kind of mismatch in an error line
 # data-defining keys of a checkpoint's own dataset node that carry over (the rest: this machine's choice)
 DATA_KEYS = ("train_size", "test_size", "seed", "num_classes")
+# keys of an external network's node that do not describe the network to evaluate: the weights come from
+# the checkpoint (a recorded ``weights=`` file need not exist on this machine), the rest are training's
+NOT_ARCHITECTURE = ("weights", "ckpt", "lr", "published_top1", "verify")
+NetworkChoice = str | dict[str, Any] | None  # a zoo name, an external network's config node, or none given
+
+
+@dataclass
+class CheckpointFile:
+    """A checkpoint file read from disk, before any network is built for it."""
+
+    path: Path
+    layout: str
+    state: dict[str, torch.Tensor]
+    header: dict[str, Any]  # the file's entries other than the weights: arch, accuracy, epoch, config, ...
 
 
 @dataclass
@@ -51,14 +68,16 @@ def checkpoint_layout(obj: Any) -> str:
     return "state-dict"
 
 
-def classifier_classes(state: Mapping[str, torch.Tensor], arch: str) -> int | None:
+def classifier_classes(state: Mapping[str, torch.Tensor], arch: str,
+                       build: Callable[[int], nn.Module] | None = None) -> int | None:
     """The class count ``state`` was trained for, read from the parameters whose shape depends on it.
 
-    Which parameters those are is found by building ``arch`` for 100 and 101 classes and comparing,
-    so no classifier name is assumed.
+    Which parameters those are is found by building the network (``build(num_classes)``, by
+    default the zoo's ``arch``) for 100 and 101 classes and comparing, so no classifier name is assumed.
     """
-    a = {k: tuple(v.shape) for k, v in build_model(arch, num_classes=100).state_dict().items()}
-    b = {k: tuple(v.shape) for k, v in build_model(arch, num_classes=101).state_dict().items()}
+    build = build or (lambda n: build_model(arch, num_classes=n))
+    a = {k: tuple(v.shape) for k, v in build(100).state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in build(101).state_dict().items()}
     for key, shape in a.items():
         if key in state and b.get(key) != shape and state[key].ndim == len(shape):
             dim = next(i for i, (x, y) in enumerate(zip(shape, b[key])) if x != y)
@@ -82,36 +101,71 @@ def describe_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, 
     return "; ".join(parts) or None
 
 
-def load_checkpoint(path: str | Path, arch: str | None = None) -> LoadedCheckpoint:
-    """Build the network of the checkpoint at ``path`` and load its weights (strict).
-
-    ``arch`` (``model=``) overrides the file's header; without either, the architecture is
-    recognised from the parameter names and shapes.
-    """
+def read_checkpoint(path: str | Path) -> CheckpointFile:
+    """Read the weights and header of the checkpoint at ``path`` (one-line errors for unreadable files)."""
     path = Path(path)
     obj = safe_load(path, "checkpoint")
-    state = extract_state_dict(obj)
-    layout = checkpoint_layout(obj)
     header = {k: v for k, v in obj.items() if k not in ("model", "state_dict")} if isinstance(obj, Mapping) else {}
-    if arch is not None:
-        arch, arch_from = MODELS.canonical(arch), "model="
+    return CheckpointFile(path, checkpoint_layout(obj), extract_state_dict(obj), header)
+
+
+def recorded_network(header: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The config node of the external network our header names, as its run's config recorded it (else None)."""
+    config = header.get("config")
+    if not isinstance(config, Mapping):
+        return None
+    for key in ("model", "student"):  # a teacher run trains ``model``; a distillation run saves its ``student``
+        node = config.get(key)
+        if isinstance(node, Mapping) and node.get("source") is not None and network_label(node) == header.get("arch"):
+            return dict(node)
+    return None
+
+
+def load_checkpoint(path: str | Path | CheckpointFile, model: NetworkChoice = None,
+                    image_size: Sequence[int] = (32, 32)) -> LoadedCheckpoint:
+    """Build the network of a checkpoint and load its weights (strict).
+
+    ``model`` (from ``model=``: a zoo name or an external network's config node) overrides the
+    file's header; without either, the architecture is recognised from the parameter names and
+    shapes. ``image_size`` is the data's (H, W), at which an external network's taps are probed.
+    """
+    file = path if isinstance(path, CheckpointFile) else read_checkpoint(path)
+    path, state, header = file.path, file.state, file.header
+    node = model if isinstance(model, Mapping) else None
+    if model is not None:
+        arch_from = "model="
+    elif header.get("arch") and str(header["arch"]) not in MODELS and recorded_network(header) is not None:
+        node, arch_from = recorded_network(header), "header"
     elif header.get("arch"):
-        arch, arch_from = MODELS.canonical(str(header["arch"])), "header"
+        arch_from = "header"
     else:
-        arch, arch_from = guess_architecture(state), "parameter shapes"
+        arch_from = "parameter shapes"
+    if node is not None:
+        node = {k: v for k, v in node.items() if k not in NOT_ARCHITECTURE}
+        arch = network_label(node)
+
+        def build(n: int) -> nn.Module:
+            return build_network(node, n, image_size, role="model")
+    else:
+        arch = model if isinstance(model, str) else header.get("arch") or guess_architecture(state)
         if arch is None:
             raise UserError(f"cannot tell the architecture of {path} (no 'arch' entry, and its parameters match "
-                            f"no model of the zoo); pass model=ARCH")
-    num_classes = header.get("num_classes") or classifier_classes(state, arch) or 100
-    model = build_model(arch, num_classes=int(num_classes))
-    mismatch = describe_mismatch(state, model.state_dict())
+                            f"no model of the zoo); pass model=ARCH, or model=torchvision|timm|module with its "
+                            f"name for a network from outside the zoo")
+        arch = MODELS.canonical(str(arch))
+
+        def build(n: int) -> nn.Module:
+            return build_model(arch, num_classes=n)
+    num_classes = int(header.get("num_classes") or classifier_classes(state, arch, build) or 100)
+    network = build(num_classes)
+    mismatch = describe_mismatch(state, network.state_dict())
     if mismatch:
         guess = guess_architecture(state)
         hint = f"; its weights are those of a {guess}: pass model={guess}" if guess and guess != arch else \
             "; pass model= with the checkpoint's architecture"
         raise UserError(f"checkpoint {path} does not fit {arch} ({arch_from}): {mismatch}{hint}")
-    model.load_state_dict(state, strict=True)
-    return LoadedCheckpoint(path, layout, arch, arch_from, int(num_classes), model, header)
+    network.load_state_dict(state, strict=True)
+    return LoadedCheckpoint(path, file.layout, arch, arch_from, num_classes, network, header)
 
 
 @torch.no_grad()
@@ -188,6 +242,30 @@ def compose_config(overrides: list[str]) -> Any:
     return cfg
 
 
+def is_model_override(override: str) -> bool:
+    """Whether a command-line override chooses or configures the network (``model=``, ``model.name=``)."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key == "model" or key.startswith("model.")
+
+
+def model_choice(overrides: Sequence[str]) -> NetworkChoice:
+    """The network the command line names: a zoo name, an external network's config node, or None.
+
+    ``model=resnet56`` is a zoo name; ``model=torchvision model.name=resnet18 model.cifar_stem=true``
+    (or ``timm``, or ``module`` with ``model._target_=``) is composed like training's ``model`` node.
+    """
+    chosen = [o for o in overrides if is_model_override(o)]
+    if not chosen:
+        return None
+    name = _override(chosen, "model")
+    if name is not None and name in MODELS and len(chosen) == 1:
+        return name
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(compose_config(chosen).model, resolve=True)
+    return node if node.get("source") is not None else str(node["name"])
+
+
 def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Everything the command reports, as one JSON-ready dict."""
     from distiller.cli import canonical_model_choices
@@ -200,10 +278,12 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict
         raise UserError(f"'{bad[0]}' is not an override; write KEY=VALUE (e.g. model=resnet56, dataset=synthetic)")
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
-    loaded = load_checkpoint(path, _override(overrides, "model"))
-    extra, data_from = data_overrides(loaded.header, overrides)
-    cfg = compose_config([*extra, *[o for o in overrides if o.split("=", 1)[0] != "model"]])
+    file = read_checkpoint(path)
+    model = model_choice(overrides)
+    extra, data_from = data_overrides(file.header, overrides)
+    cfg = compose_config([*extra, *[o for o in overrides if not is_model_override(o)]])
     data = load_dataset(cfg.dataset)
+    loaded = load_checkpoint(file, model, image_size=tuple(data.test_images.shape[-2:]))
     if data.num_classes != loaded.num_classes:
         raise UserError(f"{path} holds a {loaded.num_classes}-class {loaded.arch}, but the {cfg.dataset.name} data "
                         f"set has {data.num_classes} classes; choose its data set with dataset=NAME "
