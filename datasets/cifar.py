@@ -12,6 +12,7 @@ bytes; torchvision is used for what it does well, the verified download.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 from collections.abc import Mapping
@@ -21,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.datasets import utils as tv_utils
 
 from common.errors import UserError
 from datasets.base import DATA_ROOT_ENV, CorruptDataError, DatasetFacts, DataSplits, cfg_get, data_root
@@ -31,16 +31,33 @@ log = logging.getLogger(__name__)
 SIDE = 32  # every CIFAR image is 32 x 32
 
 
+def _tv_utils() -> Any:
+    """torchvision's download and checksum helpers, imported only when data is checked or fetched.
+
+    Importing torchvision costs seconds (it pulls in its models and ``torch._dynamo``); every
+    command that fails on its configuration, or trains on other data, is spared that.
+    """
+    from torchvision.datasets import utils
+
+    return utils
+
+
 @dataclass(frozen=True)
 class CifarFormat:
     """The facts of one official CIFAR archive; ``archive`` is torchvision's class for it (names, md5s, URL)."""
 
     title: str  # in messages: "CIFAR-100"
-    archive: type
+    archive_class: str  # the torchvision.datasets class holding the archive's facts, imported on first use
     labels_key: str  # the label list's key in a split file
     num_classes: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    @functools.cached_property
+    def archive(self) -> type:
+        import torchvision.datasets
+
+        return getattr(torchvision.datasets, self.archive_class)
 
     @property
     def base_folder(self) -> str:
@@ -178,7 +195,7 @@ def check_official_checksums(folder: Path, fmt: CifarFormat) -> None:
     """Raise a :class:`UserError` unless every file matches the official archive's md5."""
     md5 = fmt.official_md5
     for name in fmt.split_files:
-        if not tv_utils.check_integrity(str(folder / name), md5[name]):
+        if not _tv_utils().check_integrity(str(folder / name), md5[name]):
             raise UserError(
                 f"{folder / name} does not match the official {fmt.title} checksum: delete {folder} to "
                 f"download it again, or set dataset.verify_checksums=false for a trusted reconstructed copy"
@@ -195,7 +212,7 @@ def _missing_message(root: Path, fmt: CifarFormat) -> str:
 
 def download(root: Path, fmt: CifarFormat) -> None:
     """Download (when absent) and extract the official archive into ``root``, verifying its md5."""
-    tv_utils.download_and_extract_archive(fmt.archive.url, str(root), filename=fmt.archive_name,
+    _tv_utils().download_and_extract_archive(fmt.archive.url, str(root), filename=fmt.archive_name,
                                           md5=fmt.archive.tgz_md5)
 
 
@@ -204,13 +221,13 @@ def prepare(root: Path, fmt: CifarFormat, download_missing: bool = True, verify_
     folder = find_folder(root, fmt)
     archive = root / fmt.archive_name
     if folder is None and archive.is_file():
-        if verify_checksums and not tv_utils.check_integrity(str(archive), fmt.archive.tgz_md5):
+        if verify_checksums and not _tv_utils().check_integrity(str(archive), fmt.archive.tgz_md5):
             raise UserError(
                 f"{archive} does not match the official checksum (partial or corrupt download): delete it "
                 f"and run again, or set dataset.verify_checksums=false for a trusted copy"
             )
         try:
-            tv_utils.extract_archive(str(archive), str(root))
+            _tv_utils().extract_archive(str(archive), str(root))
         except Exception as e:  # noqa: BLE001 - any failure to extract is the archive's
             raise UserError(f"cannot extract {archive} ({type(e).__name__}: {e}): delete it and run again") from None
         folder = find_folder(root, fmt)

@@ -12,8 +12,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from torchvision.datasets import CIFAR10 as _TorchvisionCIFAR10
-
 from datasets import cifar
 from datasets.base import DATASETS, DataSplits
 
@@ -21,7 +19,7 @@ from datasets.base import DATASETS, DataSplits
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
-CIFAR10 = cifar.CifarFormat(title="CIFAR-10", archive=_TorchvisionCIFAR10, labels_key="labels",
+CIFAR10 = cifar.CifarFormat(title="CIFAR-10", archive_class="CIFAR10", labels_key="labels",
                             num_classes=10, mean=CIFAR10_MEAN, std=CIFAR10_STD)
 
 

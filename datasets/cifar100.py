@@ -12,8 +12,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from torchvision.datasets import CIFAR100 as _TorchvisionCIFAR100
-
 from datasets import cifar
 from datasets.base import DATASETS, CorruptDataError, DataSplits, cfg_get, cfg_int, data_root
 from datasets.cifar import load_pickle
@@ -25,14 +23,19 @@ __all__ = ["CIFAR100", "CIFAR100_MEAN", "CIFAR100_STD", "CorruptDataError", "Dat
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
-CIFAR100 = cifar.CifarFormat(title="CIFAR-100", archive=_TorchvisionCIFAR100, labels_key="fine_labels",
+CIFAR100 = cifar.CifarFormat(title="CIFAR-100", archive_class="CIFAR100", labels_key="fine_labels",
                              num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD)
-BASE_FOLDER = CIFAR100.base_folder  # the folder name inside the official archive
-ARCHIVE_NAME = CIFAR100.archive_name
-SPLIT_FILES = CIFAR100.split_files
 NUM_CLASSES = CIFAR100.num_classes
 NUM_COARSE = 20
-OFFICIAL_MD5 = CIFAR100.official_md5
+# the archive's facts, read from torchvision when first asked for (importing it costs seconds)
+_ARCHIVE_FACTS = {"BASE_FOLDER": "base_folder",  # the folder name inside the official archive
+                  "ARCHIVE_NAME": "archive_name", "SPLIT_FILES": "split_files", "OFFICIAL_MD5": "official_md5"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ARCHIVE_FACTS:
+        return getattr(CIFAR100, _ARCHIVE_FACTS[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read_cifar_folder(folder: Path) -> DataSplits:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Mapping
 from common.errors import UserError
 from common.files import atomic_write
 from common.lookup import dotted_get
+from models.external import command_line_choice
 
 log = logging.getLogger("distiller")
 
@@ -136,7 +137,9 @@ def store_teacher(slim: Mapping[str, Any], folder: str | Path, arch: str, datase
         entries[target.name] = make_entry(target, arch, dataset, slim.get("num_classes"), metrics,
                                           recipe_of(config), "train_teacher.py", str(run_dir))
         atomic_write({"format": INDEX_FORMAT, "teachers": dict(sorted(entries.items()))}, index_path(folder), "json")
-    log.info("stored the trained model as %s (used by teacher=%s), indexed in %s", target, arch, index_path(folder))
+    node = config.get("model") if isinstance(config.get("model"), Mapping) else {"name": arch}
+    log.info("stored the trained model as %s (used by %s), indexed in %s", target, command_line_choice(node),
+             index_path(folder))
     return target
 
 

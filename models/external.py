@@ -66,6 +66,18 @@ def network_label(node: Mapping[str, Any]) -> str:
     return str(node["name"]) if source is None else f"{source}-{node['name']}"
 
 
+def command_line_choice(node: Mapping[str, Any], group: str = "teacher") -> str:
+    """How the command line chooses this network: ``teacher=resnet56``, ``teacher=torchvision teacher.name=NAME``."""
+    source = node.get("source")
+    if source is None:
+        return f"{group}={node['name']}"
+    key = "_target_" if source == "module" else "name"
+    words = [f"{group}={source}", f"{group}.{key}={node.get(key, node['name'])}"]
+    if node.get("cifar_stem"):
+        words.append(f"{group}.cifar_stem=true")
+    return " ".join(words)
+
+
 def build_network(node: Mapping[str, Any], num_classes: int, image_size: Sequence[int] = (32, 32),
                   role: str = "model") -> nn.Module:
     """The network a ``model``/``teacher``/``student`` config node describes, freshly initialised.

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 import torchvision
 import torchvision.datasets.cifar as tv_cifar
 import torchvision.datasets.utils as tv_utils
-from conftest import generator, run_cli, seed
+from conftest import REPO, generator, run_cli, seed
 from PIL import Image
 
 import datasets.imagefolder as imagefolder
@@ -596,3 +598,15 @@ def test_declared_cifar100_statistics_are_those_of_its_training_split() -> None:
         channel = pixels[:, c].astype(np.float64) / 255.0
         # the recipes' published values (RepDistiller's), which round the exact ones to within 2e-4
         assert abs(channel.mean() - splits.mean[c]) < 3e-4 and abs(channel.std() - splits.std[c]) < 3e-4
+
+
+def test_torchvision_is_imported_only_when_an_archive_is_checked() -> None:
+    """Importing torchvision costs seconds (its models pull in torch._dynamo): a command that fails on its
+    configuration, or trains on other data, must not pay it; reading an archive's facts imports it."""
+    code = ("import sys, distiller.cli, distiller.run, datasets, datasets.cifar100 as c; "
+            "before = 'torchvision' in sys.modules; md5 = c.OFFICIAL_MD5; "
+            "print(before, 'torchvision' in sys.modules, md5['meta'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # meta's md5 as torchvision's CIFAR100 class publishes it
+    assert result.stdout.split() == ["False", "True", "7973b15100ade9c7d40fb424638fde48"]

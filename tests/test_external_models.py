@@ -34,7 +34,7 @@ from distiller.methods.crd import CONTRAST_IDX_KEY
 from distiller.objective import build_method
 from distiller.pairs import apply_pair_settings
 from models import build_model
-from models.external import CONFIG_KEYS, build_network, network_label
+from models.external import CONFIG_KEYS, build_network, command_line_choice, network_label
 from models.taps import check_taps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -383,3 +383,13 @@ def test_cli_distils_a_torchvision_teacher_into_a_zoo_student(tmp_path: Path) ->
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "final_top1" in metrics and len(metrics["epochs"]) == 1
     assert "resnet8 <- torchvision-resnet18 [crd]" in result.stdout
+
+
+def test_the_stored_teacher_message_gives_the_command_line_that_uses_it() -> None:
+    assert command_line_choice({"name": "resnet56"}) == "teacher=resnet56"
+    assert command_line_choice({"source": "torchvision", "name": "resnet18", "cifar_stem": True}) == \
+        "teacher=torchvision teacher.name=resnet18 teacher.cifar_stem=true"
+    assert command_line_choice({"source": "timm", "name": "resnet10t", "cifar_stem": False}, "student") == \
+        "student=timm student.name=resnet10t"
+    assert command_line_choice({"source": "module", "name": "pkg.nets.Net", "_target_": "pkg.nets.Net"}) == \
+        "teacher=module teacher._target_=pkg.nets.Net"
