@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Mapping
 from common.errors import UserError
 from common.files import atomic_write
 from common.lookup import dotted_get
-from models.external import command_line_choice
+from models.external import command_line_choice, label_choice
 
 log = logging.getLogger("distiller")
 
@@ -153,16 +153,18 @@ def verify_teacher(path: str | Path, arch: str, dataset: str | None = None) -> d
     entry = read_index(path.parent).get(path.name)
     if entry is None:
         log.info("teacher %s has no entry in %s (a downloaded teacher?): loading it without a checksum check; "
-                 "`python scripts/teachers.py add %s model=%s` records it", path, index_path(path.parent), path, arch)
+                 "`python scripts/teachers.py add %s %s` records it", path, index_path(path.parent), path,
+                 label_choice(arch, "model"))
         return None
     if entry.get("arch") is not None and str(entry["arch"]).lower() != arch.lower():
         raise UserError(f"teacher checkpoint {path} is indexed as a {entry['arch']} teacher, not {arch}: pass "
-                        f"teacher={entry['arch']}, or teacher.ckpt=PATH to a {arch} file")
+                        f"{label_choice(str(entry['arch']))}, or teacher.ckpt=PATH to a {arch} file")
     actual = file_sha256(path)
     if actual != entry.get("sha256"):
+        model = label_choice(arch, "model")
         raise UserError(f"teacher checkpoint {path} changed since it was indexed (sha256 {actual[:12]}..., index "
-                        f"{str(entry.get('sha256'))[:12]}...): retrain it with `python train_teacher.py model={arch}`, "
-                        f"re-index it with `python scripts/teachers.py add {path} model={arch}` if the change is "
+                        f"{str(entry.get('sha256'))[:12]}...): retrain it with `python train_teacher.py {model}`, "
+                        f"re-index it with `python scripts/teachers.py add {path} {model}` if the change is "
                         f"intended, or pass teacher.verify=false to load it unchecked")
     if dataset is not None and entry.get("dataset") not in (None, dataset):
         log.warning("teacher %s was trained on %s, this run uses %s", path, entry["dataset"], dataset)
@@ -182,7 +184,7 @@ def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str |
     path = Path(path)
     if not path.is_file():
         raise UserError(f"teacher checkpoint not found: {path}. Train it with `python train_teacher.py "
-                        f"model={arch}` (saved there), or pass teacher.ckpt=PATH to a pretrained "
+                        f"{label_choice(arch, 'model')}` (saved there), or pass teacher.ckpt=PATH to a pretrained "
                         f"{arch} file ({{'model': state_dict}})")
     entry = verify_teacher(path, arch, dataset) if verify else None
     if not verify:

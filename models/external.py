@@ -78,6 +78,14 @@ def command_line_choice(node: Mapping[str, Any], group: str = "teacher") -> str:
     return " ".join(words)
 
 
+def label_choice(label: str, group: str = "teacher") -> str:
+    """:func:`command_line_choice` for a name from :func:`network_label` (``torchvision-resnet18``)."""
+    source, sep, name = label.partition("-")
+    if sep and source in SOURCES:
+        return command_line_choice({"source": source, "name": name, "_target_": name}, group)
+    return f"{group}={label}"
+
+
 def build_network(node: Mapping[str, Any], num_classes: int, image_size: Sequence[int] = (32, 32),
                   role: str = "model") -> nn.Module:
     """The network a ``model``/``teacher``/``student`` config node describes, freshly initialised.

@@ -34,7 +34,7 @@ from distiller.methods.crd import CONTRAST_IDX_KEY
 from distiller.objective import build_method
 from distiller.pairs import apply_pair_settings
 from models import build_model
-from models.external import CONFIG_KEYS, build_network, command_line_choice, network_label
+from models.external import CONFIG_KEYS, build_network, command_line_choice, label_choice, network_label
 from models.taps import check_taps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -393,3 +393,7 @@ def test_the_stored_teacher_message_gives_the_command_line_that_uses_it() -> Non
         "student=timm student.name=resnet10t"
     assert command_line_choice({"source": "module", "name": "pkg.nets.Net", "_target_": "pkg.nets.Net"}) == \
         "teacher=module teacher._target_=pkg.nets.Net"
+    # from the name in files and messages, where the CIFAR stem is not recorded
+    assert label_choice("torchvision-resnet18", "model") == "model=torchvision model.name=resnet18"
+    assert label_choice("module-pkg.nets.Net") == "teacher=module teacher._target_=pkg.nets.Net"
+    assert label_choice("resnet56", "model") == "model=resnet56"
