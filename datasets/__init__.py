@@ -17,7 +17,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.errors import UserError
-from datasets.base import DATASETS, DatasetFacts, DataSplits, cfg_floats, cfg_get, cfg_int, dataset_facts
+from datasets.base import (
+    DATASETS,
+    DatasetFacts,
+    DataSplits,
+    cfg_floats,
+    cfg_get,
+    cfg_int,
+    dataset_facts,
+    teacher_folder,
+)
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")
@@ -75,4 +84,5 @@ __all__ = [
     "DeviceLoader",
     "dataset_facts",
     "load_dataset",
+    "teacher_folder",
 ]

@@ -150,6 +150,19 @@ def cfg_floats(cfg: Mapping[str, Any], key: str, count: int, positive: bool = Fa
     return tuple(float(v) for v in items)
 
 
+def teacher_folder(name: str, root: str) -> str:
+    """The folder of this data's teachers under ``checkpoints/teachers/`` (``teacher_dir``'s default).
+
+    The data set's name, except where the root *is* the data (registered with
+    ``teachers_per_root=True``: an image folder): then the name plus the root's folder name, so
+    two folders' teachers (``imagefolder-tiny-imagenet-200``, ``imagefolder-flowers``) never
+    replace each other.
+    """
+    if name in DATASETS and DATASETS.metadata(name).get("teachers_per_root"):
+        return f"{DATASETS.canonical(name)}-{Path(str(root)).expanduser().resolve().name}"
+    return str(name)
+
+
 def data_root(cfg: Mapping[str, Any]) -> Path:
     """``dataset.root``; when unset, ``$KD_DATA_ROOT`` or ``./data`` (the config default does the same)."""
     root = cfg_get(cfg, "root") or os.environ.get(DATA_ROOT_ENV) or "data"

@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException, ValidationError
 from omegaconf.nodes import BooleanNode
 
 from common.errors import UserError
+from datasets import teacher_folder
 from distiller.config import SCHEMAS, group_options, validate
 from distiller.config_messages import describe_error
 from models import MODELS
@@ -52,6 +53,8 @@ def if_switch(flag: Any, then: Any, otherwise: Any) -> Any:
 
 
 OmegaConf.register_new_resolver("if", if_switch, replace=True)
+# ``teacher_dir``'s default: checkpoints/teachers/<data set>, one folder per image folder (datasets.base)
+OmegaConf.register_new_resolver("teacher_folder", teacher_folder, replace=True)
 
 
 def debug_mode() -> bool:

@@ -23,6 +23,9 @@ def describe_error(err: BaseException, schema: type | None = None) -> str:
     full_key = str(getattr(err, "full_key", "") or "")
     value = getattr(err, "value", None)
     first = next((line.strip() for line in str(getattr(err, "msg", err)).splitlines() if line.strip()), "")
+    missing_value = re.search(r"Missing mandatory value: ([\w.\[\]]+)", first)
+    if isinstance(err, InterpolationResolutionError) and missing_value:  # a key that others interpolate is unset
+        return f"config key '{missing_value.group(1)}' has no value; set it with {missing_value.group(1)}=VALUE"
     if isinstance(err, InterpolationResolutionError):
         return f"invalid configuration: {full_key}: {first}" if full_key else f"invalid configuration: {first}"
     if isinstance(err, MissingMandatoryValue):

@@ -610,3 +610,32 @@ def test_torchvision_is_imported_only_when_an_archive_is_checked() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     # meta's md5 as torchvision's CIFAR100 class publishes it
     assert result.stdout.split() == ["False", "True", "7973b15100ade9c7d40fb424638fde48"]
+
+
+def test_each_image_folder_keeps_its_own_teachers(compose, monkeypatch, tmp_path: Path) -> None:
+    """teacher_dir's default: one folder per data set, and per image folder (named after the folder), so
+    training a teacher on a second folder never replaces the first folder's teacher."""
+    monkeypatch.delenv("KD_TEACHER_DIR", raising=False)
+    dirs = {}
+    for root in ("data/tiny-imagenet-200", f"{tmp_path}/flowers/", "flowers"):
+        cfg = compose("train_student", ["dataset=imagefolder", f"dataset.root={root}", "teacher=vgg13"])
+        dirs[root] = cfg.teacher_dir
+        assert cfg.teacher.ckpt == f"{cfg.teacher_dir}/vgg13.pt"
+    assert dirs["data/tiny-imagenet-200"] == "checkpoints/teachers/imagefolder-tiny-imagenet-200"
+    assert dirs[f"{tmp_path}/flowers/"] == dirs["flowers"] == "checkpoints/teachers/imagefolder-flowers"
+    assert compose("train_teacher", ["dataset=imagefolder", "dataset.root=x/y"]).teacher_dir == \
+        "checkpoints/teachers/imagefolder-y"
+    assert compose("train_teacher", ["dataset=cifar100"]).teacher_dir == "checkpoints/teachers/cifar100"
+    monkeypatch.setenv("KD_TEACHER_DIR", str(tmp_path / "mine"))
+    assert compose("train_teacher", ["dataset=imagefolder", "dataset.root=x/y"]).teacher_dir == str(tmp_path / "mine")
+
+
+def test_an_image_folder_without_root_is_one_line(capsys) -> None:
+    from distiller.cli import preflight
+
+    for config in ("train_teacher", "train_student"):
+        with pytest.raises(SystemExit) as caught:
+            preflight(config, ["dataset=imagefolder"])
+        assert caught.value.code == 2
+        assert capsys.readouterr().err.strip() == \
+            "error: config key 'dataset.root' has no value; set it with dataset.root=VALUE"
