@@ -77,6 +77,7 @@ from distiller.features import EMBEDDING, STAGES, STAGES_PREACT, STEM, FeatureHo
 from distiller.methods.crd import CONTRAST_IDX_KEY, CRD
 from distiller.objective import Objective
 from distiller.runtime import PRECISIONS, Runtime, cpu_has_native_bf16, make_runtime
+from models.external import network_label
 
 CONFIG_NAME = "benchmark"
 # ``--methods`` presets: label -> the overrides that select the method. KD first: the ratios' base.
@@ -486,8 +487,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "device": device.type,
         "device_name": name,
         "threads": torch.get_num_threads(),
-        "teacher": str(cfg.teacher.name),
-        "student": str(cfg.student.name),
+        "teacher": network_label(cfg.teacher),
+        "student": network_label(cfg.student),
         "method": str(cfg.method_label),
         "phase": timed["phase"],
         "batch_size": batch_size,
@@ -635,7 +636,7 @@ def run_methods(set_name: str, argv: list[str]) -> list[dict[str, Any]]:
             "reference_images_per_sec": None, "flops_per_step": run_.flops_step,
             "flops_per_image": run_.flops_step / run_.built.batch_size if run_.flops_step is not None else None,
             "device": run_.device.type, "device_name": device_name(run_.device), "threads": torch.get_num_threads(),
-            "teacher": str(run_.cfg.teacher.name), "student": str(run_.cfg.student.name),
+            "teacher": network_label(run_.cfg.teacher), "student": network_label(run_.cfg.student),
             "method": str(run_.cfg.method_label), "batch_size": run_.built.batch_size,
             "precision": run_.runtime.precision, "channels_last": run_.runtime.channels_last,
             "compile": run_.runtime.compile, "steps": bench["steps"], "warmup": bench["warmup"],
