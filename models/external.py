@@ -244,10 +244,24 @@ def generic_declaration(model: nn.Module, input_size: Sequence[int]) -> TapDecla
 def _torchvision_resnet(model: nn.Module, input_size: Sequence[int]) -> TapDeclaration:
     """torchvision ResNet/ResNeXt/Wide ResNet: stem after the first ReLU, ``layer1..4``, the ``fc`` input.
 
-    Its blocks apply one in-place ReLU twice, so no hook sees a stage's pre-activation sum.
+    Its blocks apply one in-place ReLU to every activation, so the last block of each stage is given a
+    final ReLU of its own (:mod:`models.torchvision_blocks`, same values and weights): its input is
+    the stage's pre-activation sum, and the block's last BatchNorm the one before it (AB, OFD).
     """
-    return TapDeclaration(stem="relu", stages=("layer1", "layer2", "layer3", "layer4"), embedding="fc@in",
-                          gaps={"preact": "its blocks end in a shared in-place ReLU"})
+    from models.torchvision_blocks import make_tappable
+
+    stages = ("layer1", "layer2", "layer3", "layer4")
+    preact: list[str | None] = []
+    bns: list[str | None] = []
+    for stage in stages:
+        name, block = list(model.get_submodule(stage).named_children())[-1]
+        bn = make_tappable(block)
+        preact.append(f"{stage}.{name}.relu_out{INPUT_SUFFIX}" if bn else None)
+        bns.append(f"{stage}.{name}.{bn}" if bn else None)
+    if None in preact:  # a block class of the user's own: its forward is unknown
+        return TapDeclaration(stem="relu", stages=stages, embedding="fc@in",
+                              gaps={"preact": "its blocks are not torchvision's BasicBlock/Bottleneck"})
+    return TapDeclaration(stem="relu", stages=stages, embedding="fc@in", preact=tuple(preact), bn=tuple(bns))
 
 
 def _feature_stages(model: nn.Module, input_size: Sequence[int], head: bool) -> list[str]:
