@@ -19,9 +19,12 @@ from common.registry import Registry
 MODELS: Registry = Registry("model", case_insensitive=True)
 
 # Every module of this package is imported (in name order), so a new model file registers itself:
-# adding an architecture is adding its file.
+# adding an architecture is adding its file. Modules that register nothing and import a heavy library
+# are left to the code that needs them (torchvision costs seconds to import).
+ON_DEMAND = frozenset({"torchvision_blocks"})
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    importlib.import_module(f"{__name__}.{_module}")
+    if _module not in ON_DEMAND:
+        importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["MODELS", "build_model", "list_models", "model_metadata"]
 
