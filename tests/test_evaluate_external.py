@@ -132,3 +132,16 @@ def test_the_commands_take_an_external_teacher(teacher_run, tmp_path: Path) -> N
     entry = json.loads(added.stdout)
     assert entry["arch"] == "torchvision-resnet18" and entry["dataset"] == "synthetic"
     assert entry["num_classes"] == CLASSES
+
+
+def test_the_recorded_node_is_the_one_the_header_names() -> None:
+    """A distillation run's file records teacher and student; the student (the file's network) is rebuilt."""
+    from distiller.checkpoint_eval import recorded_network
+
+    student = {"source": "torchvision", "name": "mobilenet_v3_small", "cifar_stem": True}
+    teacher = {"source": "torchvision", "name": "resnet18", "cifar_stem": True}
+    config = {"student": student, "teacher": teacher}
+    assert recorded_network({"arch": "torchvision-mobilenet_v3_small", "config": config}) == student
+    assert recorded_network({"arch": "torchvision-resnet18", "config": {"model": teacher}}) == teacher
+    assert recorded_network({"arch": "resnet8", "config": {"student": {"name": "resnet8"}, "teacher": teacher}}) is None
+    assert recorded_network({"arch": "torchvision-resnet18"}) is None  # no config recorded: model= must say it
