@@ -27,15 +27,8 @@ CIFAR100 = cifar.CifarFormat(title="CIFAR-100", archive_class="CIFAR100", labels
                              num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD)
 NUM_CLASSES = CIFAR100.num_classes
 NUM_COARSE = 20
-# the archive's facts, read from torchvision when first asked for (importing it costs seconds)
-_ARCHIVE_FACTS = {"BASE_FOLDER": "base_folder",  # the folder name inside the official archive
-                  "ARCHIVE_NAME": "archive_name", "SPLIT_FILES": "split_files", "OFFICIAL_MD5": "official_md5"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _ARCHIVE_FACTS:
-        return getattr(CIFAR100, _ARCHIVE_FACTS[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# The archive's file names and md5s are CIFAR100.base_folder, .archive_name, .split_files and
+# .official_md5: read from torchvision when first asked for (importing it costs seconds).
 
 
 def read_cifar_folder(folder: Path) -> DataSplits:

@@ -134,10 +134,10 @@ def load_checkpoint(path: str | Path | CheckpointFile, model: NetworkChoice = No
     node = model if isinstance(model, Mapping) else None
     if model is not None:
         arch_from = "model="
-    elif header.get("arch") and str(header["arch"]) not in MODELS and recorded_network(header) is not None:
-        node, arch_from = recorded_network(header), "header"
     elif header.get("arch"):
         arch_from = "header"
+        if str(header["arch"]) not in MODELS:  # a network from outside the zoo, as its run recorded it
+            node = recorded_network(header)
     else:
         arch_from = "parameter shapes"
     if node is not None:
@@ -248,11 +248,12 @@ def is_model_override(override: str) -> bool:
     return key == "model" or key.startswith("model.")
 
 
-def model_choice(overrides: Sequence[str]) -> NetworkChoice:
+def model_choice(overrides: Sequence[str], cfg: Any = None) -> NetworkChoice:
     """The network the command line names: a zoo name, an external network's config node, or None.
 
     ``model=resnet56`` is a zoo name; ``model=torchvision model.name=resnet18 model.cifar_stem=true``
-    (or ``timm``, or ``module`` with ``model._target_=``) is composed like training's ``model`` node.
+    (or ``timm``, or ``module`` with ``model._target_=``) is composed like training's ``model`` node,
+    or read from ``cfg`` when the caller has already composed the overrides.
     """
     chosen = [o for o in overrides if is_model_override(o)]
     if not chosen:
@@ -262,7 +263,7 @@ def model_choice(overrides: Sequence[str]) -> NetworkChoice:
         return name
     from omegaconf import OmegaConf
 
-    node = OmegaConf.to_container(compose_config(chosen).model, resolve=True)
+    node = OmegaConf.to_container((cfg if cfg is not None else compose_config(chosen)).model, resolve=True)
     return node if node.get("source") is not None else str(node["name"])
 
 
@@ -279,9 +280,9 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     file = read_checkpoint(path)
-    model = model_choice(overrides)
     extra, data_from = data_overrides(file.header, overrides)
-    cfg = compose_config([*extra, *[o for o in overrides if not is_model_override(o)]])
+    cfg = compose_config([*extra, *overrides])  # model= as in training, beside the data set and the device
+    model = model_choice(overrides, cfg)
     data = load_dataset(cfg.dataset)
     loaded = load_checkpoint(file, model, image_size=tuple(data.test_images.shape[-2:]))
     if data.num_classes != loaded.num_classes:

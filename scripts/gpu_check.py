@@ -59,7 +59,7 @@ if str(REPO) not in sys.path:  # run as `python scripts/gpu_check.py`: make `scr
 from common.errors import UserError  # noqa: E402
 from common.files import atomic_write  # noqa: E402
 from datasets import cifar  # noqa: E402
-from datasets.cifar100 import BASE_FOLDER, CIFAR100, read_cifar_folder  # noqa: E402
+from datasets.cifar100 import CIFAR100, read_cifar_folder  # noqa: E402
 
 EXIT_USER_ERROR = 2
 
@@ -580,7 +580,7 @@ def write_cifar_subset(source: Path, dest: Path = SUBSET_DIR, per_class: tuple[i
     if folder is None:
         raise UserError(f"no CIFAR-100 (cifar-100-python/ with train, test, meta) under {source}; pass --source "
                         "PATH or set KD_DATA_ROOT")
-    out = Path(dest) / BASE_FOLDER
+    out = Path(dest) / CIFAR100.base_folder
     if find_cifar_folder(Path(dest)) is not None and not force:
         return out
     out.mkdir(parents=True, exist_ok=True)

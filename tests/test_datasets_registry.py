@@ -12,8 +12,6 @@ import os
 import pickle
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,6 @@ import pytest
 import torch
 import torchvision
 import torchvision.datasets.cifar as tv_cifar
-import torchvision.datasets.utils as tv_utils
 from conftest import REPO, generator, run_cli, seed
 from PIL import Image
 
@@ -95,17 +92,6 @@ def pil_read(path: Path) -> np.ndarray:
 
 def folder_cfg(root: Path, **more: object) -> dict:
     return {"name": "imagefolder", "root": str(root), **more}
-
-
-@pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test may reach the network: the download and, as a guard, urlopen both fail."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("network is unreachable")
-
-    monkeypatch.setattr(tv_utils, "download_url", refuse)
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -604,7 +590,7 @@ def test_torchvision_is_imported_only_when_an_archive_is_checked() -> None:
     """Importing torchvision costs seconds (its models pull in torch._dynamo): a command that fails on its
     configuration, or trains on other data, must not pay it; reading an archive's facts imports it."""
     code = ("import sys, distiller.cli, distiller.run, datasets, datasets.cifar100 as c; "
-            "before = 'torchvision' in sys.modules; md5 = c.OFFICIAL_MD5; "
+            "before = 'torchvision' in sys.modules; md5 = c.CIFAR100.official_md5; "
             "print(before, 'torchvision' in sys.modules, md5['meta'])")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
