@@ -136,6 +136,32 @@ def tiny_overrides(tmp: Path, train_size: int = 200, test_size: int = 100) -> li
     ]
 
 
+def train_tiny_teacher(tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Train a resnet8 teacher from the command line on :func:`tiny_overrides` data in ``tmp``; it must succeed.
+
+    The run goes to ``tmp/teacher_run`` and the teacher to ``tmp/teachers/resnet8.pt``.
+    """
+    result = run_cli("train_teacher.py", "model=resnet8", f"hydra.run.dir={tmp / 'teacher_run'}",
+                     *tiny_overrides(tmp), *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may reach the network: torchvision's download and, as a guard, urlopen both fail."""
+    import urllib.error
+    import urllib.request
+
+    import torchvision.datasets.utils as tv_utils
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(tv_utils, "download_url", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
 @pytest.fixture
 def compose():
     """Compose a primary config with overrides through Hydra's compose API."""

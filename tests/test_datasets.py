@@ -11,8 +11,6 @@ import hashlib
 import logging
 import pickle
 import tarfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,6 @@ import pytest
 import torch
 import torchvision
 import torchvision.datasets.cifar as tv_cifar
-import torchvision.datasets.utils as tv_utils
 
 from common.errors import UserError
 from datasets import CIFAR100_MEAN, CIFAR100_STD, DATASETS, DeviceLoader, load_dataset
@@ -294,17 +291,6 @@ def test_reconstructed_copy_fails_the_official_checksum() -> None:
     cfg = {"name": "cifar100", "root": str(REAL_CIFAR.parent), "download": False, "verify_checksums": True}
     with pytest.raises(UserError, match="verify_checksums=false"):
         load_dataset(cfg)
-
-
-@pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test may reach the network: the download and, as a guard, urlopen both fail."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("network is unreachable")
-
-    monkeypatch.setattr(tv_utils, "download_url", refuse)
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
 @pytest.mark.parametrize("download", [True, False])

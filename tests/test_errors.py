@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, tiny_overrides
+from conftest import run_cli, tiny_overrides, train_tiny_teacher
 
 EXIT_USER_ERROR = 2
 
@@ -41,9 +41,7 @@ def assert_one_line_error(result, *phrases: str) -> str:
 def workspace(tmp_path_factory) -> Path:
     """A tiny synthetic data set and a trained resnet8 teacher, shared by the tests of this file."""
     tmp = tmp_path_factory.mktemp("errors")
-    result = run_cli("train_teacher.py", "model=resnet8", f"hydra.run.dir={tmp / 'teacher_run'}",
-                     *tiny_overrides(tmp))
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_tiny_teacher(tmp)
     assert (tmp / "teachers" / "resnet8.pt").is_file()
     return tmp
 

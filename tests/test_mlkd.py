@@ -28,6 +28,7 @@ from conftest import (
     run_cli,
     seed,
     tiny_overrides,
+    train_tiny_teacher,
 )
 from omegaconf import OmegaConf
 from test_functional_new import mlkd_ref, rows
@@ -204,9 +205,7 @@ def test_engine_step_runs_four_forwards_and_the_total_matches(tmp_path: Path) ->
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("mlkd")
-    result = run_cli("train_teacher.py", "model=resnet8", f"hydra.run.dir={tmp / 'teacher_run'}",
-                     *tiny_overrides(tmp))
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_tiny_teacher(tmp)
     return tmp
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import REPO, run_cli, tiny_overrides, train_tiny_teacher
 
 VOLATILE_RECORD_KEYS = {"time_s", "images_per_s"}
 
@@ -60,9 +60,7 @@ def kill_when(process: subprocess.Popen, last: Path, condition, timeout: float =
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("resume")
-    result = run_cli("train_teacher.py", "model=resnet8", f"hydra.run.dir={tmp / 'teacher_run'}",
-                     *tiny_overrides(tmp))
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_tiny_teacher(tmp)
     return tmp
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, run_cli, tiny_overrides
+from conftest import CONFIGS, run_cli, tiny_overrides, train_tiny_teacher
 
 from distiller.methods import METHODS
 from distiller.run import distill
@@ -37,9 +37,7 @@ def naive_top1(model: torch.nn.Module, data_dir: Path) -> float:
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("train")
-    result = run_cli("train_teacher.py", "model=resnet8", f"hydra.run.dir={tmp / 'teacher_run'}",
-                     *tiny_overrides(tmp), "trainer.epochs=2")
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = train_tiny_teacher(tmp, "trainer.epochs=2")
     assert "final test top-1" in result.stdout
     return tmp
 
