@@ -15,6 +15,11 @@ import torch.distributed as dist
 from common.errors import UserError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What ``trainer.precision=auto`` resolves to on a CPU, when set (fp32 or bf16): the machine's own
+# answer is overridden, so the tests can take the native-bf16 path on any CPU and an AVX2 path on a
+# native-bf16 one (``KD_AUTO_PRECISION=bf16 python -m pytest ...``), and a sweep can be made alike on both.
+AUTO_PRECISION_ENV = "KD_AUTO_PRECISION"
+CPU_AUTO_CHOICES = ("fp32", "bf16")
 
 
 def _autocast(device: torch.device, precision: str) -> ContextManager:
@@ -127,13 +132,27 @@ def auto_precision(device: torch.device) -> str:
 
     bf16 on such CPUs rests on the fp32/bf16 accuracy pair of docs/benchmarks.md (same seed,
     real-data subset: ``scripts/gpu_check.py --cpu-precision-check``); elsewhere bf16 is
-    emulated and slower than fp32, so auto keeps fp32.
+    emulated and slower than fp32, so auto keeps fp32. ``KD_AUTO_PRECISION`` overrides the CPU's answer.
     """
     if device.type == "cuda":
         return "bf16"
+    forced = forced_cpu_precision()
+    if device.type == "cpu" and forced is not None:
+        return forced
     if device.type == "cpu" and cpu_has_native_bf16():
         return "bf16"
     return "fp32"
+
+
+def forced_cpu_precision() -> str | None:
+    """``KD_AUTO_PRECISION`` (fp32 or bf16) when set: what ``auto`` then resolves to on a CPU."""
+    value = os.environ.get(AUTO_PRECISION_ENV, "").strip()
+    if not value:
+        return None
+    if value not in CPU_AUTO_CHOICES:
+        raise UserError(f"{AUTO_PRECISION_ENV}={value} is not valid; use {' or '.join(CPU_AUTO_CHOICES)}, "
+                        f"or unset it to let the CPU decide")
+    return value
 
 
 def make_runtime(trainer_cfg: Any) -> Runtime:
@@ -149,7 +168,8 @@ def make_runtime(trainer_cfg: Any) -> Runtime:
         raise UserError(f"trainer.precision={precision} is not valid; use auto, {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
         raise UserError("trainer.precision=fp16 needs a CUDA device; on CPU use bf16 or fp32")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+    emulated = device.type == "cpu" and not cpu_has_native_bf16() and forced_cpu_precision() is None
+    if precision == "bf16" and emulated:
         logging.getLogger("distiller").warning(
             "this CPU has no native bf16 (avx512_bf16 / amx_bf16): bf16 is emulated and much slower than fp32")
     channels_last = _auto_flag(trainer_cfg.channels_last, device.type == "cuda", "trainer.channels_last")

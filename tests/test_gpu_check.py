@@ -179,6 +179,12 @@ def test_subset_writer_on_the_real_data(tmp_path) -> None:
 
 
 # ---- trainer.precision=auto ------------------------------------------------------------------------------------
+@pytest.fixture
+def machine_decides(monkeypatch):
+    """The resolution of ``auto`` as on a machine where no ``KD_AUTO_PRECISION`` forces it."""
+    monkeypatch.delenv(rt.AUTO_PRECISION_ENV, raising=False)
+
+
 @pytest.mark.parametrize("probe, flags, native", [
     (False, {"avx512_bf16", "amx_bf16"}, False),  # oneDNN cannot run bf16 fast: nothing to gain
     (True, {"avx2", "fma"}, False),               # AVX2 only (this project's machine)
@@ -197,17 +203,37 @@ def test_native_bf16_needs_the_probe_and_the_flags(monkeypatch, probe, flags, na
 @pytest.mark.parametrize("native, requested, expected", [
     (True, "auto", "bf16"), (False, "auto", "fp32"), (True, "fp32", "fp32"), (False, "bf16", "bf16"),
 ])
-def test_precision_auto_on_the_cpu(monkeypatch, native, requested, expected) -> None:
+def test_precision_auto_on_the_cpu(monkeypatch, machine_decides, native, requested, expected) -> None:
     monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: native)
     cfg = OmegaConf.create({"device": "cpu", "precision": requested, "channels_last": "auto", "compile": "auto",
                             "num_threads": None})
     assert rt.make_runtime(cfg).precision == expected
 
 
-def test_precision_auto_on_cuda_is_bf16_whatever_the_cpu(monkeypatch) -> None:
+def test_precision_auto_on_cuda_is_bf16_whatever_the_cpu(monkeypatch, machine_decides) -> None:
     monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: False)
     assert rt.auto_precision(torch.device("cuda")) == "bf16"
     assert rt.auto_precision(torch.device("cpu")) == "fp32"
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("forced", ["fp32", "bf16"])
+def test_the_switch_forces_what_auto_resolves_to_on_the_cpu(monkeypatch, native, forced) -> None:
+    """``KD_AUTO_PRECISION`` wins over the CPU's answer for ``auto`` (and only for auto, and only on the CPU)."""
+    monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setenv(rt.AUTO_PRECISION_ENV, forced)
+    node = lambda precision: OmegaConf.create({"device": "cpu", "precision": precision, "channels_last": "auto",
+                                               "compile": "auto", "num_threads": None})
+    assert rt.make_runtime(node("auto")).precision == forced
+    assert rt.make_runtime(node("fp32")).precision == "fp32"  # an explicit choice is never overridden
+    assert rt.make_runtime(node("bf16")).precision == "bf16"
+    assert rt.auto_precision(torch.device("cuda")) == "bf16"
+
+
+def test_a_bad_switch_value_is_one_line(monkeypatch) -> None:
+    monkeypatch.setenv(rt.AUTO_PRECISION_ENV, "fp16")
+    with pytest.raises(UserError, match="KD_AUTO_PRECISION=fp16 is not valid; use fp32 or bf16"):
+        rt.auto_precision(torch.device("cpu"))
 
 
 def test_this_machine_cpu_flags_are_read() -> None:
