@@ -12,13 +12,19 @@ Robustness knobs (environment variables, read once per session):
 ``KD_TEST_MKLDNN`` (``0`` or ``1``, default: leave PyTorch's setting alone)
     Sets ``torch.backends.mkldnn.enabled`` for the whole session, so the suite can be run on
     the oneDNN kernels and on ATen's own ones (they block and round differently).
+``KD_AUTO_PRECISION`` (``fp32`` or ``bf16``, default: the CPU decides)
+    What ``trainer.precision=auto`` resolves to on the CPU (read by :mod:`distiller.runtime`, so
+    in-process jobs and the subprocesses the tests start alike). ``KD_AUTO_PRECISION=bf16`` runs
+    the suite as a CPU with native bf16 (AVX-512 BF16, AMX) runs it, on any machine; CI runs the
+    numeric end-to-end tests (marker ``numeric``) that way. A test that compares numbers from a
+    job therefore pins ``trainer.precision`` or asserts only what holds in every precision.
 """
 from __future__ import annotations
 
 import os
 import random
-import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -49,6 +55,14 @@ def seed(base: int) -> int:
 def generator(base: int) -> torch.Generator:
     """A CPU generator seeded with ``seed(base)``."""
     return torch.Generator().manual_seed(seed(base))
+
+
+def pytest_report_header(config) -> str:
+    from distiller.runtime import auto_precision
+
+    forced = os.environ.get("KD_AUTO_PRECISION")
+    how = f"forced by KD_AUTO_PRECISION={forced}" if forced else "this CPU's choice"
+    return f"trainer.precision=auto resolves to {auto_precision(torch.device('cpu'))} on the CPU ({how})"
 
 
 @pytest.fixture(autouse=True)
@@ -99,14 +113,96 @@ def register():
         registry.remove(name)
 
 
-def run_cli(script: str, *overrides: str, cwd: Path | None = None, env: dict | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run an entry point exactly as a user types it; returns the completed process."""
+@dataclass
+class CliResult:
+    """What a command left behind: its exit status and what it printed (as ``subprocess.CompletedProcess``)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(script: str, *args: str, cwd: Path | None = None, env: dict | None = None,
+            timeout: float = 600, subprocess: bool = False) -> CliResult:
+    """Run a command line exactly as a user types it (``python <script> <args>``); returns its exit status and output.
+
+    By default in this process (the script runs as ``__main__`` with ``sys.argv``, the working
+    directory and the environment it would have, and its exit status, stdout and stderr are
+    captured): the same code path without the seconds of a fresh interpreter. Pass
+    ``subprocess=True`` where the process boundary itself is what is tested (a real interpreter
+    start, signals, imports a fresh process makes).
+    """
+    if subprocess:
+        return _run_subprocess(script, *args, cwd=cwd, env=env, timeout=timeout)
+    return _run_in_process(script, *args, cwd=cwd, env=env)
+
+
+def _run_subprocess(script: str, *args: str, cwd: Path | None, env: dict | None, timeout: float) -> CliResult:
+    import subprocess as sp
+
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     full_env.pop("HYDRA_FULL_ERROR", None)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, str(REPO / script), *overrides], cwd=cwd or REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    done = sp.run([sys.executable, str(REPO / script), *args], cwd=cwd or REPO, env=full_env,
+                  capture_output=True, text=True, timeout=timeout)
+    return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+def _run_in_process(script: str, *args: str, cwd: Path | None, env: dict | None) -> CliResult:
+    import contextlib
+    import io
+    import logging
+    import runpy
+    import traceback
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    saved = {"argv": sys.argv[:], "path": sys.path[:], "env": dict(os.environ), "cwd": os.getcwd(),
+             "threads": torch.get_num_threads(), "handlers": logging.getLogger().handlers[:],
+             "levels": {name: logging.getLogger(name).level for name in ("", "distiller")}}
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    path = REPO / script
+    try:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+        os.environ.update(env or {})
+        os.chdir(cwd or REPO)
+        sys.argv = [str(path), *args]
+        sys.path.insert(0, str(path.parent))  # as ``python script`` puts the script's folder first
+        GlobalHydra.instance().clear()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(path), run_name="__main__")
+            except SystemExit as exit_:
+                if isinstance(exit_.code, int) or exit_.code is None:
+                    code = exit_.code or 0
+                else:  # sys.exit("message"): printed to stderr, status 1
+                    print(exit_.code, file=sys.stderr)
+                    code = 1
+            except BaseException:  # noqa: BLE001 - an uncaught exception ends a process with a traceback
+                traceback.print_exc()
+                code = 1
+    finally:
+        root = logging.getLogger()
+        for handler in root.handlers[:]:
+            if handler not in saved["handlers"]:  # the job's log file and console handlers
+                root.removeHandler(handler)
+                handler.close()
+        for handler in saved["handlers"]:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        for name, level in saved["levels"].items():
+            logging.getLogger(name).setLevel(level)
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+        os.chdir(saved["cwd"])
+        os.environ.clear()
+        os.environ.update(saved["env"])
+        sys.argv[:] = saved["argv"]
+        sys.path[:] = saved["path"]
+        torch.set_num_threads(saved["threads"])
+    return CliResult(code, out.getvalue(), err.getvalue())
 
 
 def run_ranks(target: Callable[..., None], world: int, *args: object) -> None:
@@ -136,7 +232,7 @@ def tiny_overrides(tmp: Path, train_size: int = 200, test_size: int = 100) -> li
     ]
 
 
-def train_tiny_teacher(tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+def train_tiny_teacher(tmp: Path, *extra: str) -> CliResult:
     """Train a resnet8 teacher from the command line on :func:`tiny_overrides` data in ``tmp``; it must succeed.
 
     The run goes to ``tmp/teacher_run`` and the teacher to ``tmp/teachers/resnet8.pt``.
