@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import CONFIGS, REPO, run_cli, tiny_overrides
+from conftest import CONFIGS, REPO, run_cli, run_ranks, tiny_overrides
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built"),
+              pytest.mark.numeric]
 
 
 def free_port() -> int:
@@ -33,6 +33,7 @@ def steps_with_engine(rank: int, world_size: int, port: int, out: Path, override
         os.environ["WORLD_SIZE"] = "1"
     torch.set_num_threads(1)
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     import distiller.cli  # noqa: F401 - config resolvers
@@ -40,6 +41,7 @@ def steps_with_engine(rank: int, world_size: int, port: int, out: Path, override
     from distiller.run import build_distillation, settings_from_config
     from distiller.runtime import make_runtime
 
+    GlobalHydra.instance().clear()  # forked from a test process that may have composed before
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train_student", overrides=overrides)
     runtime = make_runtime(cfg.trainer)
@@ -62,28 +64,21 @@ def steps_with_engine(rank: int, world_size: int, port: int, out: Path, override
         torch.distributed.destroy_process_group()
 
 
-def run_ranks(world_size: int, out: Path, overrides: list[str], steps: int = 3) -> None:
-    port = free_port()
-    if world_size == 1:
-        ctx = mp.get_context("spawn")
-        p = ctx.Process(target=steps_with_engine, args=(0, 1, port, out, overrides, steps))
-        p.start()
-        p.join()
-        assert p.exitcode == 0
-    else:
-        mp.start_processes(steps_with_engine, args=(world_size, port, out, overrides, steps), nprocs=world_size,
-                           start_method="spawn")
+def run_engine_ranks(world_size: int, out: Path, overrides: list[str], steps: int = 3) -> None:
+    """``steps_with_engine`` in ``world_size`` forked processes (a world of 1: one process, no process group)."""
+    run_ranks(steps_with_engine, world_size, free_port(), out, overrides, steps)
 
 
 def base_overrides(tmp: Path, method: str, batch: int, *extra: str) -> list[str]:
+    # fp32 whatever trainer.precision=auto would pick: the comparison's tolerance is fp32 rounding
     return ["teacher=resnet8", "student=resnet8", f"distill={method}", *tiny_overrides(tmp, train_size=256),
-            f"dataset.batch_size={batch}", *extra]
+            f"dataset.batch_size={batch}", "trainer.precision=fp32", *extra]
 
 
 def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     """2 ranks x 16 images == 1 process x 32 images, step for step (tolerance: float summation order)."""
-    run_ranks(1, tmp_path, base_overrides(tmp_path, "kd", 32))
-    run_ranks(2, tmp_path, base_overrides(tmp_path, "kd", 16))
+    run_engine_ranks(1, tmp_path, base_overrides(tmp_path, "kd", 32))
+    run_engine_ranks(2, tmp_path, base_overrides(tmp_path, "kd", 16))
     single = torch.load(tmp_path / "world1_rank0.pt", weights_only=True)
     ranks = [torch.load(tmp_path / f"world2_rank{r}.pt", weights_only=True) for r in (0, 1)]
     for key, value in single["model"].items():
@@ -98,7 +93,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path):
 
 
 def test_crd_memory_banks_stay_identical_on_all_ranks(tmp_path):
-    run_ranks(2, tmp_path, base_overrides(tmp_path, "crd", 16, "distill.nce_k=32"), steps=4)
+    run_engine_ranks(2, tmp_path, base_overrides(tmp_path, "crd", 16, "distill.nce_k=32"), steps=4)
     ranks = [torch.load(tmp_path / f"world2_rank{r}.pt", weights_only=True)["objective"] for r in (0, 1)]
     banks = [k for k in ranks[0] if "memory" in k or "norm" in k]
     assert banks

@@ -26,6 +26,8 @@ from distiller.objective import Objective
 from distiller.runtime import Runtime, seed_everything
 from models import build_model
 
+pytestmark = pytest.mark.numeric
+
 NUM_CLASSES = 10
 STEPS = 3
 BATCH = 16

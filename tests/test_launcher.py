@@ -105,7 +105,7 @@ def test_slot_locks_bound_each_gpu_with_real_processes(tmp_path: Path) -> None:
     """10 processes on 2 fake GPUs x 3 slots: at most 3 at once per GPU, no slot shared, all finish
     (the 4 beyond the 6 slots wait for a holder to exit, when the system releases its lock)."""
     plan = SlotPlan(("0", "1"), 3)
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # each child opens and locks the files itself, as a separate job would
     procs = [ctx.Process(target=_job, args=(plan.slots(), str(tmp_path / "locks"), 0.5, str(tmp_path / f"{i}.json")))
              for i in range(10)]
     for p in procs:

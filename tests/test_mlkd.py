@@ -228,6 +228,7 @@ def resume_overrides(tmp: Path, run: str, *extra: str) -> list[str]:
             "trainer.log_interval=5", *extra]
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("method", ["mlkd", "ctkd"])
 def test_sigkill_mid_epoch_then_resume_is_bitwise(teacher: Path, method: str) -> None:
     """Killed in the middle of the second epoch (CTKD: after its lambda and theta moved), resumed: the same bits."""

@@ -13,6 +13,8 @@ import pytest
 import torch
 from conftest import REPO, run_cli, tiny_overrides, train_tiny_teacher
 
+pytestmark = pytest.mark.numeric
+
 VOLATILE_RECORD_KEYS = {"time_s", "images_per_s"}
 
 

@@ -32,6 +32,8 @@ from distiller.optim import OPTIMIZERS
 from distiller.runtime import Runtime, seed_everything
 from models import build_model
 
+pytestmark = pytest.mark.numeric
+
 NUM_CLASSES = 10
 
 
