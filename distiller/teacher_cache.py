@@ -22,10 +22,11 @@ Row layout: the row of image ``i`` at crop offset ``(dy, dx)`` and flip ``f`` is
 the build walks the images in order and a lookup reads one small row per sample.
 
 The key (:class:`CacheKey`) is everything the logits depend on: the teacher file's sha256, the data
-(name, size, sha256 of the uint8 images and labels: 0.13 s for CIFAR-100), the augmentation (padding,
+(name, size, sha256 of the uint8 images and labels: about 0.2 s for CIFAR-100), the augmentation (padding,
 image size), the normalisation (mean/std), the class count, the stored dtype and the precision of the
 build's forwards. A cache whose key differs from the run's is never used: one line says which parts
-differ and how to rebuild.
+differ and how to rebuild. Not in the key: the memory format and precision of the run's own teacher
+forward; a run in channels_last or bf16 would differ from the cached fp32 rows by that forward's rounding.
 
 Crash safety: the rows go to ``.partial`` and a progress record names how many are on disk (fsynced
 before the record says so), so a killed build resumes where it stopped, at the same batch boundaries.
@@ -504,7 +505,9 @@ def measure_build(teacher: nn.Module, *, image_size: Sequence[int] = (32, 32), n
                   batches: int = 3, warmup: int = 1) -> dict[str, float]:
     """Build throughput: teacher forwards/s of the build's unit of work (:func:`forward_rows`) on random images.
 
-    Also the extrapolated hours of a CIFAR-100 build (50,000 images x 162 variants) at that rate.
+    Also the extrapolated hours of a CIFAR-100 build (50,000 images x 162 variants) at that rate, and
+    forwards per second of this process's CPU time (on a shared machine the wall-clock rate is what was
+    left over; the CPU-time rate, times the threads, is what a quiet machine would approach).
     """
     device = torch.device(device)
     height, width = int(image_size[0]), int(image_size[1])
@@ -517,12 +520,14 @@ def measure_build(teacher: nn.Module, *, image_size: Sequence[int] = (32, 32), n
     spans = [torch.arange(k * batch_size, (k + 1) * batch_size) % key.rows for k in range(warmup + batches)]
     for rows in spans[:warmup]:
         forward_rows(teacher, images, rows, key)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for rows in spans[warmup:]:
         forward_rows(teacher, images, rows, key)
     rate = batches * batch_size / (time.perf_counter() - started)
+    cpu_rate = batches * batch_size / (time.process_time() - cpu)
     cifar = replace(key, size=50000, pad=4)
-    return {"forwards_per_s": rate, "cifar100_forwards": float(cifar.rows), "cifar100_hours": cifar.rows / rate / 3600}
+    return {"forwards_per_s": rate, "forwards_per_cpu_s": cpu_rate, "cifar100_forwards": float(cifar.rows),
+            "cifar100_hours": cifar.rows / rate / 3600}
 
 
 def measure_lookup(cache: TeacherCache, *, batch_size: int = 64, steps: int = 200, seed: int = 0) -> dict[str, float]:
