@@ -188,7 +188,8 @@ class DeviceLoader:
                 idx = order[pos]
                 raw = self._gather(source[pos])
                 augmented = crop_and_flip(raw, offsets[pos], flips[pos], self.pad)
-                batch = Batch(self._normalise(augmented), self.labels[idx], idx, {})
+                batch = Batch(self._normalise(augmented), self.labels[idx], idx, {},
+                              offsets=offsets[pos], flips=flips[pos])
                 for k, (name, make_view) in enumerate(self.views.items(), start=1):
                     gen = torch.Generator(device="cpu").manual_seed(epoch_seed(self.seed, epoch, step, k))
                     batch.views[name] = self._normalise(make_view(raw, gen))

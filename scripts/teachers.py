@@ -5,10 +5,13 @@
     python scripts/teachers.py check                     # re-hash every indexed file (status 2 if one changed)
     python scripts/teachers.py add save/models/resnet56_vanilla/ckpt_epoch_240.pth model=resnet56 dataset=cifar100
     python scripts/teachers.py add FILE model=ARCH dataset=cifar100 --measure   # also measure its test accuracy
+    python scripts/teachers.py cache checkpoints/teachers/cifar100/resnet32x4.pt dataset=cifar100 trainer.device=cuda
 
 ``train_teacher.py`` indexes the teachers it stores; ``add`` indexes a file it did not make (a
 downloaded pretrained teacher, or a file you changed on purpose), after checking that the weights
 fit ``model=``. ``train_student.py`` then checks the file before using it (``teacher.verify``).
+``cache`` computes the teacher's logits for every crop and flip of the training split
+(:mod:`distiller.teacher_cache`), beside the teacher unless ``--cache-dir`` says otherwise.
 """
 from __future__ import annotations
 
@@ -89,6 +92,40 @@ def add(path: Path, overrides: list[str], measure: bool) -> dict[str, Any]:
                        source="added (measured)" if measure else "added")
 
 
+def cache(path: Path, overrides: list[str], dtype: str, precision: str, batch_size: int, cache_dir: str | None,
+          rebuild: bool) -> Any:
+    """Build (or find) the teacher cache of ``path`` on the training split of ``dataset=`` (else the teacher's own)."""
+    from datasets import load_dataset
+    from distiller.checkpoint_eval import compose_config, data_overrides, load_checkpoint, model_choice, read_checkpoint
+    from distiller.runtime import resolve_device
+    from distiller.teacher_cache import ensure_cache
+    from distiller.teachers import verify_teacher
+
+    overrides = canonical_model_choices(overrides)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise UserError(f"'{bad[0]}' is not an override; write KEY=VALUE (e.g. model=resnet56, dataset=cifar100)")
+    if not path.is_file():
+        raise UserError(f"teacher file not found: {path}")
+    file = read_checkpoint(path)
+    extra, _ = data_overrides(file.header, overrides)
+    cfg = compose_config([*extra, *overrides])
+    data = load_dataset(cfg.dataset)
+    loaded = load_checkpoint(file, model_choice(overrides, cfg), image_size=data.image_size)
+    if loaded.num_classes != data.num_classes:
+        raise UserError(f"{path} holds a {loaded.num_classes}-class {loaded.arch}, but the {cfg.dataset.name} data "
+                        f"set has {data.num_classes} classes; choose its data set with dataset=NAME")
+    verify_teacher(path, loaded.arch, str(cfg.dataset.name))  # a file changed since it was indexed is refused
+    return ensure_cache(loaded.model, path, data, str(cfg.dataset.name), device=resolve_device(str(cfg.trainer.device)),
+                        dtype=dtype, precision=precision, cache_dir=cache_dir, batch_size=batch_size, rebuild=rebuild)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,8 +139,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_argument("overrides", nargs="*", help="model=ARCH (else the file's header), dataset=NAME, dataset.*=...")
     sub.add_argument("--measure", action="store_true", help="measure the test accuracy on dataset= and record it")
     sub.add_argument("--json", action="store_true", help="print the new entry as JSON")
+    sub = commands.add_parser("cache", help="compute the teacher's logits for every crop and flip of the training "
+                                             "split (distiller/teacher_cache.py)")
+    sub.add_argument("file", help="the teacher file (checkpoints/teachers/<data>/<arch>.pt)")
+    sub.add_argument("overrides", nargs="*", help="dataset=NAME, dataset.*=..., model=ARCH (else the file's "
+                                                  "header), trainer.device=cpu|cuda|auto")
+    sub.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="stored dtype (default fp32)")
+    sub.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                     help="the forwards' precision: fp32, or bf16 autocast (default fp32)")
+    sub.add_argument("--batch-size", type=_positive, default=256, help="forwards per batch (default 256)")
+    sub.add_argument("--cache-dir", default=None, help="where the cache goes (default: the teacher's folder)")
+    sub.add_argument("--rebuild", action="store_true", help="compute it again, replacing a cache with another key")
+    sub.add_argument("--json", action="store_true", help="print the cache's path, size and key as JSON")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.command == "cache":
+            built = cache(Path(args.file), list(args.overrides), args.dtype, args.precision, args.batch_size,
+                          args.cache_dir, args.rebuild)
+            summary = {"path": str(built.path), "bytes": built.nbytes, "built": built.built, "key": built.key.to_json()}
+            print(json.dumps(summary) if args.json else
+                  f"teacher cache {built.path}: {built.key.size} images x {built.key.variants} variants x "
+                  f"{built.key.num_classes} logits, {built.key.dtype}, {built.nbytes / 1e9:.3f} GB "
+                  f"({'built now' if built.built else 'already there'})")
+            return 0
         if args.command == "add":
             entry = add(Path(args.file), list(args.overrides), args.measure)
             print(json.dumps(entry) if args.json else
