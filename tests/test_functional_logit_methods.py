@@ -11,6 +11,7 @@ teacher's discrete choices (argmax, RLD's mask, SKD's medians) cannot move with 
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -208,6 +209,13 @@ def test_skd_matches_loop_and_the_median_fractions_by_hand(n: int, c: int, T: fl
     f = lambda k: (k // 2 + 1) / k if k % 2 else 0.5
     want = f(n) * kd_ref(rows(zs), rows(zt), T) + f(c) * skd_md_ref(rows(zs), rows(zt), 0.1)
     close(KF.skd(zs, zt, T, 0.1), want)
+
+
+def test_skd_fractions_count_ties_at_the_median() -> None:
+    """A uniform teacher: every confidence and every class mass equals its median, so both shares are 1."""
+    zs, zt = rnd(6, 4, seed=130, scale=3), torch.zeros(6, 4, dtype=D)
+    assert skd_fractions_ref(rows(zt)) == (1.0, 1.0)
+    close(KF.skd(zs, zt, 2.0), kd_ref(rows(zs), rows(zt), 2.0) + skd_md_ref(rows(zs), rows(zt), 0.1))
 
 
 def test_skd_mahalanobis_ignores_each_rows_scale() -> None:
@@ -577,3 +585,30 @@ def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
         got = fn(zs.to(dev), zt.to(dev), y.to(dev))
         assert got.device.type == "cuda" and got.dtype == ref.dtype, name
         assert got.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-6), name
+
+
+# --------------------------------------------------------------------------- pinned signatures
+
+PINNED = [  # METHODS_2025_LOGIT.md, "Pinned functions"
+    "rld(logits_s, logits_t, target, alpha=1.0, beta=8.0, temperature=4.0, alpha_temperature=None)",
+    "luminet(logits_s, logits_t, temperature=4.0, eps=1e-05)",
+    "skd(logits_s, logits_t, temperature=4.0, tikhonov=0.1)",
+    "skd_mahalanobis(logits_s, logits_t, tikhonov=0.1)",
+    "abkd(logits_s, logits_t, alpha=0.5, beta=0.5, temperature=4.0)",
+    "eakd_weight(logits_s, logits_t, entropy_temperature=3.0, h_ub=None)",
+    "eakd_kd(logits_s, logits_t, temperature=4.0, entropy_temperature=3.0, h_ub=None)",
+    "eakd_dkd(logits_s, logits_t, target, alpha=1.0, beta=8.0, temperature=4.0, entropy_temperature=3.0, h_ub=None)",
+    "normkd(logits_s, logits_t, t_norm=2.0)",
+    "normkd_dkd(logits_s, logits_t, target, alpha=1.0, beta=8.0, t_norm=2.0)",
+    "wkd_logit(logits_s, logits_t, target, cost_matrix, temperature=8.0, gamma=1.0, sinkhorn_lambda=0.05, "
+    "sinkhorn_iter=10)",
+]
+
+
+@pytest.mark.parametrize("pinned", PINNED)
+def test_pinned_signature(pinned: str) -> None:
+    name = pinned.split("(")[0]
+    params = inspect.signature(getattr(KF, name)).parameters.values()
+    got = ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}" for p in params)
+    assert f"{name}({got})" == pinned
+    assert name in KF.__all__
