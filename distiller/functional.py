@@ -14,7 +14,8 @@ half-precision inputs and keeps the input dtype otherwise (float64 stays float64
 
 Gradient: teacher-side tensors are expected not to require gradient (the teacher
 runs under ``no_grad``); nothing here detaches except where the paper's loss
-does (the teacher-teacher term of :func:`nst`).
+does (the teacher-teacher term of :func:`nst`) and in the 2023-2026 section at the
+end, whose losses detach their teacher-side inputs as their specification says.
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ __all__ = [
     "vid", "rkd", "pkt", "ab", "factor_transfer", "fsp_matrix", "fsp", "nst", "crd_nce", "ofd",
     "ofd_margin", "dkd", "hcl", "dist", "logit_standardize", "ctkd_lambda", "ctkd_temperature", "wttm", "nkd",
     "mlkd_batch", "mlkd_class", "mlkd",
+    "rld", "luminet", "skd", "skd_mahalanobis", "abkd", "eakd_weight", "eakd_kd", "eakd_dkd", "normkd",
+    "normkd_dkd", "wkd_logit", "sdd_region_logits", "sdd_kd", "sdd_dkd", "sdd_nkd", "class_activation_maps",
+    "cat_kd", "wkd_feature",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -112,6 +116,33 @@ def kd(logits_s: Tensor, logits_t: Tensor, temperature: float | Tensor = 4.0) ->
     return kl * temperature ** 2 / logits_s.shape[0]
 
 
+def _kl_rows(log_p_s: Tensor, log_p_t: Tensor) -> Tensor:
+    """``KL(p_t || p_s)`` summed over dim 1 (the classes), from log-probabilities; one value per row."""
+    return F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(1)
+
+
+def _binary_log_probs(log_p: Tensor, mask: Tensor) -> Tensor:
+    """log of (the probability mass in ``mask``, the mass outside it) along dim 1, stacked on dim 1.
+
+    By logsumexp of the log-probabilities: equal to ``log(sum p)`` but finite when one side's
+    mass underflows (a very confident network).
+    """
+    low = torch.finfo(log_p.dtype).min
+    return torch.stack([log_p.masked_fill(~mask, low).logsumexp(1), log_p.masked_fill(mask, low).logsumexp(1)], 1)
+
+
+def _dkd_rows(zs: Tensor, zt: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
+    """DKD's per-sample TCKD and NCKD, without the ``T^2`` factor, of already temperature-scaled logits.
+
+    ``gt`` is the one-hot label mask along dim 1 (broadcastable to ``zs``; extra trailing dims,
+    e.g. SDD's regions, are carried through). NCKD removes the label by subtracting 1000 from its
+    scaled logit (exactly zero probability in float32/64), as the reference does.
+    """
+    tckd = _kl_rows(_binary_log_probs(F.log_softmax(zs, dim=1), gt), _binary_log_probs(F.log_softmax(zt, dim=1), gt))
+    shift = 1000.0 * gt.to(zs.dtype)
+    return tckd, _kl_rows(F.log_softmax(zs - shift, dim=1), F.log_softmax(zt - shift, dim=1))
+
+
 @_full_precision
 def dkd(logits_s: Tensor, logits_t: Tensor, target: Tensor, alpha: float = 1.0, beta: float = 8.0,
         temperature: float | Tensor = 4.0) -> Tensor:
@@ -128,21 +159,8 @@ def dkd(logits_s: Tensor, logits_t: Tensor, target: Tensor, alpha: float = 1.0, 
     0-dim tensor ``temperature`` that requires gradient (CTKD) receives it.
     """
     gt = F.one_hot(target.reshape(-1).long(), logits_s.shape[1]).bool()
-    zs, zt = logits_s / temperature, logits_t / temperature
-    ls, lt = F.log_softmax(zs, dim=1), F.log_softmax(zt, dim=1)
-    neg_inf = torch.finfo(ls.dtype).min
-
-    def binary(logp: Tensor) -> Tensor:
-        tgt = logp.masked_fill(~gt, neg_inf).logsumexp(1)
-        rest = logp.masked_fill(gt, neg_inf).logsumexp(1)
-        return torch.stack([tgt, rest], dim=1)
-
-    b = logits_s.shape[0]
-    tckd = F.kl_div(binary(ls), binary(lt), reduction="sum", log_target=True) * temperature ** 2 / b
-    shift = 1000.0 * gt.to(zs.dtype)
-    nckd = F.kl_div(F.log_softmax(zs - shift, dim=1), F.log_softmax(zt - shift, dim=1),
-                    reduction="sum", log_target=True) * temperature ** 2 / b
-    return alpha * tckd + beta * nckd
+    tckd, nckd = _dkd_rows(logits_s / temperature, logits_t / temperature, gt)
+    return temperature ** 2 * (alpha * tckd.mean() + beta * nckd.mean())
 
 
 def _centred_cosine(a: Tensor, b: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
@@ -598,3 +616,392 @@ def ofd_margin(bn: nn.Module) -> Tensor:
     log_pdf = -0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)  # pdf is even: pdf(m/s) = pdf(z)
     truncated_mean = m - s * torch.exp(log_pdf - log_p_neg)
     return torch.where(torch.special.ndtr(z) > 0.001, truncated_mean, -3.0 * s)
+
+
+# =========================================================================== methods of 2023-2026
+# docs/METHODS_2025_LOGIT.md and docs/METHODS_2025_FEATURE.md ("Pinned functions") are the
+# specification. Unlike the functions above, these detach their teacher-side inputs themselves
+# (those documents: "Teacher tensors never carry gradient"), so a caller that forgets no_grad
+# cannot push gradient into the teacher; the functions that build a teacher's tensors
+# (sdd_region_logits, class_activation_maps) serve both networks and detach nothing.
+
+# --------------------------------------------------------------------------- logits (2023-2026)
+
+@_full_precision
+def rld(logits_s: Tensor, logits_t: Tensor, target: Tensor, alpha: float = 1.0, beta: float = 8.0,
+        temperature: float = 4.0, alpha_temperature: float | None = None) -> Tensor:
+    """Refined logit distillation (Sun et al., ICCV 2025): ``alpha * SCD + beta * MCD``.
+
+    SCD, at ``T_a`` (``alpha_temperature``, None = ``temperature``): ``T_a^2 * mean_i KL`` of the
+    binary distributions (student: label vs rest; teacher: its own top class vs rest). MCD, at
+    ``T``: the classes the teacher scores at or above the label (ties included) are dropped from
+    both logit sets (filled with -1e9 after the division by T, as the reference does), and
+    ``T^2 * mean_i KL`` of the softmaxes over the rest. A row whose label is the teacher's lowest
+    class is masked entirely: both rows are constant, the KL is exactly 0 with zero gradient
+    (-inf masking would give NaN); the mean still divides by B. With the teacher right on every
+    sample and ``T_a = T`` this is :func:`dkd`.
+    """
+    logits_t = logits_t.detach()
+    t_a = temperature if alpha_temperature is None else alpha_temperature
+    c = logits_s.shape[1]
+    y = target.reshape(-1).long()
+    label = F.one_hot(y, c).bool()
+    top = F.one_hot(logits_t.argmax(dim=1), c).bool()
+    scd = _kl_rows(_binary_log_probs(F.log_softmax(logits_s / t_a, dim=1), label),
+                   _binary_log_probs(F.log_softmax(logits_t / t_a, dim=1), top)).mean() * t_a ** 2
+    mask = logits_t >= logits_t.gather(1, y.unsqueeze(1))
+    log_q_s = F.log_softmax((logits_s / temperature).masked_fill(mask, -1e9), dim=1)
+    log_q_t = F.log_softmax((logits_t / temperature).masked_fill(mask, -1e9), dim=1)
+    mcd = _kl_rows(log_q_s, log_q_t).mean() * temperature ** 2
+    return alpha * scd + beta * mcd
+
+
+@_full_precision
+def luminet(logits_s: Tensor, logits_t: Tensor, temperature: float = 4.0, eps: float = 1e-5) -> Tensor:
+    """LumiNet (Hossain et al., TMLR 2025), unweighted: ``mean_i KL(softmax(P(z_t)/T) || softmax(P(z_s)/T))``.
+
+    ``P`` standardises each class over the batch (BatchNorm without affine parameters): biased
+    variance, ``eps`` inside the square root, statistics not detached (the student's gradient
+    flows through its batch mean and variance). No ``T^2`` factor: the method weights the term
+    by ``ALPHA**2``. Batch-coupled; a batch of one sample gives 0.
+    """
+    def perceive(z: Tensor) -> Tensor:
+        return (z - z.mean(dim=0, keepdim=True)) / torch.sqrt(z.var(dim=0, correction=0, keepdim=True) + eps)
+
+    log_p_s = F.log_softmax(perceive(logits_s) / temperature, dim=1)
+    log_p_t = F.log_softmax(perceive(logits_t.detach()) / temperature, dim=1)
+    return _kl_rows(log_p_s, log_p_t).mean()
+
+
+@_full_precision
+def skd_mahalanobis(logits_s: Tensor, logits_t: Tensor, tikhonov: float = 0.1) -> Tensor:
+    """SKD's Gram-Mahalanobis term: ``mean_i sqrt(D_i Sigma^-1 D_i^T)``.
+
+    ``u = z / |z|`` per row; ``G = u u^T / C``; ``D = G_s - G_t`` [B, B]; ``Sigma`` the unbiased
+    covariance of D's columns over its rows plus ``tikhonov * I``. Sigma comes from the student
+    and is not detached. Numerics: ``Sigma = L L^T`` by Cholesky and ``D_i Sigma^-1 D_i^T =
+    |L^-1 D_i^T|^2`` by one triangular solve (no explicit inverse). Sigma's eigenvalues lie in
+    ``[tikhonov, tikhonov + |cov(D)|]`` and ``|D| <= 2 / C``, so its condition number stays near 1
+    and float32 loses nothing that matters (the tests compare float32 with float64 at B=64, C=100).
+    """
+    b, c = logits_s.shape
+    if not tikhonov > 0:
+        raise UserError(f"skd tikhonov={tikhonov} must be > 0: it keeps the B x B covariance invertible")
+    if b < 2:
+        raise UserError(f"skd needs at least 2 samples per batch (unbiased covariance over the batch), got {b}")
+
+    def gram(z: Tensor) -> Tensor:
+        u = F.normalize(z, dim=1, eps=1e-12)
+        return u @ u.t() / c
+
+    d = gram(logits_s) - gram(logits_t.detach())
+    centred = d - d.mean(dim=0, keepdim=True)
+    sigma = centred.t() @ centred / (b - 1) + tikhonov * torch.eye(b, dtype=d.dtype, device=d.device)
+    white = torch.linalg.solve_triangular(torch.linalg.cholesky(sigma), d.t(), upper=False)
+    return white.pow(2).sum(dim=0).sqrt().mean()
+
+
+@_full_precision
+def skd(logits_s: Tensor, logits_t: Tensor, temperature: float = 4.0, tikhonov: float = 0.1) -> Tensor:
+    """Streamlined KD (CVPR 2026) as released, unweighted: ``frac_s * KD_T + frac_c * MD``.
+
+    ``KD_T`` is :func:`kd`, ``MD`` is :func:`skd_mahalanobis`. ``frac_s`` and ``frac_c`` are the
+    shares of samples (teacher's max probability) and classes (teacher's summed probability) at or
+    below their median, at temperature 1: the released code multiplies its "confidence masks"
+    onto already-reduced scalars, so they only rescale the two terms.
+    """
+    logits_t = logits_t.detach()
+    with torch.no_grad():
+        q = F.softmax(logits_t, dim=1)
+        frac_s = _fraction_at_or_below_median(q.max(dim=1).values)
+        frac_c = _fraction_at_or_below_median(q.sum(dim=0))
+    return frac_s * kd(logits_s, logits_t, temperature) + frac_c * skd_mahalanobis(logits_s, logits_t, tikhonov)
+
+
+@_full_precision
+def abkd(logits_s: Tensor, logits_t: Tensor, alpha: float = 0.5, beta: float = 0.5,
+         temperature: float = 4.0) -> Tensor:
+    """ABKD (Wang et al., ICML 2025): ``mean_i`` of the alpha-beta divergence between
+    ``p = softmax(z_t/T)`` and ``q = softmax(z_s/T)``, summed over classes; no ``T^2`` factor.
+
+    The limits are taken in the reference's order: alpha = beta = 0, alpha = 0, beta = 0,
+    alpha + beta = 0, then the general formula. Powers are ``exp(a * log p)`` from log-softmax.
+    ``alpha=1, beta=0`` is ``KL(p || q)``; ABLSD is ``T**2 * abkd(logit_standardize(z_s),
+    logit_standardize(z_t), alpha, beta, T)``.
+    """
+    log_p = F.log_softmax(logits_t.detach() / temperature, dim=1)
+    log_q = F.log_softmax(logits_s / temperature, dim=1)
+    if alpha == 0 and beta == 0:
+        div = 0.5 * (log_q - log_p).pow(2)
+    elif alpha == 0:
+        q_b = torch.exp(beta * log_q)
+        div = (q_b * beta * (log_q - log_p) - q_b + torch.exp(beta * log_p)) / beta
+    elif beta == 0:
+        p_a = torch.exp(alpha * log_p)
+        div = (p_a * alpha * (log_p - log_q) - p_a + torch.exp(alpha * log_q)) / alpha
+    elif alpha + beta == 0:
+        div = (alpha * (log_q - log_p) + torch.exp(alpha * (log_p - log_q)) - 1.0) / alpha
+    else:
+        s = alpha + beta
+        div = -(torch.exp(alpha * log_p + beta * log_q) - alpha / s * torch.exp(s * log_p)
+                - beta / s * torch.exp(s * log_q)) / (alpha * beta)
+    return div.sum(dim=1).mean()
+
+
+@_full_precision
+def eakd_weight(logits_s: Tensor, logits_t: Tensor, entropy_temperature: float = 3.0,
+                h_ub: float | None = None) -> Tensor:
+    """EA-KD's per-sample weight [B] (Su et al., ICCV 2025): ``w_i = H_t,i (1 + H_s,i / H_ub) / 2``.
+
+    Entropies of ``softmax(z / entropy_temperature)`` of each network's raw logits (exact entropy).
+    ``h_ub=None`` means ``log C``; the released CIFAR code used 100, which its presets must pass.
+    Computed without gradient: the weight is a constant to both networks.
+    """
+    if h_ub is not None and not h_ub > 0:
+        raise UserError(f"eakd h_ub={h_ub} must be > 0 (or None for log C)")
+    with torch.no_grad():
+        def entropy(z: Tensor) -> Tensor:
+            log_p = F.log_softmax(z / entropy_temperature, dim=1)
+            return -(log_p.exp() * log_p).sum(dim=1)
+
+        bound = math.log(logits_s.shape[1]) if h_ub is None else h_ub
+        return 0.5 * entropy(logits_t) * (1.0 + entropy(logits_s) / bound)
+
+
+@_full_precision
+def eakd_kd(logits_s: Tensor, logits_t: Tensor, temperature: float = 4.0, entropy_temperature: float = 3.0,
+            h_ub: float | None = None) -> Tensor:
+    """EA-KD on KD: ``mean_i w_i * T^2 * KL(softmax(z_t,i/T) || softmax(z_s,i/T))``, ``w`` from :func:`eakd_weight`."""
+    logits_t = logits_t.detach()
+    w = eakd_weight(logits_s, logits_t, entropy_temperature, h_ub)
+    kl = _kl_rows(F.log_softmax(logits_s / temperature, dim=1), F.log_softmax(logits_t / temperature, dim=1))
+    return (w * kl).mean() * temperature ** 2
+
+
+@_full_precision
+def eakd_dkd(logits_s: Tensor, logits_t: Tensor, target: Tensor, alpha: float = 1.0, beta: float = 8.0,
+             temperature: float = 4.0, entropy_temperature: float = 3.0, h_ub: float | None = None) -> Tensor:
+    """EA-KD on DKD: ``mean_i w_i * T^2 * (alpha TCKD_i + beta NCKD_i)``, DKD's per-sample terms."""
+    logits_t = logits_t.detach()
+    w = eakd_weight(logits_s, logits_t, entropy_temperature, h_ub)
+    gt = F.one_hot(target.reshape(-1).long(), logits_s.shape[1]).bool()
+    tckd, nckd = _dkd_rows(logits_s / temperature, logits_t / temperature, gt)
+    return (w * (alpha * tckd + beta * nckd)).mean() * temperature ** 2
+
+
+def _normkd_temperatures(logits_s: Tensor, logits_t: Tensor, t_norm: float) -> tuple[Tensor, Tensor]:
+    """NormKD's per-sample temperatures [B, 1]: ``t_norm`` times each row's unbiased std (no eps)."""
+    return t_norm * logits_s.std(dim=1, keepdim=True), t_norm * logits_t.std(dim=1, keepdim=True)
+
+
+@_full_precision
+def normkd(logits_s: Tensor, logits_t: Tensor, t_norm: float = 2.0) -> Tensor:
+    """NormKD (Chi et al., 2023): ``mean_i T_t,i^2 * KL(softmax(z_t,i/T_t,i) || softmax(z_s,i/T_s,i))``.
+
+    ``T_.,i = t_norm * std_c(z_.,i)`` (unbiased, no eps); the student's std is not detached, so its
+    gradient flows through ``T_s,i``. The ``T^2`` compensation uses the teacher's temperature. A
+    constant row divides by zero (not guarded, as in the reference).
+    """
+    logits_t = logits_t.detach()
+    t_s, t_t = _normkd_temperatures(logits_s, logits_t, t_norm)
+    kl = _kl_rows(F.log_softmax(logits_s / t_s, dim=1), F.log_softmax(logits_t / t_t, dim=1))
+    return (t_t.squeeze(1) ** 2 * kl).mean()
+
+
+@_full_precision
+def normkd_dkd(logits_s: Tensor, logits_t: Tensor, target: Tensor, alpha: float = 1.0, beta: float = 8.0,
+               t_norm: float = 2.0) -> Tensor:
+    """NormKD+DKD: DKD's per-sample TCKD and NCKD on ``z_t,i / T_t,i`` and ``z_s,i / T_s,i`` (the label
+    removed by subtracting 1000 after the division), each weighted by ``T_t,i^2`` and averaged:
+    ``alpha * mean_i T_t,i^2 TCKD_i + beta * mean_i T_t,i^2 NCKD_i``.
+    """
+    logits_t = logits_t.detach()
+    t_s, t_t = _normkd_temperatures(logits_s, logits_t, t_norm)
+    gt = F.one_hot(target.reshape(-1).long(), logits_s.shape[1]).bool()
+    tckd, nckd = _dkd_rows(logits_s / t_s, logits_t / t_t, gt)
+    weight = t_t.squeeze(1) ** 2
+    return alpha * (weight * tckd).mean() + beta * (weight * nckd).mean()
+
+
+@_full_precision
+def wkd_logit(logits_s: Tensor, logits_t: Tensor, target: Tensor, cost_matrix: Tensor, temperature: float = 8.0,
+              gamma: float = 1.0, sinkhorn_lambda: float = 0.05, sinkhorn_iter: int = 10) -> Tensor:
+    """WKD-L (Lv et al., NeurIPS 2024): ``L_t + gamma * mean_i WD_i``.
+
+    ``L_t = -mean_i softmax(z_t,i)[y_i] * log_softmax(z_s,i)[y_i]`` (temperature 1). ``WD_i``: the
+    label's column is removed from both logit sets and its row and column from ``cost_matrix``
+    ([C, C], the sharpened teacher-derived cost); ``p = softmax(z'/T)``; ``M = relu(cost') + 1e-8``,
+    ``K = exp(-M / lambda)``; exactly ``sinkhorn_iter`` Sinkhorn steps from ``u = 1/(C-1)``:
+    ``v = p_t / (K^T u + 1e-8)``, ``u = p_s / (K v + 1e-8)``; ``WD_i = sum_jk u_j K_jk v_k M_jk``.
+    Rows of K (and u) are the student's classes, columns (v) the teacher's. The gradient flows
+    through every unrolled step.
+
+    Numerics: no log-domain stabilisation and the 1e-8 guards are part of the value (the
+    reference's). With the published cost (entries in [0, 1)) and lambda = 0.05, ``M / lambda <= 20``
+    and ``K >= 2e-9``, far above float32's smallest normal (1e-38); the guards keep every division
+    finite should a ``K v`` underflow (only when ``M / lambda`` exceeds ~87). Computed in float32 or
+    wider; the tests compare float32 with float64 at the published setting (C = 100).
+    """
+    b, c = logits_s.shape
+    if tuple(cost_matrix.shape) != (c, c):
+        raise UserError(f"wkd cost_matrix has shape {tuple(cost_matrix.shape)}, expected ({c}, {c}) "
+                        f"for {c} classes; build it for this data set's classes")
+    if int(sinkhorn_iter) != sinkhorn_iter or sinkhorn_iter < 1:
+        raise UserError(f"wkd sinkhorn_iter={sinkhorn_iter} must be a positive integer")
+    if not sinkhorn_lambda > 0:
+        raise UserError(f"wkd sinkhorn_lambda={sinkhorn_lambda} must be > 0")
+    logits_t = logits_t.detach()
+    y = target.reshape(-1).long()
+    label = y.unsqueeze(1)
+    target_term = -(F.softmax(logits_t, dim=1).gather(1, label) * F.log_softmax(logits_s, dim=1).gather(1, label))
+    # the kept classes of each sample, in order: j below the label, j + 1 from it on
+    j = torch.arange(c - 1, device=y.device).unsqueeze(0)
+    keep = j + (j >= label).long()
+    p_s = F.softmax(logits_s.gather(1, keep) / temperature, dim=1)
+    p_t = F.softmax(logits_t.gather(1, keep) / temperature, dim=1)
+    cost = cost_matrix.detach().to(device=p_s.device, dtype=p_s.dtype)
+    m = F.relu(cost[keep.unsqueeze(2), keep.unsqueeze(1)]) + 1e-8  # [B, C-1, C-1]
+    k = torch.exp(-m / sinkhorn_lambda)
+    u = torch.full_like(p_s, 1.0 / (c - 1))
+    for _ in range(int(sinkhorn_iter)):
+        v = p_t / ((k.transpose(1, 2) @ u.unsqueeze(2)).squeeze(2) + 1e-8)
+        u = p_s / ((k @ v.unsqueeze(2)).squeeze(2) + 1e-8)
+    wd = (u.unsqueeze(2) * k * v.unsqueeze(1) * m).sum(dim=(1, 2))
+    return target_term.mean() + gamma * wd.mean()
+
+
+# --------------------------------------------------------------------------- features (2023-2026)
+
+_SDD_SCALES = (1, 2, 4)
+
+
+@_full_precision
+def sdd_region_logits(feature: Tensor, fc_weight: Tensor, fc_bias: Tensor | None = None,
+                      scales: Sequence[int] = (1, 2, 4)) -> Tensor:
+    """SDD's region logits [B, C, N] (Wei et al., CVPR 2024), ``N = sum s^2``: the network's own
+    classifier applied to every cell of the pre-pool map ``feature`` [B, D, H, W] pooled to s x s.
+
+    The map is first pooled to 4 x 4; the 2 x 2 and 1 x 1 grids are pooled from that 4 x 4 map
+    (equal to pooling ``feature`` directly only when H and W are multiples of 4). Cells are
+    flattened row-major and concatenated in the order of ``scales``: region 0 is the global one.
+    The bias is added to every region. Gradient reaches all three tensors.
+    """
+    scales = tuple(scales)
+    if not scales or scales[0] != 1 or any(s not in _SDD_SCALES for s in scales) or list(scales) != sorted(set(scales)):
+        raise UserError(f"sdd scales={list(scales)} must be ascending, distinct, drawn from {list(_SDD_SCALES)} "
+                        "and start with 1 (region 0 is the global one), e.g. [1, 2] or [1, 2, 4]")
+    p4 = F.adaptive_avg_pool2d(feature, 4)
+    cells = torch.cat([(p4 if s == 4 else F.adaptive_avg_pool2d(p4, s)).flatten(2) for s in scales], dim=2)
+    return F.linear(cells.transpose(1, 2), fc_weight, fc_bias).transpose(1, 2)
+
+
+def _sdd_region_weights(logits_t: Tensor, target: Tensor) -> Tensor:
+    """[B, N]: 2 where a region's teacher rightness (argmax == label) differs from region 0's, else 1."""
+    right = logits_t.argmax(dim=1) == target.reshape(-1, 1).long()
+    return 1.0 + (right != right[:, :1]).to(logits_t.dtype)
+
+
+@_full_precision
+def sdd_kd(logits_s: Tensor, logits_t: Tensor, target: Tensor, temperature: float = 4.0) -> Tensor:
+    """SD-KD on region logits [B, C, N]: ``sum_bn w_bn T^2 KL_bn / (B N)``, ``w`` the SDD region weight."""
+    logits_t = logits_t.detach()
+    w = _sdd_region_weights(logits_t, target)
+    kl = _kl_rows(F.log_softmax(logits_s / temperature, dim=1), F.log_softmax(logits_t / temperature, dim=1))
+    return temperature ** 2 * (w * kl).sum() / w.numel()
+
+
+@_full_precision
+def sdd_dkd(logits_s: Tensor, logits_t: Tensor, target: Tensor, alpha: float = 1.0, beta: float = 8.0,
+            temperature: float = 4.0) -> Tensor:
+    """SD-DKD on region logits [B, C, N]: DKD's per-(sample, region) ``T^2 (alpha TCKD + beta NCKD)``,
+    weighted by the SDD region weight, summed and divided by B N."""
+    logits_t = logits_t.detach()
+    w = _sdd_region_weights(logits_t, target)
+    gt = F.one_hot(target.reshape(-1).long(), logits_s.shape[1]).bool().unsqueeze(2)
+    tckd, nckd = _dkd_rows(logits_s / temperature, logits_t / temperature, gt)
+    return temperature ** 2 * (w * (alpha * tckd + beta * nckd)).sum() / w.numel()
+
+
+@_full_precision
+def sdd_nkd(logits_s: Tensor, logits_t: Tensor, target: Tensor, temperature: float = 4.0,
+            gamma: float = 8.0) -> Tensor:
+    """SD-NKD as released, on region logits [B, C, N], weighted and divided by B N per region:
+    ``-p_t[y] log p_s[y]`` (temperature 1) ``- gamma T^2 sum_c softmax(z_t/T)_c log_softmax(z_s/T)_c``
+    over all C classes (the reference's non-target mask keeps the label: a cross-entropy, not NKD).
+    """
+    logits_t = logits_t.detach()
+    w = _sdd_region_weights(logits_t, target)
+    label = target.reshape(-1, 1, 1).long().expand(-1, 1, logits_s.shape[2])
+    target_term = -(F.softmax(logits_t, dim=1).gather(1, label) * F.log_softmax(logits_s, dim=1).gather(1, label))
+    cross = (F.softmax(logits_t / temperature, dim=1) * F.log_softmax(logits_s / temperature, dim=1)).sum(dim=1)
+    per_region = target_term.squeeze(1) - gamma * temperature ** 2 * cross
+    return (w * per_region).sum() / w.numel()
+
+
+@_full_precision
+def class_activation_maps(feature: Tensor, fc_weight: Tensor) -> Tensor:
+    """CAT-KD's class activation maps [B, C, H, W]: ``sum_d W[c, d] A[b, d, h, w]``, no bias
+    (Guo et al., CVPR 2023). Their spatial mean is the logit without bias; gradient reaches both."""
+    return torch.einsum("cd,bdhw->bchw", fc_weight, feature)
+
+
+@_full_precision
+def cat_kd(cam_s: Tensor, cam_t: Tensor, resolution: int = 2, normalize: bool = False) -> Tensor:
+    """CAT-KD: mean over all B C r r entries of ``(N(pool_r(CAM_s)) - N(pool_r(CAM_t)))^2``.
+
+    ``pool_r`` is adaptive average pooling to ``resolution`` x ``resolution`` (maps of different
+    sizes are fine); with ``normalize``, ``N`` divides each (sample, class) map by
+    ``max(|map|_2, 1e-12)`` over its r x r cells, else it is the identity.
+    """
+    if int(resolution) != resolution or resolution < 1:
+        raise UserError(f"cat_kd resolution={resolution} must be a positive integer (the pooled map's side)")
+
+    def transfer(cam: Tensor) -> Tensor:
+        pooled = F.adaptive_avg_pool2d(cam, int(resolution)).flatten(2)
+        return F.normalize(pooled, dim=2, eps=1e-12) if normalize else pooled
+
+    return (transfer(cam_s) - transfer(cam_t.detach())).pow(2).mean()
+
+
+def _grid_cell_stats(f: Tensor, g: int, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-(channel, cell) mean and ``sqrt(unbiased var + eps)`` of ``f`` [B, C, H, W] on a g x g grid,
+    shaped [B, C, g*g]. Cells have adaptive-pooling bounds; each variance is taken around its own
+    cell's mean (two-pass, no ``E[x^2] - E[x]^2`` cancellation).
+    """
+    b, c, h, w = f.shape
+
+    def stats(x: Tensor) -> tuple[Tensor, Tensor]:
+        # explicit two passes: torch.var's reduction is ~10x slower on many short rows on the CPU
+        mean = x.mean(dim=-1, keepdim=True)
+        var = (x - mean).pow(2).sum(dim=-1) / (x.shape[-1] - 1)
+        return mean.squeeze(-1), torch.sqrt(var + eps)
+
+    if h % g == 0 and w % g == 0:  # disjoint equal cells: one reshape instead of g*g slices
+        return stats(f.reshape(b, c, g, h // g, g, w // g).permute(0, 1, 2, 4, 3, 5).reshape(b, c, g * g, -1))
+
+    def bounds(i: int, size: int) -> slice:
+        return slice(i * size // g, -(-(i + 1) * size // g))
+
+    cells = [stats(f[..., bounds(i, h), bounds(j, w)].flatten(-2)) for i in range(g) for j in range(g)]
+    return torch.stack([m for m, _ in cells], dim=-1), torch.stack([s for _, s in cells], dim=-1)
+
+
+@_full_precision
+def wkd_feature(f_s: Tensor, f_t: Tensor, mean_cov_ratio: float = 4.0, grid: int = 1, eps: float = 1e-5) -> Tensor:
+    """WKD-F (Lv et al., NeurIPS 2024): squared 2-Wasserstein distance between per-(channel, cell)
+    diagonal Gaussians: ``mean_cov_ratio * sum (mu_s - mu_t)^2 / n + sum (sigma_s - sigma_t)^2 / n``.
+
+    ``f_s`` is the projected student feature, shaped like ``f_t`` [B, C, H, W]. Cells of a
+    ``grid`` x ``grid`` split with adaptive-pooling bounds (``floor(i H / g)`` to
+    ``ceil((i + 1) H / g)``, overlapping when H is not a multiple of g); ``sigma = sqrt(var + eps)``
+    with the unbiased variance over the cell's pixels (a one-pixel cell gives NaN, as in the
+    reference); ``n = B * grid^2``.
+    """
+    if int(grid) != grid or grid < 1:
+        raise UserError(f"wkd_feature grid={grid} must be a positive integer")
+    g = int(grid)
+    mu_s, sd_s = _grid_cell_stats(f_s, g, eps)
+    mu_t, sd_t = _grid_cell_stats(f_t.detach(), g, eps)
+    mean_sq = (mu_s - mu_t).pow(2).sum()
+    cov_sq = (sd_s - sd_t).pow(2).sum()
+    return (mean_cov_ratio * mean_sq + cov_sq) / (f_s.shape[0] * g * g)
