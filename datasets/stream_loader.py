@@ -116,6 +116,8 @@ class StreamLoader:
     set's recipe; with ``transform.device_crop`` the training batches get the device loader's
     padded crop and flip on the device (padding :func:`padding_for` the sample size).
     ``workers``: decoding processes (0: decode in this process; None: :func:`default_workers`).
+    ``views`` (:mod:`datasets.views`) are made on the device from the batch's uint8 samples as the
+    recipe left them (for the ImageNet recipe: already cropped and flipped).
     """
 
     def __init__(

@@ -391,3 +391,21 @@ def test_configs_compose_and_validate(compose) -> None:
         with pytest.raises(UserError) as info:
             schema.validate(compose("train_teacher", ["dataset=imagenet", "dataset.root=/x", bad]), "train_teacher")
         assert words in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------- the benchmark
+
+
+def test_loader_benchmark_runs_and_its_figures_follow_from_each_other() -> None:
+    """scripts/stream_benchmark.py on a tiny generated folder: every figure present and consistent (speed itself is
+    never asserted)."""
+    from scripts import stream_benchmark
+
+    result = stream_benchmark.measure(images=12, workers=(1,), batch_size=4, rounds=1, size=(48, 64))
+    assert set(result["decoders_per_core"]) == {"torchvision.io + tensor ops (ours)", "PIL + tensor ops",
+                                                "PIL + PIL ops (baseline)"}
+    assert all(rate > 0 for rate in result["decoders_per_core"].values())
+    rates = result["loaders"]["1"]
+    assert rates["ours"] > 0 and rates["torchvision ImageFolder"] > 0
+    assert rates["ratio"] == pytest.approx(rates["ours"] / rates["torchvision ImageFolder"])
+    assert rates["ours_per_core"] == rates["ours"] and result["mean_file_kb"] > 0
