@@ -3,10 +3,11 @@
 A data set is one file in ``datasets/`` that registers its loader with
 ``@DATASETS.register(name, facts=DatasetFacts(...))``; ``datasets/__init__.py``
 imports every module of the package, so adding the file is adding the data set.
-The loader turns the ``dataset`` config node into :class:`DataSplits`; the facts
-(classes, image size, channels, mean/std) travel with the splits, and the engine,
-the device loader and the feature probe read them from there, never from CIFAR
-constants.
+The loader turns the ``dataset`` config node into :class:`DataSplits` (decoded, in memory)
+or, for a set too large for memory, :class:`FileSplits` (the image files, decoded batch by
+batch); the facts (classes, image size, channels, mean/std) travel with the splits, and the
+engine, the loaders and the feature probe read them from there, never from CIFAR constants.
+``datasets.loaders.make_loader`` builds the right loader for either.
 """
 from __future__ import annotations
 
@@ -14,16 +15,19 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from common.errors import UserError
 from common.registry import Registry
 
+if TYPE_CHECKING:
+    from datasets.sample_transforms import SampleTransform
+
 DATA_ROOT_ENV = "KD_DATA_ROOT"
 
-Loader = Callable[[Mapping[str, Any]], "DataSplits"]
+Loader = Callable[[Mapping[str, Any]], "DataSplits | FileSplits"]
 DATASETS: Registry[Loader] = Registry("dataset")
 
 
@@ -89,6 +93,47 @@ class DataSplits:
         return (self.channels, *self.image_size)
 
 
+@dataclass
+class FileSplits:
+    """A data set kept as image files, decoded per batch by loader workers: one too large for memory.
+
+    The files were checked when the set was loaded (every one decodes; see
+    :mod:`datasets.streaming`). ``transform`` is the recipe that turns a decoded file into a
+    sample (:mod:`datasets.sample_transforms`); every sample has its ``output_size``.
+    ``workers``: decoding processes per training process (None: the loader's default).
+    The facts read like :class:`DataSplits`' (``num_classes``, ``image_shape``, ``train_labels``, ...).
+    """
+
+    train_files: list[str]
+    train_labels: torch.Tensor
+    test_files: list[str]
+    test_labels: torch.Tensor
+    num_classes: int
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    transform: SampleTransform
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        for split, files, labels in (("train", self.train_files, self.train_labels),
+                                     ("test", self.test_files, self.test_labels)):
+            if len(files) != labels.shape[0]:
+                raise ValueError(f"{len(files)} {split} files but {labels.shape[0]} labels")
+        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+
+    channels = 3  # the decoder makes every file RGB
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of every sample."""
+        return self.transform.output_size
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, *self.image_size)
+
+
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) standard deviation of uint8 images [N, C, H, W], pixels / 255.
 
@@ -104,7 +149,16 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
         x = images[lo : lo + chunk].to(torch.float64)
         total += x.sum(dim=(0, 2, 3))
         squares += x.square().sum(dim=(0, 2, 3))
-    count = images.numel() / c
+    return stats_from_sums(total, squares, images.numel() / c)
+
+
+def stats_from_sums(total: torch.Tensor, squares: torch.Tensor,
+                    count: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """:func:`channel_stats` from per-channel float64 sums of uint8 pixels and of their squares over ``count`` pixels.
+
+    The streaming check accumulates the same exact integer sums file by file, so both paths
+    give the same statistics to the last bit.
+    """
     mean = total / count
     var = (squares / count - mean.square()).clamp_min(0.0)
     std = var.sqrt() / 255.0

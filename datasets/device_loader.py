@@ -33,13 +33,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 
 from common.errors import UserError
 from datasets.augment import crop_and_flip, padding_for
 from datasets.batch import Batch
 from datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD
+from datasets.sharding import check_start_step, draw_epoch_plan, epoch_seed, eval_spans, train_spans
 from datasets.views import VIEWS
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,6 @@ def fits_on_device(nbytes: int, device: torch.device) -> bool:
         return True
     free, _ = torch.cuda.mem_get_info(device)
     return nbytes <= DEVICE_FRACTION * free
-
-
-def epoch_seed(seed: int, epoch: int, *more: int) -> int:
-    """A well-mixed 64-bit generator seed that depends on (seed, epoch, *more) only."""
-    state = np.random.SeedSequence([seed % 2**64, epoch, *more]).generate_state(1, np.uint64)
-    return int(state[0])
 
 
 class DeviceLoader:
@@ -137,25 +131,11 @@ class DeviceLoader:
 
     def _train_spans(self) -> list[tuple[int, int]]:
         """(start, size) in epoch-order positions of this rank's batch at each step."""
-        n, b, w = self.dataset_size, self.batch_size, self.world_size
-        full, rest = divmod(n, b * w)
-        spans = [(s * b * w + self.rank * b, b) for s in range(full)]
-        if rest >= 2 * w:  # otherwise some rank would train on < 2 samples: drop it
-            sizes = [rest // w + (k < rest % w) for k in range(w)]
-            spans.append((full * b * w + sum(sizes[: self.rank]), sizes[self.rank]))
-        if not spans:
-            raise UserError(
-                f"the training set has {n} samples: too few for one step on {w} process(es) "
-                f"(each needs at least 2); use more data or fewer processes"
-            )
-        return spans
+        return train_spans(self.dataset_size, self.batch_size, self.rank, self.world_size)
 
     def _eval_spans(self) -> list[tuple[int, int]]:
         """(start, size) in data-set positions: this rank's contiguous shard, in batches."""
-        n, w = self.dataset_size, self.world_size
-        sizes = [n // w + (k < n % w) for k in range(w)]
-        start, stop = sum(sizes[: self.rank]), sum(sizes[: self.rank + 1])
-        return [(lo, min(self.batch_size, stop - lo)) for lo in range(start, stop, self.batch_size)]
+        return eval_spans(self.dataset_size, self.batch_size, self.rank, self.world_size)
 
     def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The epoch's permutation [N], crop offsets [N, 2] (row, col in 0..2*pad) and flips [N] (bool).
@@ -163,22 +143,12 @@ class DeviceLoader:
         Indexed by position in the epoch, drawn on the CPU from a generator seeded by
         (seed, epoch) and moved to the device once. Identical on every rank.
         """
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        n = self.dataset_size
-        gen = torch.Generator(device="cpu").manual_seed(epoch_seed(self.seed, epoch))
-        order = torch.randperm(n, generator=gen)
-        offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=gen)
-        flips = torch.rand(n, generator=gen) < 0.5
+        order, offsets, flips = draw_epoch_plan(self.seed, epoch, self.dataset_size, self.pad)
         return order.to(self.device), offsets.to(self.device), flips.to(self.device)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` from ``start_step`` on; earlier steps are skipped, not computed."""
-        if not 0 <= start_step <= len(self):
-            raise UserError(
-                f"cannot resume at step {start_step} of an epoch with {len(self)} steps: "
-                f"the batch size or data set changed since the checkpoint"
-            )
+        check_start_step(start_step, len(self))
         if self.train:
             order, offsets, flips = self.epoch_plan(epoch)
             # streaming gathers on the CPU: one copy of the order per epoch, no device sync per step
@@ -207,8 +177,12 @@ class DeviceLoader:
         return self.images[idx].to(self.device)
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 -> float32 ``(x / 255 - mean) / std``, the same ops as ToTensor + Normalize."""
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        x = images.to(torch.float32)  # a new tensor (keeps the memory format), so in-place is safe
-        return x.div_(255.0).sub_(self._mean).div_(self._std)
+        return normalise(images, self._mean, self._std, self.channels_last)
+
+
+def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 -> float32 ``(x / 255 - mean) / std``, the same ops as ToTensor + Normalize (mean/std [1, C, 1, 1])."""
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    x = images.to(torch.float32)  # a new tensor (keeps the memory format), so in-place is safe
+    return x.div_(255.0).sub_(mean).div_(std)

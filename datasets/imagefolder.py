@@ -7,7 +7,8 @@ hidden files skipped) is an image of that class; the classes are the sorted fold
 of ``train/``, and ``val/`` may hold a subset of them (``val`` is the test split).
 
 Why decode once: the training loop augments uint8 tensors on the device (see
-:mod:`datasets.device_loader`), so the images are decoded with PIL once, converted to RGB,
+:mod:`datasets.device_loader`), so the images are decoded once into 8-bit RGB (whatever
+their mode: :mod:`datasets.decode`; one warning line counts the files that were converted)
 and stored as one uint8 tensor file ``DIR/.kd-cache-<size>-<key>.pt``. The key hashes the
 file list with each file's size and modification time, so adding, removing or changing an
 image rebuilds the cache; later runs read the tensors without decoding anything. The
@@ -16,6 +17,10 @@ training split's per-channel mean/std are computed at the same time and cached w
 Sizes: without ``dataset.image_size`` every image must have the size of the first one (a
 clear error names the first one that differs); ``dataset.image_size=N`` resizes every
 image to N x N (bilinear, PIL's antialiased resize) instead.
+
+Too large for memory: ``dataset.stream=auto|true|false`` (:mod:`datasets.streaming` has the
+memory budget of ``auto``); a streamed folder is :class:`FileSplits` whose batches equal the
+in-memory ones (same decoding, resize, order, crops and statistics).
 """
 from __future__ import annotations
 
@@ -37,14 +42,18 @@ from PIL import Image
 
 from common.errors import UserError
 from common.files import atomic_write
-from datasets.base import DATASETS, DatasetFacts, DataSplits, cfg_get, cfg_int, channel_stats
+from datasets.base import DATASETS, DatasetFacts, DataSplits, FileSplits, cfg_get, cfg_int, channel_stats
+from datasets.decode import ConversionTally, decode_rgb, describe
+from datasets.sample_transforms import FixedSize
+from datasets.streaming import check_files, decide_stream, mixed_sizes, stream_setting
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "val")
 CACHE_PREFIX = ".kd-cache-"
-CACHE_VERSION = 1  # bump when the cache's content changes meaning: old files are then rebuilt
+CACHE_VERSION = 2  # bump when the cache's content changes meaning: old files are then rebuilt
+# 2: 16-bit PNGs scaled to 8 bits instead of clipped to white (datasets.decode)
 _LAYOUT = "dataset=imagefolder reads DIR/train/<class>/*.png|jpg|jpeg and DIR/val/<class>/..."
 
 
@@ -60,13 +69,13 @@ def _visible(path: Path, root: Path) -> bool:
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _class_folders(folder: Path) -> dict[str, Path]:
+def _class_folders(folder: Path, layout: str = _LAYOUT) -> dict[str, Path]:
     """The split's class folders by name (sorted); a missing or class-less folder is a :class:`UserError`."""
     if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder: {_LAYOUT}")
+        raise UserError(f"{folder} is not a folder: {layout}")
     classes = {p.name: p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")}
     if not classes:
-        raise UserError(f"{folder} has no class folders: {_LAYOUT}")
+        raise UserError(f"{folder} has no class folders: {layout}")
     return classes
 
 
@@ -79,12 +88,15 @@ def _images_of(class_folder: Path) -> list[Path]:
     return files
 
 
-def scan(root: Path) -> tuple[list[str], dict[str, _Split]]:
-    """The class names (sorted ``train/`` folders) and the files of both splits."""
+def scan(root: Path, layout: str = _LAYOUT) -> tuple[list[str], dict[str, _Split]]:
+    """The class names (sorted ``train/`` folders) and the files of both splits; ``layout`` ends the errors."""
     if not root.is_dir():
-        raise UserError(f"dataset.root={root} is not a folder: {_LAYOUT}")
-    folders = {split: _class_folders(root / split) for split in SPLITS}
+        raise UserError(f"dataset.root={root} is not a folder: {layout}")
+    folders = {split: _class_folders(root / split, layout) for split in SPLITS}
     classes = list(folders["train"])
+    if len(classes) < 2:
+        raise UserError(f"{root / 'train'} has {len(classes)} class folder ({', '.join(classes)}): classification "
+                        f"needs at least two classes (one class would train to 100 % and mean nothing)")
     foreign = sorted(set(folders["val"]) - set(classes))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -120,22 +132,17 @@ def cache_path(root: Path, key: str, size: int | None) -> Path:
 
 
 def decode_image(path: Path, size: int | None) -> np.ndarray:
-    """One image file as uint8 RGB [H, W, 3], resized to ``size`` x ``size`` when given."""
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")  # decodes the whole file: a truncated one fails here
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot decode image {path} ({type(e).__name__}: {e}): replace or delete it") from None
-    if size is not None and rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-    return np.array(rgb, dtype=np.uint8)  # a copy: writable, so torch.from_numpy takes it without a warning
+    """One image file as uint8 RGB [H, W, 3] (any mode: :func:`~datasets.decode.decode_rgb`), resized to N x N."""
+    pixels = FixedSize(None if size is None else (size, size))(decode_rgb(path))
+    return pixels.permute(1, 2, 0).numpy()
 
 
 def _decode_all(files: Sequence[Path], size: int | None, shape: tuple[int, int] | None,
-                reference: Path | None) -> tuple[torch.Tensor, tuple[int, int], Path]:
-    """uint8 [N, 3, H, W] of ``files`` (decoded by a thread pool: PIL releases the GIL while decoding).
+                reference: Path | None, tally: ConversionTally) -> tuple[torch.Tensor, tuple[int, int], Path]:
+    """uint8 [N, 3, H, W] of ``files`` (decoded by a thread pool: the decoders release the GIL while decoding).
 
     Without ``size`` every image must be ``shape`` (the first image's size when ``shape`` is None).
+    ``tally`` counts the files whose mode was converted.
     """
     first = decode_image(files[0], size)
     if shape is None:
@@ -145,13 +152,13 @@ def _decode_all(files: Sequence[Path], size: int | None, shape: tuple[int, int] 
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         decoded = pool.map(lambda p: decode_image(p, size), files[1:])
+        notes = pool.map(describe, files)
         for i, (path, pixels) in enumerate(zip(files, itertools.chain([first], decoded))):
             if pixels.shape[:2] != tuple(shape):
-                raise UserError(
-                    f"{path} is {pixels.shape[1]}x{pixels.shape[0]} but {reference} is {shape[1]}x{shape[0]}: "
-                    f"the images must share one size, or set dataset.image_size=N to resize every image to N x N"
-                )
+                raise mixed_sizes(path, pixels.shape[:2], reference, shape)
             out[i] = torch.from_numpy(pixels).permute(2, 0, 1)
+        for note in notes:
+            tally.add(note)
     finally:
         pool.shutdown(cancel_futures=True)  # on an error, the files not yet decoded are not decoded
     return out, tuple(shape), reference
@@ -160,8 +167,9 @@ def _decode_all(files: Sequence[Path], size: int | None, shape: tuple[int, int] 
 def _decode(root: Path, classes: list[str], splits: Mapping[str, _Split], size: int | None) -> dict[str, Any]:
     """Decode both splits and compute the training split's statistics: the cache's content."""
     start = time.perf_counter()
-    train, shape, reference = _decode_all(splits["train"].files, size, None, None)
-    val, _, _ = _decode_all(splits["val"].files, size, shape, reference)
+    tally = ConversionTally()
+    train, shape, reference = _decode_all(splits["train"].files, size, None, None, tally)
+    val, _, _ = _decode_all(splits["val"].files, size, shape, reference, tally)
     mean, std = channel_stats(train)
     log.info("decoded %d + %d images of %s (%dx%d) in %.1f s", len(train), len(val), root, shape[1], shape[0],
              time.perf_counter() - start)
@@ -169,7 +177,7 @@ def _decode(root: Path, classes: list[str], splits: Mapping[str, _Split], size: 
         "version": CACHE_VERSION, "classes": list(classes),
         "train_images": train, "train_labels": torch.tensor(splits["train"].labels, dtype=torch.int64),
         "test_images": val, "test_labels": torch.tensor(splits["val"].labels, dtype=torch.int64),
-        "mean": list(mean), "std": list(std),
+        "mean": list(mean), "std": list(std), "converted": dict(tally.counts),
     }
 
 
@@ -209,7 +217,10 @@ def load_imagefolder(cfg: Mapping[str, Any]) -> DataSplits:
         raise UserError(f"dataset=imagefolder needs dataset.root=DIR: {_LAYOUT}")
     root = Path(str(given)).expanduser()
     size = None if cfg_get(cfg, "image_size") is None else cfg_int(cfg, "image_size", 0, minimum=1)
+    stream = stream_setting(cfg_get(cfg, "stream", "auto"))
     classes, splits = scan(root)
+    if decide_stream(stream, lambda: _decoded_bytes(splits, size), str(root)):
+        return _stream(root, classes, splits, size, cfg)
     path = cache_path(root, cache_key(root, classes, splits, size), size)
     content = _read_cache(path, classes)
     if content is None:
@@ -217,6 +228,38 @@ def load_imagefolder(cfg: Mapping[str, Any]) -> DataSplits:
         _write_cache(content, path)
     else:
         log.info("read the decoded images of %s from %s", root, path)
+    message = ConversionTally(content["converted"]).message(len(content["train_labels"]) + len(content["test_labels"]),
+                                                            str(root))
+    if message:
+        log.warning(message)
     return DataSplits(content["train_images"], content["train_labels"], content["test_images"],
                       content["test_labels"], len(classes), list(classes),
                       mean=tuple(content["mean"]), std=tuple(content["std"]))
+
+
+def _decoded_bytes(splits: Mapping[str, _Split], size: int | None) -> int:
+    """Bytes of both splits decoded to uint8 RGB: every image has ``size`` x ``size`` or the first one's size."""
+    if size is not None:
+        height = width = size
+    else:
+        try:
+            with Image.open(splits["train"].files[0]) as first:  # the header: no decoding
+                width, height = first.size
+        except OSError:
+            return 0  # unreadable: decoding it reports it, in one line
+    return sum(len(split.files) for split in splits.values()) * 3 * height * width
+
+
+def _stream(root: Path, classes: list[str], splits: Mapping[str, _Split], size: int | None,
+            cfg: Mapping[str, Any]) -> FileSplits:
+    """The folder as files, checked once (readable, one size, statistics): batches equal the in-memory ones."""
+    resize = FixedSize(None if size is None else (size, size))
+    check = check_files(root, f"imagefolder-{'native' if size is None else f'{size}x{size}'}",
+                        splits["train"].files, splits["val"].files, prepare=resize, same_size=True, stats=True,
+                        key_facts=(list(classes), size))
+    check.warn(str(root))
+    workers = None if cfg_get(cfg, "workers") is None else cfg_int(cfg, "workers", 0, minimum=0)
+    return FileSplits([str(p) for p in splits["train"].files], torch.tensor(splits["train"].labels, dtype=torch.int64),
+                      [str(p) for p in splits["val"].files], torch.tensor(splits["val"].labels, dtype=torch.int64),
+                      len(classes), list(classes), mean=check.mean, std=check.std,
+                      transform=FixedSize(resize.size, native=check.shape), workers=workers)

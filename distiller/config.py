@@ -120,6 +120,9 @@ class DatasetConfig:
     test_size: int | None = key(None, ge=1)  # synthetic
     seed: int | None = key(None, ge=0)  # synthetic
     image_size: int | None = key(None, gt=0)  # imagefolder: resize every image to N x N (null: one shared size)
+    stream: bool | str | None = key(None, choices=("auto", True, False))  # imagefolder, imagenet: datasets/streaming.py
+    workers: int | None = key(None, ge=0)  # streamed sets: decoding processes per training process (null: auto)
+    eval_resize: int | None = key(None, gt=0)  # imagenet: evaluation's shorter side before cropping image_size
 
 
 @dataclass

@@ -53,8 +53,8 @@ def synthetic_folder(synthetic_root: Path) -> Path:
 
 
 def test_registry_names_and_unknown_dataset() -> None:
-    assert set(DATASETS.names()) == {"cifar10", "cifar100", "imagefolder", "synthetic"}
-    with pytest.raises(UserError, match="cifar10, cifar100, imagefolder, synthetic"):
+    assert set(DATASETS.names()) == {"cifar10", "cifar100", "imagefolder", "imagenet", "synthetic"}
+    with pytest.raises(UserError, match="cifar10, cifar100, imagefolder, imagenet, synthetic"):
         load_dataset({"name": "svhn", "root": "unused"})
 
 

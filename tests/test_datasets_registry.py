@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -355,25 +356,22 @@ def bad_folder(tmp_path: Path, case: str) -> tuple[Path, str]:
     if case == "missing root":
         return root, str(root)
     for split in ("train", "val"):
-        write_png(root / split / "a" / "0.png", good)
+        for name in ("a", "b"):  # two classes: a folder with one class is refused before anything else
+            write_png(root / split / name / "0.png", good)
     if case == "no train":
-        os.remove(root / "train" / "a" / "0.png")
-        (root / "train" / "a").rmdir()
-        (root / "train").rmdir()
+        shutil.rmtree(root / "train")
         return root, str(root / "train")
     if case == "no val":
-        os.remove(root / "val" / "a" / "0.png")
-        (root / "val" / "a").rmdir()
-        (root / "val").rmdir()
+        shutil.rmtree(root / "val")
         return root, str(root / "val")
     if case == "no class folders":
-        os.remove(root / "val" / "a" / "0.png")
-        (root / "val" / "a").rmdir()
+        for name in ("a", "b"):
+            shutil.rmtree(root / "val" / name)
         return root, str(root / "val")
     if case == "empty class":
-        (root / "train" / "b").mkdir()
-        (root / "train" / "b" / "notes.txt").write_text("no images here")
-        return root, str(root / "train" / "b")
+        (root / "train" / "c").mkdir()
+        (root / "train" / "c" / "notes.txt").write_text("no images here")
+        return root, str(root / "train" / "c")
     if case == "val class not in train":
         write_png(root / "val" / "zebra" / "0.png", good)
         return root, "zebra"
@@ -386,7 +384,8 @@ def bad_folder(tmp_path: Path, case: str) -> tuple[Path, str]:
     if case == "truncated image":
         Image.fromarray(np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3)).save(root / "val" / "a" / "0.png")
         data = (root / "val" / "a" / "0.png").read_bytes()
-        write_png(root / "train" / "a" / "0.png", np.zeros((64, 64, 3), dtype=np.uint8))
+        for other in ("train/a", "train/b", "val/b"):
+            write_png(root / other / "0.png", np.zeros((64, 64, 3), dtype=np.uint8))
         (root / "val" / "a" / "0.png").write_bytes(data[: len(data) // 2])
         return root, str(root / "val" / "a" / "0.png")
     raise ValueError(case)
