@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from common.errors import UserError
-from datasets import DataSplits, DeviceLoader, load_dataset
+from datasets import DataSplits, load_dataset
+from datasets.loaders import make_loader
 from distiller.checkpoint import extract_state_dict, guess_architecture, safe_load
 from distiller.runtime import Runtime, resolve_device
 from models import MODELS, build_model
@@ -175,8 +176,7 @@ def evaluate_per_class(model: nn.Module, data: DataSplits, runtime: Runtime, bat
     ``per_class_top1[c]`` / ``per_class_top5[c]``: accuracy on the test images of class ``c``
     (None for a class without test images); ``per_class_count[c]``: how many there are.
     """
-    loader = DeviceLoader(data.test_images, data.test_labels, batch_size, runtime.device, train=False,
-                          mean=data.mean, std=data.std)
+    loader = make_loader(data, "test", batch_size, runtime.device, train=False)
     n = data.num_classes
     was_training = model.training
     model.eval().to(runtime.device)
@@ -284,7 +284,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict
     cfg = compose_config([*extra, *overrides])  # model= as in training, beside the data set and the device
     model = model_choice(overrides, cfg)
     data = load_dataset(cfg.dataset)
-    loaded = load_checkpoint(file, model, image_size=tuple(data.test_images.shape[-2:]))
+    loaded = load_checkpoint(file, model, image_size=data.image_size)
     if data.num_classes != loaded.num_classes:
         raise UserError(f"{path} holds a {loaded.num_classes}-class {loaded.arch}, but the {cfg.dataset.name} data "
                         f"set has {data.num_classes} classes; choose its data set with dataset=NAME "

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from common.errors import UserError
 from datasets import DataSplits
 from datasets.batch import Batch
-from datasets.device_loader import DeviceLoader
+from datasets.loaders import make_loader
 from distiller.checkpointer import Checkpointer, RunState
 from distiller.evaluation import evaluate
 from distiller.features import FeatureHooks
@@ -63,13 +63,11 @@ class Trainer:
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
         # normalised with the data set's own statistics (augmentation scales with its image size)
-        loader = dict(rank=runtime.rank, world_size=runtime.world_size, channels_last=runtime.channels_last,
-                      mean=data.mean, std=data.std)
+        loader = dict(rank=runtime.rank, world_size=runtime.world_size, channels_last=runtime.channels_last)
         views = sorted({v for entry in objective.active() for v in entry.method.views})
-        self.train_loader = DeviceLoader(data.train_images, data.train_labels, settings.batch_size, device,
-                                         train=True, seed=settings.seed, views=views, **loader)
-        self.test_loader = DeviceLoader(data.test_images, data.test_labels, settings.eval_batch_size, device,
-                                        train=False, **loader)
+        self.train_loader = make_loader(data, "train", settings.batch_size, device, train=True, seed=settings.seed,
+                                        views=views, **loader)
+        self.test_loader = make_loader(data, "test", settings.eval_batch_size, device, train=False, **loader)
         methods = [entry.method for entry in objective.entries]
         self.student_hooks = FeatureHooks(self.student, {k for m in methods for k in m.student_features})
         self.teacher_hooks = (FeatureHooks(self.teacher, {k for m in methods for k in m.teacher_features})

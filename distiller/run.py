@@ -175,7 +175,7 @@ def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     seed_everything(settings.seed)
     data = load_dataset(cfg.dataset)
     arch = network_label(cfg.model)  # resnet56, torchvision-resnet18, ...
-    model = build_network(cfg.model, data.num_classes, data.train_images.shape[-2:], role="model")
+    model = build_network(cfg.model, data.num_classes, data.image_size, role="model")
     header = {"kind": "teacher", "arch": arch, "student": arch, "teacher": None, "method": "ce",
               "seed": settings.seed, "dataset": str(cfg.dataset.name)}
     trainer = Trainer(runtime=runtime, settings=settings, run_dir=run_dir, data=data, student=model,
@@ -248,12 +248,12 @@ def build_distillation(cfg: DictConfig, run_dir: Path, runtime: Runtime, setting
     data = load_dataset(cfg.dataset)
     teacher_arch, student_arch = network_label(cfg.teacher), network_label(cfg.student)
     needs = lambda role: {e.label: getattr(e.method, f"{role}_features") for e in objective.entries}
-    teacher = build_network(cfg.teacher, data.num_classes, data.train_images.shape[-2:], role="teacher")
+    teacher = build_network(cfg.teacher, data.num_classes, data.image_size, role="teacher")
     check_taps(teacher, "teacher", teacher_arch, needs("teacher"))  # a tap the methods need exists (before any I/O)
     if load_teacher:  # checked against the teacher index of its folder first (teacher.verify)
         load_teacher_weights(teacher, Path(str(cfg.teacher.ckpt)), teacher_arch, dataset=str(cfg.dataset.name),
                              verify=bool(cfg.teacher.get("verify", True)))
-    student = build_network(cfg.student, data.num_classes, data.train_images.shape[-2:], role="student")
+    student = build_network(cfg.student, data.num_classes, data.image_size, role="student")
     check_taps(student, "student", student_arch, needs("student"))
     header = {"kind": "student", "arch": student_arch, "student": student_arch, "teacher": teacher_arch,
               "method": str(cfg.get("method_label", cfg.distill.name)), "seed": settings.seed,
