@@ -21,7 +21,15 @@ from typing import Any, Sequence
 
 from common.errors import UserError
 from distiller.cli import canonical_model_choices, fail
-from distiller.teachers import INDEX_NAME, add_teacher, file_sha256, read_index, recipe_of
+from distiller.teachers import (
+    INDEX_NAME,
+    JOURNAL_SUFFIX,
+    add_teacher,
+    file_sha256,
+    pending_store,
+    read_index,
+    recipe_of,
+)
 
 DEFAULT_ROOT = Path(os.environ.get("KD_TEACHER_DIR") or "checkpoints/teachers")
 
@@ -38,7 +46,8 @@ def folders(root: Path) -> list[Path]:
                         f"or name the folder")
     if root.is_file():
         root = root.parent
-    return sorted({p.parent for p in root.rglob(INDEX_NAME)} | ({root} if (root / INDEX_NAME).is_file() else set()))
+    marked = {p.parent for pattern in (INDEX_NAME, f"*{JOURNAL_SUFFIX}") for p in root.rglob(pattern)}
+    return sorted(marked | ({root} if (root / INDEX_NAME).is_file() else set()))
 
 
 def entries(root: Path, check: bool) -> list[dict[str, Any]]:
@@ -52,6 +61,11 @@ def entries(root: Path, check: bool) -> list[dict[str, Any]]:
                 row["status"] = ("missing" if not path.is_file()
                                  else "ok" if file_sha256(path) == entry.get("sha256") else "changed")
             rows.append(row)
+        if check:  # a store killed before it finished: its rerun completes it
+            for journal in sorted(folder.glob(f"*{JOURNAL_SUFFIX}")):
+                pending = pending_store(folder / journal.name[:-len(JOURNAL_SUFFIX)]) or {}
+                rows.append({"file": str(folder / journal.name[:-len(JOURNAL_SUFFIX)]), **pending.get("entry", {}),
+                             "status": "store interrupted: rerun the teacher run"})
     return rows
 
 
