@@ -368,7 +368,7 @@ def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str |
 
     Returns the index entry (None when the file is not indexed or ``verify`` is off).
     """
-    from distiller.checkpoint import load_weights
+    from distiller.checkpoint import check_file, load_weights
 
     path = Path(path)
     pending = pending_store(path)
@@ -377,6 +377,8 @@ def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str |
         raise UserError(f"the store of teacher {path} was interrupted: rerun the train_teacher.py command of the "
                         f"run {run} (it completes the store and trains nothing), or pass teacher.ckpt=PATH to "
                         f"another file")
+    if path.is_dir():
+        check_file(path, "teacher checkpoint")  # a directory: says so, and names the checkpoints in it
     if not path.is_file():
         raise UserError(f"teacher checkpoint not found: {path}. Train it with `python train_teacher.py "
                         f"{label_choice(arch, 'model')}` (saved there), or pass teacher.ckpt=PATH to a pretrained "

@@ -85,11 +85,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def add(path: Path, overrides: list[str], measure: bool) -> dict[str, Any]:
     """Index ``path`` (its weights must fit ``model=`` or its header's architecture)."""
+    from distiller.checkpoint import check_file
     from distiller.checkpoint_eval import _override, evaluate_checkpoint, load_checkpoint, model_choice
 
     overrides = canonical_model_choices(overrides)
-    if not path.is_file():
-        raise UserError(f"teacher file not found: {path}")
+    check_file(path, "teacher file")
     loaded = load_checkpoint(path, model_choice(overrides))
     config = loaded.header.get("config") if isinstance(loaded.header.get("config"), dict) else {}
     dataset = _override(overrides, "dataset") or (config.get("dataset") or {}).get("name")

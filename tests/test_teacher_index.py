@@ -175,3 +175,19 @@ def test_train_student_warns_when_the_teacher_is_below_its_published_accuracy(ca
     _warn_below_published(cfg, "resnet56", 10000, 72.0)  # within the 1-point tolerance
     _warn_below_published(cfg, "resnet56", 500, 10.0)  # a subset: the published number does not apply
     assert capsys.readouterr().out == ""
+
+
+def test_a_teacher_for_another_class_count_is_named_as_such(tmp_path):
+    """The same architecture trained on 10 classes, loaded for 100: the class counts are named, not the arch twice."""
+    path = tmp_path / "resnet8.pt"
+    torch.save({"model": build_model("resnet8", num_classes=10).state_dict(), "arch": "resnet8", "num_classes": 10},
+               path)
+    with pytest.raises(UserError) as err:
+        load_teacher_weights(build_model("resnet8", num_classes=100), path, "resnet8")
+    assert str(err.value) == (f"teacher checkpoint {path} holds a 10-class resnet8, but the resnet8 built here has "
+                              f"100 classes (the data set's): use a checkpoint trained on this data set, or choose "
+                              f"the checkpoint's data set with dataset=NAME")
+    # another architecture with the same parameter names (wider layers) is still named as one
+    torch.save({"model": build_model("resnet8x4", num_classes=100).state_dict()}, path)
+    with pytest.raises(UserError, match=r"holds a resnet8x4 model, not resnet8"):
+        load_teacher_weights(build_model("resnet8", num_classes=100), path, "resnet8")
