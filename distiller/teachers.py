@@ -169,7 +169,7 @@ def _apply(folder: Path, journal: Mapping[str, Any], step: Callable[[str], None]
     elif not target.is_file() or file_sha256(target) != entry["sha256"]:
         raise UserError(f"the interrupted store of {target} cannot be completed: its new file {new} is gone and "
                         f"{target} is not the file being stored; delete {journal_path(target)} and rerun the "
-                        f"teacher run {entry.get('run_dir')} with trainer.force=true")
+                        f"train_teacher.py command of the run {entry.get('run_dir')} (it stores its final.pt again)")
     step("swapped")
 
     def change(entries: dict[str, dict[str, Any]]) -> None:

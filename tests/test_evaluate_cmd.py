@@ -198,8 +198,9 @@ def test_a_directory_is_named_and_its_checkpoints_suggested(files, tmp_path):
     with pytest.raises(UserError, match=rf"is a directory, not a file; name a checkpoint in it: "
                                         rf"{downloads / 'a.pt'}, {downloads / 'b.pth'}$"):
         evaluate_checkpoint(downloads)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"is a directory, not a file; it holds no .pt/.pth file"):
-        evaluate_checkpoint(tmp_path / "downloads" / ".." / "downloads" / "..")
+        evaluate_checkpoint(tmp_path / "empty")
 
 
 def test_a_text_file_is_named_as_such(tmp_path, capsys):
