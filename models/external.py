@@ -19,6 +19,7 @@ import importlib
 import inspect
 import logging
 import pickle
+import sysconfig
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,13 +160,17 @@ def _first_line(err: BaseException) -> str:
 
 
 def _raised_at(err: BaseException) -> str:
-    """Where the failing code is (the innermost frame of the traceback), for a network of the user's own."""
+    """Where in the user's own code it failed: the innermost frame outside Python, its packages and this file."""
     if isinstance(err, SyntaxError) and err.filename:
         return f", at {err.filename}:{err.lineno}"
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
+    installed = tuple({sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")})
+    where, tb = "", err.__traceback__
+    while tb is not None:
+        file = tb.tb_frame.f_code.co_filename
+        if file != __file__ and not file.startswith(("<", *installed)):
+            where = f", raised at {file}:{tb.tb_lineno}"
         tb = tb.tb_next
-    return "" if tb is None else f", raised at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+    return where
 
 
 # ---- sources --------------------------------------------------------------------------------------
