@@ -16,8 +16,26 @@ import torch
 from torch import nn
 
 from common.errors import UserError
+from common.torch_files import not_a_torch_file
 
 UNSAFE_ENV = "KD_TRUST_CHECKPOINTS"  # set to 1 to allow full unpickling of files you trust
+
+
+RUN_CHECKPOINTS = ("final.pt", "best.pt", "last.pt")  # what a run directory holds, the usual choice first
+
+
+def check_file(path: str | Path, what: str = "checkpoint") -> None:
+    """One line when ``path`` is not a file: missing, or a directory (then its checkpoints are suggested)."""
+    path = Path(path)
+    if path.is_file():
+        return
+    if not path.is_dir():
+        raise UserError(f"{what} not found: {path}")
+    found = [path / name for name in RUN_CHECKPOINTS if (path / name).is_file()]
+    found = found or sorted(p for p in path.iterdir() if p.suffix in (".pt", ".pth") and p.is_file())
+    hint = (f"name a checkpoint in it: {', '.join(str(p) for p in found[:3])}"
+            + (f" (+{len(found) - 3} more)" if len(found) > 3 else "")) if found else "it holds no .pt/.pth file"
+    raise UserError(f"{what} {path} is a directory, not a file; {hint}")
 
 
 def safe_load(path: str | Path, what: str = "checkpoint", trust: bool | None = None) -> Any:
@@ -29,8 +47,11 @@ def safe_load(path: str | Path, what: str = "checkpoint", trust: bool | None = N
     path = Path(path)
     if trust is None:
         trust = os.environ.get(UNSAFE_ENV, "") == "1"
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
+    check_file(path, what)
+    unlike = not_a_torch_file(path)
+    if unlike:
+        raise UserError(f"{what} {path} is not a torch checkpoint ({unlike}); give the .pt/.pth file that "
+                        f"torch.save wrote")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
@@ -45,6 +66,11 @@ def safe_load(path: str | Path, what: str = "checkpoint", trust: bool | None = N
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{what} {path} is corrupted or truncated ({first}); "
                         f"re-download or re-create it") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged pickle fails in many ways (KeyError, IndexError, ...)
+        raise UserError(f"{what} {path} is corrupted or not a torch checkpoint ({type(err).__name__}: "
+                        f"{str(err).strip()[:80]}); re-download or re-create it") from None
 
 
 def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
@@ -76,6 +102,11 @@ def load_weights(model: nn.Module, path: str | Path, arch: str, what: str = "che
     expected = model.state_dict()
     mismatch = (set(state) != set(expected)) or any(state[k].shape != expected[k].shape for k in expected)
     if mismatch:
+        classes = class_counts(state, expected)
+        if classes is not None:  # the same network for another data set
+            raise UserError(f"{what} {path} holds a {classes[0]}-class {saved_arch or arch}, but the {arch} built here "
+                            f"has {classes[1]} classes (the data set's): use a checkpoint trained on this data set, "
+                            f"or choose the checkpoint's data set with dataset=NAME")
         described = f"a {saved_arch} model" if saved_arch else "another architecture"
         guess = guess_architecture(state)
         if not saved_arch and guess:
@@ -84,6 +115,28 @@ def load_weights(model: nn.Module, path: str | Path, arch: str, what: str = "che
                         f"Pick the matching architecture or another checkpoint")
     model.load_state_dict(state, strict=True)
     return {k: v for k, v in obj.items() if k not in ("model", "state_dict")} if isinstance(obj, Mapping) else {}
+
+
+def class_counts(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
+    """(the file's, the model's) class count when ``state`` differs from ``expected`` only by it, else None.
+
+    That is: the same parameter names, and every mis-shaped parameter differs in one dimension, from
+    one and the same size in the file to one and the same size in the model (the classifier's rows).
+    """
+    if set(state) != set(expected):
+        return None
+    pairs = set()
+    for key, value in expected.items():
+        got = state[key].shape
+        if got == value.shape:
+            continue
+        if len(got) != len(value.shape):
+            return None
+        dims = [(a, b) for a, b in zip(got, value.shape) if a != b]
+        if len(dims) != 1:
+            return None
+        pairs.add(dims[0])
+    return next(iter(pairs)) if len(pairs) == 1 else None
 
 
 def guess_architecture(state: Mapping[str, torch.Tensor]) -> str | None:

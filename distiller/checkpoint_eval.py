@@ -12,6 +12,7 @@ architecture is a one-line error naming the keys that differ. Used by ``scripts/
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +22,17 @@ import torch
 from torch import nn
 
 from common.errors import UserError
-from datasets import DataSplits, load_dataset
+from datasets import DATASETS, DataSplits, load_dataset
 from datasets.loaders import make_loader
-from distiller.checkpoint import extract_state_dict, guess_architecture, safe_load
+from distiller.checkpoint import check_file, extract_state_dict, guess_architecture, safe_load
 from distiller.runtime import Runtime, resolve_device
 from models import MODELS, build_model
 from models.external import build_network, network_label
 
 SHOWN_KEYS = 3  # keys named per kind of mismatch in an error line
-# data-defining keys of a checkpoint's own dataset node that carry over (the rest: this machine's choice)
-DATA_KEYS = ("train_size", "test_size", "seed", "num_classes")
+# data-defining keys of a checkpoint's own dataset node that carry over (the rest: this machine's choice);
+# the root too where it *is* the data (an image folder: registered with teachers_per_root)
+DATA_KEYS = ("train_size", "test_size", "seed", "num_classes", "image_size", "mean", "std")
 # keys of an external network's node that do not describe the network to evaluate: the weights come from
 # the checkpoint (a recorded ``weights=`` file need not exist on this machine), the rest are training's
 NOT_ARCHITECTURE = ("weights", "ckpt", "lr", "published_top1", "verify")
@@ -217,9 +219,27 @@ def data_overrides(header: dict[str, Any], overrides: list[str]) -> tuple[list[s
     if _override(overrides, "dataset") is not None or not isinstance(stored, dict) or "name" not in stored:
         return [], "command line" if _override(overrides, "dataset") is not None else "default"
     extra = [f"dataset={stored['name']}"]
-    extra += [f"dataset.{k}={stored[k]}" for k in DATA_KEYS
+    extra += [f"dataset.{k}={_hydra_value(stored[k])}" for k in DATA_KEYS
               if stored.get(k) is not None and _override(overrides, f"dataset.{k}") is None]
+    name = str(stored["name"])
+    if (name in DATASETS and DATASETS.metadata(name).get("teachers_per_root") and stored.get("root")
+            and _override(overrides, "dataset.root") is None):
+        root = Path(str(stored["root"])).expanduser()
+        if not root.is_dir():
+            raise UserError(f"the checkpoint was trained on the {name} data set at {root}, which does not exist "
+                            f"here: pass dataset.root=DIR (the folder holding train/ and val/)")
+        extra.append(f"dataset.root={_hydra_value(str(root))}")
     return extra, "the checkpoint's config"
+
+
+def _hydra_value(value: Any) -> str:
+    """``value`` written for a command-line override: lists as ``[a,b]``, strings quoted (any path survives)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if not isinstance(value, str):
+        return str(value)
+    # inside single quotes Hydra unescapes \' and a backslash run that precedes a quote or the end
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value) + "'"
 
 
 def compose_config(overrides: list[str]) -> Any:
@@ -277,8 +297,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise UserError(f"'{bad[0]}' is not an override; write KEY=VALUE (e.g. model=resnet56, dataset=synthetic)")
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+    check_file(path, "checkpoint")
     file = read_checkpoint(path)
     extra, data_from = data_overrides(file.header, overrides)
     cfg = compose_config([*extra, *overrides])  # model= as in training, beside the data set and the device

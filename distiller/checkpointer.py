@@ -35,6 +35,20 @@ class RunState:
     finished: bool = False
 
 
+def slim_checkpoint(model: dict[str, torch.Tensor], arch: str, num_classes: int, epochs: int, top1: float | None,
+                    config: dict[str, Any]) -> dict[str, Any]:
+    """The layout of ``final.pt``/``best.pt`` (and stored teachers): the weights under ``model`` plus a header."""
+    return {"model": model, "arch": arch, "num_classes": num_classes, "epoch": epochs, "accuracy": top1,
+            "config": config}
+
+
+def slim_from_last(last: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's ``final.pt``, rebuilt from its ``last.pt`` (for a run killed before it wrote one)."""
+    history = last["run"]["history"]
+    return slim_checkpoint(last["model"], last["arch"], last["num_classes"], len(history),
+                           history[-1]["test_top1"] if history else None, last.get("config") or {})
+
+
 class Checkpointer:
     """Writes (rank 0 only, atomically) and reads the checkpoints of one run directory."""
 
@@ -59,8 +73,8 @@ class Checkpointer:
 
     def slim(self, epochs: int, top1: float | None) -> dict[str, Any]:
         """What a user of the trained network needs (loads like the older frameworks' files)."""
-        return {"model": self.student.state_dict(), "arch": self.student_arch, "num_classes": self.num_classes,
-                "epoch": epochs, "accuracy": top1, "config": self.config}
+        return slim_checkpoint(self.student.state_dict(), self.student_arch, self.num_classes, epochs, top1,
+                               self.config)
 
     def save_best(self, epochs: int, top1: float) -> None:
         if self.is_main:

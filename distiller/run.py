@@ -29,7 +29,7 @@ from distiller.objective import Objective
 from distiller.optim import check_optimizer, optimizer_options
 from distiller.pairs import apply_pair_settings
 from distiller.runtime import Runtime, barrier, make_runtime, seed_everything
-from distiller.teachers import load_teacher_weights, published_check, store_teacher
+from distiller.teachers import load_teacher_weights, prepare_store, published_check, store_teacher
 from models.external import build_network, network_label
 from models.taps import check_taps
 
@@ -169,6 +169,9 @@ def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     runtime = make_runtime(cfg.trainer)
     settings = settings_from_config(job, runtime)
     start = prepare_run_dir(run_dir, config, cfg, runtime)
+    if job.save_teacher:  # teacher_dir usable before training; "finished" means stored and indexed (teachers.py)
+        prepare_store(Path(str(cfg.teacher_dir)), run_dir, network_label(cfg.model), str(cfg.dataset.name), config,
+                      finished=start == "finished" and runtime.is_main)
     if start == "finished":
         _report_finished(run_dir)
         return None
@@ -187,7 +190,8 @@ def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         slim = trainer.checkpointer.slim(len(state.history), final["test_top1"])
         atomic_write(slim, run_dir / "final.pt")
         if job.save_teacher:  # <teacher_dir>/<arch>.pt, indexed (distiller/teachers.py); a previous file -> .bak
-            store_teacher(slim, Path(str(cfg.teacher_dir)), arch, str(cfg.dataset.name), final, config, run_dir)
+            store_teacher(run_dir / "final.pt", Path(str(cfg.teacher_dir)), arch, str(cfg.dataset.name), final,
+                          config, run_dir)
     if runtime.is_main:
         print(f"{arch}: final test top-1 {final['test_top1']:.2f}  best {state.best_top1:.2f}  ({run_dir})")
     return final

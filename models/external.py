@@ -19,6 +19,7 @@ import importlib
 import inspect
 import logging
 import pickle
+import sysconfig
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import nn
 
 from common.errors import UserError
 from common.registry import Registry
+from common.torch_files import not_a_torch_file
 from models.taps import (
     INPUT_SUFFIX,
     SAME,
@@ -142,13 +144,33 @@ def constructor_args(node: Mapping[str, Any]) -> dict[str, Any]:
 def _call(factory: Callable[..., nn.Module], args: dict[str, Any], what: str, role: str) -> nn.Module:
     try:
         model = factory(**args)
-    except (TypeError, ValueError, AssertionError, KeyError) as err:
-        first = next((s for s in str(err).splitlines() if s.strip()), type(err).__name__)
-        raise UserError(f"{role}: building {what} failed ({first}); check its arguments "
-                        f"({', '.join(f'{k}={v!r}' for k, v in args.items())})") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever the constructor raises is the network's failure to build
+        raise UserError(f"{role}: building {what} failed ({_first_line(err)}{_raised_at(err)}); check its "
+                        f"arguments ({', '.join(f'{k}={v!r}' for k, v in args.items())})") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"{role}: {what} returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _first_line(err: BaseException) -> str:
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _raised_at(err: BaseException) -> str:
+    """Where in the user's own code it failed: the innermost frame outside Python, its packages and this file."""
+    if isinstance(err, SyntaxError) and err.filename:
+        return f", at {err.filename}:{err.lineno}"
+    installed = tuple({sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")})
+    where, tb = "", err.__traceback__
+    while tb is not None:
+        file = tb.tb_frame.f_code.co_filename
+        if file != __file__ and not file.startswith(("<", *installed)):
+            where = f", raised at {file}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
 
 
 # ---- sources --------------------------------------------------------------------------------------
@@ -194,6 +216,9 @@ def locate(path: str, role: str) -> Callable[..., Any]:
             if err.name is not None and not module_name.startswith(err.name):
                 raise UserError(f"{role}._target_='{path}': importing {module_name} failed ({err})") from None
             continue
+        except Exception as err:  # noqa: BLE001 - the module's own code failed while it was imported
+            raise UserError(f"{role}._target_='{path}': importing {module_name} failed ({_first_line(err)}"
+                            f"{_raised_at(err)})") from None
         for attr in parts[cut:]:
             if not hasattr(obj, attr):
                 raise UserError(f"{role}._target_='{path}': {'.'.join(parts[:cut])} has no attribute '{attr}'")
@@ -392,12 +417,15 @@ def drop_stem_pool(model: nn.Module, input_size: Sequence[int], first_stage: str
 def _read_state_dict(path: Path, key: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"{key}={path}: no such file (a weights file you have locally; nothing is downloaded)")
+    unlike = not_a_torch_file(path)
+    if unlike:
+        raise UserError(f"{key}={path} is not a torch file ({unlike})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise UserError(f"{key}={path} holds objects other than tensors, so it was not loaded "
                         "(loading it could run code)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as err:
         raise UserError(f"{key}={path} is corrupted or not a torch file ({type(err).__name__})") from None
     if isinstance(obj, Mapping):
         for inner in ("model", "state_dict"):

@@ -6,13 +6,15 @@
     python scripts/collect_results.py runs/student --out results/new --sources post_dkd --table lskd_same_arch
 
 Reads any set of run directories (a multirun folder, a glob, single runs) into one tidy table, one
-row per run, and groups it: student runs by (teacher, student, method), plain cross-entropy runs
-(``train_teacher.py``) by architecture. Both evaluation protocols are reported: top-1 of the last
-epoch (the CRD tables) and of the best epoch (the DKD tables), mean ± sample std over finished seeds
-and the number of runs. Each published source is placed beside the protocol it used, with the
-difference ours - published. A pair's ``teacher`` and ``student`` rows are the plain cross-entropy
-runs of those architectures, when they are among the inputs. Runs that are not finished (still
-training, stopped, failed) are counted and listed, never silently dropped.
+row per run, and groups it per data set (never averaged across): student runs by (teacher, student,
+method), plain cross-entropy runs (``train_teacher.py``) by architecture; the runs of one group must
+share one recipe (epochs, lr, schedule), else it is refused in one line. Both evaluation protocols
+are reported: top-1 of the last epoch (the CRD tables) and of the best epoch (the DKD tables), mean
+± sample std over finished seeds and the number of runs. Each published source is placed beside the
+protocol it used, with the difference ours - published. A pair's ``teacher`` and ``student`` rows
+are the plain cross-entropy runs of those architectures, when they are among the inputs. Runs that
+are not finished (still training, stopped, failed) are counted and listed, never silently dropped; a
+directory that cannot be read (a sweep job that died on a typo) is skipped with a warning naming it.
 
 The post-DKD methods (DIST, LS, CTKD, MLKD, DOT, WTTM/TTM, NKD; source ``post_dkd``) were published
 under different recipes, so each of their published numbers carries its recipe: epochs, views per
@@ -92,8 +94,8 @@ TABLE_ALIASES = {
 FINISHED = "finished"
 CELL = ["teacher", "student", "method"]
 MISSING = "–"
-SUMMARY_COLUMNS = ["teacher", "student", "method", "runs", "last_top1_mean", "last_top1_std", "best_top1_mean",
-                   "best_top1_std", "not_finished", "hours_per_run", "seeds"]
+SUMMARY_COLUMNS = ["dataset", "teacher", "student", "method", "runs", "last_top1_mean", "last_top1_std",
+                   "best_top1_mean", "best_top1_std", "not_finished", "hours_per_run", "seeds", "our_recipe"]
 
 
 # ---- published recipes ------------------------------------------------------------------------------
@@ -188,7 +190,7 @@ class Run:
     method: str  # distill.name (+ combined methods); "ce" for plain training
     seed: int | None
     dataset: str | None
-    status: str  # finished | running | failed | no metrics | unreadable
+    status: str  # finished | running | failed | no metrics
     final_top1: float | None = None
     best_top1: float | None = None
     final_top5: float | None = None
@@ -197,6 +199,11 @@ class Run:
     epochs_planned: int | None = None
     hours: float = 0.0  # wall time of the epochs so far (sum of the engine's per-epoch time_s)
     error: str | None = None  # the engine's message for a failed run
+    recipe: str | None = None  # how it was trained: epochs, lr and its schedule (:func:`recipe_of_run`)
+
+
+class UnreadableRun(ValueError):
+    """A run directory the collector cannot read (a job that failed on a typo, a damaged file): skipped."""
 
 
 def _load_yaml(path: Path) -> dict[str, Any] | None:
@@ -251,15 +258,46 @@ def variant_label(method: str, config: dict[str, Any]) -> str:
     return "+".join([name, *combined])
 
 
+def _numeric(value: Any, what: str, kind: type = float) -> Any:
+    """``value`` as a ``kind`` (None stays None); anything else makes the run unreadable, named."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise UnreadableRun(f"{what}={value!r} is not {'an integer' if kind is int else 'a number'}")
+    return kind(value)
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def recipe_of_run(config: dict[str, Any]) -> str | None:
+    """The training recipe a run's config records, e.g. ``240 ep, lr 0.05, step x0.1 at 150/180/210``.
+
+    Runs of one cell with different recipes must not be averaged (:func:`check_recipes`). None when
+    the config records none of epochs, lr and schedule.
+    """
+    epochs, lr = dotted_get(config, "trainer.epochs"), dotted_get(config, "optim.lr")
+    milestones, decay = dotted_get(config, "schedule.milestones"), dotted_get(config, "schedule.gamma")
+    schedule = [_short(dotted_get(config, "schedule.name") or ""), "" if decay is None else f"x{_short(decay)}",
+                f"at {'/'.join(str(m) for m in milestones)}" if isinstance(milestones, list) and milestones else ""]
+    parts = ["" if epochs is None else f"{epochs} ep",
+             "" if lr is None or "${" in str(lr) else f"lr {_short(lr)}",  # Hydra's copy keeps ${...} unresolved
+             " ".join(x for x in schedule if x)]
+    return ", ".join(x for x in parts if x) or None
+
+
 def read_run(path: Path) -> Run:
     """Identity from the run's config (``config.yaml``, else Hydra's ``.hydra/config.yaml``), results
-    from ``metrics.json``."""
+    from ``metrics.json``. Raises :class:`UnreadableRun` naming what is wrong (then it is skipped)."""
     config = None
     for candidate in (path / "config.yaml", path / ".hydra" / "config.yaml"):
         if candidate.is_file():
             config = _load_yaml(candidate)
             if config is not None:
                 break
+    if config is not None and not isinstance(config, dict):
+        raise UnreadableRun(f"its config is a {type(config).__name__}, not a mapping")
     config = config or {}
     metrics: dict[str, Any] = {}
     metrics_file = path / "metrics.json"
@@ -267,9 +305,11 @@ def read_run(path: Path) -> Run:
     if metrics_file.is_file():
         try:
             metrics = json.loads(metrics_file.read_text())
-            status = str(metrics.get("status", "running"))
-        except (OSError, ValueError):
-            status = "unreadable"
+        except (OSError, ValueError) as err:
+            raise UnreadableRun(f"metrics.json is unreadable ({err})") from None
+        if not isinstance(metrics, dict):
+            raise UnreadableRun("metrics.json is not a JSON object")
+        status = str(metrics.get("status", "running"))
     if dotted_get(config, "teacher.name") is not None or metrics.get("kind") == "student":
         kind = "student"
         teacher = dotted_get(config, "teacher.name") or metrics.get("teacher")
@@ -285,20 +325,36 @@ def read_run(path: Path) -> Run:
     else:
         kind, teacher, method = "teacher", None, "ce"
         student = dotted_get(config, "model.name") or metrics.get("arch")
+    if student is None:
+        raise UnreadableRun("neither its config nor its metrics.json names the trained architecture")
     seed = dotted_get(config, "seed")
-    seed = metrics.get("seed") if seed is None else seed
+    seed = _numeric(metrics.get("seed") if seed is None else seed, "seed", int)
     planned = dotted_get(config, "trainer.epochs")
     history = metrics.get("epochs") or []
-    top5 = [e["test_top5"] for e in history if e.get("test_top5") is not None]
+    if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
+        raise UnreadableRun("metrics.json's 'epochs' is not a list of per-epoch records")
+    top5 = [_numeric(e["test_top5"], "test_top5") for e in history if e.get("test_top5") is not None]
     return Run(
         run_dir=path, kind=kind, teacher=None if teacher is None else str(teacher), student=str(student),
-        method=str(method), seed=None if seed is None else int(seed),
-        dataset=dotted_get(config, "dataset.name") or metrics.get("dataset"),
-        status="unreadable" if student is None else status,
-        final_top1=metrics.get("final_top1"), best_top1=metrics.get("best_top1"),
-        final_top5=metrics.get("final_top5"), best_top5=max(top5) if top5 else None,
+        method=str(method), seed=seed,
+        dataset=dotted_get(config, "dataset.name") or metrics.get("dataset"), status=status,
+        final_top1=_numeric(metrics.get("final_top1"), "final_top1"),
+        best_top1=_numeric(metrics.get("best_top1"), "best_top1"),
+        final_top5=_numeric(metrics.get("final_top5"), "final_top5"), best_top5=max(top5) if top5 else None,
         epochs_done=len(history), epochs_planned=planned if isinstance(planned, int) else None,
-        hours=sum(float(e.get("time_s") or 0.0) for e in history) / 3600.0, error=metrics.get("error"))
+        hours=sum(_numeric(e.get("time_s") or 0.0, "time_s") for e in history) / 3600.0, error=metrics.get("error"),
+        recipe=recipe_of_run(config))
+
+
+def read_runs(paths: Iterable[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """The readable runs, and (directory, why) for each one skipped."""
+    runs, skipped = [], []
+    for path in paths:
+        try:
+            runs.append(read_run(path))
+        except UnreadableRun as err:
+            skipped.append((path, str(err)))
+    return runs, skipped
 
 
 def runs_frame(runs: Sequence[Run]) -> pd.DataFrame:
@@ -321,7 +377,25 @@ STATS = {
     "last_top1_std": ("final_top1", "std"), "best_runs": ("best_top1", "count"),
     "best_top1_mean": ("best_top1", "mean"), "best_top1_std": ("best_top1", "std"),
     "hours_per_run": ("hours", lambda h: h[h > 0].mean()), "seeds": ("seed", _seed_list),
+    "our_recipe": ("recipe", lambda r: r.dropna().iloc[0] if r.notna().any() else ""),  # one per cell: check_recipes
 }
+UNKNOWN_DATASET = ""  # runs whose config names no data set form a group of their own
+
+
+def check_recipes(runs: pd.DataFrame) -> None:
+    """Refuse, in one line, a cell whose finished runs were trained with different recipes (never averaged)."""
+    finished = runs[runs["status"] == FINISHED]
+    keys = ["dataset", "kind", "teacher", "student", "method"]
+    for (dataset, kind, teacher, student, method), group in finished.groupby(keys, dropna=False, sort=True):
+        recipes = group.groupby(group["recipe"].fillna("unrecorded"), sort=True)["run_dir"]
+        if recipes.ngroups < 2:
+            continue
+        cell = f"plain training of {student}" if kind == "teacher" else f"{method} on {teacher} → {student}"
+        where = f" on {dataset}" if isinstance(dataset, str) and dataset else ""
+        found = "; ".join(f"{recipe} ({len(dirs)} run{'s' * (len(dirs) > 1)}, e.g. {sorted(dirs)[0]})"
+                          for recipe, dirs in recipes)
+        raise UserError(f"the runs of {cell}{where} differ in recipe and cannot be averaged: {found}; collect one "
+                        f"recipe at a time (name its run directories or a glob)")
 
 
 def _ours(runs: pd.DataFrame, by: str | list[str]) -> pd.DataFrame:
@@ -372,6 +446,7 @@ def summarize(runs: pd.DataFrame, published: pd.DataFrame, sources: Sequence[str
     table = pd.concat([by_cell, by_arch]).sort_index().drop(columns="arch")
     table[["runs", "best_runs", "not_finished"]] = table[["runs", "best_runs", "not_finished"]].fillna(0).astype(int)
     table["seeds"] = [s if isinstance(s, str) else "" for s in table["seeds"]]  # no runs: no seeds
+    table["our_recipe"] = [r if isinstance(r, str) else "" for r in table["our_recipe"]]
     # one number per cell and source: the method authors' own table where a cell is in several, else the last
     chosen = published.sort_values("preferred", kind="stable").drop_duplicates(["source", *CELL], keep="last")
     for key in sources:
@@ -387,6 +462,14 @@ def summarize(runs: pd.DataFrame, published: pd.DataFrame, sources: Sequence[str
         ours = table["last_top1_mean"].where(table[f"{key}_protocol"] == "last", table["best_top1_mean"])
         table[f"{key}_diff"] = ours - table[f"{key}_published"]
     return table.reset_index(drop=True)
+
+
+def summarize_by_dataset(runs: pd.DataFrame, published: pd.DataFrame, sources: Sequence[str],
+                         tables: Sequence[str] = ()) -> pd.DataFrame:
+    """:func:`summarize` for each data set's runs apart (never averaged together), with a ``dataset`` column."""
+    parts = [summarize(group, published, sources, tables).assign(dataset=dataset)
+             for dataset, group in runs.groupby(runs["dataset"].fillna(UNKNOWN_DATASET), sort=True)]
+    return pd.concat(parts, ignore_index=True)
 
 
 # ---- the rows as objects (for callers and tests) ---------------------------------------------------
@@ -413,6 +496,8 @@ class Row:
     published: dict[str, float | None]
     seeds: list[int]
     recipes: dict[str, str] = field(default_factory=dict)  # source -> the published number's recipe
+    dataset: str = UNKNOWN_DATASET  # the data set of our runs in this cell
+    our_recipe: str = ""  # how our runs of this cell were trained (one recipe per cell)
 
 
 def _value(x: Any) -> Any:
@@ -427,7 +512,8 @@ def rows_of(table: pd.DataFrame, sources: Sequence[str]) -> list[Row]:
                 unfinished=r.not_finished, hours_per_run=_value(r.hours_per_run),
                 published={key: _value(getattr(r, f"{key}_published")) for key in sources},
                 seeds=[int(s) for s in r.seeds.split()],
-                recipes={key: getattr(r, f"{key}_recipe") for key in sources if getattr(r, f"{key}_recipe")})
+                recipes={key: getattr(r, f"{key}_recipe") for key in sources if getattr(r, f"{key}_recipe")},
+                dataset=r.dataset, our_recipe=r.our_recipe)
             for r in table.itertuples(index=False)]
 
 
@@ -442,8 +528,17 @@ def _number(x: float, fmt: str) -> str:
     return MISSING if pd.isna(x) else format(x, fmt)
 
 
-def _pair_title(teacher: str, student: str) -> str:
-    return student if teacher == "-" else f"{teacher} → {student}"
+def _pair_title(teacher: str, student: str, dataset: str = UNKNOWN_DATASET) -> str:
+    pair = student if teacher == "-" else f"{teacher} → {student}"
+    return f"{pair} ({dataset})" if dataset else pair
+
+
+def _datasets_line(runs: pd.DataFrame) -> str:
+    counts = runs["dataset"].fillna("not recorded").value_counts().sort_index()
+    if len(counts) == 1:
+        return f"Data set: {counts.index[0]}."
+    return ("Data sets (each summarised apart): "
+            + ", ".join(f"{name} ({n} run{'s' * (n > 1)})" for name, n in counts.items()) + ".")
 
 
 def render_markdown(table: pd.DataFrame, runs: pd.DataFrame, sources: Sequence[str], title: str = "Results") -> str:
@@ -451,7 +546,7 @@ def render_markdown(table: pd.DataFrame, runs: pd.DataFrame, sources: Sequence[s
     n_finished = int((runs["status"] == FINISHED).sum())
     lines = [f"# {title}", "",
              f"{len(runs)} run directories: {n_finished} finished, {len(runs) - n_finished} not finished; "
-             f"{runs['hours'].sum():.2f} training hours recorded in them.",
+             f"{runs['hours'].sum():.2f} training hours recorded in them. {_datasets_line(runs)}",
              "Ours: mean ± sample std over seeds (n = runs). *last* = top-1 after the last epoch (the CRD "
              "tables' protocol), *best* = best epoch's top-1 (the DKD tables' protocol). Δ = ours − published, "
              "each source compared under its own protocol.", ""]
@@ -466,10 +561,12 @@ def render_markdown(table: pd.DataFrame, runs: pd.DataFrame, sources: Sequence[s
         if source.recipes:  # numbers of one file trained under different recipes: say which, per number
             columns.append((f"{source.label}: recipe", list(table[f"{key}_recipe"])))
     columns.append(("not finished", [str(n) if n else "" for n in table["not_finished"]]))
+    columns.append(("our recipe", list(table["our_recipe"])))
     shown = pd.DataFrame(dict(enumerate(cells for _, cells in columns)), index=table.index)
     header = [name for name, _ in columns]
-    for (teacher, student), group in shown.groupby([table["teacher"], table["student"]], sort=False, dropna=False):
-        lines += [f"## {_pair_title(teacher, student)}", "", "| " + " | ".join(header) + " |",
+    sections = shown.groupby([table["dataset"], table["teacher"], table["student"]], sort=False, dropna=False)
+    for (dataset, teacher, student), group in sections:
+        lines += [f"## {_pair_title(teacher, student, dataset)}", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(cells) + " |" for cells in group.itertuples(index=False)]
         lines.append("")
@@ -494,18 +591,18 @@ def write_summary_csv(table: pd.DataFrame, sources: Sequence[str], path: Path) -
 
 
 def plot(table: pd.DataFrame, sources: Sequence[str], path: Path) -> None:
-    """Per pair, per method: ours (last and best epoch, mean ± std) and each source's published number."""
+    """Per data set and pair, per method: ours (last and best epoch, mean ± std) and each source's published number."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = table.groupby(["teacher", "student"], sort=False, dropna=False)
+    pairs = table.groupby(["dataset", "teacher", "student"], sort=False, dropna=False)
     cols = min(3, max(1, pairs.ngroups))
     nrows = math.ceil(pairs.ngroups / cols) if pairs.ngroups else 1
     fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 3.6 * nrows), squeeze=False)
     markers = {"crd": "x", "dkd": "+", "mdistiller": "1"}
-    for ax, ((teacher, student), group) in zip(axes.flat, pairs):
+    for ax, ((dataset, teacher, student), group) in zip(axes.flat, pairs):
         group = group.reset_index(drop=True)
         for offset, protocol, style in ((-0.12, "last", "o"), (0.12, "best", "s")):
             pts = group[group[f"{protocol}_top1_mean"].notna()]
@@ -519,7 +616,7 @@ def plot(table: pd.DataFrame, sources: Sequence[str], path: Path) -> None:
                 ax.plot(pts.index, pts, linestyle="none", ms=8, marker=markers.get(key, "*"),
                         color="black" if key == "crd" else "tab:red",
                         label=f"{SOURCES[key].label} ({SOURCES[key].protocol})")
-        ax.set_title(_pair_title(teacher, student), fontsize=10)
+        ax.set_title(_pair_title(teacher, student, dataset), fontsize=10)
         ax.set_xticks(list(group.index))
         ax.set_xticklabels(group["method"], rotation=60, ha="right", fontsize=8)
         ax.set_ylabel("top-1 (%)")
@@ -545,11 +642,22 @@ def runs_csv_path(out: Path) -> Path:
 
 def collect(inputs: Sequence[str], out: Path, sources: Sequence[str] = DEFAULT_SOURCES,
             tables: Sequence[str] = (), figure: bool = True, title: str = "Results") -> tuple[list[Row], list[Run]]:
-    """Read the runs, write ``out``.md/.csv/.png and ``out``_runs.csv; return the rows and runs."""
+    """Read the runs, write ``out``.md/.csv/.png and ``out``_runs.csv; return the rows and runs.
+
+    A run directory that cannot be read is skipped with a warning naming it. No readable run, or a
+    cell whose runs differ in recipe, is a :class:`UserError` raised before anything is written.
+    """
     published = load_published(sources)
-    runs = [read_run(p) for p in find_run_dirs(inputs)]
+    runs, skipped = read_runs(find_run_dirs(inputs))
+    for path, why in skipped:
+        print(f"warning: skipped {path}: {why}", file=sys.stderr)
+    if not runs:
+        raise UserError(f"no {'readable ' if skipped else ''}run directories under {' '.join(inputs)}: nothing "
+                        f"was written (earlier results at {out} are kept); give run directories, multirun "
+                        f"folders or globs")
     frame = runs_frame(runs)
-    table = summarize(frame, published, sources, tables)
+    check_recipes(frame)
+    table = summarize_by_dataset(frame, published, sources, tables)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(render_markdown(table, frame, sources, title) + "\n")
     write_summary_csv(table, sources, out.with_suffix(".csv"))
@@ -578,13 +686,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
     out = Path(args.out)
     try:
-        _, runs = collect(args.inputs, out, sources, args.table, not args.no_figure, args.title)
+        collect(args.inputs, out, sources, args.table, not args.no_figure, args.title)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(out.with_suffix(".md").read_text())
-    if not runs:
-        print("warning: no run directories found under " + " ".join(args.inputs), file=sys.stderr)
     written = [out.with_suffix(".md"), out.with_suffix(".csv"), runs_csv_path(out)]
     written += [] if args.no_figure else [out.with_suffix(".png")]
     print("wrote " + ", ".join(str(p) for p in written if p.exists()), file=sys.stderr)

@@ -24,7 +24,15 @@ from typing import Any, Sequence
 
 from common.errors import UserError
 from distiller.cli import canonical_model_choices, fail
-from distiller.teachers import INDEX_NAME, add_teacher, file_sha256, read_index, recipe_of
+from distiller.teachers import (
+    INDEX_NAME,
+    JOURNAL_SUFFIX,
+    add_teacher,
+    file_sha256,
+    pending_store,
+    read_index,
+    recipe_of,
+)
 
 DEFAULT_ROOT = Path(os.environ.get("KD_TEACHER_DIR") or "checkpoints/teachers")
 
@@ -41,7 +49,8 @@ def folders(root: Path) -> list[Path]:
                         f"or name the folder")
     if root.is_file():
         root = root.parent
-    return sorted({p.parent for p in root.rglob(INDEX_NAME)} | ({root} if (root / INDEX_NAME).is_file() else set()))
+    marked = {p.parent for pattern in (INDEX_NAME, f"*{JOURNAL_SUFFIX}") for p in root.rglob(pattern)}
+    return sorted(marked | ({root} if (root / INDEX_NAME).is_file() else set()))
 
 
 def entries(root: Path, check: bool) -> list[dict[str, Any]]:
@@ -55,6 +64,11 @@ def entries(root: Path, check: bool) -> list[dict[str, Any]]:
                 row["status"] = ("missing" if not path.is_file()
                                  else "ok" if file_sha256(path) == entry.get("sha256") else "changed")
             rows.append(row)
+        if check:  # a store killed before it finished: its rerun completes it
+            for journal in sorted(folder.glob(f"*{JOURNAL_SUFFIX}")):
+                pending = pending_store(folder / journal.name[:-len(JOURNAL_SUFFIX)]) or {}
+                rows.append({"file": str(folder / journal.name[:-len(JOURNAL_SUFFIX)]), **pending.get("entry", {}),
+                             "status": "store interrupted: rerun the teacher run"})
     return rows
 
 
@@ -74,11 +88,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def add(path: Path, overrides: list[str], measure: bool) -> dict[str, Any]:
     """Index ``path`` (its weights must fit ``model=`` or its header's architecture)."""
+    from distiller.checkpoint import check_file
     from distiller.checkpoint_eval import _override, evaluate_checkpoint, load_checkpoint, model_choice
 
     overrides = canonical_model_choices(overrides)
-    if not path.is_file():
-        raise UserError(f"teacher file not found: {path}")
+    check_file(path, "teacher file")
     loaded = load_checkpoint(path, model_choice(overrides))
     config = loaded.header.get("config") if isinstance(loaded.header.get("config"), dict) else {}
     dataset = _override(overrides, "dataset") or (config.get("dataset") or {}).get("name")

@@ -20,9 +20,9 @@ from common.errors import UserError
 from scripts import collect_results as cr
 
 
-def write_run(root: Path, teacher: str | None, student: str, method: str, seed: int, final: float | None,
+def write_run(root: Path, teacher: str | None, student: str, method: str, seed: int | str, final: float | None,
               best: float | None, status: str = "finished", epochs: int = 3, hydra_only: bool = False,
-              time_s: float = 60.0, extra: dict | None = None) -> Path:
+              time_s: float = 60.0, extra: dict | None = None, config_extra: dict | None = None) -> Path:
     """A run directory as the engine leaves it: config.yaml, .hydra/config.yaml, metrics.json."""
     if teacher is None:
         path = root / "teacher" / student / f"seed{seed}"
@@ -32,6 +32,7 @@ def write_run(root: Path, teacher: str | None, student: str, method: str, seed: 
         config = {"teacher": {"name": teacher, "ckpt": "${teacher_dir}/x.pt"}, "student": {"name": student},
                   "distill": {"name": method, "method": method}, "combine": {}, "seed": seed,
                   "trainer": {"epochs": epochs}}
+    config.update(config_extra or {})
     (path / ".hydra").mkdir(parents=True)
     (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     if hydra_only:  # a job that died before the engine wrote anything
@@ -219,3 +220,92 @@ def test_combined_methods_are_labelled_like_their_run_directories(tmp_path: Path
     (hydra_only / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     runs = [cr.read_run(p) for p in cr.find_run_dirs([str(root)])]
     assert sorted((r.method, r.status) for r in runs) == [("crd+at", "finished"), ("crd+at", "no metrics")]
+
+
+# ---- runs that must not be averaged, and runs that cannot be read -----------------------------------
+def on(dataset: str, epochs: int = 240, lr: float = 0.05) -> dict:
+    """The config keys that say where and how a run was trained."""
+    return {"dataset": {"name": dataset}, "trainer": {"epochs": epochs}, "optim": {"name": "sgd", "lr": lr},
+            "schedule": {"name": "step", "milestones": [150, 180, 210], "gamma": 0.1}}
+
+
+def test_runs_on_two_data_sets_are_summarised_apart(tmp_path: Path, monkeypatch) -> None:
+    """A CIFAR-100 run and an image-folder run of one cell: two rows, each its own mean, the data set named."""
+    import matplotlib.figure
+
+    root = tmp_path / "runs"
+    write_run(root, "resnet32x4", "resnet8x4", "kd", 0, 72.0, 73.0, config_extra=on("cifar100"))
+    write_run(root, "resnet32x4", "resnet8x4", "kd", 1, 74.0, 75.0, config_extra=on("cifar100"))
+    write_run(root, "resnet32x4", "resnet8x4", "kd", 2, 10.0, 12.0, config_extra=on("imagefolder"))
+    write_run(root, None, "resnet32x4", "ce", 0, 79.0, 79.5, config_extra=on("cifar100"))
+    write_run(root, None, "resnet32x4", "ce", 1, 20.0, 21.0, config_extra=on("imagefolder"))
+    titles: list[str] = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: titles.extend(ax.get_title() for ax in fig.axes if ax.get_title()))
+    out = tmp_path / "report" / "table"
+    rows, _ = cr.collect([str(root)], out)
+    by_key = {(r.dataset, r.method): r for r in rows}
+    kd, kd_folder = by_key[("cifar100", "kd")], by_key[("imagefolder", "kd")]
+    assert (kd.last.n, kd.last.mean, kd.last.std) == (2, 73.0, pytest.approx(math.sqrt(2.0)))  # 72, 74
+    assert (kd_folder.last.n, kd_folder.last.mean) == (1, 10.0)
+    assert by_key[("cifar100", "teacher")].last.mean == 79.0 and by_key[("imagefolder", "teacher")].last.mean == 20.0
+    assert kd.our_recipe == "240 ep, lr 0.05, step x0.1 at 150/180/210"
+    with open(out.with_suffix(".csv"), newline="") as f:
+        summary = {(r["dataset"], r["method"]): r for r in csv.DictReader(f)}
+    assert summary[("imagefolder", "kd")]["runs"] == "1" and summary[("cifar100", "kd")]["runs"] == "2"
+    markdown = out.with_suffix(".md").read_text()
+    assert "Data sets (each summarised apart): cifar100 (3 runs), imagefolder (2 runs)." in markdown
+    assert "## resnet32x4 → resnet8x4 (cifar100)" in markdown and "## resnet32x4 → resnet8x4 (imagefolder)" in markdown
+    assert titles == ["resnet32x4 → resnet8x4 (cifar100)", "resnet32x4 → resnet8x4 (imagefolder)"]
+
+
+def test_runs_of_one_cell_with_different_recipes_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    long = write_run(root, "resnet32x4", "resnet8x4", "kd", 0, 72.0, 73.0, config_extra=on("cifar100"))
+    short = write_run(root, "resnet32x4", "resnet8x4", "kd", 1, 30.0, 31.0, config_extra=on("cifar100", epochs=1))
+    write_run(root, "resnet32x4", "resnet8x4", "at", 0, 71.0, 72.0, config_extra=on("cifar100", lr=0.1))  # own cell
+    out = tmp_path / "report" / "table"
+    with pytest.raises(UserError) as err:
+        cr.collect([str(root)], out)
+    assert str(err.value) == (
+        f"the runs of kd on resnet32x4 → resnet8x4 on cifar100 differ in recipe and cannot be averaged: "
+        f"1 ep, lr 0.05, step x0.1 at 150/180/210 (1 run, e.g. {short}); 240 ep, lr 0.05, step x0.1 at "
+        f"150/180/210 (1 run, e.g. {long}); collect one recipe at a time (name its run directories or a glob)")
+    assert not out.parent.exists()  # nothing written
+    rows, _ = cr.collect([str(long), str(root / "student" / "resnet32x4-resnet8x4" / "at")], out, figure=False)
+    assert {r.method: r.last.mean for r in rows if r.last.n} == {"kd": 72.0, "at": 71.0}
+
+
+def test_unreadable_run_directories_are_skipped_with_a_warning(runs: Path, tmp_path: Path, capsys) -> None:
+    """A sweep job that died on a typo (seed=abc), a truncated metrics.json, a non-number top-1: each is named."""
+    typo = write_run(runs, "resnet32x4", "resnet8x4", "kd", "abc", None, None, hydra_only=True)
+    truncated = write_run(runs, "resnet32x4", "resnet8x4", "kd", 7, 70.0, 71.0)
+    (truncated / "metrics.json").write_text((truncated / "metrics.json").read_text()[:40])
+    garbled = write_run(runs, "resnet32x4", "resnet8x4", "kd", 8, 70.0, 71.0)
+    metrics = json.loads((garbled / "metrics.json").read_text())
+    (garbled / "metrics.json").write_text(json.dumps({**metrics, "final_top1": "n/a"}))
+    out = tmp_path / "report" / "table"
+    rows, found = cr.collect([str(runs)], out, figure=False)
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 3 and "Traceback" not in "".join(warnings)
+    assert f"warning: skipped {typo.resolve()}: seed='abc' is not an integer" in warnings
+    assert f"warning: skipped {garbled.resolve()}: final_top1='n/a' is not a number" in warnings
+    assert any(w.startswith(f"warning: skipped {truncated.resolve()}: metrics.json is unreadable (") for w in warnings)
+    assert len(found) == 13  # the fixture's runs, all still there
+    kd = next(r for r in rows if (r.teacher, r.method) == ("resnet32x4", "kd"))
+    assert (kd.last.n, kd.last.mean) == (3, 71.0)  # as without the damaged runs
+
+
+def test_a_folder_without_runs_is_status_2_and_keeps_earlier_results(runs: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "report" / "table"
+    assert cr.main([str(runs), "--out", str(out), "--no-figure"]) == 0
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    assert cr.main([str(tmp_path / "empty"), "--out", str(out), "--no-figure"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"error: no run directories under {tmp_path / 'empty'}: nothing was written "
+                                         f"(earlier results at {out} are kept); give run directories, multirun "
+                                         f"folders or globs"]
+    assert captured.out == ""
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before

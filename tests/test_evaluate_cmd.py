@@ -183,3 +183,88 @@ def test_published_teacher_check_by_hand():
     assert published_check("resnet56", "synthetic", 10000, 71.0) is None  # other data: no comparison
     assert published_check("resnet56", "cifar100", 5000, 71.0) is None  # a partial test split
     assert published_check("resnet8", "cifar100", 10000, 71.0) is None  # no published number
+
+
+# ---- what is given as the checkpoint ---------------------------------------------------------------
+def test_a_directory_is_named_and_its_checkpoints_suggested(files, tmp_path):
+    with pytest.raises(UserError) as err:
+        evaluate_checkpoint(files["tmp"])  # a run directory: final.pt is the usual choice
+    assert str(err.value) == (f"checkpoint {files['tmp']} is a directory, not a file; name a checkpoint in it: "
+                              f"{files['tmp'] / 'final.pt'}")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    for name in ("b.pth", "a.pt", "notes.txt"):
+        (downloads / name).write_bytes(b"")
+    with pytest.raises(UserError, match=rf"is a directory, not a file; name a checkpoint in it: "
+                                        rf"{downloads / 'a.pt'}, {downloads / 'b.pth'}$"):
+        evaluate_checkpoint(downloads)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"is a directory, not a file; it holds no .pt/.pth file"):
+        evaluate_checkpoint(tmp_path / "empty")
+
+
+def test_a_text_file_is_named_as_such(tmp_path, capsys):
+    from scripts import teachers as teachers_cmd
+
+    notes = tmp_path / "resnet8.pt"
+    notes.write_text("model: resnet8\nepochs: 240\n")
+    expected = (f"checkpoint {notes} is not a torch checkpoint (it is a text file, beginning 'model: resnet8'); "
+                f"give the .pt/.pth file that torch.save wrote")
+    with pytest.raises(UserError) as err:
+        evaluate_checkpoint(notes, ["trainer.device=cpu"])
+    assert str(err.value) == expected
+    (tmp_path / "hello.pt").write_text("hello world\n")  # the unpickler once read 'h' as an opcode: KeyError
+    with pytest.raises(SystemExit) as stop:
+        teachers_cmd.main(["add", str(tmp_path / "hello.pt"), "model=resnet8"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: checkpoint {tmp_path / 'hello.pt'} is not a torch checkpoint (it is a text file, beginning "
+        f"'hello world'); give the .pt/.pth file that torch.save wrote"]
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"is not a torch checkpoint \(the file is empty\)"):
+        evaluate_checkpoint(tmp_path / "empty.pt")
+
+
+def write_image_folder(root: Path) -> dict[str, int]:
+    """Two classes of PNGs in two sizes (so only a recorded image_size makes them one size); val counts per class."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed(5))
+    counts = {"cat": 3, "dog": 2}
+    for c, (name, n_val) in enumerate(counts.items()):
+        for split, n in (("train", 4), ("val", n_val)):
+            for i in range(n):
+                size = 20 if i % 2 else 24
+                pixels = torch.randint(0, 128, (size, size, 3), generator=gen, dtype=torch.uint8)
+                pixels[..., c] += 127
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels.numpy()).save(root / split / name / f"{i}.png")
+    return counts
+
+
+def test_an_image_folder_checkpoint_is_evaluated_on_its_recorded_folder(tmp_path):
+    """No dataset.root or image_size on the command line: both come from the checkpoint's config."""
+    root = tmp_path / "my l'images"  # a space and a quote: the recorded root reaches the config intact
+    counts = write_image_folder(root)
+    model = build_model("resnet8", num_classes=2)
+    path = tmp_path / "final.pt"
+    torch.save({"model": model.state_dict(), "arch": "resnet8", "num_classes": 2, "epoch": 1, "accuracy": 50.0,
+                "config": {"dataset": {"name": "imagefolder", "root": str(root), "image_size": 16, "mean": None,
+                                       "std": None, "num_classes": None, "batch_size": 8}}}, path)
+    result = evaluate_checkpoint(path, ["trainer.device=cpu"])
+    assert result["dataset"] == "imagefolder" and result["dataset_from"] == "the checkpoint's config"
+    assert result["class_names"] == list(counts) and result["per_class_count"] == list(counts.values())
+    assert result["num_images"] == sum(counts.values())
+    quoted = "dataset.root='" + str(root).replace("'", "\\'") + "'"  # Hydra's quoting, typed by hand
+    given = evaluate_checkpoint(path, ["dataset=imagefolder", quoted,
+                                       "dataset.image_size=16", "trainer.device=cpu"])
+    assert given["test_loss"] == result["test_loss"] and given["dataset_from"] == "command line"
+    with pytest.raises(UserError, match="every image|one size|sizes"):  # without the recorded size: not one size
+        evaluate_checkpoint(path, ["dataset=imagefolder", quoted, "trainer.device=cpu"])
+    root.rename(tmp_path / "moved")
+    with pytest.raises(UserError) as err:
+        evaluate_checkpoint(path, ["trainer.device=cpu"])
+    assert str(err.value) == (f"the checkpoint was trained on the imagefolder data set at {root}, which does not "
+                              f"exist here: pass dataset.root=DIR (the folder holding train/ and val/)")
+    moved = evaluate_checkpoint(path, [f"dataset.root={tmp_path / 'moved'}", "trainer.device=cpu"])
+    assert moved["num_images"] == sum(counts.values())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -273,6 +274,46 @@ def test_other_bad_networks_are_one_line_errors(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
     with pytest.raises(UserError, match=r"needs the package timm.*pip install timm"):
         build_network({"source": "timm", "name": "resnet18"}, NUM_CLASSES, role="student")
+
+
+USER_NETS = """
+from torch import nn
+
+
+class NeedsGPU(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        raise RuntimeError("this network needs a GPU")
+"""
+
+
+def test_a_network_whose_own_code_raises_is_one_line_naming_where(tmp_path: Path, monkeypatch) -> None:
+    """Whatever a user's constructor or module raises (not only TypeError/ValueError) is one line with its place."""
+    (tmp_path / "user_nets.py").write_text(USER_NETS)
+    (tmp_path / "user_broken.py").write_text("import torch\nscale = 1 / 0\n")
+    (tmp_path / "user_typo.py").write_text("def f(:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cases = [
+        ("user_nets.NeedsGPU", rf"building user_nets.NeedsGPU failed \(RuntimeError: this network needs a GPU, "
+                               rf"raised at {re.escape(str(tmp_path / 'user_nets.py'))}:8\)"),
+        ("user_broken.Net", rf"importing user_broken failed \(ZeroDivisionError: division by zero, raised at "
+                            rf"{re.escape(str(tmp_path / 'user_broken.py'))}:2\)"),
+        ("user_typo.Net", rf"importing user_typo failed \(SyntaxError: .*, at "
+                          rf"{re.escape(str(tmp_path / 'user_typo.py'))}:1\)"),
+    ]
+    for target, message in cases:
+        with pytest.raises(UserError, match=message) as err:
+            build_network({"source": "module", "name": target, "_target_": target}, NUM_CLASSES, role="teacher")
+        assert "\n" not in str(err.value)
+
+
+def test_a_text_file_as_library_weights_is_one_line(tmp_path: Path) -> None:
+    notes = tmp_path / "resnet18.pth"
+    notes.write_text("weights: see the shared drive\n")
+    node = {"source": "torchvision", "name": "resnet18", "weights": str(notes)}
+    with pytest.raises(UserError, match=r"model.weights=.* is not a torch file \(it is a text file, beginning "
+                                        r"'weights: see the shared drive'\)"):
+        build_network(node, 10, role="model")
 
 
 def test_library_weights_load_and_the_classifier_is_adapted(tmp_path: Path) -> None:

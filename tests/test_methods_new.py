@@ -123,6 +123,19 @@ def test_ttm_is_wttm_unweighted_and_bad_settings_raise() -> None:
 
 # --------------------------------------------------------------------------- CTKD
 
+@pytest.mark.parametrize("settings, says", [
+    ({"lambda_max": math.inf}, r"distill.lambda_min=0.0 and distill.lambda_max=inf must be finite"),
+    ({"lambda_min": math.nan}, r"distill.lambda_min=nan .* must be finite"),
+    ({"lambda_min": 2.0, "lambda_max": 1.0}, r"distill.lambda_min=2.0 must not exceed distill.lambda_max=1.0"),
+])
+def test_ctkd_refuses_an_unusable_lambda_range_when_built(settings: dict, says: str) -> None:
+    """Refused at construction in one line naming the keys, not at the first step as a non-finite loss."""
+    with pytest.raises(UserError, match=rf"method 'ctkd': {says}") as err:
+        Objective.from_config(node("ctkd", **settings))
+    assert "\n" not in str(err.value) and "optim.lr" not in str(err.value)
+    Objective.from_config(node("ctkd", lambda_min=0.5, lambda_max=0.5))  # a constant lambda is fine
+
+
 def test_ctkd_theta_trains_at_beta_zero_and_starts_at_the_published_temperature() -> None:
     objective = Objective.from_config(node("ctkd"))
     method = objective.methods["ctkd"]

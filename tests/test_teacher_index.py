@@ -118,18 +118,21 @@ def test_a_file_without_entry_loads_with_a_log_line(teachers, tmp_path, caplog):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
 
 
-def test_storing_again_keeps_the_previous_file_and_its_entry(teachers):
+def test_storing_again_keeps_the_previous_file_and_its_entry(teachers, tmp_path):
     old_sha = sha256(teachers / "resnet8.pt")
     model = build_model("resnet8", num_classes=100)
-    slim = {"model": model.state_dict(), "arch": "resnet8", "num_classes": 100, "epoch": 2, "accuracy": 9.0}
-    store_teacher(slim, teachers, "resnet8", "synthetic", {"test_top1": 9.0, "test_top5": 20.0},
-                  {"trainer": {"epochs": 2}, "seed": 1}, "runs/x")
+    final = tmp_path / "run" / "final.pt"
+    final.parent.mkdir()
+    torch.save({"model": model.state_dict(), "arch": "resnet8", "num_classes": 100, "epoch": 2, "accuracy": 9.0},
+               final)
+    store_teacher(final, teachers, "resnet8", "synthetic", {"test_top1": 9.0, "test_top5": 20.0},
+                  {"trainer": {"epochs": 2}, "seed": 1}, final.parent)
     backups = list(teachers.glob("resnet8.pt.*.bak"))
     assert len(backups) == 1 and sha256(backups[0]) == old_sha
     entries = read_index(teachers)
     assert entries[backups[0].name]["sha256"] == old_sha  # the kept file stays verifiable
     new = entries["resnet8.pt"]
-    assert new["sha256"] == sha256(teachers / "resnet8.pt") != old_sha
+    assert new["sha256"] == sha256(teachers / "resnet8.pt") == sha256(final) != old_sha  # the run's file, byte for byte
     assert (new["test_top1"], new["recipe"], new["source"]) == (9.0, {"epochs": 2, "seed": 1}, "train_teacher.py")
     verify_teacher(teachers / "resnet8.pt", "resnet8")
     verify_teacher(backups[0], "resnet8")
@@ -172,3 +175,19 @@ def test_train_student_warns_when_the_teacher_is_below_its_published_accuracy(ca
     _warn_below_published(cfg, "resnet56", 10000, 72.0)  # within the 1-point tolerance
     _warn_below_published(cfg, "resnet56", 500, 10.0)  # a subset: the published number does not apply
     assert capsys.readouterr().out == ""
+
+
+def test_a_teacher_for_another_class_count_is_named_as_such(tmp_path):
+    """The same architecture trained on 10 classes, loaded for 100: the class counts are named, not the arch twice."""
+    path = tmp_path / "resnet8.pt"
+    torch.save({"model": build_model("resnet8", num_classes=10).state_dict(), "arch": "resnet8", "num_classes": 10},
+               path)
+    with pytest.raises(UserError) as err:
+        load_teacher_weights(build_model("resnet8", num_classes=100), path, "resnet8")
+    assert str(err.value) == (f"teacher checkpoint {path} holds a 10-class resnet8, but the resnet8 built here has "
+                              f"100 classes (the data set's): use a checkpoint trained on this data set, or choose "
+                              f"the checkpoint's data set with dataset=NAME")
+    # another architecture with the same parameter names (wider layers) is still named as one
+    torch.save({"model": build_model("resnet8x4", num_classes=100).state_dict()}, path)
+    with pytest.raises(UserError, match=r"holds a resnet8x4 model, not resnet8"):
+        load_teacher_weights(build_model("resnet8", num_classes=100), path, "resnet8")

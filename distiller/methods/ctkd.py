@@ -1,6 +1,8 @@
 """Curriculum Temperature for Knowledge Distillation (Li et al., AAAI 2023)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -34,6 +36,14 @@ class CTKD(DistillMethod):
         if not t_min > 0 or t_range < 0:
             raise ValueError(f"t_min={t_min} must be > 0 and t_range={t_range} >= 0 "
                              "(T lies between t_min and t_min + t_range)")
+        # checked here, not left to the first step: an infinite or NaN reversal strength makes theta's
+        # gradient non-finite, and the run would stop blaming the learning rate
+        if not (math.isfinite(lambda_min) and math.isfinite(lambda_max)):
+            raise ValueError(f"distill.lambda_min={lambda_min} and distill.lambda_max={lambda_max} must be finite "
+                             f"numbers (the paper ramps lambda from 0 to 1)")
+        if lambda_min > lambda_max:
+            raise ValueError(f"distill.lambda_min={lambda_min} must not exceed distill.lambda_max={lambda_max} "
+                             f"(lambda ramps up from lambda_min to lambda_max)")
         self.lambda_min, self.lambda_max, self.ramp_epochs = float(lambda_min), float(lambda_max), int(ramp_epochs)
         self.t_min, self.t_range = float(t_min), float(t_range)
         self.theta = nn.Parameter(torch.tensor(1.0))
