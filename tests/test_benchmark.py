@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 from torch import nn
 
 from models import build_model

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, tiny_overrides
+from helpers import run_cli, tiny_overrides
 from omegaconf import MISSING, OmegaConf
 
 from common.errors import UserError

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torchvision
 import torchvision.datasets.cifar as tv_cifar
-from conftest import REPO, generator, run_cli, seed
+from helpers import REPO, generator, run_cli, seed
 from PIL import Image
 
 import datasets.imagefolder as imagefolder

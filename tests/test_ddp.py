@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, REPO, run_cli, run_ranks, tiny_overrides
+from helpers import CONFIGS, REPO, run_cli, run_ranks, tiny_overrides
 
 pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built"),
               pytest.mark.numeric]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, random_splits, seed
+from helpers import CONFIGS, random_splits, seed
 from omegaconf import OmegaConf
 
 from datasets.cifar100 import DataSplits

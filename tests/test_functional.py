@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from conftest import generator
+from helpers import generator
 from scipy import integrate, stats
 from torch import nn
 

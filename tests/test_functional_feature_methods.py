@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as nnf
-from conftest import generator
+from helpers import generator
 from naive_refs import (
     UNIT_ROUNDOFF,
     argmax_ref,

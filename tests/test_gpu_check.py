@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SHARED
+from helpers import REPO, SHARED
 from omegaconf import OmegaConf
 
 from common.errors import UserError

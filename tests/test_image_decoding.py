@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import seed
+from helpers import seed
 from image_files import (
     alpha_png,
     bmp_named_jpg,

@@ -1,10 +1,10 @@
-"""Distillation methods (issue 3): registration, configs, helpers, training steps, and CRD's memory.
+"""Distillation methods: registration, configs, helpers, training steps, and CRD's memory.
 
 Every method is built from probed shapes of real zoo models for three teacher/student
 pairs of different families; on one fixed batch, in float64 with BatchNorm fixed to the
 batch's statistics, the gradient of its own term must reach the student and every helper
 (and nothing outside the optimizer), and one backtracked gradient step must lower the term
-(Armijo condition, ``conftest.assert_gradient_step_descends``), while the teacher stays
+(Armijo condition, ``helpers.assert_gradient_step_descends``), while the teacher stays
 untouched. Many-step momentum-SGD training, averaged over seeds, is in test_descent_slow.py.
 CRD's sampling, scores, normalisers, bank updates, checkpointing and multi-process bank
 sync are checked against naive per-sample computations. CPU only, tiny batches.
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import MIN_DECREASE, assert_gradient_step_descends, fix_batch_statistics, generator, run_ranks, seed
+from helpers import MIN_DECREASE, assert_gradient_step_descends, fix_batch_statistics, generator, run_ranks, seed
 from omegaconf import OmegaConf
 from torch import nn
 

@@ -1,4 +1,4 @@
-"""MLKD (issue 11): its config, its terms through the objective, the engine's second view, LS, training, resume.
+"""MLKD: its config, its terms through the objective, the engine's second view, LS, training, resume.
 
 The expected values are recomputed independently: MLKD's distillation term by the explicit
 loops of test_functional_new.py (``mlkd_ref``, float64 Python lists), the cross-entropies by
@@ -19,20 +19,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as nnf
-from conftest import (
+from helpers import (
     REPO,
     assert_gradient_step_descends,
+    assert_same_weights,
+    comparable_metrics,
     fix_batch_statistics,
     generator,
+    kill_when,
     random_splits,
     run_cli,
     seed,
+    start_command,
     tiny_overrides,
     train_tiny_teacher,
 )
 from omegaconf import OmegaConf
-from test_functional_new import mlkd_ref, rows
-from test_resume import assert_same_weights, comparable_metrics, kill_when, start
+from test_functional_dist_ls_ctkd_mlkd_wttm_nkd import mlkd_ref, rows
 
 from common.errors import UserError
 from datasets.batch import Batch
@@ -235,7 +238,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise(teacher: Path, method: str) ->
     extra = (f"distill={method}",)
     reference = run_cli("train_student.py", *resume_overrides(teacher, f"{method}_ref", *extra))
     assert reference.returncode == 0, reference.stderr[-3000:]
-    victim = start("train_student.py", *resume_overrides(teacher, f"{method}_killed", *extra))
+    victim = start_command("train_student.py", *resume_overrides(teacher, f"{method}_killed", *extra))
     state = kill_when(victim, teacher / f"{method}_killed" / "last.pt",
                       lambda s: s["phase"] == 0 and s["epoch"] == 1 and s["step"] >= 3)
     assert victim.returncode == -signal.SIGKILL and not state["finished"]

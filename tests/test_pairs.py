@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 import distiller.pairs as pairs
 from distiller.pairs import apply_pair_settings
@@ -74,7 +74,7 @@ def test_every_pair_file_is_found_from_its_teacher_and_student(compose) -> None:
         assert settings is not None and settings["name"] == path.stem
 
 
-# ---- the post-DKD methods (issue 11): logit standardization's per-pair settings, TTM's example -------------
+# ---- the post-DKD methods: logit standardization's per-pair settings, TTM's example -------------
 # Typed from METHODS_NEW.md section 2 (the LS-KD logs' names: T_b, w[, BETA]), never read from the YAML files.
 LS_KD = {  # (teacher, student): (T_b, w) of KD+LS
     ("resnet32x4", "resnet8x4"): (2.0, 9.0), ("vgg13", "vgg8"): (3.0, 9.0), ("wrn_40_2", "wrn_40_1"): (2.0, 9.0),

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from conftest import generator
+from helpers import generator
 from PIL import Image, ImageDraw, ImageOps
 from torchvision.transforms import InterpolationMode
 

@@ -2,61 +2,23 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_overrides, train_tiny_teacher
+from helpers import (
+    CONFIGS,
+    assert_same_weights,
+    comparable_metrics,
+    kill_when,
+    run_cli,
+    start_command,
+    tiny_overrides,
+    train_tiny_teacher,
+)
 
 pytestmark = pytest.mark.numeric
-
-VOLATILE_RECORD_KEYS = {"time_s", "images_per_s"}
-
-
-def comparable_metrics(run_dir: Path) -> dict:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    strip = lambda records: [{k: v for k, v in r.items() if k not in VOLATILE_RECORD_KEYS} for r in records]
-    return {"epochs": strip(metrics["epochs"]), "init_epochs": strip(metrics["init_epochs"]),
-            "final_top1": metrics["final_top1"], "best_top1": metrics["best_top1"], "status": metrics["status"]}
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa = torch.load(a, weights_only=True)["model"]
-    wb = torch.load(b, weights_only=True)["model"]
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
-
-
-def start(script: str, *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(REPO / script), *overrides], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def kill_when(process: subprocess.Popen, last: Path, condition, timeout: float = 300) -> dict:
-    """SIGKILL ``process`` as soon as its ``last.pt`` satisfies ``condition``; returns that checkpoint's run state."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the run ended before it could be killed: {process.stderr.read()[-2000:]}")
-        if last.exists():
-            try:
-                state = torch.load(last, weights_only=True)["run"]
-            except Exception:  # noqa: BLE001 - replaced between exists() and load(); try again
-                state = None
-            if state is not None and condition(state):
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-                return state
-        time.sleep(0.02)
-    process.kill()
-    pytest.fail("timed out waiting for a checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +44,7 @@ def test_sigkill_then_resume_equals_uninterrupted(teacher, method, extra, kill_c
     reference = run_cli("train_student.py", *distill_overrides(teacher, f"{method}_ref", *extra))
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    victim = start("train_student.py", *distill_overrides(teacher, f"{method}_killed", *extra))
+    victim = start_command("train_student.py", *distill_overrides(teacher, f"{method}_killed", *extra))
     state = kill_when(victim, teacher / f"{method}_killed" / "last.pt", kill_condition)
     assert victim.returncode == -signal.SIGKILL
     assert not state["finished"]
@@ -137,7 +99,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(teacher, monkey
     monkeypatch.setattr(functional, "kd", kd_with_nan)
     run_dir = teacher / "nan_run"
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train_student", overrides=[
             "teacher=resnet8", "student=resnet8", "distill=kd", *tiny_overrides(teacher, train_size=640),
             "trainer.checkpoint_every_steps=2", "trainer.log_interval=100"])

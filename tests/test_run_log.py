@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_seams import make_trainer
+from test_step_seams import make_trainer
 
 
 def test_every_term_is_logged_per_step_and_per_epoch(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_ranks, seed
+from helpers import run_ranks, seed
 from image_files import imagenet_folder, noise_jpeg
 from PIL import Image
 

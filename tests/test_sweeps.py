@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, REPO, run_cli, tiny_overrides
+from helpers import CONFIGS, REPO, run_cli, tiny_overrides
 
 import distiller.cli  # noqa: F401 - registers the method_label resolver the configs use
 

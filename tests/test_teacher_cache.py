@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import generator, seed
+from helpers import generator, seed
 from PIL import Image
 from torch import nn
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, tiny_overrides
+from helpers import run_cli, tiny_overrides
 
 from common.errors import UserError
 from distiller.teachers import INDEX_NAME, load_teacher_weights, read_index, store_teacher, verify_teacher

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, seed, tiny_overrides
+from helpers import CONFIGS, seed, tiny_overrides
 
 from common.errors import UserError
 from distiller.checkpointer import slim_checkpoint

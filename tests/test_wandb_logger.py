@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import seed
-from test_seams import NUM_CLASSES, tiny_data
+from helpers import seed
+from test_step_seams import NUM_CLASSES, tiny_data
 
 from common.errors import UserError
 from distiller.config import logger_settings, validate

@@ -1,4 +1,5 @@
-"""The post-DKD functions of distiller.functional (issue 11) against independent computations.
+"""The post-DKD functions of distiller.functional (METHODS_NEW.md: DIST, LS, CTKD, MLKD, WTTM/TTM, NKD)
+against independent computations.
 
 References are per-sample / per-class Python loops over float64 values with the ``math``
 module, hand-derived values (CTKD's schedule and initial temperature), finite differences
@@ -13,7 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as nnf
-from conftest import generator
+from helpers import generator
 
 import distiller.functional as KF
 from common.errors import UserError

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, tiny_overrides, train_tiny_teacher
+from helpers import run_cli, tiny_overrides, train_tiny_teacher
 
 EXIT_USER_ERROR = 2
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS
+from helpers import CONFIGS
 from omegaconf import OmegaConf
 
 from common.errors import UserError

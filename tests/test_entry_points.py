@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, run_cli, tiny_overrides, train_tiny_teacher
+from helpers import CONFIGS, run_cli, tiny_overrides, train_tiny_teacher
 
 from distiller.methods import METHODS
 from distiller.run import distill

@@ -12,9 +12,9 @@ from __future__ import annotations
 from functools import partial
 
 import pytest
-import test_methods_twostage as twostage
+import test_init_phases as twostage
 import torch
-from conftest import seed
+from helpers import seed
 from test_methods import MY_METHODS, TEST_K, as_features, make_ctx, method_kwargs, shapes_of
 from torch import nn
 

@@ -4,7 +4,7 @@ Each method is built from probed shapes as the engine does. That each phase's lo
 lowered is checked in float64 with BatchNorm fixed to the batch's statistics (a deterministic,
 smooth function of the weights): its gradient is finite, non-zero, reaches the phase's helpers
 and the student and nothing outside the phase, and one backtracked gradient step satisfies the
-Armijo condition (``conftest.assert_gradient_step_descends``), so the check holds for a
+Armijo condition (``helpers.assert_gradient_step_descends``), so the check holds for a
 mathematical reason on every CPU; the momentum-SGD training itself is checked, averaged over
 seeds and many steps, by the slow tests in test_descent_slow.py.
 Expected values are computed independently: the AB and OFD
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import assert_gradient_step_descends, fix_batch_statistics, seed
+from helpers import assert_gradient_step_descends, fix_batch_statistics, seed
 from torch import nn
 
 from common.errors import UserError
@@ -431,7 +431,7 @@ def test_init_phase_trains_the_reference_feature_modules_and_keeps_the_rest_in_e
     """Per family: the phase trains exactly get_feat_modules() (plus AB's connectors); in the engine every
     other student module with parameters is in eval mode during the phase (a WRN's final BN keeps its
     statistics), as RepDistiller's init() does (model_s.eval(); init_modules.train())."""
-    from conftest import random_splits
+    from helpers import random_splits
 
     from distiller.engine import Trainer, TrainSettings
     from distiller.objective import Objective

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import REPO, run_cli, seed, tiny_overrides
+from helpers import REPO, run_cli, seed, tiny_overrides
 
 from common.errors import UserError
 from datasets import load_dataset

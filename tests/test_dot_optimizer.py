@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as nnf
-from conftest import generator, random_splits, seed, tiny_overrides
+from helpers import generator, random_splits, seed, tiny_overrides
 from torch import nn
 
 from common.errors import UserError

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, seed
+from helpers import run_cli, seed
 
 from common.errors import UserError
 from datasets import load_dataset

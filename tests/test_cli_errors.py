@@ -1,4 +1,4 @@
-"""Bad input as typed (issue 13, item 7): one line on stderr, status 2, no traceback, nothing written.
+"""Bad input as typed: one line on stderr, status 2, no traceback, nothing written.
 
 ``tests/test_config.py`` checks each wrong value through ``preflight`` and a few as typed; here the
 issue's list is run as a user types it, and a run directory that cannot be created although the
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, tiny_overrides
+from helpers import run_cli, tiny_overrides
 
 from common.errors import UserError
 from distiller.cli import check_run_dir, preflight

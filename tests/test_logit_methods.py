@@ -1,4 +1,4 @@
-"""The post-DKD methods (issue 11): DIST, WTTM, TTM, NKD, CTKD, and the objective's logit switches.
+"""The post-DKD methods: DIST, WTTM, TTM, NKD, CTKD, and the objective's logit switches.
 
 Each method is built from its real config file with ``Objective.from_config`` and called
 without a trainer on a tiny batch of logits; its terms are compared with the pinned
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as nnf
-from conftest import generator, random_splits, seed
+from helpers import generator, random_splits, seed
 from omegaconf import OmegaConf
 
 from common.errors import UserError

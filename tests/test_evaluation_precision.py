@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import generator, random_splits
+from helpers import generator, random_splits
 from torch import nn
 
 from common.errors import UserError

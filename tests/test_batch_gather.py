@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import generator, run_ranks, seed
+from helpers import generator, run_ranks, seed
 from torch import nn
 
 from datasets.batch import Batch

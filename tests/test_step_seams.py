@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as nnf
-from conftest import random_splits, seed
+from helpers import random_splits, seed
 from torch import nn
 
 from datasets import DataSplits

@@ -1,9 +1,9 @@
-"""Networks from outside the zoo (issue 12): torchvision and timm models by name, a module of our own by path.
+"""Networks from outside the zoo: torchvision and timm models by name, a module of our own by path.
 
 Each network is built through the config path (``models.external.build_network``) and used as
 teacher and as student against the zoo's resnet8 for kd, fitnet, at, crd, dkd and FT (two-stage):
 on one fixed batch, in float64 with BatchNorm fixed to the batch's statistics, one backtracked
-gradient step lowers the method's loss (``conftest.assert_gradient_step_descends``). The hooked
+gradient step lowers the method's loss (``helpers.assert_gradient_step_descends``). The hooked
 features are compared with the modules' outputs computed by calling the modules one by one in
 the test; the taps of the zoo's resnet56, written out as a config declaration, give exactly its
 built-in ``feature_info``. Every bad declaration ends in one line naming the key. CPU, no network,
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MIN_DECREASE, assert_gradient_step_descends, fix_batch_statistics, run_cli, seed, tiny_overrides
+from helpers import MIN_DECREASE, assert_gradient_step_descends, fix_batch_statistics, run_cli, seed, tiny_overrides
 from omegaconf import OmegaConf
 from torch import nn
 
