@@ -78,6 +78,7 @@ class TapsConfig:
     preact: Any = key(None)  # per stage, the map before its final activation; or "same" (stages end without one)
     bn: List[Any] | None = key(None)  # per stage, the BatchNorm producing the pre-activation map (OFD)
     reductions: List[int] | None = key(None)  # input size / stage map size, checked against the measured ones
+    pool_input: str | None = key(None)  # the map the global pool averages into the embedding, e.g. avgpool@in
 
 
 @dataclass

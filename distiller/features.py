@@ -1,12 +1,14 @@
 """Features of a network by forward hooks: where a model declares them, what a method gets.
 
 A model lists ``feature_info`` (:class:`models.features.FeatureInfo`: stem,
-stage1..stageL, embedding, with channels, reduction, pre-activation tap and the
+stage1..stageL, pool_input, embedding, with channels, reduction, pre-activation tap and the
 BatchNorm before it). :class:`FeatureHooks` puts forward hooks at the declared
 modules; hooks keep references to tensors the forward pass produces anyway, so
 tapping costs no compute and removing the hooks leaves the model as it was. A
 method receives one :class:`Features` per network: the kinds it asked for
-(:data:`STEM`, :data:`STAGES`, :data:`STAGES_PREACT`, :data:`EMBEDDING`) plus logits.
+(:data:`STEM`, :data:`STAGES`, :data:`STAGES_PREACT`, :data:`EMBEDDING`, :data:`POOL_INPUT`, the map the
+global pool averages into the embedding, and :data:`CLASSIFIER`, the weight and bias of the Linear the
+embedding enters) plus logits.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from models.features import FeatureInfo
 T = TypeVar("T")
 
 STEM, STAGES, STAGES_PREACT, EMBEDDING = "stem", "stages", "stages_preact", "embedding"
-KINDS = (STEM, STAGES, STAGES_PREACT, EMBEDDING)
+POOL_INPUT, CLASSIFIER = "pool_input", "classifier"
+KINDS = (STEM, STAGES, STAGES_PREACT, EMBEDDING, POOL_INPUT, CLASSIFIER)
 
 
 @dataclass
@@ -34,7 +37,9 @@ class Features(Generic[T]):
     ``stages`` holds stage1..stageL in order, taken before their final activation when
     the method asked for :data:`STAGES_PREACT`. Entries not asked for are ``None`` / empty.
     ``views`` holds the same network's logits on each extra view of the batch the method
-    asked for (``DistillMethod.views``), each run as a batch of its own.
+    asked for (``DistillMethod.views``), each run as a batch of its own. ``classifier`` is the
+    ``(weight, bias)`` of the network's classifier, the parameters themselves (the student's
+    receive gradient through a method's terms); ``bias`` is None for a classifier without one.
     """
 
     logits: T | None = None
@@ -42,11 +47,15 @@ class Features(Generic[T]):
     stages: list[T] = field(default_factory=list)
     embedding: T | None = None
     views: dict[str, Features[T]] = field(default_factory=dict)
+    pool_input: T | None = None
+    classifier: tuple[T, T | None] | None = None
 
     def shapes(self) -> Features[torch.Size]:
         """The same structure with ``torch.Size`` in place of tensors."""
         size = lambda t: None if t is None else t.shape
-        return Features(size(self.logits), size(self.stem), [t.shape for t in self.stages], size(self.embedding))
+        classifier = None if self.classifier is None else (size(self.classifier[0]), size(self.classifier[1]))
+        return Features(size(self.logits), size(self.stem), [t.shape for t in self.stages], size(self.embedding),
+                        pool_input=size(self.pool_input), classifier=classifier)
 
 
 def feature_info(model: nn.Module) -> Sequence[FeatureInfo]:
@@ -69,6 +78,22 @@ def _check_kinds(kinds: Iterable[str], one_stage_kind: bool = True) -> frozenset
     return kinds
 
 
+def classifier_of(model: nn.Module) -> nn.Linear:
+    """The Linear the model's embedding enters (its classifier); a one-line error when the head is not one Linear."""
+    info = next((i for i in feature_info(model) if i.name == EMBEDDING), None)
+    if info is None:
+        raise UserError(f"{type(model).__name__} declares no embedding, so its classifier is unknown")
+    head = model.get_submodule(info.module)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if isinstance(head, nn.Linear):
+        return head
+    if len(linears) == 1 and all(not list(m.parameters(recurse=False)) for m in head.modules()
+                                 if m is not linears[0]):
+        return linears[0]  # a Sequential holding the Linear alone (MobileNetV2's classifier)
+    raise UserError(f"{type(model).__name__}'s classifier '{info.module}' is not a single Linear layer, so a "
+                    "method that reads the classifier's weights cannot use it; choose another network or method")
+
+
 class FeatureHooks:
     """Forward hooks on ``model`` for the union of ``kinds`` (several methods' needs, so both
     stage kinds may be asked for); :meth:`select` hands out one method's :class:`Features`.
@@ -82,10 +107,11 @@ class FeatureHooks:
         self.model = model
         infos = feature_info(model) if kinds else []
         self.stage_names = [i.name for i in infos if i.is_stage]
+        self.classifier = classifier_of(model) if CLASSIFIER in kinds else None
         self._store: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for info in infos:
-            if info.name == STEM and STEM in kinds or info.name == EMBEDDING and EMBEDDING in kinds:
+            if info.name in (STEM, EMBEDDING, POOL_INPUT) and info.name in kinds:
                 self._hook(info.name, info.module, info.module_input)
             if info.is_stage and STAGES in kinds:
                 self._hook(info.name, info.module, info.module_input)
@@ -129,8 +155,12 @@ class FeatureHooks:
             stages = [store[n] for n in self.stage_names]
         else:
             stages = []
+        classifier = None
+        if CLASSIFIER in kinds:
+            classifier = (self.classifier.weight, self.classifier.bias)
         return Features(logits=logits, stem=store.get(STEM) if STEM in kinds else None, stages=stages,
-                        embedding=store.get(EMBEDDING) if EMBEDDING in kinds else None)
+                        embedding=store.get(EMBEDDING) if EMBEDDING in kinds else None,
+                        pool_input=store.get(POOL_INPUT) if POOL_INPUT in kinds else None, classifier=classifier)
 
     def remove(self) -> None:
         for handle in self._handles:

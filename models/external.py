@@ -21,7 +21,7 @@ import logging
 import pickle
 import sysconfig
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -252,18 +252,39 @@ def _last_linear(model: nn.Module) -> str | None:
     return names[-1] if names else None
 
 
+GLOBAL_POOLS = ("AdaptiveAvgPool2d", "SelectAdaptivePool2d")  # torch's and timm's global pools
+
+
+def _global_pool_input(model: nn.Module) -> str | None:
+    """``<path>@in`` of the network's last global average pool (the map the embedding averages), if it has one."""
+    names = [name for name, m in model.named_modules() if type(m).__name__ in GLOBAL_POOLS and name]
+    return f"{names[-1]}{INPUT_SUFFIX}" if names else None
+
+
 def generic_declaration(model: nn.Module, input_size: Sequence[int]) -> TapDeclaration:
-    """What any network has: its own zoo-style ``feature_info``, or else the embedding (the last Linear's input)."""
+    """What any network has: its own zoo-style ``feature_info``, or else the embedding (the last Linear's input)
+    and the input of its last global pool."""
     own = getattr(model, "feature_info", None)
     if own and all(hasattr(i, "is_stage") for i in own):
         return declaration_of(own)
     family = f"{type(model).__module__}.{type(model).__qualname__}"
     if family in FAMILIES:
-        return FAMILIES.get(family)(model, input_size)
+        return with_pool_input(FAMILIES.get(family)(model, input_size), model)
     why = f"taps of {type(model).__name__} are not inferred"
     linear = _last_linear(model)
-    return TapDeclaration(embedding=f"{linear}{INPUT_SUFFIX}" if linear else None,
-                          gaps={"stem": why, "stages": why, "preact": why, "embedding": "it has no Linear layer"})
+    return with_pool_input(TapDeclaration(
+        embedding=f"{linear}{INPUT_SUFFIX}" if linear else None,
+        gaps={"stem": why, "stages": why, "preact": why, "embedding": "it has no Linear layer"}), model)
+
+
+def with_pool_input(decl: TapDeclaration, model: nn.Module) -> TapDeclaration:
+    """``decl`` with the input of the network's global pool as ``pool_input`` (a gap when it has none)."""
+    if decl.pool_input is not None:
+        return decl
+    found = _global_pool_input(model)
+    if found is not None:
+        return replace(decl, pool_input=found)
+    return replace(decl, gaps={**decl.gaps, "pool_input": f"{type(model).__name__} has no global pooling module"})
 
 
 def _torchvision_resnet(model: nn.Module, input_size: Sequence[int]) -> TapDeclaration:
@@ -346,9 +367,9 @@ def _timm_declaration(model: nn.Module, input_size: Sequence[int]) -> TapDeclara
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     path = next((n for n, m in model.named_modules() if m is classifier and n), _last_linear(model))
     why = "timm's feature_info names no pre-activation maps"
-    return TapDeclaration(stem=stem, stages=tuple(str(e["module"]) for e in entries),
+    return with_pool_input(TapDeclaration(stem=stem, stages=tuple(str(e["module"]) for e in entries),
                           embedding=f"{path}{INPUT_SUFFIX}" if path else None,
-                          gaps={"stem": "timm's feature_info names no stem", "preact": why})
+                          gaps={"stem": "timm's feature_info names no stem", "preact": why}), model)
 
 
 SOURCES.add("torchvision", NetworkSource(_create_torchvision, generic_declaration))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.features import FeatureInfo
@@ -33,21 +34,39 @@ class ChannelShuffle(nn.Module):
         return f"groups={self.groups}"
 
 
+class GlobalAvgPool(nn.Module):
+    """Average over the whole map: [N, C, H, W] -> [N, C, 1, 1].
+
+    The reference models pool with a fixed window that is global at 32 px (``AvgPool2d(8)`` and the
+    like); as a module of its own, its input (the map the embedding averages, ``pool_input``) can be
+    tapped, and at any resolution it stays global. The same op, so the same values.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, x.shape[-2:])
+
+
+def pool_input_feature(module: str, channels: int, reduction: int) -> FeatureInfo:
+    """The ``pool_input`` feature: the input of the global pool ``module`` (SDD's and CAT-KD's map)."""
+    return FeatureInfo("pool_input", module, channels, reduction, module_input=True)
+
+
 def residual_stage_features(stem: tuple[str, int], stages: list[str], last_units: list[str],
                             channels: list[int], reductions: list[int], bn: str, classifier: str,
-                            embedding_channels: int) -> list[FeatureInfo]:
+                            embedding_channels: int, pool: str = "pool") -> list[FeatureInfo]:
     """Feature list of a network whose stages end in ``act(bn(...) + shortcut)``.
 
     ``stem`` is the stem's activation module and its channels, ``stages`` the stage
     containers (their outputs are the post-activation features), ``last_units`` the last
     unit of each stage: the input of its ``relu_out`` is the pre-activation feature and
     its ``bn`` (e.g. ``bn2``) the BatchNorm of the residual branch; ``classifier`` is the
-    Linear whose input is the embedding.
+    Linear whose input is the embedding, ``pool`` the global pool whose input is the last stage's map.
     """
     infos = [FeatureInfo("stem", stem[0], stem[1], 1)]
     for i, (stage, unit, c, r) in enumerate(zip(stages, last_units, channels, reductions), start=1):
         infos.append(FeatureInfo(f"stage{i}", stage, c, r, preact=f"{unit}.relu_out", preact_input=True,
                                  bn=f"{unit}.{bn}"))
+    infos.append(pool_input_feature(pool, channels[-1], reductions[-1]))
     infos.append(FeatureInfo("embedding", classifier, embedding_channels, None, module_input=True))
     return infos
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from models import MODELS
 from models.features import FeatureInfo
+from models.layers import pool_input_feature
 
 # (output channels, stride) of the 13 depthwise-separable blocks
 _BLOCKS: list[tuple[int, int]] = [
@@ -66,6 +67,7 @@ class MobileNetV1(nn.Module):
                         preact_input=True, bn=f"model.{b}.4")
             for s, b in enumerate(STAGE_ENDS, start=1)
         ]
+        self.feature_info.append(pool_input_feature(f"model.{len(layers) - 1}", channels, reduction))
         self.feature_info.append(FeatureInfo("embedding", "fc", channels, None, module_input=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models import MODELS
 from models.features import FeatureInfo
-from models.layers import init_normal_fan_out_
+from models.layers import GlobalAvgPool, init_normal_fan_out_, pool_input_feature
 
 # (expansion t, output channels c, repeats n, first stride s) at width 1; t=None means "the model's T".
 _SETTING: list[tuple[int | None, int, int, int]] = [
@@ -80,6 +79,7 @@ class MobileNetV2(nn.Module):
             self.blocks.append(nn.Sequential(*layers))
         self.last_channel = int(1280 * width_mult) if width_mult > 1.0 else 1280
         self.conv2 = _conv_bn_relu(input_channel, self.last_channel, 1, 1)
+        self.pool = GlobalAvgPool()  # the reference's AvgPool2d(2, ceil_mode=True): global on 32 px inputs' 2x2 map
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
         init_normal_fan_out_(self, linear_std=0.01)
         # block outputs end in a linear BatchNorm (``conv.7`` of the group's last block): preact == post
@@ -89,6 +89,7 @@ class MobileNetV2(nn.Module):
             last = len(self.blocks[g]) - 1
             self.feature_info.append(FeatureInfo(f"stage{i}", f"blocks.{g}", int(_SETTING[g][1] * width_mult),
                                                  reductions[g], bn=f"blocks.{g}.{last}.conv.7"))
+        self.feature_info.append(pool_input_feature("pool", self.last_channel, reductions[-1]))
         self.feature_info.append(FeatureInfo("embedding", "classifier", self.last_channel, None, module_input=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,9 +97,7 @@ class MobileNetV2(nn.Module):
         for block in self.blocks:
             out = block(out)
         out = self.conv2(out)
-        # The reference pools with AvgPool2d(2, ceil_mode=True): global on the 2x2 map of 32 px inputs.
-        out = F.avg_pool2d(out, out.shape[-2:])  # global: the reference's 2x2 pool at 32 px, any size beyond
-        return self.classifier(out.flatten(1))
+        return self.classifier(self.pool(out).flatten(1))
 
 
 @MODELS.register("MobileNetV2", aliases=("mobile_half",), lr=0.01)  # RECIPES.md: 0.01 for MobileNetV2 / ShuffleNets

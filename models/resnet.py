@@ -7,11 +7,10 @@ Parameter names follow the widely shared CIFAR-100 checkpoints (``conv1``, ``bn1
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models import MODELS
-from models.layers import conv3x3, init_kaiming_fan_out_, residual_stage_features
+from models.layers import GlobalAvgPool, conv3x3, init_kaiming_fan_out_, residual_stage_features
 
 
 class BasicBlock(nn.Module):
@@ -53,6 +52,7 @@ class ResNet(nn.Module):
         self.layer1 = self._make_layer(num_filters[1], n, stride=1)
         self.layer2 = self._make_layer(num_filters[2], n, stride=2)
         self.layer3 = self._make_layer(num_filters[3], n, stride=2)
+        self.pool = GlobalAvgPool()  # the reference's AvgPool2d(8) at 32 px, global at any size
         self.fc = nn.Linear(num_filters[3] * BasicBlock.expansion, num_classes)
         init_kaiming_fan_out_(self)
         last = n - 1
@@ -75,8 +75,7 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        x = F.avg_pool2d(x, x.shape[-2:])  # global: the reference's AvgPool2d(8) at 32 px, any size beyond
-        return self.fc(x.flatten(1))
+        return self.fc(self.pool(x).flatten(1))
 
 
 @MODELS.register("resnet8")

@@ -89,7 +89,7 @@ class ResNet(nn.Module):
         self.feature_info = residual_stage_features(
             ("relu", 64), [f"layer{i}" for i in range(1, 5)],
             [f"layer{i}.{num_blocks[i - 1] - 1}" for i in range(1, 5)], widths, [1, 2, 4, 8],
-            "bn3" if block is Bottleneck else "bn2", "linear", widths[-1])
+            "bn3" if block is Bottleneck else "bn2", "linear", widths[-1], pool="avgpool")
 
     def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, num_blocks: int,
                     stride: int) -> nn.Sequential:

@@ -6,11 +6,10 @@ Parameter names follow the widely shared CIFAR-100 checkpoints (``conv1``, ``bn1
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models import MODELS
-from models.layers import ChannelShuffle, residual_stage_features
+from models.layers import ChannelShuffle, GlobalAvgPool, residual_stage_features
 
 
 class Bottleneck(nn.Module):
@@ -62,6 +61,7 @@ class ShuffleNetV1(nn.Module):
         self.layer1 = self._make_layer(out_planes[0], num_blocks[0], groups, first_groups=1)
         self.layer2 = self._make_layer(out_planes[1], num_blocks[1], groups)
         self.layer3 = self._make_layer(out_planes[2], num_blocks[2], groups)
+        self.pool = GlobalAvgPool()  # the reference's 4x4 pool at 32 px, global at any size
         self.linear = nn.Linear(out_planes[2], num_classes)
         self.feature_info = residual_stage_features(
             ("relu", 24), ["layer1", "layer2", "layer3"], [f"layer{i}.{num_blocks[i - 1] - 1}" for i in (1, 2, 3)],
@@ -83,8 +83,7 @@ class ShuffleNetV1(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
-        out = F.avg_pool2d(out, out.shape[-2:])  # global: the reference's 4x4 pool at 32 px, any size beyond
-        return self.linear(out.flatten(1))
+        return self.linear(self.pool(out).flatten(1))
 
 
 @MODELS.register("ShuffleV1", lr=0.01)  # RECIPES.md: 0.01 for MobileNetV2 / ShuffleNets

@@ -14,12 +14,11 @@ pre-activation map available as ``relu_out``'s input. That preact is in the outp
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models import MODELS
 from models.features import FeatureInfo
-from models.layers import ChannelShuffle
+from models.layers import ChannelShuffle, GlobalAvgPool, pool_input_feature
 
 
 class BasicBlock(nn.Module):
@@ -92,6 +91,7 @@ class ShuffleNetV2(nn.Module):
         self.conv2 = nn.Conv2d(out_channels[2], out_channels[3], kernel_size=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels[3])
         self.relu2 = nn.ReLU(inplace=True)
+        self.pool = GlobalAvgPool()  # the reference's 4x4 pool at 32 px, global at any size
         self.linear = nn.Linear(out_channels[3], num_classes)
         # layer{i} holds the DownBlock at index 0, so its last basic unit is at index num_blocks.
         # No BatchNorm before the stage activation: half the channels of the pre-activation skip it.
@@ -101,6 +101,7 @@ class ShuffleNetV2(nn.Module):
                         preact=f"layer{i}.{num_blocks[i - 1]}.relu_out", preact_input=True)
             for i in (1, 2, 3)
         ]
+        self.feature_info.append(pool_input_feature("pool", out_channels[3], 8))
         self.feature_info.append(FeatureInfo("embedding", "linear", out_channels[3], None, module_input=True))
 
     def _make_layer(self, out_channels: int, num_blocks: int) -> nn.Sequential:
@@ -113,8 +114,7 @@ class ShuffleNetV2(nn.Module):
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         out = self.relu2(self.bn2(self.conv2(out)))
-        out = F.avg_pool2d(out, out.shape[-2:])  # global: the reference's 4x4 pool at 32 px, any size beyond
-        return self.linear(out.flatten(1))
+        return self.linear(self.pool(out).flatten(1))
 
 
 @MODELS.register("ShuffleV2", lr=0.01)  # RECIPES.md: 0.01 for MobileNetV2 / ShuffleNets

@@ -25,7 +25,8 @@ INPUT_SUFFIX = "@in"
 SAME = "same"  # preact: the stage maps end without an activation, so the pre-activation map is the map itself
 
 # feature kinds a method asks for -> the declaration key that provides them
-KIND_KEYS = {"stem": "stem", "stages": "stages", "stages_preact": "preact", "embedding": "embedding"}
+KIND_KEYS = {"stem": "stem", "stages": "stages", "stages_preact": "preact", "embedding": "embedding",
+             "pool_input": "pool_input", "classifier": "embedding"}  # the classifier: the module the embedding enters
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class TapDeclaration:
     preact: str | tuple[str | None, ...] | None = None
     bn: tuple[str | None, ...] | None = None
     reductions: tuple[int, ...] | None = None
+    pool_input: str | None = None  # the map the global pool averages into the embedding (e.g. avgpool@in)
     gaps: Mapping[str, str] = field(default_factory=dict)
 
     def merged(self, declared: Mapping[str, Any] | None, where: str = "taps") -> TapDeclaration:
@@ -51,16 +53,16 @@ class TapDeclaration:
         Declaring ``stages`` drops the inferred ``preact``/``bn``/``reductions`` (they were per inferred stage).
         """
         given = {k: v for k, v in (declared or {}).items() if v is not None}
-        unknown = sorted(set(given) - {"stem", "stages", "embedding", "preact", "bn", "reductions"})
+        unknown = sorted(set(given) - {"stem", "stages", "embedding", "preact", "bn", "reductions", "pool_input"})
         if unknown:
             raise UserError(f"{where}.{unknown[0]} is not a tap key; use stem, stages, embedding, preact, bn, "
-                            "reductions")
+                            "reductions, pool_input")
         base = self
         if "stages" in given:
             base = replace(base, preact=None, bn=None, reductions=None,
                            gaps={**base.gaps, "preact": "no taps.preact declared for the declared stages"})
         out = {}
-        for key in ("stem", "embedding"):
+        for key in ("stem", "embedding", "pool_input"):
             if key in given:
                 out[key] = str(given[key])
         for key in ("stages", "bn"):
@@ -93,7 +95,7 @@ def declaration_of(infos: Sequence[FeatureInfo]) -> TapDeclaration:
     tap = lambda path, take_input: f"{path}{INPUT_SUFFIX if take_input else ''}"
     by_name = {i.name: i for i in infos}
     stages = [i for i in infos if i.is_stage]
-    stem, embedding = by_name.get("stem"), by_name.get("embedding")
+    stem, embedding, pool = by_name.get("stem"), by_name.get("embedding"), by_name.get("pool_input")
     return TapDeclaration(
         stem=tap(stem.module, stem.module_input) if stem else None,
         stages=tuple(tap(i.module, i.module_input) for i in stages),
@@ -101,6 +103,7 @@ def declaration_of(infos: Sequence[FeatureInfo]) -> TapDeclaration:
         preact=tuple(None if i.preact is None else tap(i.preact, i.preact_input) for i in stages),
         bn=tuple(i.bn for i in stages),
         reductions=tuple(i.reduction for i in stages),
+        pool_input=tap(pool.module, pool.module_input) if pool else None,
     )
 
 
@@ -184,6 +187,8 @@ def describe_features(model: nn.Module, decl: TapDeclaration, where: str, label:
         for i, pre in enumerate(decl.preact):
             if pre is not None:
                 taps[f"preact[{i}]"] = parse_tap(pre)
+    if decl.pool_input is not None:
+        taps["pool_input"] = parse_tap(decl.pool_input)
     if decl.embedding is not None:
         taps["embedding"] = parse_tap(decl.embedding)
     for i, bn in enumerate(decl.bn or ()):
@@ -241,6 +246,10 @@ def describe_features(model: nn.Module, decl: TapDeclaration, where: str, label:
         path, take_input = taps[key]
         infos.append(FeatureInfo(f"stage{i + 1}", path, shapes[key][1], r, module_input=take_input, preact=preact,
                                  preact_input=preact_input, bn=decl.bn[i] if decl.bn else None))
+    if "pool_input" in shapes:
+        path, take_input = taps["pool_input"]
+        infos.append(FeatureInfo("pool_input", path, shapes["pool_input"][1], reduction("pool_input"),
+                                 module_input=take_input))
     if "embedding" in shapes:
         shape = shapes["embedding"]
         if len(shape) != 2:
@@ -252,9 +261,11 @@ def describe_features(model: nn.Module, decl: TapDeclaration, where: str, label:
 
 
 def undeclared_kinds(decl: TapDeclaration) -> dict[str, str]:
-    """Feature kinds (``stem``, ``stages``, ``stages_preact``, ``embedding``) ``decl`` cannot provide, with why."""
+    """Feature kinds (``stem``, ``stages``, ``stages_preact``, ``embedding``, ``pool_input``, ``classifier``)
+    ``decl`` cannot provide, with why."""
     missing = {"stem": decl.stem is None, "stages": not decl.stages,
-               "stages_preact": not decl.stages or decl.preact is None, "embedding": decl.embedding is None}
+               "stages_preact": not decl.stages or decl.preact is None, "embedding": decl.embedding is None,
+               "pool_input": decl.pool_input is None, "classifier": decl.embedding is None}
     gaps = {}
     for kind, absent in missing.items():
         key = KIND_KEYS[kind]

@@ -14,7 +14,7 @@ from torch import nn
 
 from models import MODELS
 from models.features import FeatureInfo
-from models.layers import init_normal_fan_out_
+from models.layers import init_normal_fan_out_, pool_input_feature
 
 _CFG: dict[str, list[list[int]]] = {
     "vgg8": [[64], [128], [256], [512], [512]],
@@ -60,6 +60,7 @@ class VGG(nn.Module):
             FeatureInfo(f"stage{i}", f"relu{i}", cfg[i][-1], min(2 ** i, 8), preact=f"block{i}",
                         bn=f"block{i}.{len(getattr(self, f'block{i}')) - 1}")
             for i in range(1, 5)]
+        self.feature_info.append(pool_input_feature("pool4", cfg[4][-1], 8))
         self.feature_info.append(FeatureInfo("embedding", "classifier", cfg[4][-1], None, module_input=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

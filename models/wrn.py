@@ -12,12 +12,11 @@ are tapped as the forward produces them, so their ReLUs must not run in place.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models import MODELS
 from models.features import FeatureInfo
-from models.layers import conv3x3, init_normal_fan_out_
+from models.layers import GlobalAvgPool, conv3x3, init_normal_fan_out_, pool_input_feature
 
 
 class BasicBlock(nn.Module):
@@ -74,6 +73,7 @@ class WideResNet(nn.Module):
         self.block3 = NetworkBlock(n, channels[2], channels[3], 2)
         self.bn1 = nn.BatchNorm2d(channels[3])
         self.relu = nn.ReLU()  # not in place: bn1's output is the last stage's preact tap
+        self.pool = GlobalAvgPool()  # the reference's 8x8 pool at 32 px, global at any size
         self.fc = nn.Linear(channels[3], num_classes)
         init_normal_fan_out_(self, linear_std=None)
         # the pre-activation of a stage is the next BatchNorm the forward already runs on it
@@ -81,13 +81,13 @@ class WideResNet(nn.Module):
         self.feature_info = [FeatureInfo("stem", "conv1", channels[0], 1)]
         self.feature_info += [FeatureInfo(f"stage{i}", f"block{i}", channels[i], 2 ** (i - 1), preact=bn, bn=bn)
                               for i, bn in enumerate(next_bn, start=1)]
+        self.feature_info.append(pool_input_feature("pool", channels[3], 4))
         self.feature_info.append(FeatureInfo("embedding", "fc", channels[3], None, module_input=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(x))))
         out = self.relu(self.bn1(out))
-        out = F.avg_pool2d(out, out.shape[-2:])  # global: the reference's 8x8 pool at 32 px, any size beyond
-        return self.fc(out.flatten(1))
+        return self.fc(self.pool(out).flatten(1))
 
 
 @MODELS.register("wrn_16_1")

@@ -142,7 +142,7 @@ def test_an_external_network_never_takes_a_zoo_pairs_settings(compose, tmp_path:
 # --------------------------------------------------------------------------- taps
 def test_declared_taps_of_a_zoo_model_give_its_feature_info() -> None:
     """resnet56's taps written out by module path (the CIFAR ResNet's facts) on a copy that declares none."""
-    declared = {"stem": "relu", "stages": ["layer1", "layer2", "layer3"], "embedding": "fc@in",
+    declared = {"stem": "relu", "stages": ["layer1", "layer2", "layer3"], "embedding": "fc@in", "pool_input": "pool@in",
                 "preact": ["layer1.8.relu_out@in", "layer2.8.relu_out@in", "layer3.8.relu_out@in"],
                 "bn": ["layer1.8.bn2", "layer2.8.bn2", "layer3.8.bn2"], "reductions": [1, 2, 4]}
     built = build_network({"source": "module", "name": "bare", "_target_": "tests.external_nets.bare_resnet56",
@@ -406,7 +406,8 @@ def test_timm_network_taps_follow_its_feature_info() -> None:
     pytest.importorskip("timm")
     torch.manual_seed(seed(4))
     model = build_network({"source": "timm", "name": "resnet10t", "cifar_stem": True}, NUM_CLASSES).eval()
-    assert [i.name for i in model.feature_info] == ["stem", "stage1", "stage2", "stage3", "stage4", "embedding"]
+    assert [i.name for i in model.feature_info] == ["stem", "stage1", "stage2", "stage3", "stage4", "pool_input",
+                                                    "embedding"]
     assert [i.reduction for i in model.feature_info if i.is_stage] == [1, 2, 4, 8]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

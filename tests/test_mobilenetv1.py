@@ -88,8 +88,8 @@ def test_shapes_at_224_px(run: dict) -> None:
 
 def test_declared_channels_and_reductions(net: nn.Module, run: dict) -> None:
     names = [info.name for info in net.feature_info]
-    assert names == ["stem", "stage1", "stage2", "stage3", "stage4", "embedding"]
-    for info, feature in zip(net.feature_info, run["post"]):
+    assert names == ["stem", "stage1", "stage2", "stage3", "stage4", "pool_input", "embedding"]
+    for info, feature in zip([i for i in net.feature_info if i.name != "pool_input"], run["post"], strict=True):
         assert feature.shape[1] == info.channels
         if info.reduction is None:
             assert feature.dim() == 2
@@ -141,7 +141,7 @@ def test_taps_fire_once_and_are_never_modified_in_place(net: nn.Module, run: dic
     finally:
         for handle in handles:
             handle.remove()
-    assert len(seen) == 6 + 4
+    assert len(seen) == 7 + 4  # stem, 4 stages, the pool input, the embedding; 4 pre-activation maps
     for key, calls in seen.items():
         assert len(calls) == 1, key
         tensor, version = calls[0]

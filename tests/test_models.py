@@ -62,7 +62,8 @@ class Bundle:
         self.model = build_model(arch).eval()
         _randomise_bn_(self.model)
         self.x = torch.randn(2, 3, 32, 32)
-        self.names = [spec.name for spec in self.model.feature_info]
+        self.declared = [spec.name for spec in self.model.feature_info]
+        self.names = [name for name in self.declared if name != "pool_input"]  # forward_features' list
         with torch.no_grad():
             self.logits = self.model(self.x)
             self.post, self.post_logits = forward_features(self.model, self.x, preact=False)
@@ -174,7 +175,7 @@ def test_feature_shapes(bundle: Bundle, preact: bool) -> None:
 def test_features_are_stem_stages_and_embedding(bundle: Bundle) -> None:
     num_stages = len(bundle.post) - 2
     assert num_stages >= 1
-    assert bundle.names == ["stem", *[f"stage{i}" for i in range(1, num_stages + 1)], "embedding"]
+    assert bundle.declared == ["stem", *[f"stage{i}" for i in range(1, num_stages + 1)], "pool_input", "embedding"]
     assert [f.shape for f in bundle.pre] == [f.shape for f in bundle.post]
 
 
@@ -193,6 +194,24 @@ def test_embedding_is_the_classifier_input(bundle: Bundle) -> None:
     assert embedding.dim() == 2
     with torch.no_grad():
         torch.testing.assert_close(classifier(embedding), bundle.logits, rtol=0, atol=0)
+
+
+@over(ARCHS)
+def test_pool_input_is_the_map_the_embedding_averages(bundle: Bundle) -> None:
+    """The declared pool input, hooked on its own, averaged over its map is the embedding (and has the declared
+    channels and reduction); the classifier the embedding enters is a Linear whose weight matches them."""
+    from distiller.features import CLASSIFIER, POOL_INPUT, FeatureHooks
+
+    with FeatureHooks(bundle.model, {POOL_INPUT, CLASSIFIER}) as hooks, torch.no_grad():
+        logits = bundle.model(bundle.x)
+        got = hooks.select(hooks.pop(), logits, {POOL_INPUT, CLASSIFIER})
+    info = next(i for i in bundle.model.feature_info if i.name == "pool_input")
+    assert got.pool_input.dim() == 4 and got.pool_input.shape[1] == info.channels
+    assert got.pool_input.shape[-1] * info.reduction == 32
+    embedding = bundle.feature("embedding", preact=False)
+    torch.testing.assert_close(got.pool_input.double().mean((2, 3)), embedding.double(), rtol=1e-5, atol=1e-6)
+    weight, bias = got.classifier
+    torch.testing.assert_close(embedding @ weight.T + bias, logits, rtol=1e-5, atol=1e-5)
 
 
 @over(ARCHS)
@@ -254,7 +273,7 @@ def test_taps_fire_once_and_are_never_modified_in_place(bundle: Bundle, preact: 
     finally:
         for handle in handles:
             handle.remove()
-    assert sorted(seen) == sorted(bundle.names)
+    assert sorted(seen) == sorted(bundle.declared)
     for name, calls in seen.items():
         assert len(calls) == 1, f"{name}: tap module ran {len(calls)} times"
         tensor, version = calls[0]
@@ -294,7 +313,8 @@ BN_BEFORE_RELU = {
 @over(ARCHS)
 def test_declared_channels_and_reduction_match_the_forward(bundle: Bundle) -> None:
     """feature_info's channels and reduction are what a real 32 px forward produces."""
-    for info, feat in zip(bundle.model.feature_info, bundle.post):
+    infos = [i for i in bundle.model.feature_info if i.name != "pool_input"]  # forward_features' list
+    for info, feat in zip(infos, bundle.post, strict=True):
         assert feat.shape[1] == info.channels, info.name
         if info.reduction is None:
             assert feat.dim() == 2, info.name
