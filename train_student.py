@@ -9,8 +9,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from distiller.cli import preflight, report_user_errors
-from distiller.run import distill, run_dir_of_job
+from distiller.config.command_line import preflight, report_user_errors
+from distiller.jobs.train import distill, run_dir_of_job
 
 
 @hydra.main(config_path="configs", config_name="train_student", version_base="1.3")

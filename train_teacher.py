@@ -8,8 +8,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from distiller.cli import preflight, report_user_errors
-from distiller.run import run_dir_of_job, train_network
+from distiller.config.command_line import preflight, report_user_errors
+from distiller.jobs.train import run_dir_of_job, train_network
 
 
 @hydra.main(config_path="configs", config_name="train_teacher", version_base="1.3")

@@ -1,6 +1,6 @@
 """Telling a file torch.save wrote from one it did not, by its first bytes (no unpickling).
 
-Every reader of checkpoints (``distiller.checkpoint.safe_load``, a network's ``weights=`` file)
+Every reader of checkpoints (``distiller.engine.checkpoints.safe_load``, a network's ``weights=`` file)
 asks first, so that a text file given as a checkpoint is named as such instead of failing inside
 the unpickler with a misleading message (or a bare ``KeyError``).
 """

@@ -15,7 +15,7 @@ class Batch:
     ``views`` the extra augmented views the methods asked for (normalised, like ``images``).
     ``offsets`` [B, 2] (crop row, col in ``0..2*pad``) and ``flips`` [B] (bool) say which augmentation
     of each sample ``images`` holds (None for eval batches, which are not augmented): with ``indices``
-    they name the exact input, e.g. a row of the teacher-output cache (:mod:`distiller.teacher_cache`).
+    they name the exact input, e.g. a row of the teacher-output cache (:mod:`distiller.engine.teacher_cache`).
     """
 
     images: torch.Tensor

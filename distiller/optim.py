@@ -2,7 +2,7 @@
 
 :data:`OPTIMIZERS` maps a name to a factory ``factory(params, lr, settings, device)``. An optimizer
 that defines ``step_kd()`` gets the distillation and the task gradients apart
-(:class:`distiller.step.SplitGradientOptimizer`). A factory registered with ``options=(...)`` takes
+(:class:`distiller.engine.step.SplitGradientOptimizer`). A factory registered with ``options=(...)`` takes
 those keys of the ``optim`` node beyond the common ones (DOT's ``delta``); they reach it in
 ``settings.optimizer_options``.
 """
@@ -15,14 +15,14 @@ from torch import nn
 
 from common.errors import UserError
 from common.registry import Registry
-from distiller.settings import TrainSettings
+from distiller.engine.plan import TrainSettings
 
 __all__ = ["OPTIMIZERS", "DOT", "sgd", "dot", "make_optimizer", "optimizer_options", "check_optimizer"]
 
 OptimizerFactory = Callable[[list[nn.Parameter], float, TrainSettings, torch.device], torch.optim.Optimizer]
 OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
 """Optimizers by config name (``optim.name``): ``factory(params, lr, settings, device)``. An optimizer
-that defines ``step_kd()`` receives split task / distillation gradients (see distiller.step)."""
+that defines ``step_kd()`` receives split task / distillation gradients (see distiller.engine.step)."""
 
 
 class DOT(torch.optim.Optimizer):

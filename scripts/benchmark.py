@@ -66,17 +66,17 @@ from omegaconf import DictConfig, open_dict
 from torch import nn
 from torch.utils import benchmark
 
-import distiller.cli  # noqa: F401 - registers the method_label resolver the configs use
+import distiller.config.command_line  # noqa: F401 - registers the method_label resolver the configs use
 from common.errors import UserError
 from datasets import DATASETS, DataSplits
 from datasets.augment import padding_for
 from datasets.batch import Batch
 from datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD
-from distiller.cli import CONFIG_DIR, debug_mode, explain_config_error, fail
+from distiller.config.command_line import CONFIG_DIR, debug_mode, explain_config_error, fail
+from distiller.engine.runtime import PRECISIONS, Runtime, cpu_has_native_bf16, make_runtime
 from distiller.features import EMBEDDING, STAGES, STAGES_PREACT, STEM, FeatureHooks, Features
 from distiller.methods.crd import CONTRAST_IDX_KEY, CRD
 from distiller.objective import Objective
-from distiller.runtime import PRECISIONS, Runtime, cpu_has_native_bf16, make_runtime
 from models.external import network_label
 
 CONFIG_NAME = "benchmark"
@@ -206,7 +206,7 @@ def build_engine_step(cfg: DictConfig, runtime: Runtime, phase_name: str, run_di
 
     The one function here that knows the engine's names: re-point it when they move.
     """
-    from distiller.run import build_distillation, settings_from_config
+    from distiller.jobs.train import build_distillation, settings_from_config
 
     settings = settings_from_config(cfg, runtime)
     objective = Objective.from_config(cfg.distill, cfg.get("combine"))

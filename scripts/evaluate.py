@@ -22,8 +22,8 @@ import sys
 from typing import Any, Sequence
 
 from common.errors import UserError
-from distiller.checkpoint_eval import evaluate_checkpoint
-from distiller.cli import fail
+from distiller.config.command_line import fail
+from distiller.jobs.evaluate import evaluate_checkpoint
 
 
 class _Parser(argparse.ArgumentParser):

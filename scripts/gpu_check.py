@@ -299,7 +299,7 @@ def max_relative_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 
 def step_compile(s: Settings, budget: Budget, work: Path) -> list[Row]:
-    from distiller.compile import compile_module
+    from distiller.engine.compile import compile_module
     from models import build_model
 
     device = torch.device(s.device)
@@ -452,7 +452,7 @@ def concurrency_worker(spec_path: Path) -> int:
     cfg = benchmark.compose_config(spec["overrides"])
     bench = benchmark.bench_settings(cfg)
     benchmark.use_random_data(cfg, bench)
-    from distiller.runtime import make_runtime
+    from distiller.engine.runtime import make_runtime
 
     runtime = make_runtime(cfg.trainer)
     device = runtime.device
@@ -694,7 +694,7 @@ def run_check(s: Settings, steps: list[str], out: Path, argv: list[str], budget_
 
 def cpu_precision_check(args: argparse.Namespace, argv: list[str]) -> int:
     """fp32 vs bf16 on this CPU, same seed: the evidence ``trainer.precision=auto`` needs before bf16."""
-    from distiller.runtime import cpu_has_native_bf16
+    from distiller.engine.runtime import cpu_has_native_bf16
 
     data = subset_data_overrides(Path(args.subset_dir))
     if data is None:

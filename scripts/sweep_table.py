@@ -53,7 +53,7 @@ def expand_preset(preset: str, overrides: Sequence[str] = ()) -> list[dict[str, 
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    import distiller.cli  # noqa: F401 - the teacher/student config nodes and resolvers the presets compose with
+    import distiller.config.command_line  # noqa: F401 - the teacher/student config nodes and resolvers the presets compose with
 
     entry = entry_point(preset)
     parser = OverridesParser.create()

@@ -11,7 +11,7 @@
 downloaded pretrained teacher, or a file you changed on purpose), after checking that the weights
 fit ``model=``. ``train_student.py`` then checks the file before using it (``teacher.verify``).
 ``cache`` computes the teacher's logits for every crop and flip of the training split
-(:mod:`distiller.teacher_cache`), beside the teacher unless ``--cache-dir`` says otherwise.
+(:mod:`distiller.engine.teacher_cache`), beside the teacher unless ``--cache-dir`` says otherwise.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from common.errors import UserError
-from distiller.cli import canonical_model_choices, fail
-from distiller.teachers import (
+from distiller.config.command_line import canonical_model_choices, fail
+from distiller.jobs.teachers import (
     INDEX_NAME,
     JOURNAL_SUFFIX,
     add_teacher,
@@ -88,8 +88,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def add(path: Path, overrides: list[str], measure: bool) -> dict[str, Any]:
     """Index ``path`` (its weights must fit ``model=`` or its header's architecture)."""
-    from distiller.checkpoint import check_file
-    from distiller.checkpoint_eval import _override, evaluate_checkpoint, load_checkpoint, model_choice
+    from distiller.engine.checkpoints import check_file
+    from distiller.jobs.evaluate import _override, evaluate_checkpoint, load_checkpoint, model_choice
 
     overrides = canonical_model_choices(overrides)
     check_file(path, "teacher file")
@@ -110,10 +110,10 @@ def cache(path: Path, overrides: list[str], dtype: str, precision: str, batch_si
           rebuild: bool) -> Any:
     """Build (or find) the teacher cache of ``path`` on the training split of ``dataset=`` (else the teacher's own)."""
     from datasets import load_dataset
-    from distiller.checkpoint_eval import compose_config, data_overrides, load_checkpoint, model_choice, read_checkpoint
-    from distiller.runtime import resolve_device
-    from distiller.teacher_cache import ensure_cache
-    from distiller.teachers import verify_teacher
+    from distiller.engine.runtime import resolve_device
+    from distiller.engine.teacher_cache import ensure_cache
+    from distiller.jobs.evaluate import compose_config, data_overrides, load_checkpoint, model_choice, read_checkpoint
+    from distiller.jobs.teachers import verify_teacher
 
     overrides = canonical_model_choices(overrides)
     bad = [o for o in overrides if "=" not in o]

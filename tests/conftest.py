@@ -13,7 +13,7 @@ Robustness knobs (environment variables, read once per session):
     Sets ``torch.backends.mkldnn.enabled`` for the whole session, so the suite can be run on
     the oneDNN kernels and on ATen's own ones (they block and round differently).
 ``KD_AUTO_PRECISION`` (``fp32`` or ``bf16``, default: the CPU decides)
-    What ``trainer.precision=auto`` resolves to on the CPU (read by :mod:`distiller.runtime`, so
+    What ``trainer.precision=auto`` resolves to on the CPU (read by :mod:`distiller.engine.runtime`, so
     in-process jobs and the subprocesses the tests start alike). ``KD_AUTO_PRECISION=bf16`` runs
     the suite as a CPU with native bf16 (AVX-512 BF16, AMX) runs it, on any machine; CI runs the
     numeric end-to-end tests (marker ``numeric``) that way. A test that compares numbers from a
@@ -29,7 +29,7 @@ import pytest
 import torch
 from helpers import CONFIGS, seed
 
-import distiller.cli  # noqa: F401 - registers the config resolvers used by composed configs
+import distiller.config.command_line  # noqa: F401 - registers the config resolvers used by composed configs
 from common.registry import Registry
 
 torch.set_num_threads(1)
@@ -40,7 +40,7 @@ if _MKLDNN not in ("", "0", "1"):
 
 
 def pytest_report_header(config) -> str:
-    from distiller.runtime import auto_precision
+    from distiller.engine.runtime import auto_precision
 
     forced = os.environ.get("KD_AUTO_PRECISION")
     how = f"forced by KD_AUTO_PRECISION={forced}" if forced else "this CPU's choice"

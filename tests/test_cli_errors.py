@@ -14,7 +14,7 @@ import pytest
 from helpers import run_cli, tiny_overrides
 
 from common.errors import UserError
-from distiller.cli import check_run_dir, preflight
+from distiller.config.command_line import check_run_dir, preflight
 
 EXIT_USER_ERROR = 2
 HAS_PROC = sys.platform.startswith("linux") and Path("/proc/self").is_dir()

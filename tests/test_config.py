@@ -1,22 +1,21 @@
 """The config schema: every bad value is one line naming the key, before anything is written.
 
 Most checks compose the real config and validate it in process (the path of in-process callers
-and multirun jobs) or run :func:`distiller.cli.preflight` in process (the path of the command
+and multirun jobs) or run :func:`distiller.config.command_line.preflight` in process (the path of the command
 line); a handful run the entry points as a user types them.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import pytest
-from helpers import run_cli, tiny_overrides
+from helpers import CONFIGS, run_cli, tiny_overrides
 from omegaconf import MISSING, OmegaConf
 
 from common.errors import UserError
-from distiller import config as schema
-from distiller.cli import canonical_model_choices, preflight
+from distiller.config import schema, validation
+from distiller.config.command_line import canonical_model_choices, preflight
 from models import list_models, model_metadata
 
 EXIT_USER_ERROR = 2
@@ -68,7 +67,7 @@ def _compose(compose, entry: str, overrides: list[str]):
     try:
         return compose(entry, overrides)
     except Exception as err:  # noqa: BLE001 - a typed node refuses some values while composing
-        from distiller.cli import explain_config_error
+        from distiller.config.command_line import explain_config_error
 
         raise UserError(explain_config_error(err)) from None
 
@@ -76,7 +75,7 @@ def _compose(compose, entry: str, overrides: list[str]):
 @pytest.mark.parametrize("entry, overrides, words", BAD_VALUES, ids=[" ".join(o) for _, o, _ in BAD_VALUES])
 def test_bad_value_is_one_line_naming_the_key(compose, entry, overrides, words):
     with pytest.raises(UserError) as caught:
-        schema.validate(_compose(compose, entry, overrides), entry)
+        validation.validate(_compose(compose, entry, overrides), entry)
     message = str(caught.value)
     assert "\n" not in message
     for word in words:
@@ -91,7 +90,7 @@ def test_bad_value_is_one_line_naming_the_key(compose, entry, overrides, words):
 def test_typed_model_nodes_refuse_wrong_types_while_composing(compose, overrides, words):
     entry = "train_teacher" if overrides[0].startswith("model") else "train_student"
     if words is None:
-        schema.validate(compose(entry, overrides), entry)
+        validation.validate(compose(entry, overrides), entry)
         return
     with pytest.raises(UserError) as caught:
         _compose(compose, entry, overrides)
@@ -101,11 +100,11 @@ def test_typed_model_nodes_refuse_wrong_types_while_composing(compose, overrides
 
 @pytest.mark.parametrize("entry", ["train_teacher", "train_student"])
 def test_the_default_configs_and_every_preset_are_valid(compose, entry):
-    presets = sorted(p.stem for p in (Path(schema.__file__).parents[1] / "configs" / "experiment").glob("*.yaml"))
+    presets = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
     for preset in [None, *presets]:
         if preset and preset.startswith("table_") != (entry == "train_teacher"):
             continue
-        typed = schema.validate(compose(entry, [f"experiment={preset}"] if preset else []), entry)
+        typed = validation.validate(compose(entry, [f"experiment={preset}"] if preset else []), entry)
         assert typed.seed == 0
 
 
@@ -135,11 +134,11 @@ def _fields(job: type, prefix: str = ""):
 
 def test_validated_view_is_typed_and_config_keeps_its_keys(compose):
     cfg = compose("train_student", ["trainer.epochs=3", "optim.lr=1"])
-    typed = schema.validate(cfg)
+    typed = validation.validate(cfg)
     assert typed.trainer.epochs == 3 and isinstance(typed.optim.lr, float)
     assert typed.trainer.find_unused_parameters is False  # the schema's default; no YAML sets it
     assert "find_unused_parameters" not in cfg.trainer and "pair" not in cfg  # the composed config is unchanged
-    assert schema.validate(typed) is typed
+    assert validation.validate(typed) is typed
     assert OmegaConf.to_container(cfg, resolve=True)["optim"]["lr"] == 1
 
 
@@ -220,7 +219,7 @@ def test_preflight_refuses_a_run_dir_in_a_read_only_folder(capsys, tmp_path):
     ("train_student", ["distill.alpha=-1"]),
 ])
 def test_the_job_raises_before_writing(compose, tmp_path, entry, overrides):
-    from distiller.run import distill, train_network
+    from distiller.jobs.train import distill, train_network
 
     cfg = compose(entry, [*tiny_overrides(tmp_path), *overrides])
     job = train_network if entry == "train_teacher" else distill
@@ -258,7 +257,7 @@ def test_command_line_run_dir_that_is_a_file(tmp_path):
 def test_logit_standardize_is_a_plain_override_and_old_runs_still_resume(compose) -> None:
     """distill.logit_standardize=true needs no '+', and a run written before the key existed is the same
     run as one with it at false (resume compares configs), but not as one with it at true."""
-    from distiller.run import run_identity
+    from distiller.jobs.train import run_identity
 
     on = compose("train_student", ["distill=kd", "distill.logit_standardize=true"])
     assert on.distill.logit_standardize is True

@@ -588,7 +588,7 @@ def test_declared_cifar100_statistics_are_those_of_its_training_split() -> None:
 def test_torchvision_is_imported_only_when_an_archive_is_checked() -> None:
     """Importing torchvision costs seconds (its models pull in torch._dynamo): a command that fails on its
     configuration, or trains on other data, must not pay it; reading an archive's facts imports it."""
-    code = ("import sys, distiller.cli, distiller.run, datasets, datasets.cifar100 as c; "
+    code = ("import sys, distiller.config.command_line, distiller.jobs.train, datasets, datasets.cifar100 as c; "
             "before = 'torchvision' in sys.modules; md5 = c.CIFAR100.official_md5; "
             "print(before, 'torchvision' in sys.modules, md5['meta'])")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -616,7 +616,7 @@ def test_each_image_folder_keeps_its_own_teachers(compose, monkeypatch, tmp_path
 
 
 def test_an_image_folder_without_root_is_one_line(capsys) -> None:
-    from distiller.cli import preflight
+    from distiller.config.command_line import preflight
 
     for config in ("train_teacher", "train_student"):
         with pytest.raises(SystemExit) as caught:

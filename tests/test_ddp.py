@@ -36,10 +36,10 @@ def steps_with_engine(rank: int, world_size: int, port: int, out: Path, override
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    import distiller.cli  # noqa: F401 - config resolvers
+    import distiller.config.command_line  # noqa: F401 - config resolvers
+    from distiller.engine.runtime import make_runtime
+    from distiller.jobs.train import build_distillation, settings_from_config
     from distiller.objective import Objective
-    from distiller.run import build_distillation, settings_from_config
-    from distiller.runtime import make_runtime
 
     GlobalHydra.instance().clear()  # forked from a test process that may have composed before
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):

@@ -69,7 +69,7 @@ def milestones(epochs: int) -> str:
 
 @pytest.mark.slow
 def test_distillation_beats_the_student_alone_on_three_seeds(compose, tmp_path: Path):
-    from distiller.run import distill, train_network
+    from distiller.jobs.train import distill, train_network
 
     common = ["dataset=synthetic", f"dataset.root={tmp_path / 'data'}", f"dataset.train_size={TRAIN_SIZE}",
               f"dataset.test_size={TEST_SIZE}", "trainer.device=cpu", "trainer.precision=fp32",

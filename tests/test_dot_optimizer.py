@@ -24,11 +24,11 @@ from torch import nn
 
 from common.errors import UserError
 from distiller import functional as F
-from distiller.engine import Trainer, TrainSettings
+from distiller.engine.loop import Trainer, TrainSettings
+from distiller.engine.runtime import Runtime, seed_everything
+from distiller.jobs.train import distill, settings_from_config
 from distiller.objective import Objective
 from distiller.optim import DOT, OPTIMIZERS
-from distiller.run import distill, settings_from_config
-from distiller.runtime import Runtime, seed_everything
 from models import build_model
 
 CASES = ("both", "task", "dist", "none")
@@ -280,7 +280,7 @@ def test_a_tiny_distillation_run_with_optim_dot(tmp_path: Path, compose) -> None
 def test_teacher_training_with_optim_dot_has_only_task_gradients(tmp_path: Path, compose) -> None:
     """CE alone: the distillation part is a constant with no graph, so DOT gets task gradients only
     and every parameter keeps one buffer (it ran SGD with momentum 0.9)."""
-    from distiller.run import train_network
+    from distiller.jobs.train import train_network
 
     overrides = ["model=resnet8", "optim=dot", *tiny_overrides(tmp_path, train_size=100, test_size=100)]
     final = train_network(compose("train_teacher", overrides), tmp_path / "run")

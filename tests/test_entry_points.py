@@ -11,8 +11,8 @@ import pytest
 import torch
 from helpers import CONFIGS, run_cli, tiny_overrides, train_tiny_teacher
 
+from distiller.jobs.train import distill
 from distiller.methods import METHODS
-from distiller.run import distill
 from models import build_model
 
 PINNED_EPOCH_KEYS = {"epoch", "train_loss", "test_top1", "test_top5", "lr"}

@@ -23,8 +23,8 @@ from helpers import run_cli, seed
 
 from common.errors import UserError
 from datasets import load_dataset
-from distiller.checkpoint_eval import evaluate_checkpoint, load_checkpoint
-from distiller.teachers import PUBLISHED_TOLERANCE, published_check
+from distiller.jobs.evaluate import evaluate_checkpoint, load_checkpoint
+from distiller.jobs.teachers import PUBLISHED_TOLERANCE, published_check
 from models import build_model
 
 TRAIN, TEST, CLASSES = 400, 300, 100

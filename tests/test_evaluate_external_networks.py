@@ -19,8 +19,8 @@ from helpers import REPO, run_cli, seed, tiny_overrides
 
 from common.errors import UserError
 from datasets import load_dataset
-from distiller.checkpoint_eval import evaluate_checkpoint, load_checkpoint
-from distiller.run import train_network
+from distiller.jobs.evaluate import evaluate_checkpoint, load_checkpoint
+from distiller.jobs.train import train_network
 
 CLASSES, TRAIN, TEST = 10, 64, 40
 AMBIGUOUS_GAP = 1e-3
@@ -136,7 +136,7 @@ def test_the_commands_take_an_external_teacher(teacher_run, tmp_path: Path) -> N
 
 def test_the_recorded_node_is_the_one_the_header_names() -> None:
     """A distillation run's file records teacher and student; the student (the file's network) is rebuilt."""
-    from distiller.checkpoint_eval import recorded_network
+    from distiller.jobs.evaluate import recorded_network
 
     student = {"source": "torchvision", "name": "mobilenet_v3_small", "cifar_stem": True}
     teacher = {"source": "torchvision", "name": "resnet18", "cifar_stem": True}

@@ -17,8 +17,8 @@ from torch import nn
 
 from common.errors import UserError
 from datasets.device_loader import DeviceLoader
-from distiller.evaluation import evaluate
-from distiller.runtime import Runtime, make_runtime, resolve_eval_precision
+from distiller.engine.evaluation import evaluate
+from distiller.engine.runtime import Runtime, make_runtime, resolve_eval_precision
 
 CPU = torch.device("cpu")
 W_FP32 = [2.0 + 2.0 ** -8, 0.5, -1.0, 0.25]  # every value exact in fp32

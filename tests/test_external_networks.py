@@ -27,13 +27,14 @@ from torch import nn
 from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.cli import explain_config_error
-from distiller.config import ExternalTeacherConfig, validate
+from distiller.config.command_line import explain_config_error
+from distiller.config.pairs import apply_pair_settings
+from distiller.config.schema import ExternalTeacherConfig
+from distiller.config.validation import validate
 from distiller.features import EMBEDDING, STAGES, STAGES_PREACT, STEM, Features, forward_features
 from distiller.methods import METHODS, BuildContext
 from distiller.methods.crd import CONTRAST_IDX_KEY
 from distiller.objective import build_method
-from distiller.pairs import apply_pair_settings
 from models import build_model
 from models.external import CONFIG_KEYS, build_network, command_line_choice, label_choice, network_label
 from models.taps import check_taps
@@ -241,7 +242,7 @@ def test_a_shared_or_in_place_activation_cannot_be_a_tap() -> None:
 
 
 def test_a_method_needing_a_tap_the_network_lacks_names_both(compose, tmp_path: Path) -> None:
-    from distiller.run import distill
+    from distiller.jobs.train import distill
 
     cfg = compose("train_student", ["teacher=module", f"teacher._target_={TINY}", "teacher.taps.stem=stem",
                                     "teacher.taps.stages=[stage1,stage2,stage3]", "teacher.taps.embedding=head@in",

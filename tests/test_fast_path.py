@@ -1,7 +1,7 @@
 """The fast path computes the same training as the plain fp32 path (CPU, a few steps, same init and batches).
 
 Fast-path switches: bf16 autocast, channels_last memory format, torch.compile of the
-networks (``distiller.compile``). Each run builds a Trainer from the same seed (same
+networks (``distiller.engine.compile``). Each run builds a Trainer from the same seed (same
 weights, helpers, memory banks and CRD negatives) on the same generated images, takes
 a few optimisation steps, and is compared with the plain path (fp32, contiguous, eager):
 the total loss of every step, and the parameter update ``theta_end - theta_start``.
@@ -19,11 +19,11 @@ from helpers import CONFIGS, random_splits, seed
 from omegaconf import OmegaConf
 
 from datasets.cifar100 import DataSplits
-from distiller.compile import compile_module, compile_networks, is_compiled
 from distiller.contrast import ContrastMemory
-from distiller.engine import Trainer, TrainSettings
+from distiller.engine.compile import compile_module, compile_networks, is_compiled
+from distiller.engine.loop import Trainer, TrainSettings
+from distiller.engine.runtime import Runtime, seed_everything
 from distiller.objective import Objective
-from distiller.runtime import Runtime, seed_everything
 from models import build_model
 
 pytestmark = pytest.mark.numeric

@@ -19,7 +19,7 @@ from helpers import REPO, SHARED
 from omegaconf import OmegaConf
 
 from common.errors import UserError
-from distiller import runtime as rt
+from distiller.engine import runtime as rt
 from scripts import gpu_check
 
 COLUMNS = ("step", "config", "images/s", "ms/step", "MFU", "peak memory", "speedup", "accuracy", "status")

@@ -20,8 +20,8 @@ from helpers import CONFIGS
 from omegaconf import OmegaConf
 
 from common.errors import UserError
-from distiller import launcher
-from distiller.launcher import GpuSlots, SlotPlan, choose_jobs_per_gpu, plan_slots
+from distiller.config import gpu_slots as launcher
+from distiller.config.gpu_slots import GpuSlots, SlotPlan, choose_jobs_per_gpu, plan_slots
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -126,7 +126,7 @@ from hydra.core.hydra_config import HydraConfig
 
 @hydra.main(config_path=".", config_name="app", version_base="1.3")
 def main(cfg):
-    from distiller import launcher
+    from distiller.config import gpu_slots as launcher
     start = time.time()
     time.sleep(cfg.sleep)
     out = Path(HydraConfig.get().runtime.output_dir)

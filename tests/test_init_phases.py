@@ -433,9 +433,9 @@ def test_init_phase_trains_the_reference_feature_modules_and_keeps_the_rest_in_e
     statistics), as RepDistiller's init() does (model_s.eval(); init_modules.train())."""
     from helpers import random_splits
 
-    from distiller.engine import Trainer, TrainSettings
+    from distiller.engine.loop import Trainer, TrainSettings
+    from distiller.engine.runtime import Runtime
     from distiller.objective import Objective
-    from distiller.runtime import Runtime
 
     teacher = student if method == "fsp" else "resnet32x4"  # FSP needs equal channels: self-pairs
     objective = Objective.from_config({"name": method, "gamma": 1.0, "alpha": 0.0, "beta": 0.0, "init_epochs": 1})

@@ -23,11 +23,11 @@ from omegaconf import OmegaConf
 from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.engine import Trainer, TrainSettings
+from distiller.engine.loop import Trainer, TrainSettings
+from distiller.engine.runtime import Runtime, seed_everything
 from distiller.features import Features
 from distiller.methods import METHODS, DistillMethod
 from distiller.objective import OBJECTIVE_KEYS, Objective
-from distiller.runtime import Runtime, seed_everything
 from models import build_model
 
 DISTILL_DIR = Path(__file__).resolve().parents[1] / "configs" / "distill"

@@ -41,11 +41,11 @@ from common.errors import UserError
 from datasets.batch import Batch
 from datasets.randaugment import strong_view
 from distiller import functional as F
-from distiller.engine import Trainer, TrainSettings
+from distiller.engine.loop import Trainer, TrainSettings
+from distiller.engine.runtime import Runtime, seed_everything
 from distiller.features import Features
 from distiller.methods import METHODS
 from distiller.objective import OBJECTIVE_KEYS, Objective
-from distiller.runtime import Runtime, seed_everything
 from models import build_model
 
 DISTILL_DIR = REPO / "configs" / "distill"

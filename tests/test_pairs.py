@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import tiny_overrides
 
-import distiller.pairs as pairs
-from distiller.pairs import apply_pair_settings
-from distiller.run import distill
+import distiller.config.pairs as pairs
+from distiller.config.pairs import apply_pair_settings
+from distiller.jobs.train import distill
 from models import build_model
 
 # The published values (RECIPES.md DKD per pair; mdistiller's ReviewKD CIFAR-100 configs)
@@ -194,7 +194,7 @@ def test_ttm_takes_the_readme_example_on_its_pair(compose) -> None:
 
 def test_a_switch_that_is_not_a_boolean_is_a_one_line_error(compose) -> None:
     from common.errors import UserError
-    from distiller.config import validate
+    from distiller.config.validation import validate
 
     # the switch reads a boolean as the schema does: "yes" is true for both
     cfg = compose("train_student", ["teacher=vgg13", "student=vgg8", "distill=kd", "distill.logit_standardize=yes"])

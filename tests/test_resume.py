@@ -83,10 +83,10 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(teacher, monkey
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    import distiller.cli  # noqa: F401 - registers the config resolvers
+    import distiller.config.command_line  # noqa: F401 - registers the config resolvers
     from distiller import functional
-    from distiller.engine import NonFiniteLossError
-    from distiller.run import distill
+    from distiller.engine.loop import NonFiniteLossError
+    from distiller.jobs.train import distill
 
     calls = {"n": 0}
     real_kd = functional.kd

@@ -24,12 +24,13 @@ from torch import nn
 
 from datasets import DataSplits
 from distiller import functional as F
-from distiller.engine import Trainer, TrainSettings
+from distiller.config.schema import logger_settings
+from distiller.engine.loop import Trainer, TrainSettings
+from distiller.engine.runtime import Runtime, seed_everything
 from distiller.features import Features
 from distiller.methods import METHODS, DistillMethod
 from distiller.objective import Objective
 from distiller.optim import OPTIMIZERS
-from distiller.runtime import Runtime, seed_everything
 from models import build_model
 
 pytestmark = pytest.mark.numeric
@@ -50,7 +51,7 @@ def make_trainer(tmp: Path, distill: dict, epochs: int = 1, optimizer: str = "sg
     return Trainer(runtime=runtime, settings=settings, run_dir=tmp, data=tiny_data(),
                    student=build_model("resnet8", num_classes=NUM_CLASSES), student_arch="resnet8",
                    objective=objective, teacher=build_model("resnet8", num_classes=NUM_CLASSES),
-                   teacher_arch="resnet8")
+                   teacher_arch="resnet8", logger_settings=logger_settings(None))
 
 
 # ---- split gradients ------------------------------------------------------------------------------

@@ -378,18 +378,18 @@ def test_two_gloo_processes_equal_one_process_step_by_step(imagenet_root: Path, 
 
 
 def test_configs_compose_and_validate(compose) -> None:
-    from distiller import config as schema
+    from distiller.config import validation
 
-    typed = schema.validate(compose("train_teacher", ["dataset=imagenet", "dataset.root=/data/imagenet",
+    typed = validation.validate(compose("train_teacher", ["dataset=imagenet", "dataset.root=/data/imagenet",
                                                       "model=MobileNetV1"]), "train_teacher")
     assert (typed.dataset.name, typed.dataset.image_size, typed.dataset.eval_resize) == ("imagenet", 224, 256)
     assert typed.dataset.stream == "auto" and typed.dataset.workers is None
     for value, parsed in (("true", True), ("false", False), ("auto", "auto")):
         cfg = compose("train_teacher", ["dataset=imagefolder", "dataset.root=/x", f"dataset.stream={value}"])
-        assert schema.validate(cfg, "train_teacher").dataset.stream == parsed
+        assert validation.validate(cfg, "train_teacher").dataset.stream == parsed
     for bad, words in (("dataset.stream=maybe", "dataset.stream=maybe"), ("dataset.workers=-1", "dataset.workers")):
         with pytest.raises(UserError) as info:
-            schema.validate(compose("train_teacher", ["dataset=imagenet", "dataset.root=/x", bad]), "train_teacher")
+            validation.validate(compose("train_teacher", ["dataset=imagenet", "dataset.root=/x", bad]), "train_teacher")
         assert words in str(info.value) and "\n" not in str(info.value)
 
 

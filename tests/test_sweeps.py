@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import CONFIGS, REPO, run_cli, tiny_overrides
 
-import distiller.cli  # noqa: F401 - registers the method_label resolver the configs use
+import distiller.config.command_line  # noqa: F401 - registers the method_label resolver the configs use
 
 # ---- RECIPES.md, typed by hand -----------------------------------------------------------------------
 CRD_T1_PAIRS = ["wrn_40_2-wrn_16_2", "wrn_40_2-wrn_40_1", "resnet56-resnet20", "resnet110-resnet20",
@@ -296,7 +296,7 @@ def test_local_gpus_launcher_gives_each_running_job_its_own_gpu(tmp_path: Path) 
 
 def test_gpu_slots_rejects_more_jobs_than_gpus(tmp_path: Path) -> None:
     from common.errors import UserError
-    from distiller.launcher import GpuSlots
+    from distiller.config.gpu_slots import GpuSlots
 
     with pytest.raises(UserError, match="n_jobs=4"):
         GpuSlots(num_slots=4, lock_dir=str(tmp_path), devices=[0, 1])

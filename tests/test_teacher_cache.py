@@ -19,7 +19,7 @@ from helpers import generator, seed
 from PIL import Image
 from torch import nn
 
-import distiller.teacher_cache as tc
+import distiller.engine.teacher_cache as tc
 from common.errors import UserError
 from datasets import DataSplits, DeviceLoader
 from datasets.device_loader import epoch_seed

@@ -17,7 +17,7 @@ import torch
 from helpers import run_cli, tiny_overrides
 
 from common.errors import UserError
-from distiller.teachers import INDEX_NAME, load_teacher_weights, read_index, store_teacher, verify_teacher
+from distiller.jobs.teachers import INDEX_NAME, load_teacher_weights, read_index, store_teacher, verify_teacher
 from models import build_model
 from scripts import teachers as teachers_cmd
 
@@ -167,7 +167,7 @@ def test_train_student_warns_when_the_teacher_is_below_its_published_accuracy(ca
     """resnet56's shared teacher scores 72.34 on CIFAR-100's 10,000 test images: 60 is flagged, 72 not."""
     from omegaconf import OmegaConf
 
-    from distiller.run import _warn_below_published
+    from distiller.jobs.train import _warn_below_published
 
     cfg = OmegaConf.create({"teacher": {"published_top1": 72.34}, "dataset": {"name": "cifar100"}})
     _warn_below_published(cfg, "resnet56", 10000, 60.0)

@@ -23,9 +23,8 @@ import torch
 from helpers import CONFIGS, seed, tiny_overrides
 
 from common.errors import UserError
-from distiller.checkpointer import slim_checkpoint
-from distiller.run import train_network
-from distiller.teachers import (
+from distiller.engine.checkpoints import slim_checkpoint
+from distiller.jobs.teachers import (
     INDEX_NAME,
     RECEIPT_NAME,
     STORE_STEPS,
@@ -34,6 +33,7 @@ from distiller.teachers import (
     read_index,
     store_teacher,
 )
+from distiller.jobs.train import train_network
 from models import build_model
 
 ARCH = "resnet8"

@@ -19,11 +19,12 @@ from helpers import seed
 from test_step_seams import NUM_CLASSES, tiny_data
 
 from common.errors import UserError
-from distiller.config import logger_settings, validate
-from distiller.engine import Trainer, TrainSettings
-from distiller.loggers import DEFAULT_WANDB_MODE, make_backends, wandb_mode
+from distiller.config.schema import logger_settings
+from distiller.config.validation import validate
+from distiller.engine.loop import Trainer, TrainSettings
+from distiller.engine.run_log import DEFAULT_WANDB_MODE, make_backends, wandb_mode
+from distiller.engine.runtime import Runtime, seed_everything
 from distiller.objective import Objective
-from distiller.runtime import Runtime, seed_everything
 from models import build_model
 
 wandb = pytest.importorskip("wandb")
@@ -81,6 +82,7 @@ def test_an_offline_run_logs_what_tensorboard_logs_plus_config_and_summary(tmp_p
                       run_dir=tmp_path, data=tiny_data(), student=build_model("resnet8", num_classes=NUM_CLASSES),
                       student_arch="resnet8", teacher=build_model("resnet8", num_classes=NUM_CLASSES),
                       teacher_arch="resnet8", config=config, header={"kind": "student"},
+                      logger_settings=logger_settings(config["logger"]),
                       objective=Objective.from_config({"name": "kd", "gamma": 0.1, "alpha": 0.9, "temperature": 4.0}))
     trainer.fit()
     wandb.teardown()  # W&B's service process writes the run file asynchronously: stop it, so the file is complete

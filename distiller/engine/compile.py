@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
-from distiller.runtime import Runtime
+from distiller.engine.runtime import Runtime
 
 # Marks a module this helper compiled, so a second call (engine + benchmark) is a no-op.
 _MARK = "_distiller_compiled"

@@ -4,8 +4,8 @@ One :class:`Trainer` trains teachers (cross-entropy only) and students (any
 objective). It never learns which distillation method it runs: methods declare the
 features they read, build their helpers from probed shapes, may declare
 initialisation phases, and the objective weighs their terms. The pieces it holds:
-the phase plan (:mod:`distiller.plan`), the step (:mod:`distiller.step`), the
-meter (:mod:`distiller.meter`) and the checkpointer (:mod:`distiller.checkpointer`).
+the phase plan (:mod:`distiller.engine.plan`), the step (:mod:`distiller.engine.step`), the
+meter (:mod:`distiller.engine.meter`) and the checkpointer (:mod:`distiller.engine.checkpoints`).
 """
 from __future__ import annotations
 
@@ -23,18 +23,17 @@ from common.errors import UserError
 from datasets import DataSplits
 from datasets.batch import Batch
 from datasets.loaders import make_loader
-from distiller.checkpointer import Checkpointer, RunState
-from distiller.evaluation import evaluate
+from distiller.engine.checkpoints import Checkpointer, RunState
+from distiller.engine.evaluation import evaluate
+from distiller.engine.meter import Meter, NonFiniteLossError
+from distiller.engine.plan import PlannedPhase, TrainSettings, lr_at, plan_phases
+from distiller.engine.run_log import RunLogger
+from distiller.engine.runtime import Runtime, all_reduce_sum
+from distiller.engine.step import DistillStep, StepOutput, distribute, train_step
 from distiller.features import FeatureHooks
-from distiller.meter import Meter, NonFiniteLossError
 from distiller.methods.base import BuildContext
 from distiller.objective import Objective
 from distiller.optim import make_optimizer
-from distiller.plan import PlannedPhase, lr_at, plan_phases
-from distiller.run_log import RunLogger
-from distiller.runtime import Runtime, all_reduce_sum
-from distiller.settings import TrainSettings
-from distiller.step import DistillStep, StepOutput, distribute, train_step
 
 log = logging.getLogger("distiller")
 
@@ -47,13 +46,14 @@ class Trainer:
     def __init__(self, *, runtime: Runtime, settings: TrainSettings, run_dir: Path, data: DataSplits,
                  student: nn.Module, student_arch: str, objective: Objective,
                  teacher: nn.Module | None = None, teacher_arch: str | None = None,
-                 config: dict[str, Any] | None = None, header: dict[str, Any] | None = None) -> None:
+                 config: dict[str, Any] | None = None, header: dict[str, Any] | None = None,
+                 logger_settings: Any = None) -> None:
         self.rt, self.s, self.run_dir = runtime, settings, Path(run_dir)
         self.data = data
         self.student_arch, self.teacher_arch = student_arch, teacher_arch
         self.objective = objective
         self.state = RunState()
-        self.logger = RunLogger(self.run_dir, runtime.is_main, header or {}, config)  # config: its logger node
+        self.logger = RunLogger(self.run_dir, runtime.is_main, header or {}, config, logger_settings)
         device, fmt = runtime.device, runtime.memory_format()
         self.student = student.to(device=device, memory_format=fmt)
         self.teacher = None
@@ -78,7 +78,7 @@ class Trainer:
                                student=self.student, teacher=self.teacher, epochs=settings.epochs,
                                image_shape=data.image_shape)
             objective.build(self.student_hooks, self.teacher_hooks, ctx, fmt)
-        from distiller.compile import compile_networks
+        from distiller.engine.compile import compile_networks
 
         # trainer.compile: in place (names, identity and hooks kept), after the hooks and shape probes
         compile_networks(runtime, self.student, self.teacher)

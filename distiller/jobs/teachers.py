@@ -213,7 +213,7 @@ def _recover(folder: Path, target: Path) -> bool:
 
 def _store_locked(source: Path, folder: Path, arch: str, dataset: str, metrics: Mapping[str, Any],
                   config: Mapping[str, Any], run_dir: str | Path, step: Callable[[str], None]) -> Path:
-    from distiller.checkpoint import safe_load
+    from distiller.engine.checkpoints import safe_load
 
     target = folder / f"{arch}.pt"
     step("begin")
@@ -291,8 +291,7 @@ def prepare_store(folder: str | Path, run_dir: str | Path, arch: str, dataset: s
     target = folder / f"{arch}.pt"
     if not finished or ((run_dir / RECEIPT_NAME).is_file() and not journal_path(target).exists()):
         return
-    from distiller.checkpoint import safe_load
-    from distiller.checkpointer import slim_from_last
+    from distiller.engine.checkpoints import safe_load, slim_from_last
 
     with _locked(folder):
         if _recover(folder, target):
@@ -368,7 +367,7 @@ def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str |
 
     Returns the index entry (None when the file is not indexed or ``verify`` is off).
     """
-    from distiller.checkpoint import check_file, load_weights
+    from distiller.engine.checkpoints import check_file, load_weights
 
     path = Path(path)
     pending = pending_store(path)
@@ -410,7 +409,7 @@ def published_check(arch: str, dataset: str, num_test: int, measured_top1: float
     points below.
     """
     if published is None:
-        from distiller.config import PUBLISHED_TEACHER_TOP1
+        from distiller.config.schema import PUBLISHED_TEACHER_TOP1
 
         published = PUBLISHED_TEACHER_TOP1.get(arch)
     if published is None or dataset != PUBLISHED_DATASET or num_test != PUBLISHED_TEST_SIZE:

@@ -59,8 +59,8 @@ from datasets.augment import crop_and_flip, padding_for
 from datasets.base import DataSplits
 from datasets.batch import Batch
 from datasets.device_loader import fits_on_device
-from distiller.runtime import Runtime
-from distiller.teachers import file_sha256
+from distiller.engine.runtime import Runtime
+from distiller.jobs.teachers import file_sha256
 
 log = logging.getLogger("distiller")
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from models import MODELS
 from models.external import network_label
 
-PAIR_DIR = Path(__file__).resolve().parent.parent / "configs" / "pair"
+PAIR_DIR = Path(__file__).resolve().parents[2] / "configs" / "pair"
 log = logging.getLogger("distiller")
 
 

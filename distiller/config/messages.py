@@ -1,6 +1,6 @@
 """One-line messages for configuration mistakes: which key, what is wrong, what is valid.
 
-Read from the schema's declarations (:mod:`distiller.config`), so a message names the
+Read from the schema's declarations (:mod:`distiller.config.schema`), so a message names the
 expected type, the valid values or the valid keys of the node the mistake is in.
 """
 from __future__ import annotations

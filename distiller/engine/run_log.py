@@ -1,12 +1,14 @@
-"""Where a run's curves go: TensorBoard, Weights & Biases, both, or neither (``logger=...``).
+"""What a run leaves behind for people: ``metrics.json`` and the curves of the ``logger`` backends.
 
-Every backend receives the same things: the scalars the trainer logs (``train/<term>`` each log
-interval at the global step, ``epoch/<metric>`` each epoch, ``init/<phase>/...`` for
-initialisation phases), the resolved config once, and the run's summary (the scalar keys of
-``metrics.json``: ``final_top1``, ``best_top1``, ``status``, ...). ``metrics.json`` itself is
-written whatever the choice (:mod:`distiller.run_log`). Backends are a registry, so adding one
-is a class here and a file in ``configs/logger/``; the heavy packages are imported only when
-their backend is chosen.
+:class:`RunLogger` rewrites ``metrics.json`` (pinned keys: final_top1, best_top1, final_top5, epochs)
+and hands scalars to the backends. Only the main process (rank 0) writes; other ranks get a logger
+that does nothing.
+
+The backends (``logger=tensorboard|wandb|none``, configs/logger/) all receive the same things: the
+scalars the trainer logs (``train/<term>`` each log interval at the global step, ``epoch/<metric>``
+each epoch, ``init/<phase>/...`` for initialisation phases), the resolved config once, and the run's
+summary (the scalar keys of ``metrics.json``). They are a registry, so adding one is a class here and
+a file in ``configs/logger/``; the heavy packages are imported only when their backend is chosen.
 """
 from __future__ import annotations
 
@@ -14,11 +16,72 @@ import importlib
 import logging
 import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
+from common.files import atomic_write
 from common.registry import Registry
+
+log = logging.getLogger("distiller")
+
+
+class RunLogger:
+    """Curves for the ``logger`` backends and the run's ``metrics.json`` (pinned keys: final_top1, best_top1,
+    final_top5, epochs).
+
+    ``settings``: the run's ``logger`` node (typed, defaults filled in: which backends, and their
+    keys); None writes ``metrics.json`` alone. ``config``: the resolved config of the run, for the
+    backends that record it (W&B).
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, header: dict[str, Any],
+                 config: dict[str, Any] | None = None, settings: Any = None) -> None:
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self.header = header
+        self._status = "running"
+        self.backends = make_backends(run_dir, settings, config or {}) if enabled and settings is not None else []
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str) -> None:
+        for backend in self.backends:
+            backend.scalars(values, step, prefix)
+
+    def metrics(self, state: dict[str, Any], status: str, extra: dict[str, Any] | None = None) -> None:
+        """Rewrite ``metrics.json`` from the run state (atomic)."""
+        if not self.enabled:
+            return
+        history = state["history"]
+        last = history[-1] if history else {}
+        data = {
+            **self.header,
+            "status": status,
+            "final_top1": last.get("test_top1"),
+            "final_top5": last.get("test_top5"),
+            "best_top1": state["best_top1"] if history else None,
+            "best_epoch": state["best_epoch"] if history else None,
+            "completed_epochs": len(history),
+            "epochs": history,
+            "init_epochs": state["init_history"],
+            **(extra or {}),
+        }
+        atomic_write(data, self.run_dir / "metrics.json", "json")
+        self._status = status
+        for backend in self.backends:
+            backend.summary(data)
+
+    def flush(self) -> None:
+        for backend in self.backends:
+            backend.flush()
+
+    def close(self) -> None:
+        """End every backend's run; a run that failed or is being interrupted (called from the trainer's
+        ``finally``, with an exception on its way out) is marked failed where the backend knows the notion."""
+        failed = self._status == "failed" or sys.exc_info()[0] is not None
+        for backend in self.backends:
+            backend.close(failed=failed)
+
 
 log = logging.getLogger("distiller")
 
@@ -158,5 +221,5 @@ class WandbBackend(Backend):
 
 def make_backends(run_dir: Path, settings: Any, config: dict[str, Any]) -> list[Backend]:
     """The backends ``settings`` names: the ``logger`` node with its defaults filled in
-    (:func:`distiller.config.logger_settings`)."""
+    (:func:`distiller.config.schema.logger_settings`)."""
     return [BACKENDS.get(name)(run_dir, settings, config) for name in dict.fromkeys(settings.backends)]

@@ -3,7 +3,7 @@
 Hydra prints a traceback for any exception escaping the task function and a
 multi-line report for a bad override. Users get one line on stderr and a non-zero
 exit instead; ``HYDRA_FULL_ERROR=1`` (or ``KD_DEBUG=1``) shows the full traceback.
-Importing this module also fills Hydra's ConfigStore (:mod:`distiller.config`).
+Importing this module also fills Hydra's ConfigStore (:mod:`distiller.config.schema`).
 """
 from __future__ import annotations
 
@@ -24,11 +24,13 @@ from omegaconf.nodes import BooleanNode
 
 from common.errors import UserError
 from datasets import teacher_folder
-from distiller.config import SCHEMAS, group_options, validate
-from distiller.config_messages import describe_error
+from distiller.config.messages import describe_error
+from distiller.config.schema import SCHEMAS
+from distiller.config.store import group_options
+from distiller.config.validation import validate
 from models import MODELS
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 EXIT_USER_ERROR = 2
 
 

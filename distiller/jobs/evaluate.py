@@ -24,8 +24,8 @@ from torch import nn
 from common.errors import UserError
 from datasets import DATASETS, DataSplits, load_dataset
 from datasets.loaders import make_loader
-from distiller.checkpoint import check_file, extract_state_dict, guess_architecture, safe_load
-from distiller.runtime import Runtime, resolve_device
+from distiller.engine.checkpoints import check_file, extract_state_dict, guess_architecture, safe_load
+from distiller.engine.runtime import Runtime, resolve_device
 from models import MODELS, build_model
 from models.external import build_network, network_label
 
@@ -247,8 +247,8 @@ def compose_config(overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from distiller.cli import CONFIG_DIR, explain_config_error
-    from distiller.config import validate
+    from distiller.config.command_line import CONFIG_DIR, explain_config_error
+    from distiller.config.validation import validate
 
     GlobalHydra.instance().clear()
     try:
@@ -289,8 +289,8 @@ def model_choice(overrides: Sequence[str], cfg: Any = None) -> NetworkChoice:
 
 def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Everything the command reports, as one JSON-ready dict."""
-    from distiller.cli import canonical_model_choices
-    from distiller.teachers import file_sha256, published_check, read_index
+    from distiller.config.command_line import canonical_model_choices
+    from distiller.jobs.teachers import file_sha256, published_check, read_index
 
     path = Path(path)
     overrides = canonical_model_choices(list(overrides))

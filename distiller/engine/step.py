@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from datasets.batch import Batch
+from distiller.engine.plan import PlannedPhase
+from distiller.engine.runtime import Runtime
 from distiller.features import FeatureHooks, Features
 from distiller.objective import Objective
-from distiller.plan import PlannedPhase
-from distiller.runtime import Runtime
 
 
 @dataclass

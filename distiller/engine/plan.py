@@ -6,14 +6,13 @@ and whether it needs the student's forward and the teacher.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from distiller.objective import Objective
-from distiller.settings import TrainSettings
 
 
 @dataclass
@@ -80,3 +79,27 @@ def plan_phases(objective: Objective, student: nn.Module, settings: TrainSetting
 def lr_at(base_lr: float, epoch: int, milestones: Iterable[int], decay: float) -> float:
     """Step schedule of the published recipe: ``base * decay ** #(milestones < epoch)``, epochs from 1."""
     return base_lr * decay ** sum(1 for m in milestones if epoch > m)
+
+
+@dataclass
+class TrainSettings:
+    """Plain settings of the loop, resolved from config by the entry point."""
+
+    epochs: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    optimizer_impl: str = "auto"
+    milestones: tuple[int, ...] = (150, 180, 210)
+    lr_decay: float = 0.1
+    batch_size: int = 64
+    eval_batch_size: int = 1024
+    seed: int = 0
+    log_interval: int = 50
+    checkpoint_every_steps: int = 0
+    nonfinite_check: str = "loss"
+    progress: bool = True
+    find_unused_parameters: bool = False
+    optimizer: str = "sgd"  # a name in OPTIMIZERS (config: optim.name)
+    optimizer_options: dict[str, Any] = field(default_factory=dict)  # its own keys (e.g. DOT's delta)

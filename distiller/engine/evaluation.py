@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from datasets.device_loader import DeviceLoader
+from distiller.engine.runtime import Runtime, all_reduce_sum
 from distiller.features import FeatureHooks
-from distiller.runtime import Runtime, all_reduce_sum
 
 
 @torch.no_grad()

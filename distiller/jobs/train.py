@@ -2,7 +2,7 @@
 
 ``train_teacher.py`` and ``train_student.py`` are thin Hydra wrappers around
 :func:`train_network` and :func:`distill`. Both validate the config (against the
-schema of :mod:`distiller.config`), prepare the
+schema of :mod:`distiller.config.schema`), prepare the
 run directory (resume, finished-run detection, refusing to mix two runs), build
 the objects and hand them to :class:`distiller.engine.Trainer`.
 """
@@ -21,15 +21,16 @@ from omegaconf.errors import OmegaConfBaseException
 from common.errors import UserError
 from common.files import atomic_write
 from datasets import load_dataset
-from distiller.checkpoint import safe_load
-from distiller.config import validate
-from distiller.config_messages import describe_error
-from distiller.engine import Trainer, TrainSettings
+from distiller.config.messages import describe_error
+from distiller.config.pairs import apply_pair_settings
+from distiller.config.schema import logger_settings
+from distiller.config.validation import validate
+from distiller.engine.checkpoints import safe_load
+from distiller.engine.loop import Trainer, TrainSettings
+from distiller.engine.runtime import Runtime, barrier, make_runtime, seed_everything
+from distiller.jobs.teachers import load_teacher_weights, prepare_store, published_check, store_teacher
 from distiller.objective import Objective
 from distiller.optim import check_optimizer, optimizer_options
-from distiller.pairs import apply_pair_settings
-from distiller.runtime import Runtime, barrier, make_runtime, seed_everything
-from distiller.teachers import load_teacher_weights, prepare_store, published_check, store_teacher
 from models.external import build_network, network_label
 from models.taps import check_taps
 
@@ -48,7 +49,7 @@ NEUTRAL_DEFAULTS = {"distill.logit_standardize": False}
 
 # ---- validation -----------------------------------------------------------------------------------
 def settings_from_config(cfg: DictConfig, runtime: Runtime) -> TrainSettings:
-    """Collect the numeric knobs of a run for the trainer (``cfg`` is validated first: :mod:`distiller.config`)."""
+    """Collect the numeric knobs of a run for the trainer (``cfg`` is validated first)."""
     job = validate(cfg)
     lr = job.optim.lr
     if job.optim.scale_lr_with_batch:
@@ -182,7 +183,8 @@ def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     header = {"kind": "teacher", "arch": arch, "student": arch, "teacher": None, "method": "ce",
               "seed": settings.seed, "dataset": str(cfg.dataset.name)}
     trainer = Trainer(runtime=runtime, settings=settings, run_dir=run_dir, data=data, student=model,
-                      student_arch=arch, objective=Objective.from_config(None), config=config, header=header)
+                      student_arch=arch, objective=Objective.from_config(None), config=config, header=header,
+                      logger_settings=logger_settings(config.get("logger")))
     _write_config(run_dir, config, runtime)
     state = trainer.fit(resume_from=start)
     final = state.history[-1]
@@ -264,7 +266,8 @@ def build_distillation(cfg: DictConfig, run_dir: Path, runtime: Runtime, setting
               "dataset": str(cfg.dataset.name)}
     trainer = Trainer(runtime=runtime, settings=settings, run_dir=run_dir, data=data, student=student,
                       student_arch=student_arch, objective=objective, teacher=teacher,
-                      teacher_arch=teacher_arch, config=config, header=header)
+                      teacher_arch=teacher_arch, config=config, header=header,
+                      logger_settings=logger_settings(config.get("logger")))
     # only now, with every method built for this pair: a run that cannot start leaves no trace
     _write_config(run_dir, config, runtime)
     return trainer, teacher

@@ -1,0 +1,150 @@
+"""Checking a composed config against the schema: one :class:`UserError` naming the key.
+
+:func:`validate` merges the composed config into the schema's dataclasses (types), then checks every
+declared key's range or valid values (:func:`distiller.config.schema.key`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from typing import Any, Dict
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from common.errors import UserError
+from distiller.config.messages import describe_error, either, show, unwrap
+from distiller.config.schema import (
+    SCHEMAS,
+    DistillConfig,
+    ExternalModelConfig,
+    ExternalTeacherConfig,
+    StudentJob,
+    TeacherJob,
+)
+
+
+def validate(cfg: DictConfig | dict, job: str | None = None) -> DictConfig:
+    """The config as a typed, resolved, range-checked view; a bad value raises one :class:`UserError`.
+
+    ``job`` is ``train_teacher`` or ``train_student`` (default: ``train_student`` when the config has
+    a ``distill`` node). Keys outside the schema at the top level (``bench`` of the benchmark, ...)
+    pass untyped; Hydra's own ``hydra`` node is left out. A view that is already typed comes back as is.
+    """
+    if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) in SCHEMAS.values():
+        return cfg
+    schema = SCHEMAS[job] if job else (StudentJob if "distill" in cfg else TeacherJob)
+    _require_network_names(cfg)
+    data = _resolved(cfg)
+    typed = OmegaConf.structured(schema)
+    OmegaConf.set_struct(typed, False)  # unknown top-level keys pass; every group node stays closed
+    if isinstance(data.get("combine"), dict):
+        typed.combine = {name: OmegaConf.structured(DistillConfig) for name in data["combine"]}
+    external = _type_external_networks(typed, data)
+    _open_nodes(typed, schema)
+    try:
+        typed = OmegaConf.merge(typed, data)
+        _check(typed, schema, "", data)
+        for group, kind in external.items():
+            _check(typed[group], kind, f"{group}.", data[group])
+    except OmegaConfBaseException as err:
+        raise UserError(describe_error(err, schema)) from None
+    return typed
+
+
+def _require_network_names(cfg: DictConfig | dict) -> None:
+    """An external network node names its model (``teacher=torchvision teacher.name=resnet18``): say so in one line."""
+    for group in ("model", "teacher", "student"):
+        node = cfg.get(group) if isinstance(cfg, (dict, DictConfig)) else None
+        if not isinstance(node, (dict, DictConfig)) or node.get("source") is None:
+            continue
+        key = "_target_" if node.get("source") == "module" else "name"
+        example = "pkg.module.Class" if key == "_target_" else "resnet18"
+        if isinstance(node, DictConfig):
+            absent = key not in node.keys() or OmegaConf.is_missing(node, key)
+        else:
+            absent = node.get(key) in (None, MISSING)
+        if absent:
+            raise UserError(f"{group}={node.get('source')} needs {group}.{key}=... (e.g. {group}.{key}={example})")
+
+
+def _type_external_networks(typed: DictConfig, data: dict) -> dict[str, type]:
+    """Type the network nodes that name a ``source`` as external networks, open for constructor arguments."""
+    external = {}
+    for group in ("model", "teacher", "student"):
+        node = data.get(group)
+        if group in typed.keys() and isinstance(node, dict) and node.get("source") is not None:
+            kind = ExternalTeacherConfig if group == "teacher" else ExternalModelConfig
+            typed[group] = OmegaConf.structured(kind)
+            OmegaConf.set_struct(typed[group], False)
+            OmegaConf.set_struct(typed[group].taps, True)  # a misspelt tap key is an error
+            external[group] = kind
+    return external
+
+
+def _resolved(cfg: DictConfig | dict) -> dict:
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    if "hydra" in cfg:
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise UserError(describe_error(err)) from None
+
+
+def _open_nodes(node: DictConfig, schema: type) -> None:
+    """Let the nodes declared with ``extra_keys`` carry untyped keys beside their typed ones."""
+    for f in dataclasses.fields(schema):
+        child = node._get_node(f.name)
+        if f.metadata.get("extra_keys") and isinstance(child, DictConfig):
+            OmegaConf.set_struct(child, False)
+            for value in (child.values() if OmegaConf.get_type(child) is dict else ()):
+                if isinstance(value, DictConfig):
+                    OmegaConf.set_struct(value, False)
+
+
+def _check(node: Any, schema: type, prefix: str, given: Any) -> None:
+    """Range and valid-value checks of every declared key below ``node`` (the merge checked the types).
+
+    ``given`` is the same part of the config as the user wrote it, for messages (``0``, not ``0.0``).
+    """
+    hints = typing.get_type_hints(schema)
+    given = given if isinstance(given, dict) else {}
+    # the networks' nodes first: optim.lr follows model.lr / student.lr, and the message should name those
+    for f in sorted(dataclasses.fields(schema), key=lambda f: f.name not in ("model", "teacher", "student")):
+        path = f"{prefix}{f.name}"
+        value = node[f.name]  # a MISSING value raises MissingMandatoryValue here
+        kind = unwrap(hints[f.name])
+        if dataclasses.is_dataclass(kind):
+            _check(value, kind, f"{path}.", given.get(f.name))
+        elif typing.get_origin(kind) in (dict, Dict) and value is not None:
+            item = unwrap(typing.get_args(kind)[1])
+            if dataclasses.is_dataclass(item):
+                for name, child in value.items():
+                    _check(child, item, f"{path}.{name}.", (given.get(f.name) or {}).get(name))
+        elif isinstance(value, ListConfig):
+            items = given.get(f.name) if isinstance(given.get(f.name), list) else list(value)
+            for i, (item, shown) in enumerate(zip(value, items)):
+                _check_value(f"{path}[{i}]", item, f.metadata.get("each", {}), shown)
+        else:
+            _check_value(path, value, f.metadata, given.get(f.name, value))
+
+
+def _check_value(path: str, value: Any, checks: Any, given: Any) -> None:
+    if value is None:
+        return
+    shown = show(given)
+    if "pattern" in checks:
+        if not re.fullmatch(checks["pattern"], str(value)):
+            raise UserError(f"{path}={shown} is not valid; use {either(checks['choices'])}")
+    elif "choices" in checks and not any(value == c and type(value) is type(c) for c in checks["choices"]):
+        raise UserError(f"{path}={shown} is not valid; use {either(checks['choices'])}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value != value:
+            raise UserError(f"{path}={shown} is not a number")
+        for op, fails, text in (("gt", lambda lim: value <= lim, ">"), ("ge", lambda lim: value < lim, ">="),
+                                ("le", lambda lim: value > lim, "<="), ("lt", lambda lim: value >= lim, "<")):
+            if op in checks and fails(checks[op]):
+                raise UserError(f"{path}={shown} must be {text} {show(checks[op])}")
