@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from common.errors import UserError
+from common.files import file_sha256
 from distiller.config.command_line import canonical_model_choices, fail
 from distiller.jobs.teachers import (
     INDEX_NAME,
     JOURNAL_SUFFIX,
     add_teacher,
-    file_sha256,
     pending_store,
     read_index,
     recipe_of,

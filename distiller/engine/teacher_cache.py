@@ -54,13 +54,12 @@ from torch import nn
 from tqdm import tqdm
 
 from common.errors import UserError
-from common.files import atomic_write
+from common.files import atomic_write, file_sha256
 from datasets.augment import crop_and_flip, padding_for
 from datasets.base import DataSplits
 from datasets.batch import Batch
 from datasets.device_loader import fits_on_device
 from distiller.engine.runtime import Runtime
-from distiller.jobs.teachers import file_sha256
 
 log = logging.getLogger("distiller")
 

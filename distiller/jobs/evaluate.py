@@ -289,8 +289,9 @@ def model_choice(overrides: Sequence[str], cfg: Any = None) -> NetworkChoice:
 
 def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Everything the command reports, as one JSON-ready dict."""
+    from common.files import file_sha256
     from distiller.config.command_line import canonical_model_choices
-    from distiller.jobs.teachers import file_sha256, published_check, read_index
+    from distiller.jobs.teachers import published_check, read_index
 
     path = Path(path)
     overrides = canonical_model_choices(list(overrides))

@@ -19,7 +19,6 @@ import contextlib
 import datetime as dt
 import fcntl
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from common.errors import UserError
-from common.files import atomic_copy, atomic_write, fsync_dir, replace_durably
+from common.files import atomic_copy, atomic_write, file_sha256, fsync_dir, replace_durably
 from common.lookup import dotted_get
 from models.external import command_line_choice, label_choice
 
@@ -45,15 +44,6 @@ PUBLISHED_DATASET, PUBLISHED_TEST_SIZE = "cifar100", 10000
 
 
 # ---- the index file -------------------------------------------------------------------------------
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def index_path(folder: str | Path) -> Path:
     return Path(folder) / INDEX_NAME
 
