@@ -1,21 +1,23 @@
 """The training objective: gamma * CE + alpha * KD + sum over methods of beta * (method terms).
 
-Built from the ``distill`` config node (plus any ``combine.<label>`` nodes), so any
+Built from the typed ``distill`` config node (plus any ``combine.<label>`` nodes), so any
 method combines with KD and with further methods without code knowing their names.
 
-Two things reach the logit terms generically. A temperature supplied by a method
-(``DistillMethod.temperature()``, e.g. a learned one) replaces the config's in the KD term
-and is passed to every method whose ``forward`` takes a ``temperature`` keyword (None when no
-method supplies one, so the method keeps its own). With ``logit_standardize: true`` the KD
-term and every method that declares ``logit_terms = True`` see both networks' logits
-standardised per sample (:func:`distiller.functional.logit_standardize`); a logit method whose
-``forward`` takes a ``standardize`` keyword gets the raw logits and the switch instead, and
-standardises only where its terms need it (MLKD: inside its KD terms, not its other levels).
+What reaches the methods is declared by each method (:class:`distiller.methods.base.DistillMethod`),
+never found by inspecting its code. A temperature supplied by a method (``temperature()``, e.g. a
+learned one) replaces the config's in every logit term of the step: the KD term and the methods'
+``ctx.temperature``, and ``ctx.supplied_temperature`` for methods whose own temperature it replaces.
+With ``logit_standardize: true`` the KD term and every method that declares ``logit_terms`` see
+both networks' logits standardised per sample (:func:`distiller.functional.logit_standardize`);
+a method that declares ``standardizes_itself`` gets the raw logits and ``ctx.standardize`` instead,
+and standardises only where its terms need it (MLKD: inside its KD terms, not its other levels).
+
+Initialisation phases (AB, FT, FSP) go through :meth:`Objective.forward` too, with their phase:
+one loss path for every step.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -27,21 +29,21 @@ from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import FeatureHooks, Features, probe
-from distiller.methods import METHODS
-from distiller.methods.base import BuildContext, DistillMethod, Phase
-
-# keys of a distill/<name>.yaml node that belong to the objective, not to the method's constructor
-OBJECTIVE_KEYS = ("name", "method", "gamma", "alpha", "beta", "temperature", "warmup_epochs", "logit_standardize")
+from distiller.methods import BuildContext, DistillMethod, InitPhase, TermContext, make_method
+from distiller.methods.kd import KD
 
 
 @dataclass
 class LossParts:
-    """One step's loss: the minimised total, its task (``gamma * CE``) and distillation parts, the terms."""
+    """One step's loss: the minimised total, its task (``gamma * CE``) and distillation parts (None in an
+    initialisation phase: it is one loss), the named terms, and the student's logits (None in a phase that
+    skips the student)."""
 
     total: torch.Tensor
-    task: torch.Tensor
-    distill: torch.Tensor
+    task: torch.Tensor | None
+    distill: torch.Tensor | None
     terms: dict[str, torch.Tensor]
+    logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -54,38 +56,10 @@ class WeightedMethod:
     warmup_epochs: int
 
     def weight(self, epoch: int) -> float:
-        """beta, ramped linearly over the first ``warmup_epochs`` epochs (epochs count from 1)."""
-        if self.warmup_epochs > 0:
-            return self.beta * min(epoch / self.warmup_epochs, 1.0)
-        return self.beta
-
-
-def build_method(node: Mapping[str, Any]) -> DistillMethod:
-    """Instantiate the registered method of a distill config node with its own keyword arguments."""
-    method_name = node.get("method", node.get("name"))
-    cls = METHODS.get(str(method_name))
-    kwargs = {k: v for k, v in node.items() if k not in OBJECTIVE_KEYS}
-    params = inspect.signature(cls.__init__).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    unknown = [k for k in kwargs if k not in params] if not accepts_any else []
-    if unknown:
-        valid = [p for p in params if p != "self"]
-        raise UserError(f"distill.{unknown[0]} is not a parameter of method '{method_name}'; "
-                        f"its parameters are: {', '.join(valid) or 'none'}")
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"method '{method_name}': {err}") from None
-
-
-def _takes_temperature(method: DistillMethod) -> bool:
-    """Whether the method's ``forward`` declares a ``temperature`` keyword (it then gets the supplied one)."""
-    return "temperature" in inspect.signature(method.forward).parameters
-
-
-def _standardizes_itself(method: DistillMethod) -> bool:
-    """Whether the method's ``forward`` declares a ``standardize`` keyword (it then gets raw logits and the switch)."""
-    return "standardize" in inspect.signature(method.forward).parameters
+        """beta, ramped linearly over the first ``warmup_epochs`` epochs (epochs count from 1), times the
+        method's own per-epoch factor."""
+        ramp = min(epoch / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
+        return self.beta * ramp * self.method.weight_factor(epoch)
 
 
 def _standardized(features: Features) -> Features:
@@ -96,56 +70,45 @@ def _standardized(features: Features) -> Features:
     return dataclasses.replace(features, logits=F.logit_standardize(features.logits), views=views)
 
 
-def _check_flag(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise UserError(f"{key}={value!r} must be true or false")
-    return value
-
-
-def _check_weight(value: Any, key: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{key}={value} is not a number") from None
-    if value < 0 or value != value:
-        raise UserError(f"{key}={value} must be a non-negative number")
-    return value
-
-
 class Objective(nn.Module):
     """Weighted sum of cross-entropy, KD and the methods' terms; owns the methods (and their helpers)."""
 
-    def __init__(self, gamma: float = 1.0, alpha: float = 0.0, temperature: float = 4.0,
-                 methods: list[WeightedMethod] | None = None, logit_standardize: bool = False) -> None:
+    def __init__(self, gamma: float, alpha: float, temperature: float, methods: list[WeightedMethod],
+                 logit_standardize: bool = False) -> None:
         super().__init__()
         self.gamma, self.alpha, self.temperature_ = gamma, alpha, temperature
         self.logit_standardize = logit_standardize
-        self.entries = methods or []
+        self.entries = methods
         self.methods = nn.ModuleDict({m.label: m.method for m in self.entries})
-        self._takes_temperature = {m.label for m in self.entries if _takes_temperature(m.method)}
-        self._standardizes_itself = {m.label for m in self.entries if _standardizes_itself(m.method)}
+        self.kd = KD()  # the alpha term: KD with any method (no state, so no checkpoint keys)
 
     @classmethod
-    def from_config(cls, distill: Mapping[str, Any] | None, combine: Mapping[str, Any] | None = None) -> Objective:
-        """``distill`` is the primary method node; each ``combine.<label>`` node adds one more method."""
-        if distill is None:  # plain training (teachers, baselines)
-            return cls(gamma=1.0, alpha=0.0)
-        gamma = _check_weight(distill.get("gamma", 1.0), "distill.gamma")
-        alpha = _check_weight(distill.get("alpha", 0.0), "distill.alpha")
-        temperature = float(distill.get("temperature", 4.0))
-        if temperature <= 0:
-            raise UserError(f"distill.temperature={temperature} must be > 0")
-        standardize = _check_flag(distill.get("logit_standardize", False), "distill.logit_standardize")
-        entries = []
-        nodes = [("distill", distill)] + [(f"combine.{k}", v) for k, v in (combine or {}).items()]
-        for key, node in nodes:
-            label = str(node.get("name", node.get("method"))) if key == "distill" else key.split(".", 1)[1]
-            beta = _check_weight(node.get("beta", 0.0), f"{key}.beta")
-            warmup = int(node.get("warmup_epochs", 0) or 0)
-            if warmup < 0:
-                raise UserError(f"{key}.warmup_epochs={warmup} must be >= 0")
-            entries.append(WeightedMethod(label, build_method(node), beta, warmup))
-        return cls(gamma, alpha, temperature, entries, logit_standardize=standardize)
+    def plain(cls) -> Objective:
+        """Cross-entropy alone: training a teacher or a student baseline."""
+        return cls(gamma=1.0, alpha=0.0, temperature=1.0, methods=[])
+
+    @classmethod
+    def from_config(cls, distill: Any, combine: Mapping[str, Any] | None = None) -> Objective:
+        """``distill``: the typed primary method node (``name``, ``method``, the weights, ``extra``: the
+        method's own keys); each ``combine.<label>`` node adds one more method with its own ``beta``."""
+        nodes = [(str(distill.name), distill)] + [(str(k), v) for k, v in (combine or {}).items()]
+        entries = [WeightedMethod(label, make_method(node.method, node.extra, key),
+                                  float(node.beta), int(node.warmup_epochs))
+                   for (label, node), key in zip(nodes, ["distill"] + [f"combine.{k}" for k in combine or {}])]
+        objective = cls(float(distill.gamma), float(distill.alpha), float(distill.temperature), entries,
+                        logit_standardize=bool(distill.logit_standardize))
+        objective.check_logit_standardize()
+        return objective
+
+    def check_logit_standardize(self) -> None:
+        """``logit_standardize`` only where a term compares logits: the KD term or a method's (else one line)."""
+        if not self.logit_standardize or self.alpha > 0:
+            return
+        if not any(m.method.logit_terms for m in self.active()):
+            names = ", ".join(m.label for m in self.entries) or "cross-entropy alone"
+            raise UserError(f"distill.logit_standardize=true has no effect here: no term of this objective ({names}, "
+                            f"distill.alpha=0) compares the networks' logits; drop it, or use a logit method "
+                            f"(kd, dkd, mlkd, ...)")
 
     def build(self, student_hooks: FeatureHooks, teacher_hooks: FeatureHooks | None, ctx: BuildContext,
               memory_format: torch.memory_format = torch.contiguous_format) -> None:
@@ -176,7 +139,7 @@ class Objective(nn.Module):
     def teacher_bn_train(self) -> bool:
         return any(m.method.teacher_bn_train for m in self.active())
 
-    def phases(self) -> list[Phase]:
+    def phases(self) -> list[InitPhase]:
         return [phase for m in self.entries for phase in m.method.phases()]
 
     def main_parameters(self) -> list[nn.Parameter]:
@@ -198,44 +161,43 @@ class Objective(nn.Module):
         return self.temperature_ if supplied is None else supplied
 
     def forward(self, student: Features, teacher: Features | None, batch: Batch, epoch: int,
-                per_method: Mapping[str, tuple[Features, Features]]) -> LossParts:
+                per_method: Mapping[str, tuple[Features, Features]], phase: InitPhase | None = None) -> LossParts:
         """The total loss, its task and distillation parts, and the unweighted named terms.
 
-        ``task`` is ``gamma * CE``; ``distill`` is everything else (``alpha * KD + beta * method
-        terms``); ``total`` sums the terms in one fixed order (the value that is minimised).
+        Main phase (``phase`` None): ``task`` is ``gamma * CE``; ``distill`` is everything else
+        (``alpha * KD + beta * method terms``); ``total`` sums the terms in one fixed order (the value
+        that is minimised). An initialisation phase: its own terms (already weighted), all of them
+        distillation; ``per_method`` then holds the phase's method's features under its label.
         """
+        if phase is not None:
+            s_feats, t_feats = next(iter(per_method.values()))
+            terms = phase.loss(s_feats, t_feats, batch)
+            total = sum(v.float() for v in terms.values())
+            return LossParts(total, None, None, terms, student.logits)
         logits = student.logits
         active = self.active()
-        # one temperature per step, shared by every logit term (a learned one is computed once)
-        needs_supplied = self.alpha > 0 and teacher is not None or any(
-            m.label in self._takes_temperature for m in active)
-        supplied = self.supplied_temperature() if needs_supplied else None
+        supplied = self.supplied_temperature()
+        ctx = TermContext(epoch=epoch, temperature=self.temperature_ if supplied is None else supplied,
+                          supplied_temperature=supplied, standardize=self.logit_standardize)
         terms: dict[str, torch.Tensor] = {}
-        total = logits.new_zeros((), dtype=torch.float32)
-        task = logits.new_zeros((), dtype=torch.float32)
-        distill = logits.new_zeros((), dtype=torch.float32)
+        zero = logits.new_zeros((), dtype=torch.float32)
+        total, task, distill = zero, zero, zero
         if self.gamma > 0:
             terms["ce"] = nnf.cross_entropy(logits.float(), batch.labels)
             total = total + self.gamma * terms["ce"]
             task = task + self.gamma * terms["ce"]
+        weighted: list[tuple[str, DistillMethod, float, Features, Features]] = []
         if self.alpha > 0 and teacher is not None:
-            z_s, z_t = logits, teacher.logits
-            if self.logit_standardize:
-                z_s, z_t = F.logit_standardize(z_s), F.logit_standardize(z_t)
-            terms["kd"] = F.kd(z_s, z_t, self.temperature_ if supplied is None else supplied)
-            total = total + self.alpha * terms["kd"]
-            distill = distill + self.alpha * terms["kd"]
-        for entry in active:
-            s_feats, t_feats = per_method[entry.label]
-            kwargs = {"temperature": supplied} if entry.label in self._takes_temperature else {}
-            if entry.label in self._standardizes_itself:
-                kwargs["standardize"] = self.logit_standardize and entry.method.logit_terms
-            elif self.logit_standardize and entry.method.logit_terms:
+            weighted.append(("", self.kd, self.alpha, student, teacher))
+        weighted += [(entry.label, entry.method, entry.weight(epoch), *per_method[entry.label]) for entry in active]
+        for label, method, weight, s_feats, t_feats in weighted:
+            if self.logit_standardize and method.logit_terms and not method.standardizes_itself:
                 s_feats, t_feats = _standardized(s_feats), _standardized(t_feats)
-            weight = entry.weight(epoch)
-            for name, value in entry.method(s_feats, t_feats, batch, **kwargs).items():
-                key = name if name not in terms else f"{entry.label}.{name}"
+            for name, value in method(s_feats, t_feats, batch, ctx).items():
+                key = name if name not in terms else f"{label}.{name}"
                 terms[key] = value
-                total = total + weight * value.float()
-                distill = distill + weight * value.float()
-        return LossParts(total, task, distill, terms)
+                if value.dtype in (torch.float16, torch.bfloat16):  # sums in float32 at least
+                    value = value.float()
+                total = total + weight * value
+                distill = distill + weight * value
+        return LossParts(total, task, distill, terms, logits)

@@ -1,10 +1,10 @@
 """The optimizers a run can use, by config name (``optim.name``), and DOT.
 
-:data:`OPTIMIZERS` maps a name to a factory ``factory(params, lr, settings, device)``. An optimizer
+:data:`OPTIMIZERS` maps a name to a factory ``factory(params, lr, optim, device)``. An optimizer
 that defines ``step_kd()`` gets the distillation and the task gradients apart
-(:class:`distiller.engine.step.SplitGradientOptimizer`). A factory registered with ``options=(...)`` takes
-those keys of the ``optim`` node beyond the common ones (DOT's ``delta``); they reach it in
-``settings.optimizer_options``.
+(:class:`distiller.engine.step.SplitGradientOptimizer`). A factory registered with ``options=(...)`` reads
+those keys of the ``optim`` node beyond the common ones (DOT's ``delta``); another optimizer's keys must
+stay null (:func:`check_optimizer`).
 """
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from torch import nn
 
 from common.errors import UserError
 from common.registry import Registry
-from distiller.engine.plan import TrainSettings
 
-__all__ = ["OPTIMIZERS", "DOT", "sgd", "dot", "make_optimizer", "optimizer_options", "check_optimizer"]
+__all__ = ["OPTIMIZERS", "DOT", "sgd", "dot", "make_optimizer", "check_optimizer"]
 
-OptimizerFactory = Callable[[list[nn.Parameter], float, TrainSettings, torch.device], torch.optim.Optimizer]
+OptimizerFactory = Callable[[list[nn.Parameter], float, Any, torch.device], torch.optim.Optimizer]
 OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
-"""Optimizers by config name (``optim.name``): ``factory(params, lr, settings, device)``. An optimizer
-that defines ``step_kd()`` receives split task / distillation gradients (see distiller.engine.step)."""
+"""Optimizers by config name (``optim.name``): ``factory(params, lr, optim, device)``, ``optim`` the typed
+``optim`` config node. An optimizer that defines ``step_kd()`` receives split task / distillation gradients
+(see :mod:`distiller.engine.step`)."""
 
 
 class DOT(torch.optim.Optimizer):
@@ -129,51 +129,47 @@ def _accumulate(state: dict[str, Any], key: str, d_p: torch.Tensor, mu: float) -
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(params: list[nn.Parameter], lr: float, s: TrainSettings, device: torch.device) -> torch.optim.SGD:
+def sgd(params: list[nn.Parameter], lr: float, optim: Any, device: torch.device) -> torch.optim.SGD:
     """SGD with the fused kernel on CUDA and the foreach kernel elsewhere (or as configured)."""
-    impl = s.optimizer_impl
-    if impl == "auto":
+    impl = optim.implementation
+    if impl == "auto" or impl == "fused" and device.type != "cuda":
         impl = "fused" if device.type == "cuda" else "foreach"
     kwargs: dict[str, Any] = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-    return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay,
-                           nesterov=s.nesterov, **kwargs)
+    return torch.optim.SGD(params, lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+                           nesterov=optim.nesterov, **kwargs)
 
 
 @OPTIMIZERS.register("dot", options=("delta",))
-def dot(params: list[nn.Parameter], lr: float, s: TrainSettings, device: torch.device) -> DOT:
+def dot(params: list[nn.Parameter], lr: float, optim: Any, device: torch.device) -> DOT:
     """DOT with the task momentum ``optim.momentum - optim.delta`` and the distillation one ``+ delta``."""
-    if s.nesterov:
+    if optim.nesterov:
         raise UserError("optim.nesterov=true is not available with optim=dot (DOT has no Nesterov momentum); "
                         "use optim.nesterov=false")
-    if s.optimizer_impl not in ("auto", "loop"):
-        raise UserError(f"optim.implementation={s.optimizer_impl} is not available with optim=dot; use auto or loop")
-    delta = s.optimizer_options.get("delta", 0.075)
-    if delta > s.momentum:
-        raise UserError(f"optim.delta={delta} must be <= optim.momentum={s.momentum} "
+    if optim.implementation not in ("auto", "loop"):
+        raise UserError(f"optim.implementation={optim.implementation} is not available with optim=dot; "
+                        "use auto or loop")
+    delta = 0.075 if optim.delta is None else optim.delta
+    if delta > optim.momentum:
+        raise UserError(f"optim.delta={delta} must be <= optim.momentum={optim.momentum} "
                         "(the task momentum is momentum - delta)")
-    return DOT(params, lr=lr, momentum=s.momentum, delta=delta, weight_decay=s.weight_decay)
+    return DOT(params, lr=lr, momentum=optim.momentum, delta=delta, weight_decay=optim.weight_decay)
 
 
-def make_optimizer(params: list[nn.Parameter], lr: float, s: TrainSettings,
-                   device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer ``s.optimizer`` names, over ``params``."""
-    return OPTIMIZERS.get(s.optimizer)(params, lr, s, device)
+def make_optimizer(params: list[nn.Parameter], lr: float, optim: Any, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer ``optim.name`` names (the typed ``optim`` config node), over ``params`` at ``lr``."""
+    return OPTIMIZERS.get(optim.name)(params, lr, optim, device)
 
 
-def optimizer_options(name: str, optim: Mapping[str, Any]) -> dict[str, Any]:
-    """The keys of the ``optim`` config node that optimizer ``name`` takes beyond the common ones.
+def check_optimizer(optim: Any, device: torch.device) -> None:
+    """Fail now, in one line, on an optimizer option that would fail when the first phase starts.
 
-    Such a key set (not null) for an optimizer that does not take it is a :class:`UserError`.
+    A key of another optimizer set (not null), e.g. ``optim.delta`` with SGD; and whatever the factory
+    refuses, found by building it over one probe parameter.
     """
-    takes = OPTIMIZERS.metadata(name).get("options", ())
+    takes = OPTIMIZERS.metadata(optim.name).get("options", ())
     for other in OPTIMIZERS.names():
         for key in OPTIMIZERS.metadata(other).get("options", ()):
             if key not in takes and optim.get(key) is not None:
-                raise UserError(f"optim.{key} is a key of optim={other}, not of optim={name}; "
+                raise UserError(f"optim.{key} is a key of optim={other}, not of optim={optim.name}; "
                                 f"remove it or use optim={other}")
-    return {key: optim[key] for key in takes if optim.get(key) is not None}
-
-
-def check_optimizer(s: TrainSettings, device: torch.device) -> None:
-    """Build the optimizer ``s`` names over one probe parameter, so a bad option fails before training starts."""
-    make_optimizer([nn.Parameter(torch.zeros(1, device=device))], s.lr, s, device)
+    make_optimizer([nn.Parameter(torch.zeros(1, device=device))], float(optim.lr), optim, device)

@@ -330,3 +330,73 @@ def kill_when(process: subprocess.Popen, last: Path, condition, timeout: float =
         time.sleep(0.02)
     process.kill()
     pytest.fail("timed out waiting for a checkpoint")
+
+
+# --------------------------------------------------------------------------- the public builders, small
+def objective_of(distill: dict, combine: dict | None = None):
+    """The objective of a ``distill`` node given as a dict (keys the schema defaults may be left out)."""
+    from distiller.config.validation import method_config
+    from distiller.objective import Objective
+
+    nodes = {label: method_config(node, f"combine.{label}") for label, node in (combine or {}).items()}
+    return Objective.from_config(method_config(distill), nodes)
+
+
+def compose_config(name: str, overrides: Iterable[str] = ()):
+    """Hydra's compose of ``configs/<name>.yaml`` with ``overrides`` (the job's config, as a run gets it)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            return compose(config_name=name, overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def tiny_trainer(tmp: Path, distill, epochs: int = 1, *overrides: str, data=None, num_classes: int = 10,
+                 student: str = "resnet8", teacher: str | None = "resnet8", runtime=None, optimizer: str | None = None):
+    """A run of the job's own assembly (:func:`distiller.jobs.train.assemble`) on ``data`` (default: 48 random
+    images of ``num_classes`` classes), the objective of ``distill`` (a distill node as a dict, or an objective),
+    fp32 on the CPU: what a test needs to run steps or a whole fit without the command line. ``overrides``
+    set the rest (``optim.lr=0.05``, ``optim=dot``, ...); ``optimizer`` names one registered by the test alone."""
+    import dataclasses
+
+    from distiller.engine.runtime import Runtime, seed_everything
+    from distiller.jobs.train import assemble, compose_job
+    from models import build_model
+
+    cfg = compose_config("train_student", [*tiny_overrides(tmp), f"trainer.epochs={epochs}", "optim.lr=0.01",
+                                           "dataset.batch_size=16", "dataset.eval_batch_size=16", "logger=tensorboard",
+                                           *overrides])
+    job, record, _ = compose_job(cfg, "train_student")
+    if optimizer is not None:
+        job.optim = dataclasses.replace(job.optim, name=optimizer)
+    seed_everything(seed(0))
+    objective = objective_of(distill) if isinstance(distill, dict) else distill
+    data = data if data is not None else random_splits(48, num_classes, 7, test_n=16)
+    runtime = runtime or Runtime(torch.device("cpu"), "fp32", False, compile=False)
+    header = {"kind": "student", "arch": student, "student": student, "teacher": teacher, "method": "test",
+              "seed": seed(0), "dataset": "random"}
+    return assemble(job, tmp, record, runtime, data, build_model(student, num_classes=data.num_classes),
+                    build_model(teacher, num_classes=data.num_classes) if teacher else None, objective, header)
+
+
+_COMPOSED_DISTILL: dict[str, object] = {}
+
+
+def distill_node(name: str, **overrides: object) -> dict:
+    """The composed ``distill=<name>`` node (the schema's objective defaults, then its YAML), with ``overrides``
+    set before its interpolations resolve (``logit_standardize=True`` moves the keys that follow it)."""
+    import copy
+
+    from omegaconf import OmegaConf, open_dict
+
+    if name not in _COMPOSED_DISTILL:
+        _COMPOSED_DISTILL[name] = compose_config("train_student", [f"distill={name}"])
+    cfg = copy.deepcopy(_COMPOSED_DISTILL[name])
+    with open_dict(cfg):
+        for key, value in overrides.items():
+            cfg.distill[key] = value
+    return OmegaConf.to_container(cfg.distill, resolve=True)

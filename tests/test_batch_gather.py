@@ -22,7 +22,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import Features
 from distiller.gather import distributed, gather_batch
-from distiller.methods import METHODS
+from distiller.methods import METHODS, TermContext
 
 N, D, C = 7, 5, 6
 SHARDS = [(0, 4), (4, 7)]  # rank 0 takes 4 samples, rank 1 takes 3
@@ -50,7 +50,7 @@ def method_term(name: str, net: nn.Module, d: dict[str, torch.Tensor], rows: sli
     if name == "mlkd":
         s.views["strong"], t.views["strong"] = Features(logits=net(d["x_s"][rows])), Features(logits=d["t_s"][rows])
     batch = Batch(images=d["x_w"][rows], labels=d["y"][rows], indices=torch.arange(N)[rows])
-    return method(s, t, batch)[name]
+    return method(s, t, batch, TermContext(epoch=1))[name]
 
 
 def reference(name: str) -> tuple[float, list[torch.Tensor]]:

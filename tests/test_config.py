@@ -109,15 +109,35 @@ def test_the_default_configs_and_every_preset_are_valid(compose, entry):
 
 
 def test_defaults_live_once(compose):
-    """A key with a default in the schema is set by no YAML file (and the other way round)."""
+    """A key with a default in the schema is set by no YAML file (and the other way round). The objective keys
+    of a method reach its node from the schema itself (the ``_objective`` base every distill YAML pulls in), so
+    a method's YAML states only the ones that differ."""
     for entry, job in schema.SCHEMAS.items():
         cfg = compose(entry, ["dataset=synthetic"] if entry == "train_teacher" else [])
         for path, declared in _fields(job):
             if declared.default is dataclasses.MISSING or declared.default in (MISSING, None):
                 continue  # set by the YAML, or an optional key (null: absent)
+            if path.startswith("distill."):
+                continue  # checked on the YAML files below
+
             parent, _, name = path.rpartition(".")
             node = OmegaConf.select(cfg, parent) if parent else cfg
             assert node is None or name not in node, f"{path} has a default in the schema and in the YAML"
+
+
+def test_a_method_yaml_states_only_the_objective_keys_that_differ(compose):
+    """Every configs/distill/*.yaml pulls the schema's objective defaults in first and restates none of them at
+    its default value; composed, every method node starts with the objective keys in the schema's order."""
+    defaults = schema.objective_defaults()
+    for path in sorted((CONFIGS / "distill").glob("*.yaml")):
+        raw = OmegaConf.load(path)
+        chain = [c for c in raw.get("defaults", []) if c != "_self_"]
+        assert chain == ["_objective"] or chain and "_objective" not in chain, path  # itself, or through its base
+        for key in schema.OBJECTIVE_DEFAULTS:
+            if key in raw:
+                assert raw._get_node(key)._value() != defaults[key], f"{path.name} restates {key}={defaults[key]}"
+        node = compose("train_student", [f"distill={path.stem}"]).distill
+        assert list(node)[:7] == ["name", "method", *schema.OBJECTIVE_DEFAULTS], path.name
 
 
 def _fields(job: type, prefix: str = ""):
@@ -257,7 +277,7 @@ def test_command_line_run_dir_that_is_a_file(tmp_path):
 def test_logit_standardize_is_a_plain_override_and_old_runs_still_resume(compose) -> None:
     """distill.logit_standardize=true needs no '+', and a run written before the key existed is the same
     run as one with it at false (resume compares configs), but not as one with it at true."""
-    from distiller.jobs.train import run_identity
+    from distiller.jobs.run_dir import run_identity
 
     on = compose("train_student", ["distill=kd", "distill.logit_standardize=true"])
     assert on.distill.logit_standardize is True

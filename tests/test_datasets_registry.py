@@ -20,7 +20,7 @@ import pytest
 import torch
 import torchvision
 import torchvision.datasets.cifar as tv_cifar
-from helpers import REPO, generator, run_cli, seed
+from helpers import REPO, generator, objective_of, run_cli, seed
 from PIL import Image
 
 import datasets.imagefolder as imagefolder
@@ -30,7 +30,6 @@ from datasets.augment import crop_and_flip, padding_for
 from datasets.views import VIEWS
 from distiller.features import STAGES, Features
 from distiller.methods.base import METHODS, BuildContext, DistillMethod
-from distiller.objective import Objective
 from models import build_model
 
 CIFAR10_TRAIN_FILES = [f"data_batch_{k}" for k in range(1, 6)]
@@ -494,11 +493,11 @@ def test_objective_probes_at_the_data_set_resolution(register) -> None:
         def build(self, student: Features, teacher: Features, ctx: BuildContext) -> None:
             seen["student"], seen["teacher"] = student, teacher
 
-        def forward(self, student, teacher, batch):
+        def forward(self, student, teacher, batch, ctx):
             return {}
 
     register(METHODS, "recorder", Recorder)
-    objective = Objective.from_config({"name": "recorder", "method": "recorder", "beta": 1.0})
+    objective = objective_of({"name": "recorder", "method": "recorder", "beta": 1.0})
     student, teacher = build_model("vgg8", num_classes=5), build_model("vgg8", num_classes=5)
     from distiller.features import FeatureHooks
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONFIGS, REPO, run_cli, run_ranks, tiny_overrides
+from helpers import REPO, compose_config, run_cli, run_ranks, tiny_overrides
 
 pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built"),
               pytest.mark.numeric]
@@ -32,24 +32,12 @@ def steps_with_engine(rank: int, world_size: int, port: int, out: Path, override
     if world_size == 1:
         os.environ["WORLD_SIZE"] = "1"
     torch.set_num_threads(1)
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    import distiller.config.command_line  # noqa: F401 - config resolvers
     from distiller.engine.runtime import make_runtime
-    from distiller.jobs.train import build_distillation, settings_from_config
-    from distiller.objective import Objective
+    from distiller.jobs.train import assemble_distillation, compose_job
 
-    GlobalHydra.instance().clear()  # forked from a test process that may have composed before
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train_student", overrides=overrides)
-    runtime = make_runtime(cfg.trainer)
-    settings = settings_from_config(cfg, runtime)
-    objective = Objective.from_config(cfg.distill, cfg.get("combine"))
-    config = OmegaConf.to_container(cfg, resolve=True)
-    trainer, _ = build_distillation(cfg, out / f"run{world_size}", runtime, settings, objective, config,
-                                    load_teacher=False)
+    job, record, _ = compose_job(compose_config("train_student", overrides), "train_student")
+    runtime = make_runtime(job.trainer)
+    trainer, _ = assemble_distillation(job, out / f"run{world_size}", record, runtime, load_teacher=False)
     phase = trainer.plan[-1]
     optimizer = trainer.prepare_phase(phase)
     # BatchNorm in eval mode: each sample's output then depends on that sample only, so a
@@ -57,7 +45,7 @@ def steps_with_engine(rank: int, world_size: int, port: int, out: Path, override
     trainer.student.eval()
     for _, batch in zip(range(steps), trainer.train_loader.epoch(1)):
         trainer.train_step(batch, phase, 1, optimizer)
-    evaluation = trainer.evaluate(trainer.student)
+    evaluation = trainer.measure(trainer.student)
     torch.save({"model": trainer.student.state_dict(), "objective": trainer.objective.state_dict(),
                 "evaluation": evaluation}, out / f"world{world_size}_rank{rank}.pt")
     if world_size > 1:

@@ -19,16 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as nnf
-from helpers import generator, random_splits, seed, tiny_overrides
+from helpers import generator, random_splits, tiny_overrides, tiny_trainer
 from torch import nn
 
 from common.errors import UserError
 from distiller import functional as F
-from distiller.engine.loop import Trainer, TrainSettings
-from distiller.engine.runtime import Runtime, seed_everything
-from distiller.jobs.train import distill, settings_from_config
-from distiller.objective import Objective
-from distiller.optim import DOT, OPTIMIZERS
+from distiller.config.validation import load_job
+from distiller.engine.runtime import Runtime
+from distiller.jobs.train import base_lr, distill
+from distiller.optim import DOT, OPTIMIZERS, make_optimizer
 from models import build_model
 
 CASES = ("both", "task", "dist", "none")
@@ -195,16 +194,10 @@ def test_a_state_dict_saved_mid_run_continues_identically() -> None:
 NUM_CLASSES = 10
 
 
-def make_trainer(tmp: Path) -> Trainer:
-    seed_everything(seed(0))
-    objective = Objective.from_config({"name": "kd", "gamma": 0.1, "alpha": 0.9, "temperature": 4.0})
-    settings = TrainSettings(epochs=1, lr=0.01, weight_decay=5e-4, batch_size=16, eval_batch_size=16,
-                             progress=False, optimizer="dot", optimizer_options={"delta": DELTA})
-    runtime = Runtime(torch.device("cpu"), "fp32", False, compile=False)
-    return Trainer(runtime=runtime, settings=settings, run_dir=tmp, data=random_splits(48, NUM_CLASSES, 7, 16),
-                   student=build_model("resnet8", num_classes=NUM_CLASSES), student_arch="resnet8",
-                   objective=objective, teacher=build_model("resnet8", num_classes=NUM_CLASSES),
-                   teacher_arch="resnet8")
+def make_trainer(tmp: Path):
+    return tiny_trainer(tmp, {"name": "kd", "gamma": 0.1, "alpha": 0.9, "temperature": 4.0}, 1, "optim=dot",
+                        f"optim.delta={DELTA}", "optim.weight_decay=5e-4",
+                        data=random_splits(48, NUM_CLASSES, 7, 16))
 
 
 def test_one_trainer_step_with_dot_moves_by_both_gradients(tmp_path: Path) -> None:
@@ -230,20 +223,27 @@ def test_one_trainer_step_with_dot_moves_by_both_gradients(tmp_path: Path) -> No
         torch.testing.assert_close(optimizer.state[p]["momentum_kd_buffer"], gd, rtol=1e-4, atol=1e-7)
         # atol: the float32 rounding of parameters of size about 1 (the buffers above check wd * theta sharply)
         torch.testing.assert_close(p.detach() - theta, -lr * (gt + wd * theta) - lr * gd, rtol=1e-4, atol=1.5e-7)
-    trainer.remove_hooks()
+    trainer.step.remove_hooks()
 
 
 # ---- (e) the config path ----------------------------------------------------------------------------
 CPU = Runtime(torch.device("cpu"), "fp32", False, compile=False)
 
 
-def test_optim_dot_composes_into_dot_settings(compose) -> None:
-    settings = settings_from_config(compose("train_student", ["optim=dot"]), CPU)
-    assert settings.optimizer == "dot" and settings.optimizer_options == {"delta": 0.075}
-    assert (settings.momentum, settings.weight_decay, settings.nesterov) == (0.9, 5e-4, False)
+def optimizer_of(compose, overrides: list[str]) -> torch.optim.Optimizer:
+    """The optimizer a run of the composed config makes (its options checked first, as the job does)."""
+    job = load_job(compose("train_student", overrides), "train_student")
+    return make_optimizer([nn.Parameter(torch.zeros(2))], base_lr(job, CPU), job.optim, CPU.device)
+
+
+def test_optim_dot_composes_into_dot(compose) -> None:
+    dot = optimizer_of(compose, ["optim=dot"])
+    assert isinstance(dot, DOT)
+    group = dot.param_groups[0]
+    assert (group["delta"], group["momentum"], group["weight_decay"], group["lr"]) == (0.075, 0.9, 5e-4, 0.05)
     assert "dot" in OPTIMIZERS.names()
-    plain = settings_from_config(compose("train_student", []), CPU)
-    assert plain.optimizer == "sgd" and plain.optimizer_options == {}
+    plain = optimizer_of(compose, [])
+    assert type(plain) is torch.optim.SGD and not plain.param_groups[0]["nesterov"]
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -255,7 +255,7 @@ def test_optim_dot_composes_into_dot_settings(compose) -> None:
 ])
 def test_a_bad_dot_setting_is_a_one_line_user_error(compose, overrides, words) -> None:
     with pytest.raises(UserError) as err:
-        settings_from_config(compose("train_student", overrides), CPU)
+        optimizer_of(compose, overrides)
     message = str(err.value)
     assert "\n" not in message and all(w in message for w in words), message
 

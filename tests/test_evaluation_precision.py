@@ -17,7 +17,7 @@ from torch import nn
 
 from common.errors import UserError
 from datasets.device_loader import DeviceLoader
-from distiller.engine.evaluation import evaluate
+from distiller.engine.evaluation import measure
 from distiller.engine.runtime import Runtime, make_runtime, resolve_eval_precision
 
 CPU = torch.device("cpu")
@@ -64,7 +64,7 @@ def test_bf16_training_evaluates_in_fp32_by_default():
     runtime = Runtime(CPU, "bf16", channels_last=False, compile=False)
     assert runtime.eval_precision == "fp32"
     loader, labels = _loader()
-    result = evaluate(ConstantLogits(), loader, runtime)
+    result = measure(ConstantLogits(), loader, runtime)
     expected = _expected(W_FP32, labels)
     assert result["test_loss"] == pytest.approx(expected["test_loss"], rel=1e-6, abs=1e-6)
     assert result["test_top1"] == expected["test_top1"]
@@ -73,7 +73,7 @@ def test_bf16_training_evaluates_in_fp32_by_default():
 def test_eval_precision_same_runs_under_the_training_autocast():
     runtime = Runtime(CPU, "bf16", channels_last=False, compile=False, eval_precision="bf16")
     loader, labels = _loader()
-    result = evaluate(ConstantLogits(), loader, runtime)
+    result = measure(ConstantLogits(), loader, runtime)
     expected = _expected(W_BF16, labels)
     assert result["test_loss"] == pytest.approx(expected["test_loss"], rel=1e-6, abs=1e-6)
 
@@ -87,7 +87,7 @@ def test_a_real_network_is_evaluated_as_its_fp32_forward():
     model = build_model("resnet8", num_classes=10)
     splits = random_splits(64, 10, 5, 64)
     loader = DeviceLoader(splits.test_images, splits.test_labels, 32, CPU, train=False)
-    result = evaluate(model, loader, Runtime(CPU, "bf16", channels_last=False, compile=False))
+    result = measure(model, loader, Runtime(CPU, "bf16", channels_last=False, compile=False))
     model.eval()
     losses, hits = [], []
     with torch.no_grad():

@@ -20,8 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MIN_DECREASE, assert_gradient_step_descends, fix_batch_statistics, run_cli, seed, tiny_overrides
-from omegaconf import OmegaConf
+from helpers import (
+    MIN_DECREASE,
+    assert_gradient_step_descends,
+    distill_node,
+    fix_batch_statistics,
+    run_cli,
+    seed,
+    tiny_overrides,
+)
 from torch import nn
 
 from common.errors import UserError
@@ -30,11 +37,10 @@ from distiller import functional as F
 from distiller.config.command_line import explain_config_error
 from distiller.config.pairs import apply_pair_settings
 from distiller.config.schema import ExternalTeacherConfig
-from distiller.config.validation import validate
+from distiller.config.validation import method_config, validate
 from distiller.features import EMBEDDING, STAGES, STAGES_PREACT, STEM, Features, forward_features
-from distiller.methods import METHODS, BuildContext
+from distiller.methods import METHODS, BuildContext, TermContext, make_method
 from distiller.methods.crd import CONTRAST_IDX_KEY
-from distiller.objective import build_method
 from models import build_model
 from models.external import CONFIG_KEYS, build_network, command_line_choice, label_choice, network_label
 from models.taps import check_taps
@@ -56,7 +62,7 @@ ZOO = "resnet8"
 
 
 def method_node(name: str) -> dict:
-    node = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "distill" / f"{name}.yaml"), resolve=True)
+    node = distill_node(name)
     if name == "crd":
         node["nce_k"] = TEST_K
     return node
@@ -354,7 +360,8 @@ def test_method_step_lowers_the_loss(name: str, key: str, external_role: str) ->
     teacher, student = _pair(key, external_role)
     teacher.eval().requires_grad_(False)
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
-    method = build_method(method_node(name))
+    node = method_config(method_node(name))
+    method = make_method(node.method, node.extra)
     s_kinds, t_kinds = method.student_features, method.teacher_features
     ctx = BuildContext(num_classes=NUM_CLASSES, num_samples=N_DATA, train_labels=TRAIN_LABELS,
                        device=torch.device("cpu"), student=student, teacher=teacher)
@@ -376,10 +383,10 @@ def test_method_step_lowers_the_loss(name: str, key: str, external_role: str) ->
 
     def loss() -> torch.Tensor:
         s = features(student, batch.images, s_kinds)
-        if name == "kd":  # KD is the objective's own term (alpha); the method adds none
-            assert method(s, t, batch) == {}
-            return F.kd(s.logits, t.logits, 4.0)
-        return sum(method(s, t, batch).values())
+        terms = method(s, t, batch, TermContext(epoch=1))
+        if name == "kd":  # the term at the step's temperature (the config's, 4)
+            torch.testing.assert_close(terms["kd"], F.kd(s.logits, t.logits, 4.0))
+        return sum(terms.values())
 
     main = {id(p) for p in [*student.parameters(), *method.parameters()] if p.requires_grad}
     for phase in method.phases():  # FT's paraphraser phase (teacher's map only), AB's initialisation phase

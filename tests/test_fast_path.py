@@ -15,15 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONFIGS, random_splits, seed
-from omegaconf import OmegaConf
+from helpers import distill_node, random_splits, seed, tiny_trainer
 
 from datasets.cifar100 import DataSplits
 from distiller.contrast import ContrastMemory
 from distiller.engine.compile import compile_module, compile_networks, is_compiled
-from distiller.engine.loop import Trainer, TrainSettings
+from distiller.engine.loop import Trainer
 from distiller.engine.runtime import Runtime, seed_everything
-from distiller.objective import Objective
 from models import build_model
 
 pytestmark = pytest.mark.numeric
@@ -43,20 +41,15 @@ def tiny_data(n: int = 64) -> DataSplits:
 
 def method_config(name: str) -> dict:
     """The published config of a method; CRD with few negatives so 64 images suffice."""
-    node = OmegaConf.to_container(OmegaConf.load(CONFIGS / "distill" / f"{name}.yaml"), resolve=True)
+    node = distill_node(name)
     if name == "crd":
         node["nce_k"] = 16
     return node
 
 
-def make_trainer(method: str, runtime: Runtime, tmp: Path, data: DataSplits) -> Trainer:
-    seed_everything(seed(0))
-    objective = Objective.from_config(method_config(method))
-    teacher = build_model("resnet8", num_classes=NUM_CLASSES)
-    student = build_model("resnet8", num_classes=NUM_CLASSES)
-    settings = TrainSettings(epochs=1, lr=LR, batch_size=BATCH, eval_batch_size=16, progress=False)
-    return Trainer(runtime=runtime, settings=settings, run_dir=tmp, data=data, student=student,
-                   student_arch="resnet8", objective=objective, teacher=teacher, teacher_arch="resnet8")
+def make_trainer(method: str, runtime: Runtime, tmp: Path, data: DataSplits):
+    return tiny_trainer(tmp, method_config(method), 1, f"optim.lr={LR}", f"dataset.batch_size={BATCH}", data=data,
+                        runtime=runtime)
 
 
 def train_steps(trainer: Trainer, steps: int = STEPS) -> tuple[list[float], list[torch.Tensor]]:
@@ -81,7 +74,7 @@ def relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def run(method: str, tmp: Path, precision: str = "fp32", channels_last: bool = False,
         backend: str | None = None, float64: bool = False) -> tuple[list[float], list[torch.Tensor]]:
-    runtime = Runtime(torch.device("cpu"), precision, channels_last, compile=backend is not None)
+    runtime = Runtime(torch.device("cpu"), precision, channels_last, compile=False)
     trainer = make_trainer(method, runtime, tmp, tiny_data())
     if float64:  # networks, helpers and batches in double precision (test instrumentation only)
         for module in (trainer.student, trainer.teacher, trainer.objective):
@@ -94,12 +87,13 @@ def run(method: str, tmp: Path, precision: str = "fp32", channels_last: bool = F
                 module.float()
         normalise = trainer.train_loader._normalise
         trainer.train_loader._normalise = lambda images: normalise(images).double()
-    if backend is not None:
-        compile_networks(runtime, trainer.student, trainer.teacher, backend=backend)
+    if backend is not None:  # in place, after the hooks and probes, as build_step does under trainer.compile
+        compiling = Runtime(torch.device("cpu"), precision, channels_last, compile=True)
+        compile_networks(compiling, trainer.student, trainer.teacher, backend=backend)
     try:
         return train_steps(trainer)
     finally:
-        trainer.remove_hooks()
+        trainer.step.remove_hooks()
 
 
 @pytest.mark.parametrize("method", ["kd", "at", "crd"])

@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import assert_gradient_step_descends, fix_batch_statistics, seed
+from helpers import assert_gradient_step_descends, distill_node, fix_batch_statistics, objective_of, seed, tiny_trainer
 from torch import nn
 
 from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import EMBEDDING, STAGES, STAGES_PREACT, STEM, Features, forward_features, probe_shapes
-from distiller.methods import METHODS
+from distiller.methods import METHODS, TermContext
 from distiller.methods.base import BuildContext, DistillMethod
 from distiller.methods.ofd import find_preact_batchnorms
 from models import build_model
@@ -177,7 +177,7 @@ class Run:
         return [*self.student.parameters(), *(p for p in self.method.parameters() if p.requires_grad)]
 
     def main_loss(self) -> torch.Tensor:
-        return sum(self.method(self.s(), self.t, self.batch).values())
+        return sum(self.method(self.s(), self.t, self.batch, TermContext(epoch=1)).values())
 
     def phase_loss(self, phase) -> torch.Tensor:
         s = self.s() if phase.student_forward else Features()
@@ -288,7 +288,7 @@ def test_ab_weighting_and_connectors() -> None:
     expected = expected / B * 3 / 1000
     got = run.method.phases()[0].loss(s, run.t, run.batch)["ab"]
     assert torch.allclose(got, expected, rtol=1e-5)
-    assert torch.allclose(run.method(s, run.t, run.batch)["ab"], expected, rtol=1e-5)
+    assert torch.allclose(run.method(s, run.t, run.batch, TermContext(epoch=1))["ab"], expected, rtol=1e-5)
 
     cross = Run("ab", "vgg13", "MobileNetV2")
     # stages 16/8/4 px agree (1x1 conv), the student's last is 2 px against the teacher's 4 (transposed conv)
@@ -328,18 +328,18 @@ def test_kdsvd_is_zero_for_identical_features_and_ignores_signs() -> None:
     shapes = Features(stages=[f.shape for f in stages])
     ctx = BuildContext(100, B, torch.arange(B), torch.device("cpu"), nn.Identity(), nn.Identity())
     kdsvd.build(shapes, shapes, ctx)
-    assert kdsvd(feats, feats, None)["kdsvd"].item() == pytest.approx(0.0, abs=1e-6)
+    assert kdsvd(feats, feats, None, TermContext(epoch=1))["kdsvd"].item() == pytest.approx(0.0, abs=1e-6)
     # a global sign flip changes no singular subspace
     flipped = Features(stages=[-f for f in stages])
-    assert kdsvd(flipped, feats, None)["kdsvd"].item() == pytest.approx(0.0, abs=1e-5)
+    assert kdsvd(flipped, feats, None, TermContext(epoch=1))["kdsvd"].item() == pytest.approx(0.0, abs=1e-5)
     other = Features(stages=[torch.randn_like(f) for f in stages])
-    assert kdsvd(other, feats, None)["kdsvd"].item() > 1e-4
+    assert kdsvd(other, feats, None, TermContext(epoch=1))["kdsvd"].item() > 1e-4
     # degenerate spectra (all-zero positions after a ReLU) must not give non-finite gradients
     dead = [torch.zeros_like(f) for f in stages]
     for f, d in zip(stages, dead):
         d[:, : f.shape[1] // 4] = f[:, : f.shape[1] // 4].relu()
     dead = [d.requires_grad_() for d in dead]
-    kdsvd(Features(stages=dead), feats, None)["kdsvd"].backward()
+    kdsvd(Features(stages=dead), feats, None, TermContext(epoch=1))["kdsvd"].backward()
     assert all(torch.isfinite(d.grad).all() for d in dead)
 
 
@@ -390,7 +390,7 @@ def test_ofd_loss_weighting() -> None:
         tgt = torch.max(tgt, margin.view(1, -1, 1, 1))
         mask = ((src > tgt) | (tgt > 0)).float()
         expected = expected + ((src - tgt) ** 2 * mask).sum() / B / 2 ** (n - i - 1)
-    assert torch.allclose(run.method(s, run.t, run.batch)["ofd"], expected, rtol=1e-5)
+    assert torch.allclose(run.method(s, run.t, run.batch, TermContext(epoch=1))["ofd"], expected, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- ReviewKD
@@ -408,17 +408,13 @@ def test_reviewkd_outputs_have_the_teachers_shapes(pair: tuple[str, str]) -> Non
 @pytest.mark.parametrize("name,beta,warmup", [("ab", 0.0, 0), ("ft", 200.0, 0), ("fsp", 0.0, 0), ("ofd", 0.001, 0),
                                               ("reviewkd", 5.0, 20), ("kdsvd", 1.0, 0)])
 def test_configs_hold_the_published_weights(name: str, beta: float, warmup: int) -> None:
-    from omegaconf import OmegaConf
 
-    from distiller.objective import Objective
 
     # resolved without a pair: the defaults (ReviewKD's beta is per pair, 5.0 where no pair sets it)
-    node = OmegaConf.to_container(OmegaConf.merge({"pair": None}, OmegaConf.load(CONFIGS / "distill" / f"{name}.yaml")),
-                                  resolve=True)
-    node.pop("pair")
+    node = distill_node(name)
     assert (node["name"], node["gamma"], node["alpha"], node["beta"], node["warmup_epochs"]) == (name, 1.0, 0.0, beta,
                                                                                                  warmup)
-    entry = Objective.from_config(node).entries[0]  # every other key is a constructor argument
+    entry = objective_of(node).entries[0]  # every other key is a constructor argument
     assert type(entry.method) is METHODS.get(name)
     if name in ("ab", "ft", "fsp"):
         assert [p.epochs for p in entry.method.phases()] == [30]
@@ -433,16 +429,11 @@ def test_init_phase_trains_the_reference_feature_modules_and_keeps_the_rest_in_e
     statistics), as RepDistiller's init() does (model_s.eval(); init_modules.train())."""
     from helpers import random_splits
 
-    from distiller.engine.loop import Trainer, TrainSettings
-    from distiller.engine.runtime import Runtime
-    from distiller.objective import Objective
 
     teacher = student if method == "fsp" else "resnet32x4"  # FSP needs equal channels: self-pairs
-    objective = Objective.from_config({"name": method, "gamma": 1.0, "alpha": 0.0, "beta": 0.0, "init_epochs": 1})
-    trainer = Trainer(runtime=Runtime(torch.device("cpu"), "fp32", False, compile=False),
-                      settings=TrainSettings(epochs=1, lr=0.01, batch_size=8, progress=False), run_dir=tmp_path,
-                      data=random_splits(16, 100, 3, test_n=8), student=build_model(student), student_arch=student,
-                      objective=objective, teacher=build_model(teacher), teacher_arch=teacher)
+    trainer = tiny_trainer(tmp_path, {"name": method, "gamma": 1.0, "alpha": 0.0, "beta": 0.0, "init_epochs": 1}, 1,
+                           "dataset.batch_size=8", data=random_splits(16, 100, 3, test_n=8), student=student,
+                           teacher=teacher)
     init = trainer.plan[0]
     assert not init.is_main
     trainer.prepare_phase(init)
@@ -453,4 +444,4 @@ def test_init_phase_trains_the_reference_feature_modules_and_keeps_the_rest_in_e
     for name, m in trainer.student.named_modules():
         if list(m.parameters(recurse=False)):
             assert m.training == (name.split(".")[0] in feat), f"{name} training={m.training}"
-    trainer.remove_hooks()
+    trainer.step.remove_hooks()

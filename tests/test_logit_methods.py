@@ -17,18 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as nnf
-from helpers import generator, random_splits, seed
-from omegaconf import OmegaConf
+from helpers import distill_node, generator, objective_of, random_splits, seed, tiny_trainer
 
 from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
-from distiller.engine.loop import Trainer, TrainSettings
-from distiller.engine.runtime import Runtime, seed_everything
+from distiller.config.schema import OBJECTIVE_KEYS
+from distiller.engine.runtime import seed_everything
 from distiller.features import Features
-from distiller.methods import METHODS, DistillMethod
-from distiller.objective import OBJECTIVE_KEYS, Objective
-from models import build_model
+from distiller.methods import METHODS, DistillMethod, TermContext
+from distiller.objective import Objective
 
 DISTILL_DIR = Path(__file__).resolve().parents[1] / "configs" / "distill"
 NEW_METHODS = ["dist", "wttm", "ttm", "nkd", "ctkd"]
@@ -48,9 +46,7 @@ PUBLISHED = {
 
 
 def node(name: str, **overrides) -> dict:
-    cfg = OmegaConf.to_container(OmegaConf.load(DISTILL_DIR / f"{name}.yaml"), resolve=True)
-    cfg.update(overrides)
-    return cfg
+    return {**distill_node(name), **overrides}
 
 
 def tiny(seed_base: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, Batch]:
@@ -72,9 +68,8 @@ def call(objective: Objective, zs: torch.Tensor, zt: torch.Tensor, batch: Batch,
 
 @pytest.mark.parametrize("name", NEW_METHODS)
 def test_config_schema_and_published_settings(name: str) -> None:
-    raw = OmegaConf.load(DISTILL_DIR / f"{name}.yaml")
-    assert list(raw.keys())[:len(SCHEMA_KEYS)] == SCHEMA_KEYS
     cfg = node(name)
+    assert list(cfg)[:len(SCHEMA_KEYS)] == SCHEMA_KEYS
     assert cfg["name"] == name and cfg["method"] == name and name in METHODS
     weights, own = PUBLISHED[name]
     assert (cfg["gamma"], cfg["alpha"], cfg["beta"], cfg["warmup_epochs"]) == weights
@@ -96,7 +91,7 @@ EXPECTED = {  # name -> (term name, the pinned function at the config's values)
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logit_method_terms_equal_the_pinned_function_and_weights_add_up(name: str, dtype: torch.dtype) -> None:
-    objective = Objective.from_config(node(name))
+    objective = objective_of(node(name))
     zs, zt, batch = tiny(1, dtype)
     out = call(objective, zs, zt, batch)
     term, fn = EXPECTED[name]
@@ -114,11 +109,11 @@ def test_logit_method_terms_equal_the_pinned_function_and_weights_add_up(name: s
 def test_ttm_is_wttm_unweighted_and_bad_settings_raise() -> None:
     assert issubclass(METHODS.get("ttm"), METHODS.get("wttm"))
     with pytest.raises(UserError, match="power"):
-        Objective.from_config(node("wttm", power=0.0))
+        objective_of(node("wttm", power=0.0))
     with pytest.raises(UserError, match="nkd_temperature"):
-        Objective.from_config(node("nkd", nkd_temperature=-1.0))
+        objective_of(node("nkd", nkd_temperature=-1.0))
     with pytest.raises(UserError, match="ramp_epochs"):
-        Objective.from_config(node("ctkd", ramp_epochs=0))
+        objective_of(node("ctkd", ramp_epochs=0))
 
 
 # --------------------------------------------------------------------------- CTKD
@@ -131,13 +126,13 @@ def test_ttm_is_wttm_unweighted_and_bad_settings_raise() -> None:
 def test_ctkd_refuses_an_unusable_lambda_range_when_built(settings: dict, says: str) -> None:
     """Refused at construction in one line naming the keys, not at the first step as a non-finite loss."""
     with pytest.raises(UserError, match=rf"method 'ctkd': {says}") as err:
-        Objective.from_config(node("ctkd", **settings))
+        objective_of(node("ctkd", **settings))
     assert "\n" not in str(err.value) and "optim.lr" not in str(err.value)
-    Objective.from_config(node("ctkd", lambda_min=0.5, lambda_max=0.5))  # a constant lambda is fine
+    objective_of(node("ctkd", lambda_min=0.5, lambda_max=0.5))  # a constant lambda is fine
 
 
 def test_ctkd_theta_trains_at_beta_zero_and_starts_at_the_published_temperature() -> None:
-    objective = Objective.from_config(node("ctkd"))
+    objective = objective_of(node("ctkd"))
     method = objective.methods["ctkd"]
     assert [e.label for e in objective.active()] == ["ctkd"] and objective.entries[0].beta == 0
     params = objective.main_parameters()
@@ -146,7 +141,7 @@ def test_ctkd_theta_trains_at_beta_zero_and_starts_at_the_published_temperature(
 
 
 def test_ctkd_lambda_per_epoch_is_the_cosine_schedule_and_is_recorded() -> None:
-    method = Objective.from_config(node("ctkd")).methods["ctkd"]
+    method = objective_of(node("ctkd")).methods["ctkd"]
     for epoch in range(1, 14):
         method.on_epoch_start(epoch)
         assert method.lambda_ == F.ctkd_lambda(epoch)
@@ -161,7 +156,7 @@ def test_ctkd_lambda_per_epoch_is_the_cosine_schedule_and_is_recorded() -> None:
 def test_ctkd_kd_term_runs_at_the_learned_temperature_and_theta_ascends(epoch: int) -> None:
     """In float64 throughout: d(loss)/dT sums terms that nearly cancel, so float32 would leave ~1e-4
     relative rounding in theta's gradient, depending on the batch."""
-    objective = Objective.from_config(node("ctkd")).double()
+    objective = objective_of(node("ctkd")).double()
     method = objective.methods["ctkd"]
     with torch.no_grad():
         method.theta.fill_(0.3)
@@ -182,7 +177,7 @@ def test_ctkd_kd_term_runs_at_the_learned_temperature_and_theta_ascends(epoch: i
 
 
 def test_ctkd_with_logit_standardization_runs_kd_ls_at_the_learned_temperature() -> None:
-    objective = Objective.from_config(node("ctkd", logit_standardize=True))
+    objective = objective_of(node("ctkd", logit_standardize=True))
     zs, zt, batch = tiny(3)
     out = call(objective, zs, zt, batch)
     t_value = float(objective.temperature().detach())
@@ -192,12 +187,7 @@ def test_ctkd_with_logit_standardization_runs_kd_ls_at_the_learned_temperature()
 
 def test_ctkd_trains_theta_and_records_temperature_and_lambda_each_epoch(tmp_path: Path) -> None:
     seed_everything(seed(0))
-    objective = Objective.from_config(node("ctkd"))
-    settings = TrainSettings(epochs=2, lr=0.05, batch_size=16, eval_batch_size=16, progress=False)
-    trainer = Trainer(runtime=Runtime(torch.device("cpu"), "fp32", False, compile=False), settings=settings,
-                      run_dir=tmp_path, data=random_splits(32, 10, 7, test_n=16),
-                      student=build_model("resnet8", num_classes=10), student_arch="resnet8", objective=objective,
-                      teacher=build_model("resnet8", num_classes=10), teacher_arch="resnet8")
+    trainer = tiny_trainer(tmp_path, node("ctkd"), 2, "optim.lr=0.05", data=random_splits(32, 10, 7, test_n=16))
     method = trainer.objective.methods["ctkd"]
     state = trainer.fit()
     assert [r["ctkd/lambda"] for r in state.history] == [F.ctkd_lambda(1), F.ctkd_lambda(2)]
@@ -213,16 +203,18 @@ def test_ctkd_trains_theta_and_records_temperature_and_lambda_each_epoch(tmp_pat
 class TemperatureToy(DistillMethod):
     """Toy: a logit method that takes the supplied temperature (None when nobody supplies one)."""
 
-    def forward(self, student: Features, teacher: Features, batch, temperature=None) -> dict[str, torch.Tensor]:
-        self.seen = temperature
-        t = 4.0 if temperature is None else temperature
+    takes_temperature = True
+
+    def forward(self, student: Features, teacher: Features, batch, ctx: TermContext) -> dict[str, torch.Tensor]:
+        self.seen = ctx.supplied_temperature
+        t = 4.0 if self.seen is None else self.seen
         return {"toy_kd": F.kd(student.logits, teacher.logits, t)}
 
 
 class PlainToy(DistillMethod):
     """Toy: a logit method that takes no temperature and does not declare logit terms."""
 
-    def forward(self, student: Features, teacher: Features, batch) -> dict[str, torch.Tensor]:
+    def forward(self, student: Features, teacher: Features, batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         self.seen = (student.logits, teacher.logits)
         return {"plain": F.kd(student.logits, teacher.logits, 4.0)}
 
@@ -238,11 +230,11 @@ def test_a_supplied_temperature_reaches_methods_that_take_one(register) -> None:
     register(METHODS, "plain_toy", PlainToy)
     toy = {"name": "temperature_toy", "beta": 1.0}
     plain = {"name": "plain_toy", "beta": 1.0}
-    alone = Objective.from_config(toy, combine={"plain": plain})
+    alone = objective_of(toy, combine={"plain": plain})
     zs, zt, batch = tiny(4)
     call(alone, zs, zt, batch)
     assert alone.methods["temperature_toy"].seen is None  # nobody supplies one: the method keeps its own
-    with_ctkd = Objective.from_config(node("ctkd"), combine={"toy": toy, "plain": plain})
+    with_ctkd = objective_of(node("ctkd"), combine={"toy": toy, "plain": plain})
     with_ctkd.methods["ctkd"].on_epoch_start(3)
     out = call(with_ctkd, zs, zt, batch, 3)
     seen = with_ctkd.methods["toy"].seen
@@ -260,7 +252,7 @@ def test_logit_standardize_switch_reaches_kd_and_methods_that_declare_logit_term
     register(METHODS, "logit_toy", LogitToy)
     cfg = {"name": "logit_toy", "gamma": 0.1, "alpha": 0.9, "beta": 1.0, "temperature": 2.0,
            "logit_standardize": True}
-    objective = Objective.from_config(cfg, combine={"plain": {"name": "plain_toy", "beta": 1.0}})
+    objective = objective_of(cfg, combine={"plain": {"name": "plain_toy", "beta": 1.0}})
     zs, zt, batch = tiny(5, torch.float64)
     out = call(objective, zs, zt, batch)
 
@@ -275,17 +267,19 @@ def test_logit_standardize_switch_reaches_kd_and_methods_that_declare_logit_term
     s_plain, t_plain = objective.methods["plain"].seen
     assert s_plain is zs and t_plain is zt  # a method that does not declare logit terms sees raw logits
     torch.testing.assert_close(out.terms["ce"], nnf.cross_entropy(zs.detach().float(), batch.labels))  # CE raw
-    off = Objective.from_config({**cfg, "logit_standardize": False})
+    off = objective_of({**cfg, "logit_standardize": False})
     out_off = call(off, zs, zt, batch)
     torch.testing.assert_close(out_off.terms["kd"], F.kd(zs.detach(), zt, 2.0), rtol=1e-10, atol=1e-12)
 
 
 def test_logit_standardize_is_an_objective_key_and_must_be_a_flag() -> None:
     assert "logit_standardize" in OBJECTIVE_KEYS
-    assert Objective.from_config(node("kd")).logit_standardize is False
-    assert Objective.from_config(node("kd", logit_standardize=True)).logit_standardize is True
-    with pytest.raises(UserError, match="logit_standardize"):
-        Objective.from_config(node("kd", logit_standardize="yes"))
+    assert objective_of(node("kd")).logit_standardize is False
+    assert objective_of(node("kd", logit_standardize=True)).logit_standardize is True
+    # the schema reads it as every boolean (yes/on/1 are true), in one place; what is no boolean is refused there
+    assert objective_of(node("kd", logit_standardize="yes")).logit_standardize is True
+    with pytest.raises(UserError, match="logit_standardize=maybe is not true or false"):
+        objective_of(node("kd", logit_standardize="maybe"))
 
 
 # --------------------------------------------------------------------------- DKD under CTKD and LS
@@ -294,14 +288,14 @@ def test_logit_standardize_is_an_objective_key_and_must_be_a_flag() -> None:
 def test_dkd_with_a_kd_term_uses_the_configured_temperature() -> None:
     """distill=dkd distill.alpha=0.5: the KD term runs at distill.temperature (a method attribute named
     ``temperature`` once shadowed the seam and crashed here)."""
-    objective = Objective.from_config(node("dkd", alpha=0.5, temperature=3.0, warmup_epochs=0))
+    objective = objective_of(node("dkd", alpha=0.5, temperature=3.0, warmup_epochs=0))
     zs, zt, batch = tiny(6)
     out = call(objective, zs, zt, batch, 1)
     torch.testing.assert_close(out.terms["kd"].detach(), F.kd(zs.detach(), zt, 3.0), rtol=1e-5, atol=1e-6)
 
 
 def test_ctkd_with_dkd_runs_dkd_at_the_learned_temperature() -> None:
-    objective = Objective.from_config(node("ctkd", gamma=1.0, alpha=0.0),
+    objective = objective_of(node("ctkd", gamma=1.0, alpha=0.0),
                                       combine={"dkd": node("dkd", nckd_weight=2.0, warmup_epochs=0)})
     objective.methods["ctkd"].on_epoch_start(4)
     zs, zt, batch = tiny(6)
@@ -317,7 +311,7 @@ def test_ctkd_with_dkd_runs_dkd_at_the_learned_temperature() -> None:
 
 
 def test_dkd_with_logit_standardization_is_dkd_ls() -> None:
-    objective = Objective.from_config(node("dkd", logit_standardize=True, dkd_temperature=2.0))
+    objective = objective_of(node("dkd", logit_standardize=True, dkd_temperature=2.0))
     zs, zt, batch = tiny(7)
     out = call(objective, zs, zt, batch)
     z_s, z_t = F.logit_standardize(zs.detach()), F.logit_standardize(zt)

@@ -18,7 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import MIN_DECREASE, assert_gradient_step_descends, fix_batch_statistics, generator, run_ranks, seed
+from helpers import (
+    MIN_DECREASE,
+    assert_gradient_step_descends,
+    distill_node,
+    fix_batch_statistics,
+    generator,
+    run_ranks,
+    seed,
+)
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -28,7 +36,7 @@ from distiller import functional as F
 from distiller.contrast import ContrastMemory, ContrastSampler, momentum_update
 from distiller.features import Features, forward_features, probe_shapes
 from distiller.helpers import ConvRegressor, pair_stages
-from distiller.methods import METHODS, BuildContext
+from distiller.methods import METHODS, BuildContext, TermContext
 from distiller.methods.crd import CONTRAST_IDX_KEY
 from models import build_model
 
@@ -42,6 +50,7 @@ PAIRS = [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("vgg13", "Mobil
 # Training-set stand-in for CRD: N samples of 8 classes, small K.
 N_DATA, N_CLASSES, TEST_K = 128, 8, 64
 TRAIN_LABELS = torch.arange(N_DATA) % N_CLASSES
+CTX = TermContext(epoch=1)  # what the objective hands every method with a step (the config's temperature 4)
 
 # Published weights (RECIPES.md), written out independently of the YAML files.
 PUBLISHED = {  # name: (gamma, alpha, beta, warmup_epochs)
@@ -65,7 +74,7 @@ def shapes_of(model: nn.Module) -> Features:
 
 def method_kwargs(name: str, **overrides) -> tuple[dict, dict]:
     """(full resolved config, constructor kwargs) of ``configs/distill/<name>.yaml``."""
-    cfg = OmegaConf.to_container(OmegaConf.load(DISTILL_DIR / f"{name}.yaml"), resolve=True)
+    cfg = distill_node(name)
     kwargs = {k: v for k, v in cfg.items() if k not in SCHEMA_KEYS + OPTIONAL_OBJECTIVE_KEYS}
     kwargs.update(overrides)
     return cfg, kwargs
@@ -114,9 +123,8 @@ def test_registry_has_every_method_and_old_cli_aliases():
 
 @pytest.mark.parametrize("name", MY_METHODS)
 def test_config_file_schema_and_published_weights(name):
-    raw = OmegaConf.load(DISTILL_DIR / f"{name}.yaml")
-    assert list(raw.keys())[:len(SCHEMA_KEYS)] == SCHEMA_KEYS
     cfg, kwargs = method_kwargs(name)
+    assert list(cfg)[:len(SCHEMA_KEYS)] == SCHEMA_KEYS
     assert cfg["name"] == name and cfg["method"] == name
     assert (cfg["gamma"], cfg["alpha"], cfg["beta"], cfg["warmup_epochs"]) == PUBLISHED[name]
     assert cfg["temperature"] == 4.0
@@ -135,9 +143,7 @@ def test_method_specific_published_defaults():
 
 
 def test_dkd_temperature_follows_the_kd_temperature_key():
-    cfg = OmegaConf.load(DISTILL_DIR / "dkd.yaml")
-    cfg.temperature = 2.0
-    assert OmegaConf.to_container(cfg, resolve=True)["dkd_temperature"] == 2.0
+    assert distill_node("dkd", temperature=2.0)["dkd_temperature"] == 2.0
 
 
 def test_crd_kd_preset_composes_to_crd_with_kd(tmp_path):
@@ -189,10 +195,9 @@ def test_method_term_decreases_and_teacher_is_untouched(name, pair):
 
     def loss() -> torch.Tensor:
         feats, logits = forward_features(student, batch.images)
-        terms = method(as_features(feats, logits), t_feats, batch)
-        if name == "kd":
-            assert terms == {}
-            return F.kd(logits, t_feats.logits, cfg["temperature"])
+        terms = method(as_features(feats, logits), t_feats, batch, TermContext(epoch=1))
+        if name == "kd":  # the term at the step's temperature (the config's, 4)
+            torch.testing.assert_close(terms["kd"], F.kd(logits, t_feats.logits, cfg["temperature"]))
         assert terms and all(t.dim() == 0 and torch.isfinite(t) for t in terms.values())
         return sum(terms.values())
 
@@ -249,7 +254,7 @@ def test_fitnet_hint_layer_choices():
     assert m.hint_index == 2 and m.regressor.conv.out_channels == 48 and m.regressor.relation == "student 2x teacher"
     m0 = METHODS.get("fitnet")(hint_layer=0)
     m0.build(s, t, ctx)
-    out = m0(Features(stem=torch.randn(2, 8, 32, 32), stages=[]), Features(stem=torch.randn(2, 4, 32, 32)), None)
+    out = m0(Features(stem=torch.randn(2, 8, 32, 32), stages=[]), Features(stem=torch.randn(2, 4, 32, 32)), None, CTX)
     assert set(out) == {"fitnet"}
     with pytest.raises(UserError):
         METHODS.get("fitnet")(hint_layer=3).build(s, t, ctx)
@@ -281,15 +286,15 @@ def test_stage_methods_with_unequal_stage_counts():
 
     at = METHODS.get("at")()
     at.build(shapes(s), shapes(t), ctx)
-    assert torch.allclose(at(s, t, None)["at"], sum(F.attention(a, b, 2) for a, b in expected_pairs))
+    assert torch.allclose(at(s, t, None, CTX)["at"], sum(F.attention(a, b, 2) for a, b in expected_pairs))
     nst = METHODS.get("nst")()
     nst.build(shapes(s), shapes(t), ctx)
-    assert torch.allclose(nst(s, t, None)["nst"], sum(F.nst(a, b) for a, b in expected_pairs))
+    assert torch.allclose(nst(s, t, None, CTX)["nst"], sum(F.nst(a, b) for a, b in expected_pairs))
     vid = METHODS.get("vid")()
     vid.build(shapes(s), shapes(t), ctx)
     assert [(r.regressor[0].in_channels, r.regressor[-1].out_channels) for r in vid.regressors] == \
         [(8, 24), (16, 48), (32, 96)]
-    assert torch.isfinite(vid(s, t, None)["vid"])
+    assert torch.isfinite(vid(s, t, None, CTX)["vid"])
 
 
 def _synthetic_pair() -> tuple[Features, Features]:
@@ -332,7 +337,7 @@ def test_method_reads_the_documented_features(name):
         assert method.embed_s.linear.out_features == 128 and method.embed_t.linear.in_features == 48
         fn = {"benchmark": F.correlation, "gram": F.correlation_gram, "rbf": F.correlation_rbf}[variant]
         expected = fn(lin(method.embed_s, s.embedding), lin(method.embed_t, t.embedding))
-    terms = method(s, t, Batch(torch.empty(4), torch.zeros(4), torch.arange(4)))
+    terms = method(s, t, Batch(torch.empty(4), torch.zeros(4), torch.arange(4)), TermContext(epoch=1))
     assert list(terms) == [name]
     assert torch.allclose(terms[name], expected, rtol=1e-5, atol=1e-8)
 
@@ -353,22 +358,24 @@ def test_vid_regressor_structure_and_initial_variance():
     f_s, f_t = torch.randn(2, 8, 8, 8), torch.randn(2, 12, 4, 4)
     mu = reg.regressor(torch.nn.functional.adaptive_avg_pool2d(f_s, 4))
     naive = (0.5 * ((mu - f_t) ** 2 / 5.0 + math.log(5.0))).mean()
-    assert torch.allclose(vid(Features(stages=[f_s]), Features(stages=[f_t]), None)["vid"], naive, rtol=1e-5)
+    assert torch.allclose(vid(Features(stages=[f_s]), Features(stages=[f_t]), None, CTX)["vid"], naive, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- logits methods
 
-def test_kd_taps_nothing_and_adds_no_term():
+def test_kd_taps_nothing_and_its_term_is_kd_at_the_step_temperature():
     kd = METHODS.get("kd")()
-    assert not kd.student_features and not kd.teacher_features
-    assert kd(Features(logits=torch.randn(2, 5)), Features(logits=torch.randn(2, 5)), None) == {}
+    assert not kd.student_features and not kd.teacher_features and kd.logit_terms
+    z_s, z_t = torch.randn(2, 5, generator=generator(3)), torch.randn(2, 5, generator=generator(4))
+    terms = kd(Features(logits=z_s), Features(logits=z_t), None, TermContext(epoch=1, temperature=3.0))
+    assert set(terms) == {"kd"} and torch.equal(terms["kd"], F.kd(z_s, z_t, 3.0))
 
 
 def test_dkd_terms_add_up_to_dkd():
     torch.manual_seed(seed(0))
     z_s, z_t, y = torch.randn(6, 10), torch.randn(6, 10), torch.randint(0, 10, (6,))
     dkd = METHODS.get("dkd")(tckd_weight=1.5, nckd_weight=6.0, dkd_temperature=2.0)
-    terms = dkd(Features(logits=z_s), Features(logits=z_t), Batch(torch.empty(6), y, torch.arange(6)))
+    terms = dkd(Features(logits=z_s), Features(logits=z_t), Batch(torch.empty(6), y, torch.arange(6)), CTX)
     assert set(terms) == {"tckd", "nckd"}
     assert torch.allclose(terms["tckd"] + terms["nckd"], F.dkd(z_s, z_t, y, 1.5, 6.0, 2.0))
     assert torch.allclose(terms["nckd"], F.dkd(z_s, z_t, y, 0.0, 6.0, 2.0))
@@ -488,7 +495,7 @@ def test_crd_scores_loss_normalisers_and_bank_update_match_naive(k):
     batch = Batch(torch.empty(3), labels[idx], idx, {CONTRAST_IDX_KEY: contrast_idx})
     mem_s, mem_t = crd.memory.memory_s.clone(), crd.memory.memory_t.clone()
 
-    loss = crd(Features(embedding=e_s), Features(embedding=e_t), batch)["crd"]
+    loss = crd(Features(embedding=e_s), Features(embedding=e_t), batch, CTX)["crd"]
 
     # Z on the first batch: mean of the un-normalised scores times N (positive column included).
     with torch.no_grad():
@@ -519,12 +526,12 @@ def test_crd_scores_loss_normalisers_and_bank_update_match_naive(k):
 
     # Z stays fixed on later batches; eval mode leaves the banks alone.
     crd(Features(embedding=torch.randn(3, 12) * 5), Features(embedding=torch.randn(3, 20)),
-        Batch(torch.empty(3), labels[idx], idx))
+        Batch(torch.empty(3), labels[idx], idx), CTX)
     assert crd.memory.norm_s.item() == pytest.approx(z_s, rel=z_rel)
     assert crd.memory.norm_t.item() == pytest.approx(z_t, rel=z_rel)
     crd.eval()
     frozen = crd.memory.memory_s.clone()
-    crd(Features(embedding=e_s), Features(embedding=e_t), batch)
+    crd(Features(embedding=e_s), Features(embedding=e_t), batch, CTX)
     assert torch.equal(crd.memory.memory_s, frozen)
 
 
@@ -533,7 +540,7 @@ def test_crd_gradient_reaches_both_embeddings_only():
     crd = make_crd(crd_labels()).train()
     e_s = torch.randn(3, 12, requires_grad=True)
     loss = crd(Features(embedding=e_s), Features(embedding=torch.randn(3, 20)),
-               Batch(torch.empty(3), torch.zeros(3), torch.tensor([0, 1, 2])))["crd"]
+               Batch(torch.empty(3), torch.zeros(3), torch.tensor([0, 1, 2])), CTX)["crd"]
     loss.backward()
     assert e_s.grad is not None and e_s.grad.abs().sum() > 0
     assert all(p.grad is not None for p in crd.embed_s.parameters())
@@ -560,7 +567,7 @@ def test_crd_checkpoint_round_trip_of_banks_and_normalisers():
     for _ in range(3):
         idx = torch.randint(0, 60, (4,))
         crd(Features(embedding=torch.randn(4, 12)), Features(embedding=torch.randn(4, 20)),
-            Batch(torch.empty(4), labels[idx], idx))
+            Batch(torch.empty(4), labels[idx], idx), CTX)
     state = crd.state_dict()
     for key in ("memory.memory_s", "memory.memory_t", "memory.norm_s", "memory.norm_t"):
         assert key in state
@@ -570,7 +577,7 @@ def test_crd_checkpoint_round_trip_of_banks_and_normalisers():
     fresh = make_crd(labels).train()
     assert not torch.equal(fresh.memory.memory_s, crd.memory.memory_s)
     fresh(Features(embedding=torch.randn(4, 12)), Features(embedding=torch.randn(4, 20)),
-          Batch(torch.empty(4), labels[:4], torch.arange(4)))  # sets fresh's own Z first
+          Batch(torch.empty(4), labels[:4], torch.arange(4)), CTX)  # sets fresh's own Z first
     fresh.load_state_dict(state)
     for key, value in state.items():
         assert torch.equal(fresh.state_dict()[key], value), key
@@ -580,15 +587,15 @@ def test_crd_checkpoint_round_trip_of_banks_and_normalisers():
     e_s, e_t = torch.randn(3, 12), torch.randn(3, 20)
     batch = Batch(torch.empty(3), labels[idx], idx, {CONTRAST_IDX_KEY: crd.sampler(idx)})
     crd.eval(), fresh.eval()
-    assert torch.equal(crd(Features(embedding=e_s), Features(embedding=e_t), batch)["crd"],
-                       fresh(Features(embedding=e_s), Features(embedding=e_t), batch)["crd"])
+    assert torch.equal(crd(Features(embedding=e_s), Features(embedding=e_t), batch, CTX)["crd"],
+                       fresh(Features(embedding=e_s), Features(embedding=e_t), batch, CTX)["crd"])
     assert torch.equal(fresh.memory.norm_s, state["memory.norm_s"])
 
     # A checkpoint from before the first batch (Z unset) loaded into a used instance: Z is estimated anew.
     unset = make_crd(labels).state_dict()
     assert unset["memory.norm_s"].item() == -1
     fresh.load_state_dict(unset)
-    fresh(Features(embedding=e_s), Features(embedding=e_t), batch)
+    fresh(Features(embedding=e_s), Features(embedding=e_t), batch, CTX)
     assert fresh.memory.norm_s.item() > 0 and fresh.memory.norm_t.item() > 0
 
 

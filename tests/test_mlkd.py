@@ -24,14 +24,17 @@ from helpers import (
     assert_gradient_step_descends,
     assert_same_weights,
     comparable_metrics,
+    distill_node,
     fix_batch_statistics,
     generator,
     kill_when,
+    objective_of,
     random_splits,
     run_cli,
     seed,
     start_command,
     tiny_overrides,
+    tiny_trainer,
     train_tiny_teacher,
 )
 from omegaconf import OmegaConf
@@ -41,11 +44,11 @@ from common.errors import UserError
 from datasets.batch import Batch
 from datasets.randaugment import strong_view
 from distiller import functional as F
-from distiller.engine.loop import Trainer, TrainSettings
-from distiller.engine.runtime import Runtime, seed_everything
+from distiller.config.schema import OBJECTIVE_KEYS
+from distiller.engine.runtime import seed_everything
 from distiller.features import Features
 from distiller.methods import METHODS
-from distiller.objective import OBJECTIVE_KEYS, Objective
+from distiller.objective import Objective
 from models import build_model
 
 DISTILL_DIR = REPO / "configs" / "distill"
@@ -56,11 +59,8 @@ STD = torch.tensor([0.2673, 0.2564, 0.2762]).view(1, 3, 1, 1)
 
 
 def node(**overrides) -> dict:
-    """configs/distill/mlkd.yaml with ``overrides`` applied before its interpolations resolve."""
-    cfg = OmegaConf.load(DISTILL_DIR / "mlkd.yaml")
-    for key, value in overrides.items():
-        cfg[key] = value
-    return OmegaConf.to_container(cfg, resolve=True)
+    """The composed distill=mlkd node with ``overrides`` applied before its interpolations resolve."""
+    return distill_node("mlkd", **overrides)
 
 
 def logits_features(zs_w, zt_w, zs_s, zt_s) -> tuple[Features, Features]:
@@ -85,9 +85,8 @@ def tiny_logits(n: int = 6, c: int = 10, seed_base: int = 0, dtype: torch.dtype 
 # --------------------------------------------------------------------------- config and terms
 
 def test_config_has_the_published_settings() -> None:
-    raw = OmegaConf.load(DISTILL_DIR / "mlkd.yaml")
-    assert list(raw.keys())[:len(SCHEMA_KEYS)] == SCHEMA_KEYS
     cfg = node()
+    assert list(cfg)[:len(SCHEMA_KEYS)] == SCHEMA_KEYS
     assert (cfg["gamma"], cfg["alpha"], cfg["beta"], cfg["warmup_epochs"]) == (0.1, 0.0, 1.0, 0)
     own = {k: v for k, v in cfg.items() if k not in SCHEMA_KEYS + ["logit_standardize"]}
     assert own == {"kd_weight": 0.9, "strong_ce_weight": 0.1, "mlkd_temperature": 4.0}
@@ -101,16 +100,16 @@ def test_config_has_the_published_settings() -> None:
 
 def test_bad_settings_are_user_errors() -> None:
     with pytest.raises(UserError, match="mlkd_temperature"):
-        Objective.from_config(node(mlkd_temperature=0.0))
+        objective_of(node(mlkd_temperature=0.0))
     with pytest.raises(UserError, match="kd_weight"):
-        Objective.from_config(node(kd_weight=-1.0))
+        objective_of(node(kd_weight=-1.0))
 
 
 @pytest.mark.parametrize("standardize", [False, True])
 def test_total_is_ce_on_both_views_plus_weighted_mlkd(standardize: bool) -> None:
     """0.1 CE(weak) + 0.1 CE(strong) + kd_w * MLKD, MLKD from the loops; LS only inside MLKD's KD terms."""
     cfg = node(logit_standardize=standardize)
-    objective = Objective.from_config(cfg).double()
+    objective = objective_of(cfg).double()
     (zs_w, zt_w, zs_s, zt_s), batch = tiny_logits(seed_base=1)
     out = call(objective, *logits_features(zs_w, zt_w, zs_s, zt_s), batch)
     assert set(out.terms) == {"ce", "mlkd", "ce_strong"}
@@ -159,7 +158,7 @@ def test_loss_falls_along_its_gradient_and_only_the_student_learns(pair) -> None
     batch = Batch(images=weak, labels=labels, indices=torch.arange(4), views={"strong": strong})
     with torch.no_grad():
         t_w, t_s = teacher(weak), teacher(strong)
-    objective = Objective.from_config(node()).double()
+    objective = objective_of(node()).double()
     fix_batch_statistics([student], lambda: student(torch.cat([weak, strong])))
     teacher_before = [p.clone() for p in teacher.parameters()]
 
@@ -179,12 +178,7 @@ def test_engine_step_runs_four_forwards_and_the_total_matches(tmp_path: Path) ->
     """The loader adds the strong view, the step runs both networks on it as a batch of its own; the
     total equals 0.1 CE(weak) + 0.1 CE(strong) + 0.9 MLKD from our own four forwards."""
     seed_everything(seed(0))
-    objective = Objective.from_config(node())
-    settings = TrainSettings(epochs=1, lr=0.01, batch_size=16, eval_batch_size=16, progress=False)
-    trainer = Trainer(runtime=Runtime(torch.device("cpu"), "fp32", False, compile=False), settings=settings,
-                      run_dir=tmp_path, data=random_splits(48, 10, 7, test_n=16),
-                      student=build_model("resnet8", num_classes=10), student_arch="resnet8", objective=objective,
-                      teacher=build_model("resnet8", num_classes=10), teacher_arch="resnet8")
+    trainer = tiny_trainer(tmp_path, node(), 1, data=random_splits(48, 10, 7, test_n=16))
     phase = trainer.plan[-1]
     optimizer = trainer.prepare_phase(phase)
     batch = next(iter(trainer.train_loader.epoch(1)))
@@ -200,7 +194,7 @@ def test_engine_step_runs_four_forwards_and_the_total_matches(tmp_path: Path) ->
     assert out.total.item() == pytest.approx(want.item(), rel=1e-4)
     assert out.terms["ce_strong"].item() == pytest.approx(0.1 * nnf.cross_entropy(s_s, batch.labels).item(),
                                                           rel=1e-4)
-    trainer.remove_hooks()
+    trainer.step.remove_hooks()
 
 
 # --------------------------------------------------------------------------- command line and resume

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from helpers import tiny_trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_step_seams import make_trainer
 
 
 def test_every_term_is_logged_per_step_and_per_epoch(tmp_path: Path) -> None:
-    trainer = make_trainer(tmp_path, {"name": "kd", "gamma": 0.1, "alpha": 0.9, "temperature": 4.0}, epochs=1)
-    trainer.s.log_interval = 1
+    trainer = tiny_trainer(tmp_path, {"name": "kd", "gamma": 0.1, "alpha": 0.9, "temperature": 4.0}, 1,
+                           "trainer.log_interval=1")
     state = trainer.fit()
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()

@@ -19,39 +19,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as nnf
-from helpers import random_splits, seed
+from helpers import tiny_trainer
 from torch import nn
 
-from datasets import DataSplits
 from distiller import functional as F
-from distiller.config.schema import logger_settings
-from distiller.engine.loop import Trainer, TrainSettings
-from distiller.engine.runtime import Runtime, seed_everything
 from distiller.features import Features
-from distiller.methods import METHODS, DistillMethod
-from distiller.objective import Objective
+from distiller.methods import METHODS, DistillMethod, TermContext
 from distiller.optim import OPTIMIZERS
-from models import build_model
 
 pytestmark = pytest.mark.numeric
 
 NUM_CLASSES = 10
 
 
-def tiny_data(n: int = 48) -> DataSplits:
-    return random_splits(n, NUM_CLASSES, 7, test_n=16)
-
-
-def make_trainer(tmp: Path, distill: dict, epochs: int = 1, optimizer: str = "sgd") -> Trainer:
-    seed_everything(seed(0))
-    objective = Objective.from_config(distill)
-    settings = TrainSettings(epochs=epochs, lr=0.01, batch_size=16, eval_batch_size=16, progress=False,
-                             optimizer=optimizer)
-    runtime = Runtime(torch.device("cpu"), "fp32", False, compile=False)
-    return Trainer(runtime=runtime, settings=settings, run_dir=tmp, data=tiny_data(),
-                   student=build_model("resnet8", num_classes=NUM_CLASSES), student_arch="resnet8",
-                   objective=objective, teacher=build_model("resnet8", num_classes=NUM_CLASSES),
-                   teacher_arch="resnet8", logger_settings=logger_settings(None))
+def make_trainer(tmp: Path, distill: dict, epochs: int = 1, optimizer: str | None = None):
+    return tiny_trainer(tmp, distill, epochs, optimizer=optimizer)
 
 
 # ---- split gradients ------------------------------------------------------------------------------
@@ -64,7 +46,7 @@ class RecordingSplitSGD(torch.optim.SGD):
 
 
 def test_an_optimizer_with_step_kd_gets_the_distillation_and_task_gradients_apart(tmp_path: Path, register) -> None:
-    register(OPTIMIZERS, "recording_split", lambda params, lr, s, device: RecordingSplitSGD(params, lr=lr))
+    register(OPTIMIZERS, "recording_split", lambda params, lr, optim, device: RecordingSplitSGD(params, lr=lr))
     trainer = make_trainer(tmp_path, {"name": "kd", "gamma": 0.1, "alpha": 0.9, "temperature": 4.0},
                            optimizer="recording_split")
     phase = trainer.plan[-1]
@@ -85,7 +67,7 @@ def test_an_optimizer_with_step_kd_gets_the_distillation_and_task_gradients_apar
     for p, want_task, want_dist in zip(trainer.student.parameters(), g_task, g_dist):
         torch.testing.assert_close(optimizer.recorded[id(p)], want_dist, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(p.grad, want_task, rtol=1e-4, atol=1e-7)
-    trainer.remove_hooks()
+    trainer.step.remove_hooks()
 
 
 # ---- a second view ----------------------------------------------------------------------------------
@@ -94,7 +76,7 @@ class TwoViewToy(DistillMethod):
 
     views = ("standard",)
 
-    def forward(self, student: Features, teacher: Features, batch) -> dict[str, torch.Tensor]:
+    def forward(self, student: Features, teacher: Features, batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         s, t = student.views["standard"], teacher.views["standard"]
         self.seen = (batch.views["standard"], s.logits.detach(), t.logits.detach())
         return {"view_kd": F.kd(s.logits, t.logits, 4.0), "view_ce": nnf.cross_entropy(s.logits, batch.labels)}
@@ -124,7 +106,7 @@ def test_a_method_gets_both_networks_on_a_second_view_as_a_separate_batch(tmp_pa
     torch.testing.assert_close(got_s, want_s.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_t, want_t, rtol=1e-5, atol=1e-6)
     assert set(out.terms) == {"ce", "view_kd", "view_ce"}
-    trainer.remove_hooks()
+    trainer.step.remove_hooks()
 
 
 # ---- a learnable scalar with its own schedule ---------------------------------------------------------
@@ -145,7 +127,7 @@ class LearnedTemperatureToy(DistillMethod):
     def temperature(self) -> torch.Tensor:
         return 1.0 + 4.0 * torch.sigmoid(self.theta)
 
-    def forward(self, student: Features, teacher: Features, batch) -> dict[str, torch.Tensor]:
+    def forward(self, student: Features, teacher: Features, batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         return {}
 
     def scalars(self) -> dict[str, float]:

@@ -21,7 +21,7 @@ from torch import nn
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import forward_features
-from distiller.methods import METHODS
+from distiller.methods import METHODS, TermContext
 from distiller.methods.crd import CONTRAST_IDX_KEY
 from models import build_model
 
@@ -82,7 +82,7 @@ def _one_run(name: str, k: int) -> list[float]:
 
     def loss() -> torch.Tensor:
         feats, logits = forward_features(student, batch.images)
-        terms = method(as_features(feats, logits), t_feats, batch)
+        terms = method(as_features(feats, logits), t_feats, batch, TermContext(epoch=1))
         return F.kd(logits, t_feats.logits, cfg["temperature"]) if name == "kd" else sum(terms.values())
 
     return _polyak_sgd(list(student.parameters()) + list(method.parameters()), loss, STEPS)

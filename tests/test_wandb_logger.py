@@ -14,18 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import seed
-from test_step_seams import NUM_CLASSES, tiny_data
+from helpers import random_splits, tiny_trainer
 
 from common.errors import UserError
-from distiller.config.schema import logger_settings
-from distiller.config.validation import validate
-from distiller.engine.loop import Trainer, TrainSettings
+from distiller.config.schema import LoggerConfig
+from distiller.config.validation import load_job, validate
 from distiller.engine.run_log import DEFAULT_WANDB_MODE, make_backends, wandb_mode
-from distiller.engine.runtime import Runtime, seed_everything
-from distiller.objective import Objective
-from models import build_model
 
 wandb = pytest.importorskip("wandb")
 pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
@@ -74,16 +68,11 @@ def offline(monkeypatch, tmp_path):
 def test_an_offline_run_logs_what_tensorboard_logs_plus_config_and_summary(tmp_path, offline):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = {"seed": 0, "logger": {"backends": ["tensorboard", "wandb"], "project": "kd-test", "tags": ["t"]},
-              "distill": {"name": "kd", "temperature": 4.0}}
-    seed_everything(seed(0))
-    settings = TrainSettings(epochs=2, lr=0.01, batch_size=16, eval_batch_size=16, progress=False, log_interval=1)
-    trainer = Trainer(runtime=Runtime(torch.device("cpu"), "fp32", False, compile=False), settings=settings,
-                      run_dir=tmp_path, data=tiny_data(), student=build_model("resnet8", num_classes=NUM_CLASSES),
-                      student_arch="resnet8", teacher=build_model("resnet8", num_classes=NUM_CLASSES),
-                      teacher_arch="resnet8", config=config, header={"kind": "student"},
-                      logger_settings=logger_settings(config["logger"]),
-                      objective=Objective.from_config({"name": "kd", "gamma": 0.1, "alpha": 0.9, "temperature": 4.0}))
+    trainer = tiny_trainer(tmp_path, {"name": "kd", "gamma": 0.1, "alpha": 0.9, "temperature": 4.0}, 2,
+                           "logger=wandb", "logger.project=kd-test", "logger.tags=[t]", "trainer.log_interval=1",
+                           data=random_splits(48, 10, 7, test_n=16))
+    config = trainer.checkpointer.config  # the run's resolved config, as a run records it
+    assert config["logger"]["project"] == "kd-test" and "wandb" in config["logger"]["backends"]
     trainer.fit()
     wandb.teardown()  # W&B's service process writes the run file asynchronously: stop it, so the file is complete
 
@@ -125,7 +114,7 @@ def test_an_offline_run_logs_what_tensorboard_logs_plus_config_and_summary(tmp_p
 def test_a_missing_package_is_one_line_naming_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
     with pytest.raises(UserError) as err:
-        make_backends(tmp_path, logger_settings({"backends": ["tensorboard", "wandb"]}), {})
+        make_backends(tmp_path, LoggerConfig(backends=["tensorboard", "wandb"]), {})
     assert "\n" not in str(err.value) and "pip install wandb" in str(err.value)
     assert not list(tmp_path.iterdir())  # nothing written
 
@@ -146,7 +135,7 @@ def test_logger_group_choices(compose, tmp_path):
     for choice, names in (("tensorboard", ["tensorboard"]), ("wandb", ["tensorboard", "wandb"]), ("none", [])):
         cfg = compose("train_teacher", [f"logger={choice}"])
         assert list(validate(cfg, "train_teacher").logger.backends) == names
-        assert [type(b).__name__ for b in make_backends(tmp_path, logger_settings(cfg.logger), {})] == \
+        assert [type(b).__name__ for b in make_backends(tmp_path, load_job(cfg, "train_teacher").logger, {})] == \
             [{"tensorboard": "TensorBoardBackend", "wandb": "WandbBackend"}[n] for n in names]
     assert not (tmp_path / "wandb").exists()  # a W&B run starts at the first scalar, not when the backend is made
     with pytest.raises(UserError, match=r"logger.backends\[0\]=mlflow is not valid"):

@@ -1,25 +1,27 @@
-"""The config schema of the two jobs, and the model zoo's config groups.
+"""The config schema of the two jobs: every key declared once, with its type, range and default.
 
 Every key of ``train_teacher`` and ``train_student`` is declared here once, with its type and its
-range or valid values (:func:`key`); :func:`validate` checks a composed config against it and
-raises one :class:`UserError` naming the key. The values themselves (defaults) live in the YAML
-files under ``configs/``; the few keys no YAML sets have their default here. A method's own
-keyword arguments (``distill.nce_k``, ...) stay untyped: its constructor defines and checks them.
+range or valid values (:func:`key`); :func:`distiller.config.validation.load_job` checks a composed
+config against it (one :class:`UserError` naming the key) and converts it, once, into these
+dataclasses, which every part of a job reads. Defaults: the YAML files under ``configs/`` set the
+values of their groups; the objective keys of a method (``gamma`` ... ``warmup_epochs``) default
+here, so a method's YAML states only what differs (its ``defaults`` list pulls :func:`objective_defaults`
+in); the few keys no YAML sets default here too. A method's own keyword arguments (``distill.nce_k``,
+...) and an outside network's constructor arguments stay untyped (``extra``): the method's
+constructor or the network's defines and checks them.
 
-The groups ``model``, ``teacher`` and ``student`` have no YAML files: one node per registered
-architecture is generated from the model registry (name, and the ``lr`` the model file declares),
-so adding a model is adding its file in ``models/``; and one per network source outside the zoo
-(``torchvision``, ``timm``, ``module``: :mod:`models.external`), whose nodes carry further keys.
+The converted nodes read like mappings too (:class:`ConfigNode`), so the layers below the
+configuration (data sets, models) take them as they take a plain dict, without knowing the schema.
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, ClassVar, Dict, List
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
-from common.errors import UserError
 from distiller.engine.run_log import BACKENDS
 from distiller.optim import OPTIMIZERS
 from models.external import SOURCES
@@ -48,9 +50,31 @@ def key(default: Any = MISSING, *, gt: float | None = None, ge: float | None = N
     return field(default=default, metadata=checks)
 
 
+class ConfigNode(Mapping):
+    """A converted config node: a dataclass whose fields also read as a mapping, in declaration order.
+
+    ``extra`` holds the untyped keys of a node that takes them (a method's own parameters, an outside
+    network's constructor arguments: set by the conversion, not a field), read after the fields.
+    """
+
+    extra: ClassVar[dict[str, Any]] = {}  # replaced per instance by the conversion, never mutated
+
+    def _items(self) -> dict[str, Any]:
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, **self.extra}
+
+    def __getitem__(self, name: str) -> Any:
+        return self._items()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items())
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+
 # ---- the schema -----------------------------------------------------------------------------------
 @dataclass
-class ModelConfig:
+class ModelConfig(ConfigNode):
     name: str = key()  # reference name in models.MODELS
     lr: float = key(gt=0)  # SGD learning rate when this architecture is the trained network
 
@@ -63,7 +87,7 @@ class TeacherConfig(ModelConfig):
 
 
 @dataclass
-class TapsConfig:
+class TapsConfig(ConfigNode):
     """Where an external network's features are, by module path (``path``; ``path@in``: its input): models/taps.py."""
 
     stem: str | None = key(None)
@@ -72,11 +96,10 @@ class TapsConfig:
     preact: Any = key(None)  # per stage, the map before its final activation; or "same" (stages end without one)
     bn: List[Any] | None = key(None)  # per stage, the BatchNorm producing the pre-activation map (OFD)
     reductions: List[int] | None = key(None)  # input size / stage map size, checked against the measured ones
-    pool_input: str | None = key(None)  # the map the global pool averages into the embedding, e.g. avgpool@in
 
 
 @dataclass
-class ExternalKeys:
+class ExternalKeys(ConfigNode):
     """The keys of a network from outside the zoo (``model=torchvision|timm|module``: models/external.py).
 
     Further keys are the network constructor's keyword arguments (``+model.width=2``).
@@ -100,7 +123,7 @@ class ExternalTeacherConfig(ExternalKeys, TeacherConfig):
 
 
 @dataclass
-class DatasetConfig:
+class DatasetConfig(ConfigNode):
     name: str = key()  # registry key in datasets.DATASETS
     root: str = key()
     batch_size: int = key(gt=0)
@@ -121,7 +144,7 @@ class DatasetConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(ConfigNode):
     name: str = key(choices=tuple(OPTIMIZERS.names()))  # distiller.optim.OPTIMIZERS
     lr: float = key(gt=0)
     momentum: float = key(ge=0, lt=1)  # 1 or more: the momentum buffer never forgets and the run diverges
@@ -134,14 +157,14 @@ class OptimConfig:
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(ConfigNode):
     name: str = key(choices=("step",))
     milestones: List[int] = key(each={"ge": 0})  # the lr drops after these epochs (0: from the first)
     gamma: float = key(gt=0)
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(ConfigNode):
     epochs: int = key(gt=0)
     device: str = key(choices=("auto", "cpu", "cuda", "cuda:N"), pattern=r"auto|cpu|cuda(:\d+)?")
     precision: str = key(choices=("auto", "fp32", "bf16", "fp16"))
@@ -160,21 +183,33 @@ class TrainerConfig:
 
 
 @dataclass
-class DistillConfig:
-    """The objective's keys of one method; the method's own keyword arguments ride along untyped."""
+class DistillConfig(ConfigNode):
+    """The objective's keys of one method (their defaults: what a method's YAML need not state); the
+    method's own keyword arguments ride along untyped in ``extra``."""
 
     name: str = key()  # label in run directories and result tables
     method: str = key()  # registry key of the DistillMethod class
-    gamma: float = key(ge=0)  # weight of cross-entropy
-    alpha: float = key(ge=0)  # weight of KD on logits
-    beta: float = key(ge=0)  # weight of the method's own terms
-    temperature: float = key(gt=0)  # KD temperature
-    warmup_epochs: int = key(ge=0)  # beta ramps linearly over this many epochs
+    gamma: float = key(1.0, ge=0)  # weight of cross-entropy
+    alpha: float = key(0.0, ge=0)  # weight of KD on logits
+    beta: float = key(0.0, ge=0)  # weight of the method's own terms
+    temperature: float = key(4.0, gt=0)  # KD temperature
+    warmup_epochs: int = key(0, ge=0)  # beta ramps linearly min(epoch / warmup, 1) over this many epochs
     logit_standardize: bool | None = key(None)  # LS: standardise logits before KD and logit methods (absent: false)
 
 
+OBJECTIVE_DEFAULTS = ("gamma", "alpha", "beta", "temperature", "warmup_epochs")
+OBJECTIVE_KEYS = tuple(f.name for f in dataclasses.fields(DistillConfig))  # a method's own keys must differ
+
+
+def objective_defaults() -> dict[str, Any]:
+    """The base every ``configs/distill/<name>.yaml`` pulls in (``defaults: [_objective, _self_]``): name and
+    method to be set, then the objective keys at their schema defaults, in this order."""
+    fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
+    return {"name": MISSING, "method": MISSING, **{k: fields[k].default for k in OBJECTIVE_DEFAULTS}}
+
+
 @dataclass
-class LoggerConfig:
+class LoggerConfig(ConfigNode):
     """Where the curves go (``logger=tensorboard|wandb|none``, configs/logger/); metrics.json is always written."""
 
     # every group file sets it; the default is for configs without a logger node (runs made before it existed)
@@ -188,16 +223,8 @@ class LoggerConfig:
     mode: str | None = key(None, choices=("online", "offline", "disabled"))  # null: $WANDB_MODE, else offline
 
 
-def logger_settings(node: Any) -> DictConfig:
-    """The ``logger`` node (None: a run made before it existed) with the schema's defaults filled in."""
-    try:
-        return OmegaConf.merge(OmegaConf.structured(LoggerConfig), node or {})
-    except OmegaConfBaseException as err:
-        raise UserError(f"invalid logger settings: {str(err).splitlines()[0]}") from None
-
-
 @dataclass
-class JobConfig:
+class JobConfig(ConfigNode):
     seed: int = key(ge=0)
     teacher_dir: str = key()  # where finished teachers are stored and teacher=<arch> looks
     dataset: DatasetConfig = key()

@@ -4,7 +4,8 @@ The groups ``model``, ``teacher`` and ``student`` have no YAML files: one node p
 architecture is generated from the model registry (name, and the ``lr`` the model file declares),
 so adding a model is adding its file in ``models/``; and one per network source outside the zoo
 (``torchvision``, ``timm``, ``module``: :mod:`models.external`), whose nodes carry further keys.
-Importing this module fills the store.
+Importing this module fills the store. It also holds the base every ``configs/distill/<name>.yaml``
+pulls in (``_objective``): the objective keys at the schema's defaults.
 """
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ from distiller.config.schema import (
     ExternalTeacherConfig,
     ModelConfig,
     TeacherConfig,
+    objective_defaults,
 )
 from models import MODEL_METADATA_DEFAULTS, MODELS, list_models, model_metadata
 from models.external import SOURCES
+
+OBJECTIVE_BASE = "_objective"  # the distill group's base (configs/distill/*.yaml: defaults)
 
 
 def model_nodes(arch: str) -> dict[str, Any]:
@@ -70,6 +74,8 @@ def register_configs(store: ConfigStore | None = None) -> None:
     for source in SOURCES.names():
         for group, node in external_nodes(source).items():
             store.store(group=group, name=source, node=node)
+    # what every configs/distill/<name>.yaml pulls in first: the objective keys at the schema's defaults
+    store.store(group="distill", name=OBJECTIVE_BASE, node=objective_defaults())
 
 
 def group_options(group: str) -> list[str]:
@@ -77,7 +83,8 @@ def group_options(group: str) -> list[str]:
     if group in ("model", "teacher", "student"):
         return list_models() + SOURCES.names()
     entries = ConfigStore.instance().repo.get(group, {})
-    return sorted(name.removesuffix(".yaml") for name in entries if isinstance(name, str) and name.endswith(".yaml"))
+    return sorted(name.removesuffix(".yaml") for name in entries if isinstance(name, str) and name.endswith(".yaml")
+                  and not name.startswith("_"))  # a base other configs pull in, not a choice
 
 
 register_configs()

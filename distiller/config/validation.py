@@ -1,14 +1,15 @@
-"""Checking a composed config against the schema: one :class:`UserError` naming the key.
+"""Checking a composed config against the schema (one :class:`UserError` naming the key), and converting it.
 
 :func:`validate` merges the composed config into the schema's dataclasses (types), then checks every
-declared key's range or valid values (:func:`distiller.config.schema.key`).
+declared key's range or valid values (:func:`distiller.config.schema.key`). :func:`load_job` does that
+once and converts the result, once, into the schema's dataclasses: the form every part of a job reads.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
 import typing
-from typing import Any, Dict
+from typing import Any, Dict, Mapping
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -20,7 +21,9 @@ from distiller.config.schema import (
     DistillConfig,
     ExternalModelConfig,
     ExternalTeacherConfig,
+    ModelConfig,
     StudentJob,
+    TeacherConfig,
     TeacherJob,
 )
 
@@ -51,6 +54,51 @@ def validate(cfg: DictConfig | dict, job: str | None = None) -> DictConfig:
     except OmegaConfBaseException as err:
         raise UserError(describe_error(err, schema)) from None
     return typed
+
+
+def load_job(cfg: DictConfig | dict, job: str) -> TeacherJob | StudentJob:
+    """The composed config of ``job`` (``train_teacher`` or ``train_student``), validated and converted into
+    the schema's dataclasses; untyped keys (a method's parameters, a network's arguments) go to ``extra``."""
+    schema = SCHEMAS[job]
+    typed = validate(cfg, job)
+    data = OmegaConf.to_container(typed, resolve=True)
+    return _convert(schema, {k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(schema)}})
+
+
+def method_config(node: Mapping[str, Any], where: str = "distill") -> DistillConfig:
+    """One ``distill`` node (a method's objective keys and its own parameters) validated and converted alone,
+    its objective keys defaulting as the schema says: for building an objective outside a composed job."""
+    data = dict(node)
+    data.setdefault("method", data.get("name"))
+    typed = OmegaConf.structured(DistillConfig)
+    OmegaConf.set_struct(typed, False)
+    try:
+        typed = OmegaConf.merge(typed, data)
+        _check(typed, DistillConfig, f"{where}.", data)
+    except OmegaConfBaseException as err:
+        raise UserError(describe_error(err, DistillConfig)) from None
+    return _convert(DistillConfig, OmegaConf.to_container(typed, resolve=True))
+
+
+def _convert(kind: type, data: Any) -> Any:
+    """``data`` (plain containers of a validated node) as an instance of the schema dataclass ``kind``."""
+    if data is None or not dataclasses.is_dataclass(kind):
+        return data
+    if isinstance(data, dict) and data.get("source") is not None and issubclass(kind, ModelConfig):
+        kind = ExternalTeacherConfig if issubclass(kind, TeacherConfig) else ExternalModelConfig
+    hints = typing.get_type_hints(kind)
+    declared = {f.name for f in dataclasses.fields(kind)}
+    values = {}
+    for name in declared & set(data):
+        hint = unwrap(hints[name])
+        if typing.get_origin(hint) in (dict, Dict) and dataclasses.is_dataclass(unwrap(typing.get_args(hint)[1])):
+            item = unwrap(typing.get_args(hint)[1])
+            values[name] = {k: _convert(item, v) for k, v in (data[name] or {}).items()}
+        else:
+            values[name] = _convert(hint, data[name])
+    node = kind(**values)
+    node.extra = {k: v for k, v in data.items() if k not in declared}
+    return node
 
 
 def _require_network_names(cfg: DictConfig | dict) -> None:

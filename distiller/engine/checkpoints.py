@@ -181,6 +181,7 @@ class RunState:
     best_epoch: int = 0
     history: list = field(default_factory=list)  # one record per main-phase epoch
     init_history: list = field(default_factory=list)  # one record per initialisation epoch
+    calibrated: bool = False  # the methods' calibration pass over the training set is done (its results saved)
     finished: bool = False
 
 

@@ -1,99 +1,56 @@
 """The training loop: phases, epochs, evaluation, checkpoints and resume.
 
-One :class:`Trainer` trains teachers (cross-entropy only) and students (any
-objective). It never learns which distillation method it runs: methods declare the
-features they read, build their helpers from probed shapes, may declare
-initialisation phases, and the objective weighs their terms. The pieces it holds:
-the phase plan (:mod:`distiller.engine.plan`), the step (:mod:`distiller.engine.step`), the
-meter (:mod:`distiller.engine.meter`) and the checkpointer (:mod:`distiller.engine.checkpoints`).
+One :class:`Trainer` trains teachers (cross-entropy only) and students (any objective). It
+builds nothing: the job hands it what it runs (the step, the loaders, the phase plan, the
+checkpointer, the run log, the runtime, the loop's settings and an optimizer factory) and the
+trainer only runs them, never learning which distillation method is in the step.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import asdict
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from common.errors import UserError
-from datasets import DataSplits
 from datasets.batch import Batch
-from datasets.loaders import make_loader
+from datasets.loaders import BatchLoader
 from distiller.engine.checkpoints import Checkpointer, RunState
-from distiller.engine.evaluation import evaluate
+from distiller.engine.evaluation import measure
 from distiller.engine.meter import Meter, NonFiniteLossError
-from distiller.engine.plan import PlannedPhase, TrainSettings, lr_at, plan_phases
+from distiller.engine.plan import Phase, lr_at
 from distiller.engine.run_log import RunLogger
 from distiller.engine.runtime import Runtime, all_reduce_sum
-from distiller.engine.step import DistillStep, StepOutput, distribute, train_step
-from distiller.features import FeatureHooks
-from distiller.methods.base import BuildContext
-from distiller.objective import Objective
-from distiller.optim import make_optimizer
+from distiller.engine.step import DistillStep, distribute, train_step
+from distiller.objective import LossParts
 
 log = logging.getLogger("distiller")
 
-__all__ = ["Trainer", "TrainSettings", "PlannedPhase", "RunState", "NonFiniteLossError", "lr_at", "make_optimizer"]
+OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
 
 
 class Trainer:
-    """Runs the phase plan of one run, with checkpoints in ``run_dir`` and exact resume."""
+    """Runs the phase plan of one run, with checkpoints in the checkpointer's run directory and exact resume.
 
-    def __init__(self, *, runtime: Runtime, settings: TrainSettings, run_dir: Path, data: DataSplits,
-                 student: nn.Module, student_arch: str, objective: Objective,
-                 teacher: nn.Module | None = None, teacher_arch: str | None = None,
-                 config: dict[str, Any] | None = None, header: dict[str, Any] | None = None,
-                 logger_settings: Any = None) -> None:
-        self.rt, self.s, self.run_dir = runtime, settings, Path(run_dir)
-        self.data = data
-        self.student_arch, self.teacher_arch = student_arch, teacher_arch
-        self.objective = objective
+    ``settings``: the ``trainer`` config node (log_interval, checkpoint_every_steps, nonfinite_check,
+    progress, find_unused_parameters); ``schedule``: the ``schedule`` node (milestones, gamma);
+    ``optimizer(params, lr)`` makes each phase's optimizer. ``calibration_loader``: the training set
+    in eval order, for the methods that calibrate on the teacher before training (None: none do).
+    """
+
+    def __init__(self, *, step: DistillStep, train_loader: BatchLoader, test_loader: BatchLoader, plan: list[Phase],
+                 checkpointer: Checkpointer, logger: RunLogger, runtime: Runtime, settings: Any, schedule: Any,
+                 optimizer: OptimizerFactory, calibration_loader: BatchLoader | None = None) -> None:
+        self.step, self.plan, self.rt, self.s, self.schedule = step, plan, runtime, settings, schedule
+        self.train_loader, self.test_loader, self.calibration_loader = train_loader, test_loader, calibration_loader
+        self.checkpointer, self.logger, self.make_optimizer = checkpointer, logger, optimizer
+        self.student, self.teacher, self.objective = step.student, step.teacher, step.objective
         self.state = RunState()
-        self.logger = RunLogger(self.run_dir, runtime.is_main, header or {}, config, logger_settings)
-        device, fmt = runtime.device, runtime.memory_format()
-        self.student = student.to(device=device, memory_format=fmt)
-        self.teacher = None
-        if teacher is not None and objective.needs_teacher():
-            self.teacher = teacher.to(device=device, memory_format=fmt)
-            self.teacher.eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
-        # normalised with the data set's own statistics (augmentation scales with its image size)
-        loader = dict(rank=runtime.rank, world_size=runtime.world_size, channels_last=runtime.channels_last)
-        views = sorted({v for entry in objective.active() for v in entry.method.views})
-        self.train_loader = make_loader(data, "train", settings.batch_size, device, train=True, seed=settings.seed,
-                                        views=views, **loader)
-        self.test_loader = make_loader(data, "test", settings.eval_batch_size, device, train=False, **loader)
-        methods = [entry.method for entry in objective.entries]
-        self.student_hooks = FeatureHooks(self.student, {k for m in methods for k in m.student_features})
-        self.teacher_hooks = (FeatureHooks(self.teacher, {k for m in methods for k in m.teacher_features})
-                              if self.teacher is not None else None)
-        if objective.entries:
-            ctx = BuildContext(num_classes=data.num_classes, num_samples=len(data.train_labels),
-                               train_labels=data.train_labels.to(device), device=device,
-                               student=self.student, teacher=self.teacher, epochs=settings.epochs,
-                               image_shape=data.image_shape)
-            objective.build(self.student_hooks, self.teacher_hooks, ctx, fmt)
-        from distiller.engine.compile import compile_networks
-
-        # trainer.compile: in place (names, identity and hooks kept), after the hooks and shape probes
-        compile_networks(runtime, self.student, self.teacher)
-        self.step = DistillStep(self.student, objective, self.student_hooks, self.teacher, self.teacher_hooks)
-        self._step_call: nn.Module = self.step  # replaced by a DDP wrapper per phase when distributed
-        self.plan = plan_phases(objective, self.student, settings)
-        self.checkpointer = Checkpointer(self.run_dir, runtime.is_main, self.student, objective, student_arch,
-                                         teacher_arch, data.num_classes, config or {})
-
-    # ---- construction -----------------------------------------------------------------------------
-    def remove_hooks(self) -> None:
-        """Take the feature hooks off both networks (the trainer cannot train afterwards)."""
-        self.student_hooks.remove()
-        if self.teacher_hooks is not None:
-            self.teacher_hooks.remove()
+        self._step_call: nn.Module = step  # replaced by a DDP wrapper per phase when distributed
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self, resume_from: dict | None = None) -> RunState:
@@ -105,6 +62,8 @@ class Trainer:
         try:
             while self.state.phase < len(self.plan) and not self.state.finished:
                 phase = self.plan[self.state.phase]
+                if phase.is_main and not self.state.calibrated:
+                    self._calibrate()
                 self._run_phase(phase, optimizer_state, meter_state)
                 optimizer_state, meter_state = None, None
                 if not phase.is_main:
@@ -112,15 +71,36 @@ class Trainer:
                     self.state.epoch = self.state.step = 0
             self.state.finished = True
         finally:
-            self.remove_hooks()
+            self.step.remove_hooks()
             self.logger.close()
         return self.state
 
-    def _set_modes(self, phase: PlannedPhase) -> None:
+    def _calibrate(self) -> None:
+        """The methods' pass over the training set with the teacher (eval mode, no augmentation), once per run."""
+        methods = [e.method for e in self.objective.entries if e.method.calibration_features is not None]
+        if methods and self.calibration_loader is not None:
+            hooks = self.step.teacher_hooks
+            self.teacher.eval()
+
+            def batches(kinds: frozenset[str]):
+                for batch in self.calibration_loader.epoch(0):
+                    with torch.no_grad(), self.rt.eval_autocast():
+                        logits = self.teacher(batch.images)
+                    yield hooks.select(hooks.pop(), logits, kinds), batch
+
+            for method in methods:
+                log.info("calibrating %s on the teacher over the training set", type(method).__name__)
+                method.calibrate(batches(method.calibration_features))
+        self.state.calibrated = True
+
+    def _set_modes(self, phase: Phase) -> None:
         phase.set_modes(self.student, self.objective, self.teacher, self.objective.teacher_bn_train())
 
-    def _wrap(self, phase: PlannedPhase) -> None:
-        """Train exactly the phase's parameters: freeze the rest, and wrap in DDP when distributed."""
+    def prepare_phase(self, phase: Phase) -> torch.optim.Optimizer:
+        """Train exactly the phase's parameters (the rest frozen; DDP-wrapped when distributed), set
+        train/eval modes, and make the phase's optimizer."""
+        if not phase.parameters:
+            raise UserError(f"phase '{phase.name}' has no parameters to train")
         wanted = {id(p) for p in phase.parameters}
         for module in (self.student, self.objective):
             for p in module.parameters():
@@ -128,29 +108,22 @@ class Trainer:
         self.step.phase = phase
         self._step_call = (distribute(self.step, self.rt, self.s.find_unused_parameters) if self.rt.distributed
                            else self.step)
-
-    def prepare_phase(self, phase: PlannedPhase) -> torch.optim.Optimizer:
-        """Freeze all but the phase's parameters, set train/eval modes, and make its optimizer."""
-        if not phase.parameters:
-            raise UserError(f"phase '{phase.name}' has no parameters to train")
-        self._wrap(phase)
         self._set_modes(phase)
-        return make_optimizer(phase.parameters, phase.lr, self.s, self.rt.device)
+        return self.make_optimizer(phase.parameters, phase.lr)
 
-    def train_step(self, batch: Batch, phase: PlannedPhase, epoch: int,
-                   optimizer: torch.optim.Optimizer) -> StepOutput:
+    def train_step(self, batch: Batch, phase: Phase, epoch: int, optimizer: torch.optim.Optimizer) -> LossParts:
         """One optimisation step: teacher forward (no grad), student forward/backward, optimizer step."""
-        return train_step(self._step_call, batch, epoch, optimizer, self.rt, phase,
-                          grad_norm=self.s.nonfinite_check == "grad")
+        grad_norm = phase.parameters if self.s.nonfinite_check == "grad" else None
+        return train_step(self._step_call, batch, epoch, optimizer, self.rt, grad_norm)
 
-    def _run_phase(self, phase: PlannedPhase, optimizer_state: dict | None,
+    def _run_phase(self, phase: Phase, optimizer_state: dict | None,
                    meter_state: dict[str, torch.Tensor] | None) -> None:
         optimizer = self.prepare_phase(phase)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
         while self.state.epoch < phase.epochs:
             epoch = self.state.epoch + 1
-            lr = lr_at(phase.lr, epoch, self.s.milestones, self.s.lr_decay)
+            lr = lr_at(phase.lr, epoch, self.schedule.milestones, self.schedule.gamma)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if phase.is_main:
@@ -173,7 +146,7 @@ class Trainer:
             self.logger.metrics(asdict(self.state), "finished" if self.state.finished else "running")
             self.logger.flush()
 
-    def _run_epoch(self, phase: PlannedPhase, epoch: int, lr: float, optimizer: torch.optim.Optimizer,
+    def _run_epoch(self, phase: Phase, epoch: int, lr: float, optimizer: torch.optim.Optimizer,
                    meter: Meter) -> dict[str, Any]:
         self._set_modes(phase)
         steps = len(self.train_loader)
@@ -211,7 +184,7 @@ class Trainer:
         if phase.is_main:
             for entry in self.objective.entries:
                 record.update({f"{entry.label}/{k}": float(v) for k, v in entry.method.scalars().items()})
-            record.update(self.evaluate(self.student))
+            record.update(self.measure(self.student))
             log.info("epoch %d/%d  lr %.4g  train_loss %.4f  test_top1 %.2f  test_top5 %.2f",
                      epoch, phase.epochs, lr, record["train_loss"], record["test_top1"], record["test_top5"])
         else:
@@ -220,17 +193,17 @@ class Trainer:
                             "epoch" if phase.is_main else f"init/{phase.name}/epoch")
         return record
 
-    def _check_finite(self, meter: Meter, epoch: int, phase: PlannedPhase) -> None:
+    def _check_finite(self, meter: Meter, epoch: int, phase: Phase) -> None:
         """Stop the run, naming the term, at the first non-finite step (``last.pt`` stays as it was)."""
         if (bad := meter.first_nonfinite()) is not None:
             step, name = bad[0] + 1, bad[1]
-            kept = "last.pt" if (self.run_dir / "last.pt").exists() else "no checkpoint"
+            kept = "last.pt" if (self.checkpointer.run_dir / "last.pt").exists() else "no checkpoint"
             where = f"epoch {epoch}, step {step}"
             self.logger.metrics(asdict(self.state), "failed", {"error": f"non-finite {name} at {where}"})
             raise NonFiniteLossError(f"non-finite loss term '{name}' at {phase.name} {where}; "
                                      f"stopped, {kept} left as it was (lower optim.lr or check the inputs)")
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def measure(self, model: nn.Module) -> dict[str, float]:
         """Top-1/top-5 and loss of ``model`` (the student, the teacher or another network) on the test split."""
-        hooks = {id(self.student): self.student_hooks, id(self.teacher): self.teacher_hooks}.get(id(model))
-        return evaluate(model, self.test_loader, self.rt, hooks)
+        hooks = {id(self.student): self.step.student_hooks, id(self.teacher): self.step.teacher_hooks}.get(id(model))
+        return measure(model, self.test_loader, self.rt, hooks)

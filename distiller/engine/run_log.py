@@ -220,6 +220,5 @@ class WandbBackend(Backend):
 
 
 def make_backends(run_dir: Path, settings: Any, config: dict[str, Any]) -> list[Backend]:
-    """The backends ``settings`` names: the ``logger`` node with its defaults filled in
-    (:func:`distiller.config.schema.logger_settings`)."""
+    """The backends ``settings`` names: the run's typed ``logger`` node (backends and their keys)."""
     return [BACKENDS.get(name)(run_dir, settings, config) for name in dict.fromkeys(settings.backends)]

@@ -1,9 +1,18 @@
 """One training step, top to bottom: teacher forward, student forward, loss, backward, update.
 
-:class:`DistillStep` is the forward half as one module (so DDP can wrap everything
-trainable in one piece); :func:`train_step` adds backward and the optimizer update.
-Features come from :class:`distiller.features.FeatureHooks` on each network, as the
-methods of the objective asked for them.
+This is the engine's public seam. :func:`build_step` turns a student, a teacher, an objective and
+the data's facts into a ready :class:`DistillStep` (teacher frozen, feature hooks set, shapes probed,
+the methods' helpers built, networks compiled when asked); :func:`train_step` runs one optimisation
+step through it. The loop, the benchmark and the tests all use these two, so one step can run
+anywhere with one import::
+
+    step = build_step(student, teacher, objective, data, runtime)
+    step.phase = plan_phases(objective, step.student, epochs, lr)[-1]
+    out = train_step(step, batch, epoch, optimizer, runtime)
+
+:class:`DistillStep` is the forward half as one module (so DDP can wrap everything trainable in one
+piece). Features come from :class:`distiller.features.FeatureHooks` on each network, as the methods
+of the objective asked for them; the objective computes every phase's loss.
 
 Seams for methods that need more than one forward and one backward:
 
@@ -17,29 +26,18 @@ Seams for methods that need more than one forward and one backward:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from datasets.batch import Batch
-from distiller.engine.plan import PlannedPhase
+from distiller.engine.compile import compile_networks
+from distiller.engine.plan import Phase
 from distiller.engine.runtime import Runtime
 from distiller.features import FeatureHooks, Features
-from distiller.objective import Objective
-
-
-@dataclass
-class StepOutput:
-    """What one step produced: the minimised total, its task and distillation parts, the unweighted
-    named terms and the student's logits on the main view (None in a phase without student forward)."""
-
-    total: torch.Tensor
-    terms: dict[str, torch.Tensor]
-    logits: torch.Tensor | None
-    task: torch.Tensor | None = None
-    distill: torch.Tensor | None = None
+from distiller.methods import BuildContext
+from distiller.objective import LossParts, Objective
 
 
 @runtime_checkable
@@ -70,7 +68,7 @@ class DistillStep(nn.Module):
         self.student_hooks = student_hooks
         self.__dict__["teacher"] = teacher  # not a submodule: frozen, never wrapped, never in state_dict
         self.teacher_hooks = teacher_hooks
-        self.phase: PlannedPhase | None = None
+        self.phase: Phase | None = None
 
     def _teacher(self, images: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """The teacher's logits and hook store, without gradient (None when the phase needs no teacher)."""
@@ -95,7 +93,13 @@ class DistillStep(nn.Module):
             out[name] = (Features(logits=s_logits), Features(logits=t_logits))
         return out
 
-    def forward(self, batch: Batch, epoch: int) -> StepOutput:
+    def remove_hooks(self) -> None:
+        """Take the feature hooks off both networks (the step cannot run afterwards)."""
+        self.student_hooks.remove()
+        if self.teacher_hooks is not None:
+            self.teacher_hooks.remove()
+
+    def forward(self, batch: Batch, epoch: int) -> LossParts:
         phase = self.phase
         t_logits, t_store = self._teacher(batch.images)
         s_logits, s_store = self._student(batch.images)
@@ -110,14 +114,41 @@ class DistillStep(nn.Module):
             for name in method.views:
                 s.views[name], t.views[name] = views[name]
             per_method[entry.label] = (s, t)
-        if phase.is_main:
-            teacher = Features(logits=t_logits) if t_logits is not None else None
-            parts = self.objective(Features(logits=s_logits), teacher, batch, epoch, per_method)
-            return StepOutput(parts.total, parts.terms, s_logits, parts.task, parts.distill)
-        s_feats, t_feats = per_method[phase.owner]
-        terms = phase.loss(s_feats, t_feats, batch)
-        total = sum(v.float() for v in terms.values())
-        return StepOutput(total, terms, s_logits)
+        teacher = Features(logits=t_logits) if t_logits is not None else None
+        if not phase.is_main:
+            per_method = {phase.owner: per_method[phase.owner]}
+        return self.objective(Features(logits=s_logits), teacher, batch, epoch, per_method, phase.init)
+
+
+def build_step(student: nn.Module, teacher: nn.Module | None, objective: Objective, data: Any, runtime: Runtime,
+               epochs: int = 240) -> DistillStep:
+    """A ready step: networks on the device in the runtime's memory format, the teacher frozen in eval mode
+    (dropped when the objective never reads it), feature hooks for what the methods read, feature shapes
+    probed at the data's resolution, the methods' helpers built from them and moved to the device, and
+    both networks compiled when ``runtime.compile`` is set (after hooks and probes, which it keeps).
+
+    ``data``: the loaded splits, for their facts (``num_classes``, ``train_labels``, ``image_shape``);
+    ``epochs``: the main phase's length, for methods whose helpers depend on it.
+    """
+    device, fmt = runtime.device, runtime.memory_format()
+    student = student.to(device=device, memory_format=fmt)
+    if teacher is not None and objective.needs_teacher():
+        teacher = teacher.to(device=device, memory_format=fmt).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    else:
+        teacher = None
+    methods = [entry.method for entry in objective.entries]
+    student_hooks = FeatureHooks(student, {k for m in methods for k in m.student_features})
+    teacher_kinds = {k for m in methods for k in (*m.teacher_features, *(m.calibration_features or ()))}
+    teacher_hooks = FeatureHooks(teacher, teacher_kinds) if teacher else None
+    if objective.entries:
+        ctx = BuildContext(num_classes=data.num_classes, num_samples=len(data.train_labels),
+                           train_labels=data.train_labels.to(device), device=device, student=student,
+                           teacher=teacher, epochs=epochs, image_shape=data.image_shape)
+        objective.build(student_hooks, teacher_hooks, ctx, fmt)
+    compile_networks(runtime, student, teacher)  # in place: names, identity and hooks kept
+    return DistillStep(student, objective, student_hooks, teacher, teacher_hooks)
 
 
 def distribute(step: DistillStep, runtime: Runtime, find_unused_parameters: bool = False) -> nn.Module:
@@ -133,7 +164,7 @@ def distribute(step: DistillStep, runtime: Runtime, find_unused_parameters: bool
                                        find_unused_parameters=find_unused_parameters)
 
 
-def _backward_and_update(out: StepOutput, optimizer: torch.optim.Optimizer) -> None:
+def _backward_and_update(out: LossParts, optimizer: torch.optim.Optimizer) -> None:
     if isinstance(optimizer, SplitGradientOptimizer) and out.task is not None:
         # a part that is a constant (no CE with gamma 0; no distillation when training a teacher) has no graph
         optimizer.zero_grad(set_to_none=True)
@@ -149,17 +180,16 @@ def _backward_and_update(out: StepOutput, optimizer: torch.optim.Optimizer) -> N
 
 
 def train_step(step: nn.Module, batch: Batch, epoch: int, optimizer: torch.optim.Optimizer,
-               runtime: Runtime, phase: PlannedPhase, grad_norm: bool = False) -> StepOutput:
+               runtime: Runtime, grad_norm: list[nn.Parameter] | None = None) -> LossParts:
     """Forward (under autocast) through ``step`` (a :class:`DistillStep`, maybe DDP-wrapped), backward, update.
 
-    ``grad_norm`` adds the global gradient norm of the phase's parameters as a term
-    (``trainer.nonfinite_check=grad``).
+    ``grad_norm``: parameters whose global gradient norm is added as a term (``trainer.nonfinite_check=grad``).
     """
     with runtime.autocast():
         out = step(batch, epoch)
     _backward_and_update(out, optimizer)
-    if grad_norm:
-        grads = [p.grad for p in phase.parameters if p.grad is not None]
+    if grad_norm is not None:
+        grads = [p.grad for p in grad_norm if p.grad is not None]
         out.terms = {**out.terms, "grad_norm": torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))}
     optimizer.step()

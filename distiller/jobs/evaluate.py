@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from common.errors import UserError
-from datasets import DATASETS, DataSplits, load_dataset
-from datasets.loaders import make_loader
+from datasets import DATASETS, load_dataset
 from distiller.engine.checkpoints import check_file, extract_state_dict, guess_architecture, safe_load
+from distiller.engine.evaluation import measure_per_class
 from distiller.engine.runtime import Runtime, resolve_device
 from models import MODELS, build_model
 from models.external import build_network, network_label
@@ -171,41 +171,6 @@ def load_checkpoint(path: str | Path | CheckpointFile, model: NetworkChoice = No
     return LoadedCheckpoint(path, file.layout, arch, arch_from, num_classes, network, header)
 
 
-@torch.no_grad()
-def evaluate_per_class(model: nn.Module, data: DataSplits, runtime: Runtime, batch_size: int = 1024) -> dict[str, Any]:
-    """Top-1, top-5 and mean cross-entropy on ``data``'s test split, overall and per class (in %).
-
-    ``per_class_top1[c]`` / ``per_class_top5[c]``: accuracy on the test images of class ``c``
-    (None for a class without test images); ``per_class_count[c]``: how many there are.
-    """
-    loader = make_loader(data, "test", batch_size, runtime.device, train=False)
-    n = data.num_classes
-    was_training = model.training
-    model.eval().to(runtime.device)
-    count = torch.zeros(n, dtype=torch.float64, device=runtime.device)
-    hit1, hit5 = torch.zeros_like(count), torch.zeros_like(count)
-    loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
-    for batch in loader.epoch(0):
-        with runtime.eval_autocast():  # fp32 unless trainer.eval_precision says otherwise
-            logits = model(batch.images)
-        logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == batch.labels[:, None]
-        loss += nn.functional.cross_entropy(logits, batch.labels, reduction="sum").double()
-        count += torch.bincount(batch.labels, minlength=n).double()
-        hit1 += torch.bincount(batch.labels[hits[:, 0]], minlength=n).double()
-        hit5 += torch.bincount(batch.labels[hits.any(1)], minlength=n).double()
-    model.train(was_training)
-    total = float(count.sum())
-    if total == 0:
-        raise UserError("the data set's test split is empty; choose another dataset or dataset.test_size")
-    per1 = [None if c == 0 else 100.0 * h / c for h, c in zip(hit1.tolist(), count.tolist())]
-    per5 = [None if c == 0 else 100.0 * h / c for h, c in zip(hit5.tolist(), count.tolist())]
-    return {"test_top1": 100.0 * float(hit1.sum()) / total, "test_top5": 100.0 * float(hit5.sum()) / total,
-            "test_loss": float(loss) / total, "num_images": int(total), "per_class_top1": per1,
-            "per_class_top5": per5, "per_class_count": [int(c) for c in count.tolist()]}
-
-
 # ---- the evaluation command (scripts/evaluate.py, scripts/teachers.py add --measure) ---------------
 def _override(overrides: list[str], key: str) -> str | None:
     """The value the command line gives ``key`` (None when it is not overridden)."""
@@ -312,7 +277,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict
     precision = _override(overrides, "trainer.precision")
     precision = "fp32" if precision in (None, "auto") else precision
     runtime = Runtime(resolve_device(str(cfg.trainer.device)), precision, channels_last=False, compile=False)
-    result = evaluate_per_class(loaded.model, data, runtime, int(cfg.dataset.eval_batch_size))
+    result = measure_per_class(loaded.model, data, runtime, int(cfg.dataset.eval_batch_size))
     entry = read_index(path.parent).get(path.name)
     index = None
     if entry is not None:

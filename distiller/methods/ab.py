@@ -20,7 +20,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import STAGES_PREACT, Features, feature_extractor_parameters
 from distiller.helpers import Resize, log_stage_pairing, pair_stages
-from distiller.methods.base import METHODS, BuildContext, DistillMethod, Phase
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, InitPhase, TermContext
 
 
 class BoundaryConnector(nn.Module):
@@ -93,13 +93,13 @@ class ActivationBoundaries(DistillMethod):
         return total / s_stages[0].shape[0] / 1000 * 3
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         return {"ab": self.ab_loss(student.stages, teacher.stages)}
 
-    def phases(self) -> list[Phase]:
+    def phases(self) -> list[InitPhase]:
         if self.init_epochs == 0:
             return []
-        return [Phase(
+        return [InitPhase(
             name="init",
             epochs=self.init_epochs,
             # the connectors and the student's feature layers; the classifier stays as initialised

@@ -2,14 +2,17 @@
 
 The engine builds a method from config, probes feature shapes once, calls
 :meth:`DistillMethod.build`, adds the method's trainable parameters to the
-student's optimizer, runs any initialisation :class:`Phase` the method declares,
-and in every main-phase step calls the method with student and teacher
-:class:`Features`. The engine never learns which method it runs.
+student's optimizer, runs any :class:`InitPhase` the method declares, and in every
+main-phase step the objective calls the method with student and teacher
+:class:`Features`, the batch and a :class:`TermContext`. The engine never learns which
+method it runs: what a method needs or does is declared by class-level flags, never
+found by inspecting its code.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -37,9 +40,27 @@ class BuildContext:
     image_shape: tuple[int, int, int] = (3, 32, 32)  # one input [C, H, W] of the data set: what shapes are probed on
 
 
+@dataclass(frozen=True)
+class TermContext:
+    """What a method's terms may depend on besides the features and the batch, for one step.
+
+    ``temperature`` is the temperature of the step's logit terms: the one a method supplies
+    (CTKD's learned T) when one does, else the objective's ``distill.temperature``;
+    ``supplied_temperature`` is that supplied one alone (None when no method supplies one), for
+    methods with a temperature of their own that a supplied one replaces (``takes_temperature``).
+    ``standardize`` is the LS switch (``distill.logit_standardize``), for the methods that
+    standardise only some of their terms themselves (``standardizes_itself``).
+    """
+
+    epoch: int
+    temperature: float | torch.Tensor = 4.0
+    supplied_temperature: torch.Tensor | None = None
+    standardize: bool = False
+
+
 @dataclass
-class Phase:
-    """An initialisation phase run before the main training (AB, FT, FSP).
+class InitPhase:
+    """An initialisation phase a method runs before the main training (AB, FT, FSP).
 
     ``parameters(student)`` returns what this phase trains (the method's own helpers
     included, by closure); everything else stays fixed. ``loss`` returns named,
@@ -56,14 +77,16 @@ class Phase:
 
 
 class DistillMethod(nn.Module):
-    """Base class of all methods. Subclasses set ``taps`` and implement ``build`` and ``forward``.
+    """Base class of all methods. Subclasses set what they read and implement ``build`` and ``forward``.
 
     Constructor keyword arguments are the method's own config keys (``distill.<key>``).
-    ``forward`` returns unweighted named terms; the objective multiplies them by ``beta``.
+    ``forward`` returns named terms that the objective multiplies by ``beta`` (ramped over
+    ``warmup_epochs``, times :meth:`weight_factor`); they are unweighted unless the method
+    declares ``weights_own_terms``.
     """
 
     # Which features the method reads from each network: kinds of distiller.features
-    # (stem, stages, stages_preact, embedding). Logits always come.
+    # (stem, stages, stages_preact, embedding, pool_input, classifier). Logits always come.
     student_features: ClassVar[frozenset[str]] = frozenset()
     teacher_features: ClassVar[frozenset[str]] = frozenset()
     # OFD keeps the teacher's BatchNorm layers in train mode; every other method keeps the teacher in eval.
@@ -74,20 +97,40 @@ class DistillMethod(nn.Module):
     # A method that acts on the objective itself (e.g. supplies the logit terms' temperature) takes
     # part in the main phase, its helpers trained, even when its own weight beta is 0.
     always_active: ClassVar[bool] = False
-    # A method whose terms compare the two networks' logits: it sees standardised logits under
-    # distill.logit_standardize=true, and may take a supplied temperature as ``forward(..., temperature=)``.
-    # One whose ``forward`` takes ``standardize=`` gets raw logits and the switch, to standardise only some terms.
+    # Its terms compare the two networks' logits: under distill.logit_standardize=true the objective
+    # hands it both networks' logits standardised per sample (LS); the switch does not apply otherwise.
     logit_terms: ClassVar[bool] = False
+    # ... except that it standardises itself, where its terms need it: it gets raw logits and
+    # ``ctx.standardize`` (MLKD: inside its KD terms only).
+    standardizes_itself: ClassVar[bool] = False
+    # A temperature another method supplies (``ctx.supplied_temperature``) replaces its own (DKD's).
+    takes_temperature: ClassVar[bool] = False
+    # Its terms carry their own weights (DKD's tckd/nckd weights, MLKD's), so its config's beta is 1.
+    weights_own_terms: ClassVar[bool] = False
+    # Teacher features it reads in a pass over the training set before training (``calibrate``);
+    # None: no such pass. What it computes there lives in buffers, so checkpoints keep it.
+    calibration_features: ClassVar[frozenset[str] | None] = None
 
     def build(self, student: Features[torch.Size], teacher: Features[torch.Size], ctx: BuildContext) -> None:
         """Create trainable helpers from probed feature shapes. Default: nothing to build."""
 
-    def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+    def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor], batch: Batch,
+                ctx: TermContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement forward")
+
+    def calibrate(self, batches: Iterable[tuple[Features[torch.Tensor], Batch]]) -> None:
+        """Compute constants from the teacher once, before training (``calibration_features``).
+
+        ``batches``: the teacher's features on this process's shard of the training set, in
+        eval mode, without augmentation; sum over ranks with :func:`distiller.gather.all_reduce_sum`.
+        """
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before every main-phase epoch (epochs count from 1): per-epoch schedules go here."""
+
+    def weight_factor(self, epoch: int) -> float:
+        """A per-epoch factor on ``beta`` (after the warm-up): e.g. a decay late in training. Default 1."""
+        return 1.0
 
     def temperature(self) -> torch.Tensor | None:
         """A temperature for every logit term of this step (KD and logit methods), or None for the config's."""
@@ -97,16 +140,9 @@ class DistillMethod(nn.Module):
         """Values to record each epoch (``metrics.json`` and TensorBoard as ``<label>/<name>``)."""
         return {}
 
-    def phases(self) -> list[Phase]:
+    def phases(self) -> list[InitPhase]:
         """Initialisation phases to run before the main training (default: none)."""
         return []
-
-    def extra_state_for_checkpoint(self) -> dict[str, Any]:
-        """Non-tensor state to checkpoint beside ``state_dict`` (default: none)."""
-        return {}
-
-    def load_extra_state_from_checkpoint(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`extra_state_for_checkpoint` returned."""
 
 
 METHODS: Registry[type[DistillMethod]] = Registry("method")

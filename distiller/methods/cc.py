@@ -8,7 +8,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import EMBEDDING, Features
 from distiller.helpers import Embed, flat_dim
-from distiller.methods.base import METHODS, BuildContext, DistillMethod
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
 
 VARIANTS = ("benchmark", "gram", "rbf")
 
@@ -43,7 +43,7 @@ class CC(DistillMethod):
         self.to(ctx.device)
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         e_s, e_t = self.embed_s(student.embedding), self.embed_t(teacher.embedding)
         if self.variant == "benchmark":
             loss = F.correlation(e_s, e_t)

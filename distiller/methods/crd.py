@@ -9,7 +9,7 @@ from distiller import functional as F
 from distiller.contrast import MODES, ContrastMemory, ContrastSampler
 from distiller.features import EMBEDDING, Features
 from distiller.helpers import Embed, flat_dim
-from distiller.methods.base import METHODS, BuildContext, DistillMethod
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
 
 # Optional side data: a data pipeline that samples its own contrast indices [B, 1 + K]
 # (column 0 the positive) may pass them under this key; otherwise they are drawn here, on the device.
@@ -60,7 +60,7 @@ class CRD(DistillMethod):
         self.to(ctx.device)
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         v_s = self.embed_s(student.embedding)
         v_t = self.embed_t(teacher.embedding)
         idx = batch.indices.reshape(-1).to(v_s.device).long()

@@ -9,7 +9,7 @@ from torch import nn
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import Features
-from distiller.methods.base import METHODS, DistillMethod
+from distiller.methods.base import METHODS, DistillMethod, TermContext
 
 
 @METHODS.register("ctkd")
@@ -56,7 +56,7 @@ class CTKD(DistillMethod):
         return F.ctkd_temperature(self.theta, self.lambda_, self.t_min, self.t_range)
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         return {}
 
     def scalars(self) -> dict[str, float]:

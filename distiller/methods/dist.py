@@ -7,7 +7,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import Features
 from distiller.gather import gather_batch
-from distiller.methods.base import METHODS, DistillMethod
+from distiller.methods.base import METHODS, DistillMethod, TermContext
 
 
 @METHODS.register("dist")
@@ -32,7 +32,7 @@ class DIST(DistillMethod):
         self.dist_temperature = float(dist_temperature)
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         z_s, z_t = gather_batch(student.logits), gather_batch(teacher.logits)
         return {"dist": F.dist(z_s, z_t, beta=self.inter_weight, gamma=self.intra_weight,
                                temperature=self.dist_temperature)}

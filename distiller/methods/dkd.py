@@ -6,7 +6,7 @@ import torch
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import Features
-from distiller.methods.base import METHODS, DistillMethod
+from distiller.methods.base import METHODS, DistillMethod, TermContext
 
 
 @METHODS.register("dkd")
@@ -24,6 +24,8 @@ class DKD(DistillMethod):
     """
 
     logit_terms = True
+    takes_temperature = True
+    weights_own_terms = True
 
     def __init__(self, tckd_weight: float = 1.0, nckd_weight: float = 8.0, dkd_temperature: float = 4.0) -> None:
         super().__init__()
@@ -32,9 +34,10 @@ class DKD(DistillMethod):
         self.dkd_temperature = float(dkd_temperature)
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor], batch: Batch,
-                temperature: float | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                ctx: TermContext) -> dict[str, torch.Tensor]:
         z_s, z_t, y = student.logits, teacher.logits, batch.labels
-        t = self.dkd_temperature if temperature is None else temperature
+        supplied = ctx.supplied_temperature
+        t = self.dkd_temperature if supplied is None else supplied
         return {
             "tckd": F.dkd(z_s, z_t, y, alpha=self.tckd_weight, beta=0.0, temperature=t),
             "nckd": F.dkd(z_s, z_t, y, alpha=0.0, beta=self.nckd_weight, temperature=t),

@@ -10,7 +10,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import STAGES, STEM, Features
 from distiller.helpers import ConvRegressor
-from distiller.methods.base import METHODS, BuildContext, DistillMethod
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
 
 T = TypeVar("T")
 
@@ -63,7 +63,7 @@ class FitNet(DistillMethod):
         self.to(ctx.device)
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         f_s = self.regressor(_pick(student, self.hint_index))
         return {"fitnet": F.hint(f_s, _pick(teacher, self.hint_index))}
 

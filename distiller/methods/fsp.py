@@ -16,7 +16,7 @@ from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import STAGES, STEM, Features, feature_extractor_parameters
-from distiller.methods.base import METHODS, BuildContext, DistillMethod, Phase
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, InitPhase, TermContext
 
 
 def _levels(features: Features) -> list:
@@ -66,13 +66,13 @@ class FSP(DistillMethod):
         return F.fsp(_levels(student)[-n:], _levels(teacher)[-n:])
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         return {"fsp": self.fsp_loss(student, teacher)}
 
-    def phases(self) -> list[Phase]:
+    def phases(self) -> list[InitPhase]:
         if self.init_epochs == 0:
             return []
-        return [Phase(
+        return [InitPhase(
             name="init",
             epochs=self.init_epochs,
             parameters=feature_extractor_parameters,  # the stem and the stages, not the head

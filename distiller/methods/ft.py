@@ -16,7 +16,7 @@ from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import STAGES, Features
-from distiller.methods.base import METHODS, BuildContext, DistillMethod, Phase
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, InitPhase, TermContext
 
 
 def _conv_block(c_in: int, c_out: int, use_bn: bool, transposed: bool = False) -> list[nn.Module]:
@@ -117,7 +117,7 @@ class FactorTransfer(DistillMethod):
         return TF.mse_loss(self.paraphraser(f_t), f_t)
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         if self.paraphraser.training and not self._paraphraser_training():
             self.paraphraser.eval()
         with torch.no_grad():  # the teacher's factor is a fixed target
@@ -125,10 +125,10 @@ class FactorTransfer(DistillMethod):
         factor_s = self.translator(student.stages[-1])
         return {"ft": F.factor_transfer(factor_s, factor_t, self.p1, self.p2)}
 
-    def phases(self) -> list[Phase]:
+    def phases(self) -> list[InitPhase]:
         if self.init_epochs == 0:
             return []
-        return [Phase(
+        return [InitPhase(
             name="init",
             epochs=self.init_epochs,
             parameters=lambda student: list(self.paraphraser.parameters()),

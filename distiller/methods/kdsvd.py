@@ -16,7 +16,7 @@ from common.errors import UserError
 from datasets.batch import Batch
 from distiller.features import STAGES, Features
 from distiller.helpers import log_stage_pairing
-from distiller.methods.base import METHODS, BuildContext, DistillMethod
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +113,7 @@ class KDSVD(DistillMethod):
         self.num_stages = n
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         n = self.num_stages
         s_stages = student.stages[len(student.stages) - n:]
         t_stages = teacher.stages[len(teacher.stages) - n:]

@@ -8,7 +8,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import Features
 from distiller.gather import gather_batch
-from distiller.methods.base import METHODS, DistillMethod
+from distiller.methods.base import METHODS, DistillMethod, TermContext
 
 STRONG = "strong"  # datasets.randaugment: crop + flip, RandAugment (2 ops), Cutout, made on the device
 
@@ -28,7 +28,7 @@ class MLKD(DistillMethod):
       first view's is the objective's ``gamma * CE``.
 
     Under ``distill.logit_standardize=true`` (MLKD+LS) the objective hands it raw logits and the
-    switch (its ``forward`` takes ``standardize``): only the KD terms standardise, the class and
+    switch (``standardizes_itself``): only the KD terms standardise, the class and
     batch levels, the masks and the cross-entropy keep the raw logits, as the LS authors' code.
 
     The batch- and class-level terms and the masks couple the samples of a batch: under DDP the
@@ -40,6 +40,8 @@ class MLKD(DistillMethod):
 
     views = (STRONG,)
     logit_terms = True
+    standardizes_itself = True
+    weights_own_terms = True
 
     def __init__(self, kd_weight: float = 0.9, strong_ce_weight: float = 0.1, mlkd_temperature: float = 4.0) -> None:
         super().__init__()
@@ -52,10 +54,10 @@ class MLKD(DistillMethod):
         self.mlkd_temperature = float(mlkd_temperature)
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor], batch: Batch,
-                standardize: bool = False) -> dict[str, torch.Tensor]:
+                ctx: TermContext) -> dict[str, torch.Tensor]:
         s_strong, t_strong = student.views[STRONG].logits, teacher.views[STRONG].logits
         logits = [gather_batch(z) for z in (student.logits, teacher.logits, s_strong, t_strong)]
-        term = F.mlkd(*logits, temperature=self.mlkd_temperature, standardize=standardize)
+        term = F.mlkd(*logits, temperature=self.mlkd_temperature, standardize=ctx.standardize)
         ce = nnf.cross_entropy(s_strong.float(), batch.labels)
         return {"mlkd": self.kd_weight * term, "ce_strong": self.strong_ce_weight * ce}
 

@@ -6,7 +6,7 @@ import torch
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import Features
-from distiller.methods.base import METHODS, DistillMethod
+from distiller.methods.base import METHODS, DistillMethod, TermContext
 
 
 @METHODS.register("nkd")
@@ -31,7 +31,7 @@ class NKD(DistillMethod):
         self.nontarget_weight = float(nontarget_weight)
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         return {"nkd": F.nkd(student.logits, teacher.logits, batch.labels, temperature=self.nkd_temperature,
                              gamma=self.nontarget_weight)}
 

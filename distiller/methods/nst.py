@@ -7,7 +7,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import STAGES, Features
 from distiller.helpers import log_stage_pairing, pair_stages
-from distiller.methods.base import METHODS, BuildContext, DistillMethod
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
 
 
 @METHODS.register("nst")
@@ -26,6 +26,6 @@ class NST(DistillMethod):
         log_stage_pairing("nst", len(student.stages), len(teacher.stages))
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         pairs = pair_stages(student.stages, teacher.stages, "nst")
         return {"nst": sum(F.nst(f_s, f_t) for f_s, f_t in pairs)}

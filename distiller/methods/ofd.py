@@ -20,7 +20,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import STAGES_PREACT, Features, feature_info
 from distiller.helpers import log_stage_pairing, pair_stages
-from distiller.methods.base import METHODS, BuildContext, DistillMethod
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class OFD(DistillMethod):
         return [getattr(self, f"margin{i}") for i in range(len(self.connectors))]
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         n = len(self.connectors)
         total = student.stages[-1].new_zeros((), dtype=torch.float32)
         pairs = pair_stages(student.stages, teacher.stages, "ofd")

@@ -6,7 +6,7 @@ import torch
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import EMBEDDING, Features
-from distiller.methods.base import METHODS, DistillMethod
+from distiller.methods.base import METHODS, DistillMethod, TermContext
 
 
 @METHODS.register("pkt")
@@ -24,5 +24,5 @@ class PKT(DistillMethod):
         self.eps = eps
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         return {"pkt": F.pkt(student.embedding, teacher.embedding, self.eps)}

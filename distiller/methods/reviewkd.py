@@ -16,7 +16,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import EMBEDDING, STAGES, STAGES_PREACT, Features
 from distiller.helpers import log_stage_pairing
-from distiller.methods.base import METHODS, BuildContext, DistillMethod
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
 
 
 class ABF(nn.Module):
@@ -109,5 +109,5 @@ class ReviewKD(DistillMethod):
         return outputs[::-1]
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         return {"reviewkd": F.hcl(self.fused(student), self._levels(teacher)[::-1])}

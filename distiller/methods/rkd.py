@@ -6,7 +6,7 @@ import torch
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import EMBEDDING, Features
-from distiller.methods.base import METHODS, DistillMethod
+from distiller.methods.base import METHODS, DistillMethod, TermContext
 
 
 @METHODS.register("rkd")
@@ -26,7 +26,7 @@ class RKD(DistillMethod):
         self.angle_weight = angle_weight
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         return {"rkd": F.rkd(student.embedding, teacher.embedding, self.distance_weight, self.angle_weight)}
 
     def extra_repr(self) -> str:

@@ -6,7 +6,7 @@ import torch
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import STAGES, Features
-from distiller.methods.base import METHODS, DistillMethod
+from distiller.methods.base import METHODS, DistillMethod, TermContext
 
 
 @METHODS.register("sp", aliases=("similarity",))
@@ -21,5 +21,5 @@ class SP(DistillMethod):
     teacher_features = frozenset({STAGES})
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         return {"sp": F.similarity(student.stages[-1], teacher.stages[-1])}

@@ -11,7 +11,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import STAGES, Features
 from distiller.helpers import log_stage_pairing, pair_stages
-from distiller.methods.base import METHODS, BuildContext, DistillMethod
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
 
 
 def _conv1x1(c_in: int, c_out: int) -> nn.Conv2d:
@@ -66,6 +66,6 @@ class VID(DistillMethod):
         self.to(ctx.device)
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         pairs = pair_stages(student.stages, teacher.stages, "vid")
         return {"vid": sum(reg(f_s, f_t) for reg, (f_s, f_t) in zip(self.regressors, pairs))}

@@ -8,7 +8,7 @@ import torch
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import Features
-from distiller.methods.base import METHODS, DistillMethod
+from distiller.methods.base import METHODS, DistillMethod, TermContext
 
 
 @METHODS.register("wttm")
@@ -33,7 +33,7 @@ class WTTM(DistillMethod):
         self.power = float(power)
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor],
-                batch: Batch) -> dict[str, torch.Tensor]:
+                batch: Batch, ctx: TermContext) -> dict[str, torch.Tensor]:
         name = "wttm" if self.weighted else "ttm"
         return {name: F.wttm(student.logits, teacher.logits, gamma=self.power, weighted=self.weighted)}
 

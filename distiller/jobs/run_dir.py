@@ -1,0 +1,117 @@
+"""The run directory of a job: start fresh, resume from ``last.pt``, or see that the run is finished.
+
+A run directory holds one run: its resolved config (``config.yaml``), checkpoints and metrics. A
+second command on the same directory resumes it when its config is the same (up to the keys that
+may change between a run and its resumption, :data:`VOLATILE_KEYS`), and is refused otherwise,
+unless ``trainer.force=true`` moves the old files aside first.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from common.errors import UserError
+from common.files import atomic_write
+from distiller.engine.checkpoints import safe_load
+from distiller.engine.runtime import Runtime, barrier
+
+log = logging.getLogger("distiller")
+
+# keys that may change between a run and its resumption without making it a different run
+VOLATILE_KEYS = ("trainer.resume", "trainer.auto_resume", "trainer.force", "trainer.progress",
+                 "trainer.log_interval", "trainer.num_threads", "trainer.checkpoint_every_steps",
+                 "trainer.device", "trainer.compile", "dataset.root", "teacher.ckpt", "teacher_dir",
+                 "dataset.eval_batch_size", "teacher.verify", "logger",
+                 "trainer.eval_precision")  # evaluation's precision never changes the training
+# keys added to configs after runs were made with them absent: at these values they change nothing,
+# so a run directory written before they existed still resumes
+NEUTRAL_DEFAULTS = {"distill.logit_standardize": False}
+
+
+def run_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without keys that may change between a run and its resumption."""
+    identity = OmegaConf.create(config)
+    for key in (*VOLATILE_KEYS, *NEUTRAL_DEFAULTS):
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(identity, parent) if parent else identity
+        if isinstance(node, DictConfig) and leaf in node and (key not in NEUTRAL_DEFAULTS
+                                                              or node[leaf] == NEUTRAL_DEFAULTS[key]):
+            del node[leaf]
+    return OmegaConf.to_container(identity)
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]} {old} -> {new}"]
+
+
+def prepare_run_dir(run_dir: Path, config: dict[str, Any], trainer: Any, runtime: Runtime) -> dict | None | str:
+    """Decide how this run starts: fresh (None), from ``last.pt`` (its contents) or already ``"finished"``.
+
+    ``config`` is the run's resolved config, ``trainer`` its ``trainer`` node (force, resume, auto_resume).
+    Never overwrites another run: a run directory holding a different config is
+    refused unless ``trainer.force=true``, which moves the old files aside first.
+    """
+    config_file = run_dir / "config.yaml"
+    last = run_dir / "last.pt"
+    if config_file.exists():
+        try:
+            old = OmegaConf.to_container(OmegaConf.load(config_file))
+        except Exception:  # noqa: BLE001 - an unreadable config is treated as a different run
+            old = {"unreadable": True}
+        diff = _differences(run_identity(old), run_identity(config))
+        if diff:
+            if not trainer.force:
+                raise UserError(
+                    f"run directory {run_dir} holds a different run ({'; '.join(diff[:3])}"
+                    f"{'; ...' if len(diff) > 3 else ''}); choose another hydra.run.dir, or pass "
+                    f"trainer.force=true to start afresh (the old files are moved aside, not deleted)")
+            if runtime.is_main:
+                aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+                aside.mkdir()
+                for path in list(run_dir.iterdir()):
+                    if path.name != ".hydra" and not path.name.startswith("replaced-") and path != aside:
+                        shutil.move(str(path), aside / path.name)
+                log.warning("moved the previous run's files to %s", aside)
+            barrier()
+            return None
+    if last.exists():
+        if not (trainer.resume or trainer.auto_resume):
+            raise UserError(f"run directory {run_dir} already holds a run (last.pt); pass trainer.resume=true "
+                            f"to continue it, or trainer.force=true to start afresh")
+        checkpoint = safe_load(last, "checkpoint")
+        if checkpoint.get("run", {}).get("finished"):
+            return "finished"
+        return checkpoint
+    if trainer.resume:
+        raise UserError(f"trainer.resume=true but {run_dir} holds no last.pt to resume from; "
+                        f"drop trainer.resume to start this run")
+    return None
+
+
+def write_config(run_dir: Path, config: dict[str, Any], runtime: Runtime) -> None:
+    """Record the resolved config of a fresh run (all ranks wait until it is on disk)."""
+    barrier()
+    if runtime.is_main and not (run_dir / "config.yaml").exists():
+        atomic_write(config, run_dir / "config.yaml", "yaml")
+    barrier()
+
+
+def report_finished(run_dir: Path) -> None:
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        top1 = metrics.get("final_top1")
+    except (OSError, ValueError):
+        top1 = None
+    log.info("run in %s is already finished (final top-1 %s); nothing to do", run_dir, top1)
+    print(f"already finished: {run_dir} (final top-1 {top1})")
