@@ -49,23 +49,15 @@ def entry_point(preset: str) -> str:
 def expand_preset(preset: str, overrides: Sequence[str] = ()) -> list[dict[str, str]]:
     """The jobs of one preset: its ``hydra.sweeper.params`` with the overrides applied, expanded by
     Hydra's own override parser into one {key: value} dict per job (the same product Hydra launches)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    import distiller.config.command_line  # noqa: F401 - the teacher/student config nodes and resolvers the presets compose with
+    from distiller.config.compose import compose
 
     entry = entry_point(preset)
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(list(overrides))
     plain = [o.input_line for o in parsed if not o.is_sweep_override()]
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            cfg = compose(config_name=Path(entry).stem, overrides=[f"experiment={preset}", *plain],
-                          return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
+    cfg = compose(Path(entry).stem, [f"experiment={preset}", *plain], return_hydra_config=True)
     params = dict(cfg.hydra.sweeper.params or {})
     lines = [f"{k}={v}" for k, v in params.items()] + list(overrides)
     axes: dict[str, list[str]] = {}

@@ -27,9 +27,9 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import CONFIGS, seed
+from helpers import seed
 
-import distiller.config.command_line  # noqa: F401 - registers the config resolvers used by composed configs
+import distiller.config.compose  # noqa: F401 - the config store and resolvers composed configs use
 from common.registry import Registry
 
 torch.set_num_threads(1)
@@ -101,15 +101,6 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def compose():
     """Compose a primary config with overrides through Hydra's compose API."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from distiller.config.compose import compose as compose_config
 
-    def _compose(config_name: str, overrides: list[str] = (), return_hydra_config: bool = False):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=list(overrides),
-                                 return_hydra_config=return_hydra_config)
-
-    yield _compose
-    GlobalHydra.instance().clear()
+    return compose_config

@@ -344,15 +344,9 @@ def objective_of(distill: dict, combine: dict | None = None):
 
 def compose_config(name: str, overrides: Iterable[str] = ()):
     """Hydra's compose of ``configs/<name>.yaml`` with ``overrides`` (the job's config, as a run gets it)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from distiller.config.compose import compose
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            return compose(config_name=name, overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
+    return compose(name, overrides)
 
 
 def tiny_trainer(tmp: Path, distill, epochs: int = 1, *overrides: str, data=None, num_classes: int = 10,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from helpers import REPO, run_cli, seed, tiny_overrides
+from helpers import compose_config, run_cli, seed, tiny_overrides
 
 from common.errors import UserError
 from datasets import load_dataset
@@ -66,15 +66,9 @@ def check(result: dict, ref: dict) -> None:
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory) -> dict:
     """A torchvision resnet18 (CIFAR stem) trained for one epoch by ``train_teacher``'s own job."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     tmp = tmp_path_factory.mktemp("external-teacher")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train_teacher", ["model=torchvision", "model.name=resnet18", "model.cifar_stem=true",
-                                        *data_overrides(tmp), f"seed={seed(7)}"])
-    GlobalHydra.instance().clear()
+    cfg = compose_config("train_teacher", ["model=torchvision", "model.name=resnet18", "model.cifar_stem=true",
+                                           *data_overrides(tmp), f"seed={seed(7)}"])
     train_network(cfg, tmp / "run")
     return {"tmp": tmp, "final": tmp / "run" / "final.pt"}
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
-    CONFIGS,
     assert_same_weights,
     comparable_metrics,
+    compose_config,
     kill_when,
     run_cli,
     start_command,
@@ -79,11 +79,6 @@ def test_resume_without_checkpoint_is_an_error(teacher, tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(teacher, monkeypatch):
     """A NaN KD term at step 5: the run stops naming the term, epoch and step; last.pt stays the step-4 one."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    import distiller.config.command_line  # noqa: F401 - registers the config resolvers
     from distiller import functional
     from distiller.engine.loop import NonFiniteLossError
     from distiller.jobs.train import distill
@@ -98,12 +93,9 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(teacher, monkey
 
     monkeypatch.setattr(functional, "kd", kd_with_nan)
     run_dir = teacher / "nan_run"
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train_student", overrides=[
-            "teacher=resnet8", "student=resnet8", "distill=kd", *tiny_overrides(teacher, train_size=640),
-            "trainer.checkpoint_every_steps=2", "trainer.log_interval=100"])
-    GlobalHydra.instance().clear()
+    cfg = compose_config("train_student", [
+        "teacher=resnet8", "student=resnet8", "distill=kd", *tiny_overrides(teacher, train_size=640),
+        "trainer.checkpoint_every_steps=2", "trainer.log_interval=100"])
     with pytest.raises(NonFiniteLossError) as err:
         distill(cfg, run_dir)
     message = str(err.value)
@@ -112,4 +104,3 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(teacher, monkey
     assert checkpoint["run"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
-    del OmegaConf

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import CONFIGS, REPO, run_cli, tiny_overrides
 
-import distiller.config.command_line  # noqa: F401 - registers the method_label resolver the configs use
+import distiller.config.compose  # noqa: F401 - the config store and resolvers composed configs use
 
 # ---- RECIPES.md, typed by hand -----------------------------------------------------------------------
 CRD_T1_PAIRS = ["wrn_40_2-wrn_16_2", "wrn_40_2-wrn_40_1", "resnet56-resnet20", "resnet110-resnet20",
@@ -113,23 +113,18 @@ ALL_METHODS = sorted(set(CRD_METHODS) | set(DKD_METHODS))
 def compose_cells(cells, extra=()):
     """Compose ``train_student`` for each (pair, method) with Hydra's compose API; returns
     {cell: (resolved task config, hydra.sweep.subdir)}."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf, open_dict
 
+    from distiller.config.compose import compose
+
     composed = {}
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            for pair, method in cells:
-                cfg = compose("train_student", overrides=[f"pair={pair}", f"distill={method}", "seed=3", *extra],
-                              return_hydra_config=True)
-                subdir = str(cfg.hydra.sweep.subdir)
-                with open_dict(cfg):
-                    del cfg["hydra"]
-                composed[(pair, method)] = (OmegaConf.to_container(cfg, resolve=True), subdir)
-    finally:
-        GlobalHydra.instance().clear()
+    for pair, method in cells:
+        cfg = compose("train_student", [f"pair={pair}", f"distill={method}", "seed=3", *extra],
+                      return_hydra_config=True)
+        subdir = str(cfg.hydra.sweep.subdir)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        composed[(pair, method)] = (OmegaConf.to_container(cfg, resolve=True), subdir)
     return composed
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONFIGS, seed, tiny_overrides
+from helpers import compose_config, seed, tiny_overrides
 
 from common.errors import UserError
 from distiller.engine.checkpoints import slim_checkpoint
@@ -40,16 +40,7 @@ ARCH = "resnet8"
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            return hydra_compose(config_name="train_teacher", overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
+    return compose_config("train_teacher", overrides)
 
 
 def overrides(tmp: Path, data: Path, teachers: Path) -> list[str]:

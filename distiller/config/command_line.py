@@ -3,7 +3,7 @@
 Hydra prints a traceback for any exception escaping the task function and a
 multi-line report for a bad override. Users get one line on stderr and a non-zero
 exit instead; ``HYDRA_FULL_ERROR=1`` (or ``KD_DEBUG=1``) shows the full traceback.
-Importing this module also fills Hydra's ConfigStore (:mod:`distiller.config.schema`).
+Importing it also fills Hydra's ConfigStore and registers the resolvers (:mod:`distiller.config.compose`).
 """
 from __future__ import annotations
 
@@ -18,45 +18,19 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException, ValidationError
-from omegaconf.nodes import BooleanNode
+from omegaconf.errors import OmegaConfBaseException
 
 from common.errors import UserError
-from datasets import teacher_folder
+from distiller.config.compose import CONFIG_DIR, compose
 from distiller.config.messages import describe_error
 from distiller.config.schema import SCHEMAS
 from distiller.config.store import group_options
 from distiller.config.validation import validate
 from models import MODELS
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 EXIT_USER_ERROR = 2
 
 
-def method_label(name: str, combine: Any = None) -> str:
-    """Label of a run's objective: the method's name, plus ``+label`` for every combined method."""
-    return "+".join([str(name), *sorted(str(k) for k in (combine or {}))])
-
-
-OmegaConf.register_new_resolver("method_label", method_label, replace=True)
-
-
-def if_switch(flag: Any, then: Any, otherwise: Any) -> Any:
-    """``${if:FLAG,A,B}``: A when FLAG is true, else B. A method default that follows a switch, e.g.
-    KD's temperature under ``logit_standardize`` (the pair's LS value) and without it (4). FLAG is read
-    as the schema reads a boolean (``yes``/``on``/``1`` are true); a value that is no boolean picks B,
-    and the schema then reports it in one line."""
-    try:
-        on = BooleanNode(value=flag)._value() is True
-    except ValidationError:
-        on = False
-    return then if on else otherwise
-
-
-OmegaConf.register_new_resolver("if", if_switch, replace=True)
-# ``teacher_dir``'s default: checkpoints/teachers/<data set>, one folder per image folder (datasets.base)
-OmegaConf.register_new_resolver("teacher_folder", teacher_folder, replace=True)
 
 
 def debug_mode() -> bool:
@@ -186,16 +160,9 @@ def preflight(config_name: str, argv: list[str]) -> None:
     argv = canonical
     if debug_mode() or any(a in ("-m", "--multirun") or a.startswith("--") or a.startswith("-") for a in argv):
         return
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=[a for a in argv if "=" in a],
-                          return_hydra_config=True)
-            validate(cfg, config_name if config_name in SCHEMAS else None)
-            check_run_dir(Path(str(cfg.hydra.run.dir)))
+        cfg = compose(config_name, [a for a in argv if "=" in a], return_hydra_config=True)
+        validate(cfg, config_name if config_name in SCHEMAS else None)
+        check_run_dir(Path(str(cfg.hydra.run.dir)))
     except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
         fail(explain_config_error(err))
-    finally:
-        GlobalHydra.instance().clear()

@@ -209,21 +209,15 @@ def _hydra_value(value: Any) -> str:
 
 def compose_config(overrides: list[str]) -> Any:
     """The ``train_teacher`` config with these overrides, validated (the data set and trainer nodes are used)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from distiller.config.command_line import CONFIG_DIR, explain_config_error
+    from distiller.config.command_line import explain_config_error
+    from distiller.config.compose import compose
     from distiller.config.validation import validate
 
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name="train_teacher", overrides=overrides)
+        cfg = compose("train_teacher", overrides)
         validate(cfg, "train_teacher")
     except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
         raise UserError(explain_config_error(err)) from None
-    finally:
-        GlobalHydra.instance().clear()
     return cfg
 
 
