@@ -22,10 +22,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from common.errors import UserError
 from distiller.config.compose import CONFIG_DIR, compose
-from distiller.config.messages import describe_error
 from distiller.config.schema import SCHEMAS
 from distiller.config.store import group_options
-from distiller.config.validation import validate
+from distiller.config.validation import describe_error, validate
 from models import MODELS
 
 EXIT_USER_ERROR = 2

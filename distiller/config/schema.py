@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List
+from typing import Any, Dict, List
 
 from omegaconf import MISSING
 
@@ -53,14 +53,14 @@ def key(default: Any = MISSING, *, gt: float | None = None, ge: float | None = N
 class ConfigNode(Mapping):
     """A converted config node: a dataclass whose fields also read as a mapping, in declaration order.
 
-    ``extra`` holds the untyped keys of a node that takes them (a method's own parameters, an outside
-    network's constructor arguments: set by the conversion, not a field), read after the fields.
+    A node that takes untyped keys (a method's own parameters, an outside network's constructor
+    arguments) holds them in its ``extra`` field; the mapping reads them after the other fields, where
+    the composed node had them.
     """
 
-    extra: ClassVar[dict[str, Any]] = {}  # replaced per instance by the conversion, never mutated
-
     def _items(self) -> dict[str, Any]:
-        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, **self.extra}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != EXTRA}
+        return {**fields, **getattr(self, EXTRA, {})}
 
     def __getitem__(self, name: str) -> Any:
         return self._items()[name]
@@ -70,6 +70,9 @@ class ConfigNode(Mapping):
 
     def __len__(self) -> int:
         return len(self._items())
+
+
+EXTRA = "extra"  # the field of a node's untyped keys (filled when the config is checked, never composed)
 
 
 # ---- the schema -----------------------------------------------------------------------------------
@@ -110,6 +113,7 @@ class ExternalKeys(ConfigNode):
     weights: str | None = key(None)  # the library's own weights file, loaded before training (never downloaded)
     taps: TapsConfig = field(default_factory=TapsConfig)  # over the taps inferred for the family
     _target_: str | None = key(None)  # module: import path of the network's class or builder
+    extra: Dict[str, Any] = key({})  # the constructor's keyword arguments (+model.width=2)
 
 
 @dataclass
@@ -195,6 +199,7 @@ class DistillConfig(ConfigNode):
     temperature: float = key(4.0, gt=0)  # KD temperature
     warmup_epochs: int = key(0, ge=0)  # beta ramps linearly min(epoch / warmup, 1) over this many epochs
     logit_standardize: bool | None = key(None)  # LS: standardise logits before KD and logit methods (absent: false)
+    extra: Dict[str, Any] = key({})  # the method's own keyword arguments (distill.nce_k, ...)
 
 
 OBJECTIVE_DEFAULTS = ("gamma", "alpha", "beta", "temperature", "warmup_epochs")

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from distiller.config.schema import (
+    EXTRA,
     PUBLISHED_TEACHER_TOP1,
     SCHEMAS,
     ExternalModelConfig,
@@ -57,6 +58,15 @@ def external_nodes(source: str) -> dict[str, Any]:
     }
 
 
+def _without_extra(node: Any) -> DictConfig:
+    """A typed node as composition sees it: without the ``extra`` field, which checking fills (its keys are
+    written beside the declared ones: ``+teacher.width=2``)."""
+    typed = OmegaConf.structured(node)
+    with open_dict(typed):
+        del typed[EXTRA]
+    return typed
+
+
 def register_configs(store: ConfigStore | None = None) -> None:
     """Fill Hydra's ConfigStore: the job schemas, and one model/teacher/student node per architecture
     and per network source (torchvision, timm, module).
@@ -73,7 +83,7 @@ def register_configs(store: ConfigStore | None = None) -> None:
                 store.store(group=group, name=spelling, node=node)
     for source in SOURCES.names():
         for group, node in external_nodes(source).items():
-            store.store(group=group, name=source, node=node)
+            store.store(group=group, name=source, node=_without_extra(node))
     # what every configs/distill/<name>.yaml pulls in first: the objective keys at the schema's defaults
     store.store(group="distill", name=OBJECTIVE_BASE, node=objective_defaults())
 

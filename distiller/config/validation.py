@@ -1,29 +1,30 @@
-"""Checking a composed config against the schema (one :class:`UserError` naming the key), and converting it.
+"""Checking a composed config against the schema, converting it, and saying in one line what is wrong.
 
 :func:`validate` merges the composed config into the schema's dataclasses (types), then checks every
-declared key's range or valid values (:func:`distiller.config.schema.key`). :func:`load_job` does that
-once and converts the result, once, into the schema's dataclasses: the form every part of a job reads.
+declared key's range or valid values (:func:`distiller.config.schema.key`); :func:`check_job` also gathers
+each node's untyped keys into its ``extra`` field, so ``OmegaConf.to_object`` converts the result once into
+the dataclasses every part of a job reads (:func:`load_job`). A mistake met on the way is one line naming
+the key, what is wrong and what is valid (:func:`describe_error`), read from the schema's declarations.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, List, Mapping, Union
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
 from common.errors import UserError
-from distiller.config.messages import describe_error, either, show, unwrap
 from distiller.config.schema import (
+    EXTRA,
     SCHEMAS,
     DistillConfig,
     ExternalModelConfig,
     ExternalTeacherConfig,
-    ModelConfig,
     StudentJob,
-    TeacherConfig,
     TeacherJob,
 )
 
@@ -56,17 +57,22 @@ def validate(cfg: DictConfig | dict, job: str | None = None) -> DictConfig:
     return typed
 
 
-def load_job(cfg: DictConfig | dict, job: str) -> TeacherJob | StudentJob:
-    """The composed config of ``job`` (``train_teacher`` or ``train_student``), validated and converted into
-    the schema's dataclasses; untyped keys (a method's parameters, a network's arguments) go to ``extra``."""
-    schema = SCHEMAS[job]
+def check_job(cfg: DictConfig | dict, job: str) -> DictConfig:
+    """The composed config of ``job`` (``train_teacher`` or ``train_student``) checked (:func:`validate`) and
+    ready to convert: the untyped keys of a node that takes them are gathered into its ``extra`` field, so
+    ``OmegaConf.to_object`` turns it, once, into the schema's dataclasses (see :func:`load_job`)."""
     typed = validate(cfg, job)
-    data = OmegaConf.to_container(typed, resolve=True)
-    return _convert(schema, {k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(schema)}})
+    _gather_extras(typed)
+    return typed
+
+
+def load_job(cfg: DictConfig | dict, job: str) -> TeacherJob | StudentJob:
+    """The composed config of ``job``, checked and converted into the schema's dataclasses."""
+    return OmegaConf.to_object(check_job(cfg, job))
 
 
 def method_config(node: Mapping[str, Any], where: str = "distill") -> DistillConfig:
-    """One ``distill`` node (a method's objective keys and its own parameters) validated and converted alone,
+    """One ``distill`` node (a method's objective keys and its own parameters) checked and converted alone,
     its objective keys defaulting as the schema says: for building an objective outside a composed job."""
     data = dict(node)
     data.setdefault("method", data.get("name"))
@@ -77,28 +83,32 @@ def method_config(node: Mapping[str, Any], where: str = "distill") -> DistillCon
         _check(typed, DistillConfig, f"{where}.", data)
     except OmegaConfBaseException as err:
         raise UserError(describe_error(err, DistillConfig)) from None
-    return _convert(DistillConfig, OmegaConf.to_container(typed, resolve=True))
+    _gather_extras(typed)
+    return OmegaConf.to_object(typed)
 
 
-def _convert(kind: type, data: Any) -> Any:
-    """``data`` (plain containers of a validated node) as an instance of the schema dataclass ``kind``."""
-    if data is None or not dataclasses.is_dataclass(kind):
-        return data
-    if isinstance(data, dict) and data.get("source") is not None and issubclass(kind, ModelConfig):
-        kind = ExternalTeacherConfig if issubclass(kind, TeacherConfig) else ExternalModelConfig
-    hints = typing.get_type_hints(kind)
+def _gather_extras(node: DictConfig) -> None:
+    """Move the keys a typed view's dataclasses do not declare into their ``extra`` field (a node that takes
+    them); drop them elsewhere (the top level's keys of other commands, e.g. the benchmark's ``bench``)."""
+    kind = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(kind):
+        return
     declared = {f.name for f in dataclasses.fields(kind)}
-    values = {}
-    for name in declared & set(data):
-        hint = unwrap(hints[name])
-        if typing.get_origin(hint) in (dict, Dict) and dataclasses.is_dataclass(unwrap(typing.get_args(hint)[1])):
-            item = unwrap(typing.get_args(hint)[1])
-            values[name] = {k: _convert(item, v) for k, v in (data[name] or {}).items()}
-        else:
-            values[name] = _convert(hint, data[name])
-    node = kind(**values)
-    node.extra = {k: v for k, v in data.items() if k not in declared}
-    return node
+    undeclared = [k for k in node.keys() if k not in declared]
+    with open_dict(node):
+        for k in undeclared:
+            if EXTRA in declared:
+                node[EXTRA][k] = node[k]
+            del node[k]
+    for name in declared:
+        child = node._get_node(name)
+        if isinstance(child, DictConfig) and not child._is_none():
+            if dataclasses.is_dataclass(OmegaConf.get_type(child)):
+                _gather_extras(child)
+            else:
+                for value in child.values():
+                    if isinstance(value, DictConfig):
+                        _gather_extras(value)
 
 
 def _require_network_names(cfg: DictConfig | dict) -> None:
@@ -196,3 +206,111 @@ def _check_value(path: str, value: Any, checks: Any, given: Any) -> None:
                                 ("le", lambda lim: value > lim, "<="), ("lt", lambda lim: value >= lim, "<")):
             if op in checks and fails(checks[op]):
                 raise UserError(f"{path}={shown} must be {text} {show(checks[op])}")
+
+
+_UNIONS = (Union, types.UnionType)
+_EXPECTED = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+
+
+def describe_error(err: BaseException, schema: type | None = None) -> str:
+    """One line for an OmegaConf error met while composing or validating: which key, what is wrong."""
+    full_key = str(getattr(err, "full_key", "") or "")
+    value = getattr(err, "value", None)
+    first = next((line.strip() for line in str(getattr(err, "msg", err)).splitlines() if line.strip()), "")
+    missing_value = re.search(r"Missing mandatory value: ([\w.\[\]]+)", first)
+    if isinstance(err, InterpolationResolutionError) and missing_value:  # a key that others interpolate is unset
+        return f"config key '{missing_value.group(1)}' has no value; set it with {missing_value.group(1)}=VALUE"
+    if isinstance(err, InterpolationResolutionError):
+        return f"invalid configuration: {full_key}: {first}" if full_key else f"invalid configuration: {first}"
+    if isinstance(err, MissingMandatoryValue):
+        return f"config key '{full_key}' has no value; set it with {full_key}=VALUE"
+    if isinstance(err, ConfigKeyError):
+        missing = re.search(r"Key '([^']+)' not in", first)
+        where = full_key or (missing.group(1) if missing else "")
+        return (f"config key '{where}' does not exist; check the spelling"
+                f"{_valid_keys(schema, where)}" if where else f"invalid configuration: {first}")
+    if full_key:
+        declared = _field_at(schema, full_key) if schema else None
+        if declared is not None and "choices" in declared.metadata:
+            return f"{full_key}={show(value)} is not valid; use {either(declared.metadata['choices'])}"
+        expected = _expected(schema, full_key) if schema else None
+        if expected is None:
+            expected = next((text for name, text in (("Integer", "a whole number"), ("Float", "a number"),
+                                                     ("Boolean", "true or false"), ("ListConfig", "a list"),
+                                                     ("DictConfig", "a mapping"), ("Dict", "a mapping"))
+                             if name in first), None)
+        if expected:
+            return f"{full_key}={show(value)} is not {expected}"
+        return f"{full_key}={show(value)}: {first}"
+    return f"invalid configuration: {first}"
+
+
+def _type_at(schema: type, full_key: str) -> Any:
+    kind: Any = schema
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", full_key):
+        kind = unwrap(kind)
+        if part.startswith("["):
+            args = typing.get_args(kind)
+            kind = args[0] if args else None
+        elif dataclasses.is_dataclass(kind):
+            kind = typing.get_type_hints(kind).get(part)
+        elif typing.get_origin(kind) in (dict, Dict):
+            kind = typing.get_args(kind)[1]
+        else:
+            return None
+        if kind is None:
+            return None
+    return unwrap(kind)
+
+
+def _field_at(schema: type, full_key: str) -> dataclasses.Field | None:
+    parent, _, name = full_key.rpartition(".")
+    owner = _type_at(schema, parent) if parent else schema
+    if dataclasses.is_dataclass(owner):
+        return next((f for f in dataclasses.fields(owner) if f.name == name), None)
+    return None
+
+
+def _expected(schema: type, full_key: str) -> str | None:
+    kind = _type_at(schema, full_key)
+    if kind in _EXPECTED:
+        return _EXPECTED[kind]
+    if typing.get_origin(kind) in (list, List):
+        item = _EXPECTED.get(unwrap(typing.get_args(kind)[0]), "values")
+        return f"a list of {item.removeprefix('a ').removeprefix('an ')}s, e.g. [1,2]"
+    if dataclasses.is_dataclass(kind) or typing.get_origin(kind) in (dict, Dict):
+        return "a mapping of keys to values"
+    if typing.get_origin(kind) in _UNIONS:
+        return " or ".join(_EXPECTED.get(a, str(a)) for a in typing.get_args(kind))
+    return None
+
+
+def _valid_keys(schema: type | None, full_key: str) -> str:
+    parent = _type_at(schema, full_key.rpartition(".")[0]) if schema and "." in full_key else None
+    if dataclasses.is_dataclass(parent):
+        return f" (valid keys: {', '.join(f.name for f in dataclasses.fields(parent))})"
+    return ""
+
+
+def unwrap(kind: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in _UNIONS and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0] if len(rest) == 1 else Union[tuple(rest)]
+    return kind
+
+
+def show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple, ListConfig)):
+        return "[" + ",".join(show(v) for v in value) + "]"
+    return str(value)
+
+
+def either(choices: tuple) -> str:
+    names = [show(c) for c in choices]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]

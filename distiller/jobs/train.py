@@ -15,16 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from common.errors import UserError
 from common.files import atomic_write
 from datasets import load_dataset
 from datasets.loaders import make_loader
-from distiller.config.messages import describe_error
 from distiller.config.pairs import apply_pair_settings
-from distiller.config.validation import load_job
+from distiller.config.validation import check_job
 from distiller.engine.checkpoints import Checkpointer
 from distiller.engine.loop import Trainer
 from distiller.engine.plan import plan_phases
@@ -42,15 +39,14 @@ log = logging.getLogger("distiller")
 
 
 def compose_job(cfg: DictConfig, name: str) -> tuple[Any, dict[str, Any], list[str]]:
-    """The composed config of job ``name``, validated and converted once (the typed job every part reads),
-    the resolved config the run records (``config.yaml``), and what the pair's published settings changed."""
+    """The composed config of job ``name`` checked and converted once (the typed job every part reads), the
+    resolved config the run records (``config.yaml``), and what the pair's published settings changed.
+
+    The jobs below do the same in their first lines, where the raw config ends: past the conversion only
+    the typed job travels."""
     applied = apply_pair_settings(cfg) if name == "train_student" else []
-    job = load_job(cfg, name)
-    try:
-        record = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as err:  # interpolation errors are config mistakes
-        raise UserError(describe_error(err)) from None
-    record.pop("hydra", None)
+    job = OmegaConf.to_object(check_job(cfg, name))
+    record = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
     return job, record, applied
 
 
@@ -92,7 +88,8 @@ def assemble(job: Any, run_dir: Path, record: dict[str, Any], runtime: Runtime, 
 # ---- the teacher job --------------------------------------------------------------------------------
 def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """Train ``model`` with cross-entropy; store the result where ``teacher=<arch>`` finds it."""
-    job, record, _ = compose_job(cfg, "train_teacher")
+    job = OmegaConf.to_object(check_job(cfg, "train_teacher"))  # the one conversion: the schema's dataclasses
+    record = OmegaConf.to_container(cfg, resolve=True)  # what the run records (checked: it resolves)
     runtime = make_runtime(job.trainer)
     base_lr(job, runtime)
     start = prepare_run_dir(run_dir, record, job.trainer, runtime)
@@ -123,7 +120,9 @@ def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 # ---- the student job --------------------------------------------------------------------------------
 def distill(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """Distill ``teacher`` into ``student`` with the objective of ``distill`` (+ ``combine``)."""
-    job, record, applied = compose_job(cfg, "train_student")
+    applied = apply_pair_settings(cfg)
+    job = OmegaConf.to_object(check_job(cfg, "train_student"))  # the one conversion: the schema's dataclasses
+    record = OmegaConf.to_container(cfg, resolve=True)  # what the run records (checked: it resolves)
     runtime = make_runtime(job.trainer)
     base_lr(job, runtime)
     objective = Objective.from_config(job.distill, job.combine)  # a bad method setting fails before any I/O
