@@ -6,7 +6,7 @@ smooth function of the weights): its gradient is finite, non-zero, reaches the p
 and the student and nothing outside the phase, and one backtracked gradient step satisfies the
 Armijo condition (``helpers.assert_gradient_step_descends``), so the check holds for a
 mathematical reason on every CPU; the momentum-SGD training itself is checked, averaged over
-seeds and many steps, by the slow tests in test_descent_slow.py.
+seeds and many steps, by the slow tests in test_training_descent.py.
 Expected values are computed independently: the AB and OFD
 stage weighting by explicit loops over the published formulas, the OFD BatchNorms by
 naming the module the reference (mdistiller's ``get_bn_before_relu``) uses, the trained

@@ -5,7 +5,7 @@ pairs of different families; on one fixed batch, in float64 with BatchNorm fixed
 batch's statistics, the gradient of its own term must reach the student and every helper
 (and nothing outside the optimizer), and one backtracked gradient step must lower the term
 (Armijo condition, ``helpers.assert_gradient_step_descends``), while the teacher stays
-untouched. Many-step momentum-SGD training, averaged over seeds, is in test_descent_slow.py.
+untouched. Many-step momentum-SGD training, averaged over seeds, is in test_training_descent.py.
 CRD's sampling, scores, normalisers, bank updates, checkpointing and multi-process bank
 sync are checked against naive per-sample computations. CPU only, tiny batches.
 """

@@ -1,6 +1,6 @@
 """Many-step training lowers every method's loss, averaged over seeds (slow: ``pytest -m slow``).
 
-The fast tests (test_methods.py, test_methods_twostage.py) check one backtracked gradient step
+The fast tests (test_methods.py, test_init_phases.py) check one backtracked gradient step
 in float64, which holds for a mathematical reason. These check what training does: the
 engine's mode (BatchNorm on batch statistics, float32) and optimiser, for STEPS steps on a
 fixed batch. One run of a few steps can go either way by rounding (momentum 0.9 on a fresh
