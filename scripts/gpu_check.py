@@ -1,7 +1,7 @@
 """The GPU proof in one command: tests, speed, accuracy, compile equality, DDP and packing on one machine.
 
     python scripts/gpu_check.py                  # on a CUDA machine; about 8 minutes on one H100/H200
-    python scripts/gpu_check.py --dry-run        # every step with tiny settings on the CPU (~80 s of CPU)
+    python scripts/gpu_check.py --dry-run        # every step with tiny settings on the CPU (~45 s of CPU)
     python scripts/gpu_check.py --write-subset   # once: the CIFAR-100 subset the accuracy step trains on
     python scripts/gpu_check.py --cpu-precision-check   # fp32 vs bf16 on this CPU, same seed, subset
 

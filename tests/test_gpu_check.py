@@ -6,7 +6,6 @@ Speed is never asserted; the dry run's figures only show that every step runs an
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -95,9 +94,7 @@ def test_dry_run_of_benchmark_and_compile_writes_table_and_json(tmp_path) -> Non
 @pytest.mark.slow
 def test_dry_run_runs_every_step(tmp_path) -> None:
     """The whole rehearsal as a user types it: every step, a table and a JSON file, exit 0."""
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--dry-run", "--out",
-                             str(tmp_path)], capture_output=True, text=True, timeout=1500,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_cli("scripts/gpu_check.py", "--dry-run", "--out", str(tmp_path), env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     md, data = outputs(tmp_path)
     rows = table_rows(md)

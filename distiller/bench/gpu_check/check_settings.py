@@ -32,6 +32,9 @@ class Settings:
     concurrency_overrides: list[str]
     concurrency_steps: int
     threads_per_process: int | None
+    # accuracy's training runs in this process (the rehearsal: no interpreter start per run) or each in a
+    # fresh one (the GPU: nothing compiled or allocated by one run carries over to the speed of the next)
+    jobs_in_process: bool
 
 
 def subset_data_overrides(root: Path = SUBSET_DIR) -> list[str] | None:
@@ -61,7 +64,7 @@ def full_settings(work: Path) -> Settings:
         concurrency=(1, 2, 4, 8),
         concurrency_overrides=["teacher=resnet32x4", "student=resnet8x4", "distill=kd", "dataset.batch_size=64",
                                "bench.train_size=50000"],
-        concurrency_steps=150, threads_per_process=2,
+        concurrency_steps=150, threads_per_process=2, jobs_in_process=False,
     )
 
 
@@ -81,5 +84,5 @@ def dry_settings(work: Path) -> Settings:
         concurrency=(1, 2),
         concurrency_overrides=["teacher=resnet8", "student=resnet8", "distill=kd", "trainer.device=cpu",
                                "dataset.batch_size=8", "bench.train_size=128"],
-        concurrency_steps=3, threads_per_process=1,
+        concurrency_steps=3, threads_per_process=1, jobs_in_process=True,
     )

@@ -2,6 +2,8 @@
 jobs), and DDP with two ranks under ``torchrun``."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import socket
 import sys
@@ -30,13 +32,33 @@ def _data_label(data: list[str]) -> str:
     return "CIFAR-100 subset" if "dataset=cifar100" in data else "synthetic data"
 
 
+def run_job(entry: str, overrides: list[str], run_dir: Path, budget: Budget, in_process: bool) -> None:
+    """Train as ``python <entry>.py overrides`` would (``train_teacher`` or ``train_student``) into ``run_dir``.
+
+    ``in_process``: the same job function on the config composed here, its printed lines swallowed as a
+    subprocess's would be; else the command line in a fresh process (nothing a run compiled or allocated
+    carries over to the next one: what the timed comparison on a GPU needs).
+    """
+    if not in_process:
+        run_subprocess([sys.executable, str(REPO / f"{entry}.py"), *overrides, f"hydra.run.dir={run_dir}"],
+                       budget.timeout(), REPO)
+        return
+    from distiller.config.compose import compose
+    from distiller.jobs.train import distill, train_network
+
+    job = {"train_teacher": train_network, "train_student": distill}[entry]
+    with contextlib.redirect_stdout(io.StringIO()):
+        job(compose(entry, overrides), run_dir)
+
+
 # ---- step: accuracy of the fast path (and of CPU bf16) -------------------------------------------------------
 def accuracy_runs(variants: dict[str, list[str]], pair: tuple[str, str] | None, single: str | None,
                   epochs: tuple[int, int], data: list[str], batch: int, device: str, work: Path,
-                  budget: Budget, seed: int = 0) -> list[Row]:
+                  budget: Budget, seed: int = 0, in_process: bool = False) -> list[Row]:
     """Same seed, several precision variants. ``pair``: a teacher trained once (first variant's settings
     for the teacher are the fast path's), then KD into the student per variant. ``single``: that network
-    trained with cross-entropy per variant. One row per variant, the top-1 pair in each row."""
+    trained with cross-entropy per variant. One row per variant, the top-1 pair in each row.
+    ``in_process``: every run in this process (:func:`run_job`)."""
     common = [*data, f"dataset.batch_size={batch}", f"trainer.device={device}", "trainer.progress=false",
               f"seed={seed}", f"teacher_dir={work / 'teachers'}", "dataset.eval_batch_size=500"]
 
@@ -45,23 +67,22 @@ def accuracy_runs(variants: dict[str, list[str]], pair: tuple[str, str] | None, 
 
     if pair is not None:
         teacher, student = pair
-        run_subprocess([sys.executable, str(REPO / "train_teacher.py"), f"model={teacher}", *common,
-                        *schedule(epochs[0]), f"hydra.run.dir={work / 'teacher'}"], budget.timeout(), REPO)
+        run_job("train_teacher", [f"model={teacher}", *common, *schedule(epochs[0])], work / "teacher", budget,
+                in_process)
         teacher_top1 = _metrics(work / "teacher")["final_top1"]
     results: dict[str, dict[str, Any]] = {}
     rows: list[Row] = []
     for label, overrides in variants.items():
         run_dir = work / label
         if pair is not None:
-            cmd = [str(REPO / "train_student.py"), f"teacher={pair[0]}", f"student={pair[1]}", "distill=kd",
-                   *common, *schedule(epochs[1]), *overrides, f"hydra.run.dir={run_dir}"]
+            entry, args = "train_student", [f"teacher={pair[0]}", f"student={pair[1]}", "distill=kd"]
         else:
-            cmd = [str(REPO / "train_teacher.py"), f"model={single}", "save_teacher=false", *common,
-                   *schedule(epochs[1]), *overrides, f"hydra.run.dir={run_dir}"]
+            entry, args = "train_teacher", [f"model={single}", "save_teacher=false"]
+        args += [*common, *schedule(epochs[1]), *overrides]
 
-        def one(cmd: list[str] = cmd, label: str = label, run_dir: Path = run_dir) -> list[Row]:
+        def one(entry: str = entry, args: list[str] = args, label: str = label, run_dir: Path = run_dir) -> list[Row]:
             started = time.perf_counter()
-            run_subprocess([sys.executable, *cmd], budget.timeout(), REPO)
+            run_job(entry, args, run_dir, budget, in_process)
             m = _metrics(run_dir)
             results[label] = {"final_top1": m["final_top1"], "best_top1": m["best_top1"],
                               "train_images_per_s": _train_speed(m), "wall_s": time.perf_counter() - started}
@@ -85,7 +106,7 @@ def accuracy_runs(variants: dict[str, list[str]], pair: tuple[str, str] | None, 
 def step_accuracy(s: Settings, budget: Budget, work: Path) -> list[Row]:
     variants = {"fp32": FP32_PATH, "fast": s.paths["fast"]}
     return accuracy_runs(variants, s.accuracy_pair, None, s.accuracy_epochs, s.accuracy_data, s.accuracy_batch,
-                         s.device, work / "accuracy", budget)
+                         s.device, work / "accuracy", budget, in_process=s.jobs_in_process)
 
 
 # ---- step: DDP -----------------------------------------------------------------------------------------------
