@@ -14,8 +14,9 @@ import torch
 from helpers import run_cli
 from torch import nn
 
+from distiller.bench import method_speed
+from distiller.bench.reference_loop import ReferenceContrast
 from models import build_model
-from scripts import benchmark
 
 REQUIRED = ("images_per_sec", "ms_per_step", "reference_images_per_sec", "speedup", "flops_per_image",
             "achieved_flops", "peak_flops", "mfu", "peak_memory_bytes", "device")
@@ -82,13 +83,12 @@ def test_benchmark_runs_and_reports_json(tmp_path) -> None:
     ("bench.phase=init", "phase"),
     ("steps", "unexpected argument"),
 ])
-def test_benchmark_user_errors_are_one_line(override: str, words: str, capsys) -> None:
+def test_benchmark_user_errors_are_one_line(override: str, words: str) -> None:
     tiny = ["teacher=resnet8", "student=resnet8", "trainer.device=cpu", "bench.train_size=128",
             "bench.reference_steps=0", "bench.peak_matmul=false", "bench.flops=false", "bench.steps=1"]
-    with pytest.raises(SystemExit) as exit_info:
-        benchmark.main(tiny + [override])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
+    result = run_cli("scripts/benchmark.py", *tiny, override)
+    assert result.returncode == 2
+    err = result.stderr.strip()
     assert len(err.splitlines()) == 1 and words in err
 
 
@@ -96,7 +96,7 @@ def test_benchmark_user_errors_are_one_line(override: str, words: str, capsys) -
 def test_reference_contrast_sampling_follows_the_published_sampler(mode: str) -> None:
     """Column 0 is the positive (the sample itself, or one of its class for relax), negatives other classes."""
     labels = torch.arange(60) % 6
-    sampler = benchmark.ReferenceContrast(labels, k=20, mode=mode)
+    sampler = ReferenceContrast(labels, k=20, mode=mode)
     np.random.seed(0)
     for index in (0, 7, 59):
         target = int(labels[index])
@@ -110,17 +110,17 @@ def test_reference_contrast_sampling_follows_the_published_sampler(mode: str) ->
         assert len(set(row[1:].tolist())) == 20  # K < pool size: drawn without replacement, as published
 
 
-def test_methods_preset_times_each_method_next_to_kd(monkeypatch, capsys) -> None:
+def test_methods_preset_times_each_method_next_to_kd(monkeypatch) -> None:
     """--methods: one row per method, images/s and the ratio to KD's; a method without a config is listed
     as unavailable and does not stop the others."""
-    monkeypatch.setitem(benchmark.METHOD_SETS, "tiny", {
+    monkeypatch.setitem(method_speed.METHOD_SETS, "tiny", {
         "kd": ["distill=kd"], "nkd": ["distill=nkd"], "kd+ls": ["distill=kd", "distill.logit_standardize=true"],
         "ghost": ["distill=ghost_method"]})
-    code = benchmark.main(["--methods", "tiny", "teacher=resnet8", "student=resnet8", "trainer.device=cpu",
-                           f"dataset.batch_size={BATCH}", "bench.steps=1", "bench.warmup=1", "bench.train_size=128",
-                           "bench.peak_matmul=false", "bench.flops=false"])
-    assert code == 0
-    out = capsys.readouterr().out.strip().splitlines()
+    result = run_cli("scripts/benchmark.py", "--methods", "tiny", "teacher=resnet8", "student=resnet8",
+                     "trainer.device=cpu", f"dataset.batch_size={BATCH}", "bench.steps=1", "bench.warmup=1",
+                     "bench.train_size=128", "bench.peak_matmul=false", "bench.flops=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout.strip().splitlines()
     rows = {r["label"]: r for r in json.loads(out[-1])["methods"]}
     assert list(rows) == ["kd", "nkd", "kd+ls", "ghost"]
     assert rows["ghost"]["status"] == "unavailable" and "ghost_method.yaml" in rows["ghost"]["error"]
@@ -133,13 +133,12 @@ def test_methods_preset_times_each_method_next_to_kd(monkeypatch, capsys) -> Non
     assert any(line.startswith("| nkd |") for line in out) and any("| ghost | unavailable" in line for line in out)
 
 
-def test_methods_preset_errors_are_one_line(capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        benchmark.main(["--methods", "nosuchset", "trainer.device=cpu"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
+def test_methods_preset_errors_are_one_line() -> None:
+    result = run_cli("scripts/benchmark.py", "--methods", "nosuchset", "trainer.device=cpu")
+    assert result.returncode == 2
+    err = result.stderr.strip()
     assert len(err.splitlines()) == 1 and "nosuchset" in err and "new" in err
-    with pytest.raises(SystemExit):
-        benchmark.main(["--methods", "new", "distill=kd"])
-    assert "distill=" in capsys.readouterr().err
-    assert "mlkd" in benchmark.METHOD_SETS["new"] and "kd+dot" in benchmark.METHOD_SETS["new"]
+    result = run_cli("scripts/benchmark.py", "--methods", "new", "distill=kd")
+    assert result.returncode == 2
+    assert "distill=" in result.stderr
+    assert "mlkd" in method_speed.METHOD_SETS["new"] and "kd+dot" in method_speed.METHOD_SETS["new"]

@@ -6,7 +6,6 @@ Speed is never asserted; the dry run's figures only show that every step runs an
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -15,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, SHARED
+from helpers import REPO, SHARED, run_cli
 from omegaconf import OmegaConf
 
 from common.errors import UserError
+from distiller.bench.gpu_check.check_settings import STEPS
+from distiller.bench.gpu_check.cifar_subset import SUBSET_PER_CLASS, write_cifar_subset
 from distiller.engine import runtime as rt
-from scripts import gpu_check
 
 COLUMNS = ("step", "config", "images/s", "ms/step", "MFU", "peak memory", "speedup", "accuracy", "status")
 
@@ -41,10 +41,11 @@ def outputs(folder: Path) -> tuple[str, dict]:
 
 
 # ---- no GPU, no dry run --------------------------------------------------------------------------------------
-def test_without_cuda_the_check_exits_2_with_one_line(monkeypatch, capsys, tmp_path) -> None:
+def test_without_cuda_the_check_exits_2_with_one_line(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gpu_check.main(["--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
+    result = run_cli("scripts/gpu_check.py", "--out", str(tmp_path))
+    assert result.returncode == 2
+    err = result.stderr.strip()
     assert len(err.splitlines()) == 1 and "no CUDA device" in err and "--dry-run" in err
     assert not list(tmp_path.iterdir())  # failed fast: nothing measured, nothing written
 
@@ -58,15 +59,17 @@ def test_without_cuda_the_command_exits_2(tmp_path) -> None:
     assert len(lines) == 1 and "no CUDA device" in lines[0]
 
 
-def test_unknown_step_is_a_user_error(capsys) -> None:
-    assert gpu_check.main(["--dry-run", "--only", "benchmark,speedtest"]) == 2
-    assert "speedtest" in capsys.readouterr().err
+def test_unknown_step_is_a_user_error() -> None:
+    result = run_cli("scripts/gpu_check.py", "--dry-run", "--only", "benchmark,speedtest")
+    assert result.returncode == 2
+    assert "speedtest" in result.stderr
 
 
 # ---- the dry run ------------------------------------------------------------------------------------------
-def test_dry_run_of_benchmark_and_compile_writes_table_and_json(tmp_path, capsys) -> None:
+def test_dry_run_of_benchmark_and_compile_writes_table_and_json(tmp_path) -> None:
     """In process: two steps, rows consistent between the table and the JSON file."""
-    assert gpu_check.main(["--dry-run", "--only", "benchmark,compile", "--out", str(tmp_path)]) == 0
+    result = run_cli("scripts/gpu_check.py", "--dry-run", "--only", "benchmark,compile", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
     md, data = outputs(tmp_path)
     rows = table_rows(md)
     assert "DRY RUN" in md and "Command: `python scripts/gpu_check.py --dry-run --only benchmark,compile" in md
@@ -84,21 +87,19 @@ def test_dry_run_of_benchmark_and_compile_writes_table_and_json(tmp_path, capsys
     # aot_eager runs the traced graph with the same kernels: fp32 differences are rounding only
     assert comp[0]["extra"]["loss_gap"] < 1e-4 and comp[0]["extra"]["weight_gap"] < 1e-4
     assert len(comp[0]["extra"]["losses"]) == 2
-    out = capsys.readouterr().out
+    out = result.stdout
     assert f"table: {tmp_path}" in out and f"json:  {tmp_path}" in out
 
 
 @pytest.mark.slow
 def test_dry_run_runs_every_step(tmp_path) -> None:
     """The whole rehearsal as a user types it: every step, a table and a JSON file, exit 0."""
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--dry-run", "--out",
-                             str(tmp_path)], capture_output=True, text=True, timeout=1500,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_cli("scripts/gpu_check.py", "--dry-run", "--out", str(tmp_path), env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     md, data = outputs(tmp_path)
     rows = table_rows(md)
-    assert {r[0] for r in rows} == set(gpu_check.STEPS)
-    assert {r["step"] for r in data["rows"]} == set(gpu_check.STEPS)
+    assert {r[0] for r in rows} == set(STEPS)
+    assert {r["step"] for r in data["rows"]} == set(STEPS)
     assert not [r for r in data["rows"] if r["status"] == "failed"]
     acc = [r for r in data["rows"] if r["step"] == "accuracy"]
     assert [r["config"].split(",")[0].split()[-1] for r in acc] == ["fp32", "fast"]
@@ -155,27 +156,27 @@ def check_subset(source: Path, written: Path, per_class: tuple[int, int]) -> Non
 
 def test_subset_writer_writes_a_loadable_official_format(tmp_path) -> None:
     source = fake_cifar(tmp_path / "src", 4, 3)
-    written = gpu_check.write_cifar_subset(tmp_path / "src", tmp_path / "subset", per_class=(2, 1))
+    written = write_cifar_subset(tmp_path / "src", tmp_path / "subset", per_class=(2, 1))
     assert written == tmp_path / "subset" / "cifar-100-python"
     check_subset(source, written, (2, 1))
     stamp = (written / "train").stat().st_mtime_ns
-    gpu_check.write_cifar_subset(tmp_path / "src", tmp_path / "subset", per_class=(3, 2))  # written once
+    write_cifar_subset(tmp_path / "src", tmp_path / "subset", per_class=(3, 2))  # written once
     assert (written / "train").stat().st_mtime_ns == stamp
-    gpu_check.write_cifar_subset(tmp_path / "src", tmp_path / "subset", per_class=(3, 2), force=True)
+    write_cifar_subset(tmp_path / "src", tmp_path / "subset", per_class=(3, 2), force=True)
     check_subset(source, written, (3, 2))
     with pytest.raises(UserError, match="fewer than 5 per class"):
-        gpu_check.write_cifar_subset(tmp_path / "src", tmp_path / "other", per_class=(5, 1))
+        write_cifar_subset(tmp_path / "src", tmp_path / "other", per_class=(5, 1))
     with pytest.raises(UserError, match="no CIFAR-100"):
-        gpu_check.write_cifar_subset(tmp_path / "nothing", tmp_path / "other")
+        write_cifar_subset(tmp_path / "nothing", tmp_path / "other")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "data" / "cifar-100-python" / "train").is_file(), reason="no real CIFAR-100")
 def test_subset_writer_on_the_real_data(tmp_path) -> None:
-    written = gpu_check.write_cifar_subset(SHARED / "data", tmp_path / "subset", per_class=(3, 2))
+    written = write_cifar_subset(SHARED / "data", tmp_path / "subset", per_class=(3, 2))
     check_subset(SHARED / "data" / "cifar-100-python", written, (3, 2))
     # the default size fits the GPU machine's data allowance: 19,000 images of 3,072 bytes < 60 MB
-    assert 100 * sum(gpu_check.SUBSET_PER_CLASS) * 3072 < 60e6
+    assert 100 * sum(SUBSET_PER_CLASS) * 3072 < 60e6
 
 
 # ---- trainer.precision=auto ------------------------------------------------------------------------------------

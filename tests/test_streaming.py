@@ -399,9 +399,9 @@ def test_configs_compose_and_validate(compose) -> None:
 def test_loader_benchmark_runs_and_its_figures_follow_from_each_other() -> None:
     """scripts/stream_benchmark.py on a tiny generated folder: every figure present and consistent (speed itself is
     never asserted)."""
-    from scripts import stream_benchmark
+    from distiller.bench import loader_speed
 
-    result = stream_benchmark.measure(images=12, workers=(1,), batch_size=4, rounds=1, size=(48, 64))
+    result = loader_speed.measure(images=12, workers=(1,), batch_size=4, rounds=1, size=(48, 64))
     assert set(result["decoders_per_core"]) == {"torchvision.io + tensor ops (ours)", "PIL + tensor ops",
                                                 "PIL + PIL ops (baseline)"}
     assert all(rate > 0 for rate in result["decoders_per_core"].values())

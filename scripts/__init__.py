@@ -1,1 +1,0 @@
-"""Command-line tools: paper-table sweeps, the results collector, the speed benchmark, the demo."""
