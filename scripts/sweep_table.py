@@ -5,6 +5,8 @@
     python scripts/sweep_table.py crd_table2 hydra/launcher=local_gpus hydra.launcher.n_jobs=8
     python scripts/sweep_table.py dkd hydra/launcher=slurm hydra.launcher.partition=gpu
     python scripts/sweep_table.py crd_table1 seed=0 --dry-run   # list the cells and commands, run nothing
+    python scripts/sweep_table.py imagenet --dry-run           # one preset per cell; on 8 GPUs run each cell as
+        torchrun --nproc_per_node=8 train_student.py experiment=imagenet/r34_r18/dkd dataset.root=DIR
 
 A table is one or more experiment presets (``configs/experiment/``), each an ordinary Hydra multirun
 over ``pair x distill x seed`` (``hydra.sweeper.params``). CRD Table 1 needs two, because FSP does not
@@ -35,6 +37,13 @@ TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "crd_table2": ("train_student.py", ("crd_table2",)),
     "dkd": ("train_student.py", ("dkd_tables",)),
     "new_methods": ("train_student.py", ("new_methods_table", "new_methods_table_dot")),
+    # mdistiller's ImageNet tables (configs/experiment/imagenet/: one preset per cell, each its own batch and lr)
+    "imagenet": ("train_student.py", tuple(f"imagenet/{pair}/{method}" for pair, methods in (
+        ("r34_r18", ("kd", "at", "crd", "reviewkd", "dkd", "dot")),
+        ("r50_mv1", ("kd", "at", "crd", "ofd", "reviewkd", "dkd", "dot"))) for method in methods)),
+    # DOT's Tiny-ImageNet table (configs/experiment/tiny_imagenet/)
+    "tiny_imagenet": ("train_student.py", tuple(f"tiny_imagenet/{pair}/{method}" for pair in ("r18_shuv2",)
+                                               for method in ("kd", "dot"))),
 }
 
 
