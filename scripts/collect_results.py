@@ -59,6 +59,8 @@ class Source:
 
 
 SOURCES: dict[str, Source] = {
+    # the ImageNet and Tiny-ImageNet tables (per-row protocol; not in the shared notes): --sources imagenet
+    "imagenet": Source("imagenet", "imagenet_tables.csv", "ImageNet papers", "best"),
     "crd": Source("crd", "crd_paper_repdistiller_readme.csv", "CRD paper", "last"),
     "dkd": Source("dkd", "dkd_paper.csv", "DKD paper", "best"),
     "mdistiller": Source("mdistiller", "mdistiller_readme.csv", "mdistiller README", "best"),

@@ -10,9 +10,10 @@ else from ``model=ARCH``, else from the parameter shapes. Overrides are those of
 (``dataset=``, ``dataset.*``, ``trainer.device``, ``trainer.precision``); without ``dataset=`` a
 checkpoint of ours is evaluated on the data set it was trained on (its stored config), any other
 on CIFAR-100. Evaluation runs in fp32 unless ``trainer.precision=`` says otherwise. For the
-widely shared teachers on CIFAR-100 the measured top-1 is compared with the published one; a
-file in an indexed teacher folder is checked against its index entry. Mistakes end with one
-line and exit status 2.
+widely shared teachers on CIFAR-100, and torchvision's ResNet18/34/50 weights on ImageNet's val
+split (``model=torchvision model.name=resnet34 dataset=imagenet dataset.root=DIR``), the measured
+top-1 is compared with the published one; a file in an indexed teacher folder is checked against
+its index entry. Mistakes end with one line and exit status 2.
 """
 from __future__ import annotations
 

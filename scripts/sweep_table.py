@@ -2,6 +2,8 @@
 
     python scripts/sweep_table.py teachers                     # first: the six table teachers
     python scripts/sweep_table.py crd_table1                   # CRD Table 1 (incl. its FSP column)
+    python scripts/sweep_table.py imagenet --dry-run           # one preset per cell; on 8 GPUs run each cell as
+        torchrun --nproc_per_node=8 train_student.py experiment=imagenet/r34_r18/dkd dataset.root=DIR
     python scripts/sweep_table.py crd_table2 hydra/launcher=local_gpus hydra.launcher.n_jobs=8
     python scripts/sweep_table.py dkd hydra/launcher=slurm hydra.launcher.partition=gpu
     python scripts/sweep_table.py crd_table1 seed=0 --dry-run   # list the cells and commands, run nothing
@@ -29,6 +31,13 @@ CONFIGS = REPO / "configs"
 
 # table -> (entry point, experiment presets run in this order)
 TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
+    # mdistiller's ImageNet tables (configs/experiment/imagenet/: one preset per cell, each its own batch and lr)
+    "imagenet": ("train_student.py", tuple(f"imagenet/{pair}/{method}" for pair, methods in (
+        ("r34_r18", ("kd", "at", "crd", "reviewkd", "dkd", "dot")),
+        ("r50_mv1", ("kd", "at", "crd", "ofd", "reviewkd", "dkd", "dot"))) for method in methods)),
+    # DOT's Tiny-ImageNet table (configs/experiment/tiny_imagenet/)
+    "tiny_imagenet": ("train_student.py", tuple(f"tiny_imagenet/{pair}/{method}" for pair in ("r18_shuv2",)
+                                               for method in ("kd", "dot"))),
     "teachers": ("train_teacher.py", ("table_teachers",)),
     "baselines": ("train_teacher.py", ("table_baselines",)),
     "crd_table1": ("train_student.py", ("crd_table1", "crd_table1_fsp")),

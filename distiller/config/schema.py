@@ -31,6 +31,11 @@ PUBLISHED_TEACHER_TOP1: dict[str, float] = {
     "wrn_40_2": 75.61, "resnet56": 72.34, "resnet110": 74.31, "resnet32x4": 79.42, "vgg13": 74.64,
     "ResNet50": 79.34,
 }
+# Top-1 on ImageNet's 50,000-image val split of torchvision's IMAGENET1K_V1 weights (torchvision's model docs),
+# by the name the network goes by (models.external.network_label): the ImageNet tables' teachers and R18 baseline.
+PUBLISHED_IMAGENET_TOP1: dict[str, float] = {
+    "torchvision-resnet18": 69.758, "torchvision-resnet34": 73.314, "torchvision-resnet50": 76.130,
+}
 
 
 def key(default: Any = MISSING, *, gt: float | None = None, ge: float | None = None, le: float | None = None,
@@ -85,7 +90,7 @@ class ModelConfig(ConfigNode):
 @dataclass
 class TeacherConfig(ModelConfig):
     ckpt: str = key()  # the teacher's weights
-    published_top1: float | None = key(ge=0, le=100)  # test top-1 of the widely shared pretrained teacher
+    published_top1: float | None = key(ge=0, le=100)  # CIFAR-100 test top-1 of the widely shared pretrained teacher
     verify: bool = key()  # check the file against the teacher index (distiller/teachers.py) before use
 
 

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Mapping
 from common.errors import UserError
 from common.files import atomic_copy, atomic_write, file_sha256, fsync_dir, replace_durably
 from common.lookup import dotted_get
+from distiller.jobs.downloads import check_name_hash
 from models.external import command_line_choice, label_choice
 
 log = logging.getLogger("distiller")
@@ -39,8 +40,9 @@ INDEX_FORMAT = 1
 # the published numbers are single runs, and retrained teachers spread by about +-0.5 points over
 # seeds, so one point below is beyond seed noise (a wrong file, wrong preprocessing or a short recipe)
 PUBLISHED_TOLERANCE = 1.0
-# the published teacher accuracies are on CIFAR-100's full test split
-PUBLISHED_DATASET, PUBLISHED_TEST_SIZE = "cifar100", 10000
+# the published teacher accuracies hold for a data set's full test split only: CIFAR-100's test split and
+# ImageNet's 50,000-image val split (split sizes here; the numbers in distiller.config.schema)
+PUBLISHED_TEST_SIZES = {"cifar100": 10000, "imagenet": 50000}
 
 
 # ---- the index file -------------------------------------------------------------------------------
@@ -330,6 +332,7 @@ def verify_teacher(path: str | Path, arch: str, dataset: str | None = None) -> d
     path = Path(path)
     entry = read_index(path.parent).get(path.name)
     if entry is None:
+        check_name_hash(path)
         log.info("teacher %s has no entry in %s (a downloaded teacher?): loading it without a checksum check; "
                  "`python scripts/teachers.py add %s %s` records it", path, index_path(path.parent), path,
                  label_choice(arch, "model"))
@@ -384,6 +387,7 @@ def add_teacher(path: str | Path, arch: str, dataset: str | None = None, num_cla
                 source: str = "added") -> dict[str, Any]:
     """Index (or re-index) an existing teacher file in its folder's index; returns the new entry."""
     path = Path(path)
+    check_name_hash(path)  # a damaged download is refused, never indexed (and so blessed)
     entry = make_entry(path, arch, dataset, num_classes, metrics, recipe, source)
     update_index(path.parent, lambda entries: entries.__setitem__(path.name, entry))
     return entry
@@ -394,15 +398,20 @@ def published_check(arch: str, dataset: str, num_test: int, measured_top1: float
                     published: float | None = None) -> dict[str, Any] | None:
     """Compare a measured teacher accuracy with the published one (None where no comparison applies).
 
-    The published numbers (``distiller.config.PUBLISHED_TEACHER_TOP1``) hold for CIFAR-100's full
-    test split only; ``ok`` is false when the measurement is more than :data:`PUBLISHED_TOLERANCE`
-    points below.
+    The published numbers hold for a data set's full test split only (:data:`PUBLISHED_TEST_SIZES`):
+    CIFAR-100's (``distiller.config.schema.PUBLISHED_TEACHER_TOP1``, or ``published``: the teacher
+    node's ``published_top1``, which carries them) and ImageNet's val split (``PUBLISHED_IMAGENET_TOP1``:
+    torchvision's weights; a node's CIFAR-100 number never applies there). ``ok`` is false when the
+    measurement is more than :data:`PUBLISHED_TOLERANCE` points below.
     """
-    if published is None:
-        from distiller.config.schema import PUBLISHED_TEACHER_TOP1
+    from distiller.config.schema import PUBLISHED_IMAGENET_TOP1, PUBLISHED_TEACHER_TOP1
 
-        published = PUBLISHED_TEACHER_TOP1.get(arch)
-    if published is None or dataset != PUBLISHED_DATASET or num_test != PUBLISHED_TEST_SIZE:
+    if PUBLISHED_TEST_SIZES.get(dataset) != num_test:
+        return None
+    tables = {"cifar100": PUBLISHED_TEACHER_TOP1, "imagenet": PUBLISHED_IMAGENET_TOP1}
+    if published is None or dataset != "cifar100":
+        published = tables[dataset].get(arch)
+    if published is None:
         return None
     difference = measured_top1 - published
     return {"published_top1": published, "measured_top1": measured_top1, "difference": difference,
