@@ -21,6 +21,7 @@ from typing import Any, Callable
 from omegaconf.errors import OmegaConfBaseException
 
 from common.errors import UserError
+from distiller.config import run_record
 from distiller.config.compose import CONFIG_DIR, compose
 from distiller.config.messages import describe_error
 from distiller.config.schema import SCHEMAS
@@ -46,10 +47,15 @@ def fail(message: str) -> None:
 
 
 def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a Hydra task function so :class:`UserError` ends the process with one line."""
+    """Wrap a Hydra task function so :class:`UserError` ends the process with one line.
+
+    The job's ``.hydra/`` record and log file are held until the job takes its run directory
+    (:mod:`distiller.config.run_record`): a command the directory refuses writes nothing there.
+    """
 
     @functools.wraps(task)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        run_record.hold(args[0] if args else kwargs.get("cfg"))
         try:
             return task(*args, **kwargs)
         except UserError as err:
@@ -61,6 +67,8 @@ def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
             fail(str(err))
         except KeyboardInterrupt:
             fail("interrupted; the last checkpoint is intact, rerun the same command to resume")
+        finally:
+            run_record.release()
 
     return wrapper
 
