@@ -15,6 +15,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.errors import UserError
+from distiller.config.key_scope import check_options, expand_home
 from distiller.config.messages import describe_error, either, show, unwrap
 from distiller.config.schema import (
     SCHEMAS,
@@ -40,6 +41,7 @@ def validate(cfg: DictConfig | dict, job: str | None = None) -> DictConfig:
     schema = SCHEMAS[job] if job else (StudentJob if "distill" in cfg else TeacherJob)
     _require_network_names(cfg)
     data = _resolved(cfg)
+    expand_home(data, schema)  # a path's ~ is the home folder (key_scope.py)
     typed = OmegaConf.structured(schema)
     OmegaConf.set_struct(typed, False)  # unknown top-level keys pass; every group node stays closed
     if isinstance(data.get("combine"), dict):
@@ -51,6 +53,7 @@ def validate(cfg: DictConfig | dict, job: str | None = None) -> DictConfig:
         _check(typed, schema, "", data)
         for group, kind in external.items():
             _check(typed[group], kind, f"{group}.", data[group])
+        check_options(typed, data)  # a data set's or optimizer's own keys only for it (key_scope.py)
     except OmegaConfBaseException as err:
         raise UserError(describe_error(err, schema)) from None
     return typed
@@ -196,3 +199,14 @@ def _check_value(path: str, value: Any, checks: Any, given: Any) -> None:
                                 ("le", lambda lim: value > lim, "<="), ("lt", lambda lim: value >= lim, "<")):
             if op in checks and fails(checks[op]):
                 raise UserError(f"{path}={shown} must be {text} {show(checks[op])}")
+
+
+def check_before_start(cfg: DictConfig | dict, job: str) -> None:
+    """What a job refuses in its config before it starts, in one :class:`UserError`: the schema (:func:`load_job`)
+    and, for distillation, the objective's own checks (a method's parameters, ``logit_standardize`` where no
+    term compares logits, ...: :meth:`distiller.objective.Objective.from_config`)."""
+    from distiller.objective import Objective
+
+    typed = load_job(cfg, job)
+    if isinstance(typed, StudentJob):
+        Objective.from_config(typed.distill, typed.combine)
