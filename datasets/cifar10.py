@@ -28,7 +28,7 @@ def read_cifar10_folder(folder: Path) -> DataSplits:
     return cifar.read_folder(folder, CIFAR10)
 
 
-@DATASETS.register("cifar10", facts=CIFAR10.facts)
+@DATASETS.register("cifar10", facts=CIFAR10.facts, options=("download", "verify_checksums"))
 def load_cifar10(cfg: Mapping[str, Any]) -> DataSplits:
     """``dataset=cifar10``: the real data set under ``dataset.root`` (downloaded when missing)."""
     return cifar.load_official(cfg, CIFAR10)

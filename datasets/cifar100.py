@@ -41,7 +41,7 @@ def prepare_cifar100(root: Path, download: bool = True, verify_checksums: bool =
     return cifar.prepare(root, CIFAR100, download_missing=download, verify_checksums=verify_checksums)
 
 
-@DATASETS.register("cifar100", facts=CIFAR100.facts)
+@DATASETS.register("cifar100", facts=CIFAR100.facts, options=("download", "verify_checksums"))
 def load_cifar100(cfg: Mapping[str, Any]) -> DataSplits:
     """``dataset=cifar100``: the real data set under ``dataset.root`` (downloaded when missing)."""
     return cifar.load_official(cfg, CIFAR100)

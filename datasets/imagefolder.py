@@ -209,7 +209,8 @@ def _write_cache(content: dict[str, Any], path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-@DATASETS.register("imagefolder", facts=DatasetFacts(channels=3), teachers_per_root=True)
+@DATASETS.register("imagefolder", facts=DatasetFacts(channels=3), teachers_per_root=True,
+                   options=("image_size", "stream", "workers"))
 def load_imagefolder(cfg: Mapping[str, Any]) -> DataSplits:
     """``dataset=imagefolder``: the folder at ``dataset.root``, from its cache when the files did not change."""
     given = cfg_get(cfg, "root")

@@ -35,7 +35,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _LAYOUT = "dataset=imagenet reads DIR/train/<wnid>/*.JPEG and DIR/val/<wnid>/*.JPEG"
 
 
-@DATASETS.register("imagenet", facts=DatasetFacts(channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+@DATASETS.register("imagenet", facts=DatasetFacts(channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+                   options=("image_size", "eval_resize", "stream", "workers"))
 def load_imagenet(cfg: Mapping[str, Any]) -> FileSplits:
     """``dataset=imagenet``: the folders at ``dataset.root``, checked once, streamed with the ImageNet recipe."""
     given = cfg_get(cfg, "root")

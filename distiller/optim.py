@@ -4,7 +4,7 @@
 that defines ``step_kd()`` gets the distillation and the task gradients apart
 (:class:`distiller.engine.step.SplitGradientOptimizer`). A factory registered with ``options=(...)`` reads
 those keys of the ``optim`` node beyond the common ones (DOT's ``delta``); another optimizer's keys must
-stay null (:func:`check_optimizer`).
+stay null (the config's validation refuses them: :func:`distiller.config.validation.option_error`).
 """
 from __future__ import annotations
 
@@ -161,15 +161,7 @@ def make_optimizer(params: list[nn.Parameter], lr: float, optim: Any, device: to
 
 
 def check_optimizer(optim: Any, device: torch.device) -> None:
-    """Fail now, in one line, on an optimizer option that would fail when the first phase starts.
-
-    A key of another optimizer set (not null), e.g. ``optim.delta`` with SGD; and whatever the factory
-    refuses, found by building it over one probe parameter.
-    """
-    takes = OPTIMIZERS.metadata(optim.name).get("options", ())
-    for other in OPTIMIZERS.names():
-        for key in OPTIMIZERS.metadata(other).get("options", ()):
-            if key not in takes and optim.get(key) is not None:
-                raise UserError(f"optim.{key} is a key of optim={other}, not of optim={optim.name}; "
-                                f"remove it or use optim={other}")
+    """Fail now, in one line, on an optimizer option that would fail when the first phase starts: whatever
+    the factory refuses, found by building it over one probe parameter (a key of another optimizer, e.g.
+    ``optim.delta`` with SGD, was refused when the config was validated)."""
     make_optimizer([nn.Parameter(torch.zeros(1, device=device))], float(optim.lr), optim, device)

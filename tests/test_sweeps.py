@@ -314,13 +314,14 @@ def sweep(tmp_path_factory):
 
 
 def run_dirs(tmp: Path) -> list[Path]:
-    return sorted(p.parent for p in (tmp / "runs" / "student").glob("*/*/seed*/metrics.json"))
+    return sorted(p.parent for p in (tmp / "runs" / "student").glob("synthetic/*/*/seed*/metrics.json"))
 
 
 def test_multirun_makes_one_directory_per_cell_and_relaunch_reruns_nothing(sweep) -> None:
     tmp, command = sweep
     dirs = run_dirs(tmp)
-    expected = [tmp / "runs/student/resnet56-resnet20" / m / f"seed{s}" for m in ("at", "kd") for s in (0, 1)]
+    # the data set (not CIFAR-100) is the first folder below the sweep's
+    expected = [tmp / "runs/student/synthetic/resnet56-resnet20" / m / f"seed{s}" for m in ("at", "kd") for s in (0, 1)]
     assert dirs == expected
     for d in dirs:
         assert json.loads((d / "metrics.json").read_text())["status"] == "finished"
@@ -340,8 +341,8 @@ def test_collector_on_the_sweep(sweep) -> None:
     assert len(runs) == 5 and all(r.status == "finished" for r in runs)
     by_method = {r.method: r for r in rows}
     for method, published in (("kd", 70.66), ("at", 70.55)):  # CRD Table 1, resnet56 -> resnet20
-        finals = [json.loads((tmp / f"runs/student/resnet56-resnet20/{method}/seed{s}/metrics.json").read_text())
-                  ["final_top1"] for s in (0, 1)]
+        runs_of = tmp / "runs/student/synthetic/resnet56-resnet20" / method
+        finals = [json.loads((runs_of / f"seed{s}/metrics.json").read_text())["final_top1"] for s in (0, 1)]
         row = by_method[method]
         assert row.last.n == 2
         assert row.last.mean == pytest.approx(statistics.mean(finals))

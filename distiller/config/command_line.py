@@ -3,6 +3,9 @@
 Hydra prints a traceback for any exception escaping the task function and a
 multi-line report for a bad override. Users get one line on stderr and a non-zero
 exit instead; ``HYDRA_FULL_ERROR=1`` (or ``KD_DEBUG=1``) shows the full traceback.
+The check before Hydra reads every override (:mod:`distiller.config.overrides`: a path Hydra cannot
+read unquoted is quoted for it), composes and validates the config, and in a sweep (``-m``) every
+value of every swept key, so a typo in the middle of ``seed=8,abc,9`` stops the sweep before any job.
 Importing it also fills Hydra's ConfigStore and registers the resolvers (:mod:`distiller.config.compose`).
 """
 from __future__ import annotations
@@ -18,18 +21,26 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from hydra.errors import CompactHydraException
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from common.errors import UserError
+from distiller.config import run_record
 from distiller.config.compose import CONFIG_DIR, compose
+from distiller.config.key_advice import unknown_key_message
+from distiller.config.key_scope import check_added_keys
+from distiller.config.overrides import added_top_level_keys, readable_overrides, sweep_axes
 from distiller.config.schema import SCHEMAS
 from distiller.config.store import group_options
-from distiller.config.validation import describe_error, validate
+from distiller.config.validation import check_before_start, describe_error, validate
 from models import MODELS
 
 EXIT_USER_ERROR = 2
 
 
+class SweepJobError(CompactHydraException):
+    """A job of a sweep stopped on a user error: Hydra reports it when the sweep ends, in its one line."""
 
 
 def debug_mode() -> bool:
@@ -45,21 +56,28 @@ def fail(message: str) -> None:
 
 
 def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a Hydra task function so :class:`UserError` ends the process with one line."""
+    """Wrap a Hydra task function so :class:`UserError` ends the process with one line.
+
+    The job's ``.hydra/`` record and log file are held until the job takes its run directory
+    (:mod:`distiller.config.run_record`): a command the directory refuses writes nothing there.
+    """
 
     @functools.wraps(task)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        run_record.hold(args[0] if args else kwargs.get("cfg"))
         try:
             return task(*args, **kwargs)
         except UserError as err:
             if debug_mode():
                 raise
             logging.getLogger("distiller").error("%s", err)
-            if _in_multirun():
-                raise  # this job fails, the sweep goes on; Hydra reports the failure when the sweep ends
+            if _in_multirun():  # this job fails, the sweep goes on; Hydra reports it in one line when it ends
+                raise SweepJobError(f"error: {' '.join(str(err).split())}") from None
             fail(str(err))
         except KeyboardInterrupt:
             fail("interrupted; the last checkpoint is intact, rerun the same command to resume")
+        finally:
+            run_record.release()
 
     return wrapper
 
@@ -78,8 +96,12 @@ def _group_options(group: str) -> list[str]:
     return files + [name for name in group_options(group) if name not in files]
 
 
-def explain_config_error(err: BaseException) -> str:
-    """Turn a Hydra / OmegaConf composition error into one helpful line."""
+def explain_config_error(err: BaseException, config_name: str | None = None, overrides: list[str] = ()) -> str:
+    """Turn a Hydra / OmegaConf composition error into one helpful line.
+
+    ``config_name`` and ``overrides``: what was composed; with them, a key that does not exist gets
+    advice for the config at hand (:func:`distiller.config.key_advice.unknown_key_message`).
+    """
     if isinstance(err, UserError):
         return str(err)
     text = str(err)
@@ -94,8 +116,7 @@ def explain_config_error(err: BaseException) -> str:
     override = re.search(r"Could not override '([^']+)'", text)
     if override:
         key = override.group(1)
-        return (f"config key '{key}' does not exist; check the spelling "
-                f"(or add a new key with +{key}=VALUE if you really mean to)")
+        return unknown_key_message(config_name, list(overrides), key)
     append = re.search(r"Could not append to config\. An item is already at '([^']+)'", text)
     if append:
         return f"config key '{append.group(1)}' already exists; set it without the leading '+'"
@@ -150,18 +171,61 @@ def check_run_dir(path: Path) -> None:
 def preflight(config_name: str, argv: list[str]) -> None:
     """Compose and validate the config once with the command-line overrides; a mistake ends here in one line.
 
-    Architecture names on the command line are first rewritten as registered (``sys.argv`` too,
-    for Hydra). Multirun sweeps and Hydra's own flags are left to Hydra (each job validates its config).
+    Overrides Hydra cannot read as typed are first made readable (quoted), and architecture names
+    rewritten as registered (``sys.argv`` too, for Hydra). In a sweep (``-m``), each value of each
+    swept key is checked with the other keys at their first value (a sum of compositions, not the
+    product; a mistake only some combinations make is reported by its job). Hydra's other flags
+    (``--cfg``, ``-cn``, ...) are left to Hydra.
     """
-    canonical = canonical_model_choices(argv)
-    if canonical != argv and sys.argv[1:] == argv:
-        sys.argv[1:] = canonical
-    argv = canonical
-    if debug_mode() or any(a in ("-m", "--multirun") or a.startswith("--") or a.startswith("-") for a in argv):
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return
+    flags = [a for a in argv if a in ("-m", "--multirun")]
     try:
-        cfg = compose(config_name, [a for a in argv if "=" in a], return_hydra_config=True)
-        validate(cfg, config_name if config_name in SCHEMAS else None)
-        check_run_dir(Path(str(cfg.hydra.run.dir)))
-    except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
-        fail(explain_config_error(err))
+        overrides = canonical_model_choices(readable_overrides([a for a in argv if a not in flags], multirun))
+    except UserError as err:
+        if debug_mode():
+            raise
+        fail(str(err))
+    if sys.argv[1:] == argv:
+        sys.argv[1:] = flags + overrides
+    if debug_mode():
+        return
+    job = config_name if config_name in SCHEMAS else None
+    try:
+        if job:
+            groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()} | {"model", "teacher", "student"}
+            check_added_keys(added_top_level_keys(overrides, groups), job)
+    except UserError as err:
+        fail(str(err))
+    if not multirun:
+        try:
+            cfg = compose(config_name, overrides, return_hydra_config=True)
+            _check(cfg, job)
+            check_run_dir(Path(str(cfg.hydra.run.dir)))
+        except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
+            fail(explain_config_error(err, config_name, overrides))
+        return
+    _check_sweep(config_name, job, overrides)
+
+
+def _check(cfg: DictConfig, job: str | None) -> None:
+    """The checks the job makes before it starts (:func:`distiller.config.validation.check_before_start`)."""
+    if job is None:
+        validate(cfg)
+    else:
+        check_before_start(cfg, job)
+
+
+def _check_sweep(config_name: str, job: str | None, overrides: list[str]) -> None:
+    """Every value of every swept key composes and validates (with the other keys at their first value)."""
+    plain, axes = sweep_axes(overrides)
+    first = [f"{key}={values[0]}" for key, values in axes.items() if values]
+    trials = [first] + [[f"{k}={v[0]}" for k, v in axes.items() if k != key and v] + [f"{key}={value}"]
+                        for key, values in axes.items() for value in values[1:]]
+    for trial in trials:
+        try:
+            _check(compose(config_name, plain + trial), job)
+        except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
+            where = f" (in the sweep's job with {' '.join(trial)}; nothing was run)" if axes else ""
+            fail(explain_config_error(err, config_name, plain + trial) + where)

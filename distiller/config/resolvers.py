@@ -1,4 +1,5 @@
-"""The config's own resolvers: ``${method_label:...}``, ``${if:FLAG,A,B}`` and ``${teacher_folder:...}``.
+"""The config's own resolvers: ``${method_label:...}``, ``${if:FLAG,A,B}``, ``${teacher_folder:...}``, and
+the two that name a run directory's data set and optimizer (``${dataset_folder:...}``, ``${optimizer_label:...}``).
 
 Registered when this module is imported (every composition imports it, :mod:`distiller.config.compose`).
 """
@@ -16,6 +17,28 @@ from datasets import teacher_folder
 def method_label(name: str, combine: Any = None) -> str:
     """Label of a run's objective: the method's name, plus ``+label`` for every combined method."""
     return "+".join([str(name), *sorted(str(k) for k in (combine or {}))])
+
+
+# Runs on CIFAR-100 with SGD keep the run directories they always had; another data set or optimizer is
+# named in the path, so such a run never lands in (and is never refused by) the directory of a default run.
+PLAIN_DATASET, PLAIN_OPTIMIZER = "cifar100", "sgd"
+
+
+def dataset_folder(name: str, root: Any) -> str:
+    """``${dataset_folder:NAME,ROOT}``: nothing on CIFAR-100, else the data set's folder and a ``/``, e.g.
+    ``cifar10/`` or, for an image folder, ``imagefolder-flowers/`` (named as its teachers' folder is)."""
+    return "" if str(name) == PLAIN_DATASET else f"{teacher_folder(str(name), str(root))}/"
+
+
+def optimizer_label(label: str, optimizer: str) -> str:
+    """``${optimizer_label:LABEL,OPTIMIZER}``: LABEL under SGD, else ``LABEL_<optimizer>`` on its first method
+    (``kd_dot``, ``crd_dot+at``: how the result tables and ``experiment=new_methods_table_dot`` name such
+    runs), never twice (``kd_dot`` stays ``kd_dot``)."""
+    first, *combined = str(label).split("+")
+    suffix = f"_{optimizer}"
+    if str(optimizer) != PLAIN_OPTIMIZER and not first.endswith(suffix):
+        first += suffix
+    return "+".join([first, *combined])
 
 
 def if_switch(flag: Any, then: Any, otherwise: Any) -> Any:
@@ -36,6 +59,9 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("if", if_switch, replace=True)
     # ``teacher_dir``'s default: checkpoints/teachers/<data set>, one folder per image folder (datasets.base)
     OmegaConf.register_new_resolver("teacher_folder", teacher_folder, replace=True)
+    # run directories: the data set and the optimizer where they are not CIFAR-100 and SGD
+    OmegaConf.register_new_resolver("dataset_folder", dataset_folder, replace=True)
+    OmegaConf.register_new_resolver("optimizer_label", optimizer_label, replace=True)
 
 
 register_resolvers()

@@ -40,15 +40,16 @@ PUBLISHED_IMAGENET_TOP1: dict[str, float] = {
 
 def key(default: Any = MISSING, *, gt: float | None = None, ge: float | None = None, le: float | None = None,
         lt: float | None = None, choices: tuple | None = None, pattern: str | None = None, each: dict | None = None,
-        extra_keys: bool = False) -> Any:
+        extra_keys: bool = False, path: bool = False) -> Any:
     """A schema field: ``MISSING`` (the YAML sets it) or a default, plus its range or valid values.
 
     ``pattern`` is a regular expression the value must match in full (``choices`` then only names
     the valid values in messages); ``each`` holds the same checks for every item of a list;
-    ``extra_keys`` lets a typed mapping carry further, untyped keys.
+    ``extra_keys`` lets a typed mapping carry further, untyped keys; ``path``: a file or folder, a
+    leading ``~`` read as the home folder.
     """
     checks = {"gt": gt, "ge": ge, "le": le, "lt": lt, "choices": choices, "pattern": pattern, "each": each,
-              "extra_keys": extra_keys}
+              "extra_keys": extra_keys, "path": path}
     checks = {k: v for k, v in checks.items() if v is not None and v is not False}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=checks)
@@ -89,7 +90,7 @@ class ModelConfig(ConfigNode):
 
 @dataclass
 class TeacherConfig(ModelConfig):
-    ckpt: str = key()  # the teacher's weights
+    ckpt: str = key(path=True)  # the teacher's weights
     published_top1: float | None = key(ge=0, le=100)  # CIFAR-100 test top-1 of the widely shared pretrained teacher
     verify: bool = key()  # check the file against the teacher index (distiller/teachers.py) before use
 
@@ -115,7 +116,7 @@ class ExternalKeys(ConfigNode):
 
     source: str = key(choices=tuple(SOURCES.names()))  # models.external.SOURCES
     cifar_stem: bool = key(False)  # first conv 3x3 stride 1, no max-pool before the first stage (32 px inputs)
-    weights: str | None = key(None)  # the library's own weights file, loaded before training (never downloaded)
+    weights: str | None = key(None, path=True)  # the library's weights file, loaded before training (never downloaded)
     taps: TapsConfig = field(default_factory=TapsConfig)  # over the taps inferred for the family
     _target_: str | None = key(None)  # module: import path of the network's class or builder
     extra: Dict[str, Any] = key({})  # the constructor's keyword arguments (+model.width=2)
@@ -134,13 +135,14 @@ class ExternalTeacherConfig(ExternalKeys, TeacherConfig):
 @dataclass
 class DatasetConfig(ConfigNode):
     name: str = key()  # registry key in datasets.DATASETS
-    root: str = key()
+    root: str = key(path=True)
     batch_size: int = key(gt=0)
     eval_batch_size: int = key(gt=0)
     num_classes: int | None = key(None, gt=0)  # must match the data; null: the data set's own count
     mean: List[float] | None = key(None)  # per-channel normalisation (pixels in [0, 1]); null: the data set's
     std: List[float] | None = key(None, each={"gt": 0})
-    # keys of one data set only (null: the data set has no such key)
+    # keys of some data sets only, each declared where those register (options=...: datasets/); set (not
+    # null) for another data set, such a key is refused (config/validation.py)
     download: bool | None = key(None)  # cifar100, cifar10
     verify_checksums: bool | None = key(None)  # cifar100, cifar10
     train_size: int | None = key(None, ge=10)  # synthetic: every class appears (checked by the data set)
@@ -161,7 +163,7 @@ class OptimConfig(ConfigNode):
     nesterov: bool = key()
     implementation: str = key(choices=("auto", "fused", "foreach", "loop"))
     scale_lr_with_batch: bool = key()
-    # keys of one optimizer only (null: the optimizer has no such key)
+    # keys of one optimizer only, declared where it registers (options=...: distiller/optim.py); null elsewhere
     delta: float | None = key(None, ge=0)  # dot: task momentum - delta, distillation momentum + delta
 
 
@@ -236,7 +238,7 @@ class LoggerConfig(ConfigNode):
 @dataclass
 class JobConfig(ConfigNode):
     seed: int = key(ge=0)
-    teacher_dir: str = key()  # where finished teachers are stored and teacher=<arch> looks
+    teacher_dir: str = key(path=True)  # where finished teachers are stored and teacher=<arch> looks
     dataset: DatasetConfig = key()
     optim: OptimConfig = key()
     schedule: ScheduleConfig = key()

@@ -18,6 +18,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
 from common.errors import UserError
+from distiller.config.key_scope import check_options, expand_home
 from distiller.config.schema import (
     EXTRA,
     SCHEMAS,
@@ -41,6 +42,7 @@ def validate(cfg: DictConfig | dict, job: str | None = None) -> DictConfig:
     schema = SCHEMAS[job] if job else (StudentJob if "distill" in cfg else TeacherJob)
     _require_network_names(cfg)
     data = _resolved(cfg)
+    expand_home(data, schema)  # a path's ~ is the home folder (key_scope.py)
     typed = OmegaConf.structured(schema)
     OmegaConf.set_struct(typed, False)  # unknown top-level keys pass; every group node stays closed
     if isinstance(data.get("combine"), dict):
@@ -52,6 +54,7 @@ def validate(cfg: DictConfig | dict, job: str | None = None) -> DictConfig:
         _check(typed, schema, "", data)
         for group, kind in external.items():
             _check(typed[group], kind, f"{group}.", data[group])
+        check_options(typed, data)  # a data set's or optimizer's own keys only for it (key_scope.py)
     except OmegaConfBaseException as err:
         raise UserError(describe_error(err, schema)) from None
     return typed
@@ -314,3 +317,14 @@ def show(value: Any) -> str:
 def either(choices: tuple) -> str:
     names = [show(c) for c in choices]
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
+def check_before_start(cfg: DictConfig | dict, job: str) -> None:
+    """What a job refuses in its config before it starts, in one :class:`UserError`: the schema (:func:`load_job`)
+    and, for distillation, the objective's own checks (a method's parameters, ``logit_standardize`` where no
+    term compares logits, ...: :meth:`distiller.objective.Objective.from_config`)."""
+    from distiller.objective import Objective
+
+    typed = load_job(cfg, job)
+    if isinstance(typed, StudentJob):
+        Objective.from_config(typed.distill, typed.combine)

@@ -12,7 +12,6 @@ architecture is a one-line error naming the keys that differ. Used by ``scripts/
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 
 from common.errors import UserError
 from datasets import DATASETS, load_dataset
+from distiller.config.overrides import hydra_quoted
 from distiller.engine.checkpoints import check_file, extract_state_dict, guess_architecture, safe_load
 from distiller.engine.evaluation import measure_per_class
 from distiller.engine.runtime import Runtime, resolve_device
@@ -201,10 +201,7 @@ def _hydra_value(value: Any) -> str:
     """``value`` written for a command-line override: lists as ``[a,b]``, strings quoted (any path survives)."""
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_hydra_value(v) for v in value) + "]"
-    if not isinstance(value, str):
-        return str(value)
-    # inside single quotes Hydra unescapes \' and a backslash run that precedes a quote or the end
-    return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value) + "'"
+    return hydra_quoted(value) if isinstance(value, str) else str(value)
 
 
 def compose_config(overrides: list[str]) -> Any:

@@ -3,7 +3,9 @@
 A run directory holds one run: its resolved config (``config.yaml``), checkpoints and metrics. A
 second command on the same directory resumes it when its config is the same (up to the keys that
 may change between a run and its resumption, :data:`VOLATILE_KEYS`), and is refused otherwise,
-unless ``trainer.force=true`` moves the old files aside first.
+unless ``trainer.force=true`` moves the old files aside first. Hydra's record of the command
+(``.hydra/``, the job's log) is written only once the run starts here (:func:`write_config`), so a
+command that is refused, or finds its run finished, changes nothing in the directory.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.errors import UserError
 from common.files import atomic_write
+from distiller.config import run_record
 from distiller.engine.checkpoints import safe_load
 from distiller.engine.runtime import Runtime, barrier
 
@@ -79,8 +82,8 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], trainer: Any, runtime
             if runtime.is_main:
                 aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
                 aside.mkdir()
-                for path in list(run_dir.iterdir()):
-                    if path.name != ".hydra" and not path.name.startswith("replaced-") and path != aside:
+                for path in list(run_dir.iterdir()):  # .hydra/ and the log too: the old run's record
+                    if not path.name.startswith("replaced-") and path != aside:
                         shutil.move(str(path), aside / path.name)
                 log.warning("moved the previous run's files to %s", aside)
             barrier()
@@ -100,10 +103,12 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], trainer: Any, runtime
 
 
 def write_config(run_dir: Path, config: dict[str, Any], runtime: Runtime) -> None:
-    """Record the resolved config of a fresh run (all ranks wait until it is on disk)."""
+    """The run starts here: record the resolved config of a fresh run, and this command's Hydra record
+    (``.hydra/``) and log file (:mod:`distiller.config.run_record`); all ranks wait until they are on disk."""
     barrier()
     if runtime.is_main and not (run_dir / "config.yaml").exists():
         atomic_write(config, run_dir / "config.yaml", "yaml")
+    run_record.write_held(run_dir, write_files=runtime.is_main)
     barrier()
 
 

@@ -1,0 +1,120 @@
+"""What to say about a key the composed config does not have: ``+KEY=VALUE`` only where it has an effect.
+
+A key added with ``+`` is recorded in the run's config, so advice to add one must be right. It is
+offered where a constructor takes the key (a method's own parameter, ``distill.<p>`` or
+``combine.<label>.<p>``; an outside network's argument, ``teacher.<arg>`` for ``teacher=torchvision``),
+and for a key of the schema that this config's files leave out once the config *with* it passes
+everything a run checks before it starts (validation, the objective): ``+distill.logit_standardize=true``
+is offered for a method with a KD term, and on one without, the objective's own refusal is the message.
+Anything else is a misspelling (the closest key is named) or a key of another data set or optimizer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import typing
+from typing import Any
+
+from omegaconf import DictConfig
+
+from distiller.config.compose import compose
+from distiller.config.key_scope import option_error
+from distiller.config.schema import SCHEMAS
+from distiller.config.validation import check_before_start
+
+
+def unknown_key_message(config_name: str | None, overrides: list[str], key: str) -> str:
+    """One line for an override of ``key`` that Hydra refused because ``key`` is not in the config
+    composed from ``configs/<config_name>.yaml`` with ``overrides`` (all of them, that one included)."""
+    mine = [o for o in overrides if _key_of(o) == key]
+    rest = [o for o in overrides if _key_of(o) != key]
+    cfg = _composed(config_name, rest)
+    parts = key.split(".")
+    parent = _node(cfg, parts[:-1])
+    if not isinstance(parent, DictConfig):
+        return f"config key '{key}' does not exist; check the spelling"
+    method = parent.get("method") if parts[0] in ("distill", "combine") else None
+    params = _method_parameters(str(method)) if method is not None else None
+    if params is not None and parts[-1] in params:
+        return _add_it(key, f"a parameter of method '{method}'")
+    if parts[0] in ("model", "teacher", "student") and len(parts) == 2 and parent.get("source") is not None:
+        return _add_it(key, f"an argument of the {parent.get('source')} network's constructor")
+    other = option_error(parts[-2] if len(parts) > 1 else "", parent, parts[-1], None)
+    if other:
+        return other
+    if config_name in SCHEMAS and _declared(SCHEMAS[config_name], parts) and mine:
+        refusal = _refusal_with(config_name, rest + ["++" + o.lstrip("+") for o in mine])
+        return refusal or _add_it(key, "a key of the schema that applies here; this config's files leave it out")
+    known = [str(k) for k in parent.keys()] + list(params or ())
+    close = difflib.get_close_matches(parts[-1], known, n=1, cutoff=0.6)
+    hint = f"did you mean {'.'.join([*parts[:-1], close[0]])}?" if close else "check the spelling"
+    takes = "" if params is None else f" (method '{method}' takes {', '.join(params) or 'no parameters of its own'})"
+    return f"config key '{key}' does not exist; {hint}{takes}"
+
+
+def _add_it(key: str, what: str) -> str:
+    return f"config key '{key}' is not set in this config; add it with +{key}=VALUE ({what})"
+
+
+def _key_of(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _composed(config_name: str | None, overrides: list[str]) -> DictConfig | None:
+    if config_name is None:
+        return None
+    try:
+        return compose(config_name, overrides)
+    except Exception:  # noqa: BLE001 - advice only: without this config, the message is a general one
+        return None
+
+
+def _refusal_with(config_name: str, overrides: list[str]) -> str | None:
+    """What a run with these overrides is refused for before it starts (None: nothing), in one line:
+    the config's validation, then (distillation) the objective's own checks."""
+    from common.errors import UserError
+
+    try:
+        check_before_start(compose(config_name, overrides), config_name)
+    except UserError as err:
+        return str(err)
+    except Exception:  # noqa: BLE001 - a composition error: no advice to add it either
+        return f"config key '{_key_of(overrides[-1])}' cannot be set here; check the spelling"
+    return None
+
+
+def _declared(schema: type, parts: list[str]) -> bool:
+    """Whether the schema declares the key ``parts`` (``combine.<label>.<key>`` as a ``DistillConfig`` key)."""
+    kind: Any = schema
+    for part in parts:
+        hints = typing.get_type_hints(kind) if dataclasses.is_dataclass(kind) else {}
+        if part in hints:
+            kind = hints[part]
+        elif typing.get_origin(kind) in (dict, typing.Dict):
+            kind = typing.get_args(kind)[1]
+        else:
+            return False
+        kind = next((k for k in (kind, *typing.get_args(kind)) if dataclasses.is_dataclass(k)), kind)
+    return True
+
+
+def _node(cfg: DictConfig | None, path: list[str]) -> Any:
+    node: Any = cfg
+    for part in path:
+        if not isinstance(node, DictConfig) or part not in node:
+            return None
+        node = node._get_node(part)
+    return node
+
+
+def _method_parameters(method: str) -> list[str] | None:
+    """The keyword parameters a method's constructor names (None for an unknown method). A bare
+    ``**kwargs`` does not count: a method without its own constructor inherits ``nn.Module``'s."""
+    from distiller.methods import METHODS
+
+    if method not in METHODS:
+        return None
+    params = inspect.signature(METHODS.get(method).__init__).parameters.values()
+    return [p.name for p in params if p.name != "self"
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]

@@ -1,0 +1,96 @@
+"""Where a key of the schema applies: nothing is recorded that the run then ignores.
+
+* A key only some data sets or optimizers read (``dataset.train_size`` is synthetic's, ``optim.delta``
+  DOT's) is refused when set (not null) for another one. Which entry reads which key is declared where
+  it registers (``options=(...)``: datasets/, distiller/optim.py); the schema declares that the key exists.
+* A top-level key added on the command line (``+foo=1``) must be a key of the job. (A preset's own
+  top-level table, read by its interpolations, comes from a file and is not refused.)
+* A path key (declared with ``path=True``) may start with ``~``: it is read as the home folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+from common.errors import UserError
+from common.registry import Registry
+from datasets import DATASETS
+from distiller.config.schema import SCHEMAS, ExternalModelConfig, ExternalTeacherConfig, ModelConfig, TeacherConfig
+from distiller.optim import OPTIMIZERS
+
+# the groups whose entries declare, where they register (options=...), which optional keys of the group they read
+OPTION_READERS: dict[str, Registry] = {"dataset": DATASETS, "optim": OPTIMIZERS}
+
+
+def option_error(group: str, node: Mapping[str, Any], key: str, value: Any) -> str | None:
+    """The one-line refusal of ``<group>.<key>`` in ``node`` (a ``dataset`` or ``optim`` node) when the entry
+    it names does not read that key but another entry of the group does; None when the key is fine there."""
+    registry = OPTION_READERS.get(group)
+    name = node.get("name") if registry is not None else None
+    if name is None or str(name) not in registry or key in registry.metadata(str(name)).get("options", ()):
+        return None
+    readers = [f"{group}={n}" for n in registry.names() if key in registry.metadata(n).get("options", ())]
+    if not readers:
+        return None  # a key every entry reads, or none: not an entry's own
+    setting = f"{group}.{key}" + ("" if value is None else f"={_shown(value)}")
+    return (f"{setting} is a key of {' and '.join(readers)}, not of {group}={registry.canonical(str(name))}; "
+            f"remove it or use {' or '.join(readers)}")
+
+
+def check_options(config: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """Every key set (not null) in the ``dataset`` and ``optim`` nodes of ``config`` is read by the entry the
+    node names (:func:`option_error`); ``given``: the same config as written, for the message."""
+    for group in OPTION_READERS:
+        node = config.get(group)
+        if not isinstance(node, Mapping):
+            continue
+        written = given.get(group) if isinstance(given.get(group), Mapping) else {}
+        for key in node.keys():
+            value = node[key]
+            message = None if value is None else option_error(group, node, str(key), written.get(key, value))
+            if message:
+                raise UserError(message)
+
+
+def check_added_keys(keys: list[str], job: str) -> None:
+    """Top-level keys added on the command line (``+foo=1``) must be keys of ``job``: one nobody reads
+    would be recorded and ignored."""
+    known = {f.name for f in dataclasses.fields(SCHEMAS[job])}
+    for key in keys:
+        if key not in known and key != "hydra":
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else "; check the spelling"
+            raise UserError(f"config key '{key}' does not exist in {job}'s config{hint} "
+                            f"(valid keys: {', '.join(sorted(known))})")
+
+
+def expand_home(data: dict[str, Any], schema: type) -> None:
+    """In ``data`` (a resolved config as plain containers), a leading ``~`` of every path key of ``schema``
+    replaced by the home folder, as a shell would have done."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        value = data.get(f.name)
+        if f.metadata.get("path") and isinstance(value, str):
+            data[f.name] = os.path.expanduser(value)
+        elif isinstance(value, dict):
+            kind = _dataclass_in(hints.get(f.name))
+            if kind is not None and value.get("source") is not None and issubclass(kind, ModelConfig):
+                kind = ExternalTeacherConfig if issubclass(kind, TeacherConfig) else ExternalModelConfig
+            if kind is not None:
+                expand_home(value, kind)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field's type names (``X``, ``X | None``), else None."""
+    for kind in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(kind):
+            return kind
+    return None
+
+
+def _shown(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)

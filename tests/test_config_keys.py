@@ -1,0 +1,157 @@
+"""Keys that would be recorded and ignored are refused, and advice to add a key (``+KEY=VALUE``) is given only
+where a constructor takes it: a method's parameter or an outside network's argument."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+from helpers import CONFIGS, run_cli
+from omegaconf import OmegaConf
+
+from common.errors import UserError
+from datasets import DATASETS
+from distiller.config.command_line import explain_config_error, preflight
+from distiller.config.key_advice import unknown_key_message
+from distiller.config.schema import DatasetConfig
+from distiller.config.validation import load_job, validate
+from distiller.methods import METHODS, DistillMethod
+
+EXIT_USER_ERROR = 2
+# the keys DatasetConfig declares for some data sets only (schema.py: "keys of some data sets only")
+DATASET_OPTIONS = ("download", "verify_checksums", "train_size", "test_size", "seed", "image_size", "stream",
+                   "workers", "eval_resize")
+VALUES = {"download": "false", "verify_checksums": "false", "train_size": "200", "test_size": "100", "seed": "1",
+          "image_size": "32", "stream": "auto", "workers": "2", "eval_resize": "40"}
+
+
+def preflight_line(capsys, name: str, overrides: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        preflight(name, overrides)
+    assert exit_.value.code == EXIT_USER_ERROR
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+# ---- keys of some data sets only ---------------------------------------------------------------------------
+def readers(key: str) -> set[str]:
+    return {name for name in DATASETS.names() if key in DATASETS.metadata(name).get("options", ())}
+
+
+def test_every_data_set_option_is_a_schema_key_and_is_read_by_some_data_set():
+    fields = {f.name for f in dataclasses.fields(DatasetConfig)}
+    declared = {key for name in DATASETS.names() for key in DATASETS.metadata(name).get("options", ())}
+    assert declared <= fields
+    assert declared == set(DATASET_OPTIONS)
+
+
+@pytest.mark.parametrize("name", ["cifar100", "cifar10", "synthetic", "imagefolder", "imagenet"])
+def test_a_data_sets_own_file_sets_only_keys_it_declares(name):
+    """configs/dataset/<name>.yaml, written for the data set, is a second statement of what it reads."""
+    node = yaml.safe_load((CONFIGS / "dataset" / f"{name}.yaml").read_text())
+    set_there = {k for k, v in node.items() if k in DATASET_OPTIONS and v is not None}
+    assert set_there <= set(DATASETS.metadata(name).get("options", ())), name
+
+
+@pytest.mark.parametrize("name", ["cifar100", "synthetic", "imagefolder", "imagenet"])
+def test_a_key_of_another_data_set_is_refused_and_its_own_accepted(compose, name):
+    base = compose("train_student", [f"dataset={name}", "dataset.root=/data/x"])
+    OmegaConf.set_struct(base, False)  # as ++dataset.<key>=VALUE sets a key the file lacks
+    for key in DATASET_OPTIONS:
+        cfg = OmegaConf.merge(base, {"dataset": {key: yaml.safe_load(VALUES[key])}})
+        if name in readers(key):
+            validate(cfg, "train_student")
+            continue
+        with pytest.raises(UserError) as err:
+            validate(cfg, "train_student")
+        message = str(err.value)
+        assert f"dataset.{key}={VALUES[key]} is a key of" in message and f"not of dataset={name}" in message, message
+        assert all(f"dataset={reader}" in message for reader in readers(key)), message
+
+
+def test_the_issues_train_size_on_cifar100_is_refused_both_ways(capsys):
+    plain = preflight_line(capsys, "train_student", ["dataset.train_size=100"])
+    added = preflight_line(capsys, "train_student", ["+dataset.train_size=100"])
+    for line in (plain, added):
+        assert "dataset.train_size" in line and "dataset=synthetic" in line and "not of dataset=cifar100" in line
+        assert "+dataset" not in line  # no advice to add what would be ignored
+
+
+def test_a_key_of_another_optimizer_is_refused_at_validation(compose):
+    with pytest.raises(UserError, match=r"optim\.delta=0\.1 is a key of optim=dot, not of optim=sgd"):
+        validate(compose("train_student", ["+optim.delta=0.1"]), "train_student")
+
+
+def test_a_key_no_job_reads_is_refused_at_the_top_level(capsys):
+    line = preflight_line(capsys, "train_student", ["+foo=1"])
+    assert "'foo' does not exist in train_student's config" in line and "+" not in line.split("error:")[1], line
+    assert "'model' does not exist" in preflight_line(capsys, "train_student", ["+model.width=2"])
+
+
+# ---- advice on a key the config does not have ---------------------------------------------------------------
+@pytest.mark.parametrize("overrides, words", [
+    (["trainer.epoch=3"], ["trainer.epoch", "did you mean trainer.epochs?"]),
+    (["distill.nce_k=5"], ["distill.nce_k", "method 'kd' takes no parameters of its own"]),
+    (["distill=crd", "distill.nce_kk=5"], ["did you mean distill.nce_k?", "method 'crd' takes", "nce_k"]),
+    (["distill.betta=1"], ["did you mean distill.beta?"]),
+])
+def test_no_plus_advice_where_a_plus_would_be_ignored_or_refused(capsys, overrides, words):
+    line = preflight_line(capsys, "train_student", overrides)
+    assert all(w in line for w in words) and "+" not in line, line
+
+
+def test_plus_advice_for_an_outside_networks_argument_and_following_it_takes_effect(capsys, compose):
+    from models.external import build_network
+
+    base = ["teacher=module", "teacher._target_=tests.external_nets.TinyNet"]
+    line = preflight_line(capsys, "train_student", [*base, "teacher.width=4"])
+    assert "add it with +teacher.width=VALUE" in line and "module network's constructor" in line, line
+    job = load_job(compose("train_student", [*base, "+teacher.width=4"]), "train_student")
+    narrow = build_network(job.teacher, 100, (32, 32), role="teacher")
+    wide = build_network(load_job(compose("train_student", base), "train_student").teacher, 100, (32, 32),
+                         role="teacher")
+    assert (narrow.head.in_features, wide.head.in_features) == (4 * 4, 4 * 8)  # 4 x width; TinyNet's default 8
+
+
+def test_plus_advice_for_a_method_parameter_its_config_does_not_list(register):
+    class Probe(DistillMethod):
+        def __init__(self, width: int = 4, scale: float = 1.0) -> None:
+            super().__init__()
+
+    register(METHODS, "probe_advice", Probe)
+    message = unknown_key_message("train_student", ["distill.method=probe_advice", "distill.width=2"], "distill.width")
+    assert "add it with +distill.width=VALUE (a parameter of method 'probe_advice')" in message, message
+    refused = unknown_key_message("train_student", ["distill.method=probe_advice", "distill.depth=2"], "distill.depth")
+    assert "+" not in refused and "takes width, scale" in refused, refused
+
+
+def test_logit_standardize_is_offered_where_a_term_compares_logits_and_refused_elsewhere(capsys, compose):
+    """The schema's switch, left out of the feature methods' files: the objective's own refusal where no
+    term compares logits (Objective.check_logit_standardize), ``+`` advice where KD is part of it (crd_kd)."""
+    from distiller.objective import Objective
+
+    refused = preflight_line(capsys, "train_student", ["distill=fitnet", "distill.logit_standardize=true"])
+    assert "has no effect here" in refused and "+" not in refused, refused
+    assert "has no effect here" in preflight_line(capsys, "train_student",
+                                                  ["distill=fitnet", "+distill.logit_standardize=true"])
+    offered = preflight_line(capsys, "train_student", ["distill=crd_kd", "distill.logit_standardize=true"])
+    assert "add it with +distill.logit_standardize=VALUE" in offered, offered
+    job = load_job(compose("train_student", ["distill=crd_kd", "+distill.logit_standardize=true"]), "train_student")
+    objective = Objective.from_config(job.distill, job.combine)
+    assert objective.alpha > 0 and objective.logit_standardize  # the KD term is standardised: it has an effect
+
+
+def test_without_the_composed_config_the_message_gives_no_plus_advice():
+    class HydraLike(Exception):
+        pass
+
+    message = explain_config_error(HydraLike("Could not override 'distill.width'.\nTo append use +distill.width"))
+    assert "distill.width" in message and "+" not in message, message
+
+
+def test_the_advice_as_typed(tmp_path):
+    result = run_cli("train_student.py", "dataset.train_size=100", f"hydra.run.dir={tmp_path / 'run'}")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == EXIT_USER_ERROR and len(lines) == 1, result.stderr
+    assert "dataset=synthetic" in lines[0] and not (tmp_path / "run").exists()
