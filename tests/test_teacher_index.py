@@ -17,7 +17,8 @@ import torch
 from helpers import run_cli, tiny_overrides
 
 from common.errors import UserError
-from distiller.jobs.teachers import INDEX_NAME, load_teacher_weights, read_index, store_teacher, verify_teacher
+from distiller.jobs.teacher_store import store_teacher
+from distiller.jobs.teachers import INDEX_NAME, load_teacher_weights, read_index, verify_teacher
 from models import build_model
 from scripts import teachers as teachers_cmd
 

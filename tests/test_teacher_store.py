@@ -24,15 +24,8 @@ from helpers import compose_config, seed, tiny_overrides
 
 from common.errors import UserError
 from distiller.engine.checkpoints import slim_checkpoint
-from distiller.jobs.teachers import (
-    INDEX_NAME,
-    RECEIPT_NAME,
-    STORE_STEPS,
-    add_teacher,
-    load_teacher_weights,
-    read_index,
-    store_teacher,
-)
+from distiller.jobs.teacher_store import RECEIPT_NAME, STORE_STEPS, store_teacher
+from distiller.jobs.teachers import INDEX_NAME, add_teacher, load_teacher_weights, read_index
 from distiller.jobs.train import train_network
 from models import build_model
 

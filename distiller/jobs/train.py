@@ -29,7 +29,8 @@ from distiller.engine.run_log import RunLogger
 from distiller.engine.runtime import Runtime, make_runtime, seed_everything
 from distiller.engine.step import build_step
 from distiller.jobs.run_dir import prepare_run_dir, report_finished, write_config
-from distiller.jobs.teachers import load_teacher_weights, prepare_store, published_check, store_teacher
+from distiller.jobs.teacher_store import prepare_store, store_teacher
+from distiller.jobs.teachers import load_teacher_weights, published_check
 from distiller.objective import Objective
 from distiller.optim import check_optimizer, make_optimizer
 from models.external import build_network, network_label
