@@ -11,8 +11,10 @@ sync are checked against naive per-sample computations. CPU only, tiny batches.
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from helpers import (
     distill_node,
     fix_batch_statistics,
     generator,
+    objective_of,
     run_ranks,
     seed,
 )
@@ -32,6 +35,9 @@ from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.contrast import ContrastMemory, ContrastSampler, momentum_update
+from distiller.engine.plan import plan_phases
+from distiller.engine.runtime import Runtime
+from distiller.engine.step import build_step
 from distiller.features import Features, forward_features, probe_shapes
 from distiller.helpers import ConvRegressor, pair_stages
 from distiller.methods import METHODS, BuildContext, TermContext
@@ -48,6 +54,7 @@ PAIRS = [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("vgg13", "Mobil
 # Training-set stand-in for CRD: N samples of 8 classes, small K.
 N_DATA, N_CLASSES, TEST_K = 128, 8, 64
 TRAIN_LABELS = torch.arange(N_DATA) % N_CLASSES
+CPU = Runtime(torch.device("cpu"), "fp32", channels_last=False, compile=False)
 CTX = TermContext(epoch=1)  # what the objective hands every method with a step (the config's temperature 4)
 
 # Published weights (RECIPES.md), written out independently of the YAML files.
@@ -164,17 +171,24 @@ def test_methods_never_hardcode_cuda():
 
 @pytest.mark.parametrize("name", MY_METHODS)
 def test_method_term_decreases_and_teacher_is_untouched(name, pair):
+    """Through the public builder (build_step) as a run builds it: the method's own term alone
+    (gamma 0, alpha 0, beta 1), a step of it lowers the term, its gradient reaches the student and
+    every helper and nothing else, and the teacher is untouched."""
     torch.manual_seed(seed(1))
-    teacher, batch, t_feats = pair["teacher"], pair["batch"], features_double(pair["t_feats"])
+    teacher = copy.deepcopy(pair["teacher"])  # the step runs it in float64 below: keep the module's own
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student = build_model(pair["student_name"])
-    cfg, kwargs = method_kwargs(name, **({"nce_k": TEST_K} if name == "crd" else {}))
-    method = METHODS.get(cfg["method"])(**kwargs)
-    method.build(shapes_of(student), pair["t_shapes"], make_ctx(student, teacher))
+    node = {**method_kwargs(name)[0], "gamma": 0.0, "alpha": 0.0, "beta": 1.0, "warmup_epochs": 0}
+    if name == "crd":
+        node["nce_k"] = TEST_K
+    objective = objective_of(node)
+    facts = SimpleNamespace(num_classes=100, train_labels=TRAIN_LABELS, image_shape=(3, 32, 32))
+    step = build_step(build_model(pair["student_name"]), teacher, objective, facts, CPU)
+    step.phase = plan_phases(objective, step.student, epochs=1, lr=0.1)[-1]
+    method = objective.methods[name]
     # float64 and BatchNorm fixed to the batch (eval mode: CRD's bank is not updated) make the
     # loss a deterministic function of the weights, well above rounding
-    student.double()
-    method.double()
+    for module in (step.student, objective, teacher):
+        module.double()
     min_decrease = MIN_DECREASE
     if name == "crd":
         # CRD's memory scores in float32 whatever the input dtype: exp(<bank, v> / T) with 16-d unit
@@ -182,23 +196,27 @@ def test_method_term_decreases_and_teacher_is_untouched(name, pair):
         # the loss by more than that: 2^-10 (1e-3) of it
         method.memory.float()
         min_decrease = 2.0 ** -10
+    batch = pair["batch"]
     extras = {CONTRAST_IDX_KEY: method.sampler(batch.indices)} if name == "crd" else {}  # fixed negatives
     batch = Batch(batch.images.double(), batch.labels, batch.indices, extras)
 
     def loss() -> torch.Tensor:
-        feats, logits = forward_features(student, batch.images)
-        terms = method(as_features(feats, logits), t_feats, batch, TermContext(epoch=1))
+        out = step(batch, 1)
+        assert out.terms and all(t.dim() == 0 and torch.isfinite(t) for t in out.terms.values())
         if name == "kd":  # the term at the step's temperature (the config's, 4)
-            torch.testing.assert_close(terms["kd"], F.kd(logits, t_feats.logits, cfg["temperature"]))
-        assert terms and all(t.dim() == 0 and torch.isfinite(t) for t in terms.values())
-        return sum(terms.values())
+            with torch.no_grad():
+                t_logits = teacher(batch.images)
+            torch.testing.assert_close(out.terms["kd"], F.kd(out.logits, t_logits, node["temperature"]))
+        return out.total
 
-    params = list(student.parameters()) + list(method.parameters())
-    fix_batch_statistics([student, method], loss)
+    params = list(step.student.parameters()) + list(method.parameters())
+    fix_batch_statistics([step.student, objective], loss)
     helpers = {n: list(c.parameters()) for n, c in method.named_children() if list(c.parameters())}
-    assert_gradient_step_descends(loss, params, reaches={"student": list(student.parameters()), **helpers},
+    assert_gradient_step_descends(loss, params, reaches={"student": list(step.student.parameters()), **helpers},
                                   min_decrease=min_decrease)
-    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())
+    step.remove_hooks()
+    assert all(torch.equal(v, teacher.state_dict()[k].float()) for k, v in teacher_state.items()
+               if v.is_floating_point())
     assert all(p.grad is None for p in teacher.parameters())
 
 
