@@ -21,7 +21,9 @@ under different recipes, so each of their published numbers carries its recipe: 
 step, augmentation, and best or last epoch (MLKD: 480 or 960 epochs, 2 views with RandAugment +
 Cutout, best epoch). Runs with ``distill.logit_standardize=true`` or ``optim=dot`` are grouped as
 their own method (``kd_ls``, ``kd_dot``, ...), like the ``kd_ls`` / ``experiment=new_methods_table_dot``
-presets name them.
+presets name them. The methods of 2023-2026 (source ``methods_2025``) likewise: SKD's and WKD's numbers
+say what their recipe changed and which 'paper' preset re-runs it; a number quoted by a secondary source
+says so (it backs no paper preset).
 
 Writes ``<out>.md`` (Markdown, also printed), ``<out>.csv`` (the summary, one row per table cell),
 ``<out>_runs.csv`` (the tidy per-run table: ``pandas.read_csv`` it for your own analysis) and

@@ -9,7 +9,7 @@ from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import CLASSIFIER, POOL_INPUT, Features
-from distiller.methods.base import METHODS, DistillMethod, TermContext
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
 
 
 class _ScaleDecoupled(DistillMethod):
@@ -35,7 +35,7 @@ class _ScaleDecoupled(DistillMethod):
             raise ValueError(f"sdd_temperature={sdd_temperature} must be > 0")
         self.sdd_scales, self.sdd_temperature = scales, float(sdd_temperature)
 
-    def build(self, student: Features[torch.Size], teacher: Features[torch.Size], ctx) -> None:
+    def build(self, student: Features[torch.Size], teacher: Features[torch.Size], ctx: BuildContext) -> None:
         for role, f in (("student", student), ("teacher", teacher)):
             if f.pool_input is None or len(f.pool_input) != 4:
                 raise UserError(f"{type(self).__name__} needs the {role}'s pre-pool feature map [B, D, H, W]; "

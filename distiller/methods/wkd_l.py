@@ -112,7 +112,10 @@ class WKDLogit(DistillMethod):
             if not path.is_file():
                 raise ValueError(f"cost_matrix={cost_matrix}: no such file (a [C, C] tensor saved with torch.save, "
                                  f"e.g. the WKD authors' linear_cka.pth); null computes it from the teacher")
-            self.given = torch.as_tensor(torch.load(path, map_location="cpu", weights_only=True)).double()
+            try:
+                self.given = torch.as_tensor(torch.load(path, map_location="cpu", weights_only=True)).double()
+            except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+                raise ValueError(f"cost_matrix={cost_matrix} is not a tensor saved with torch.save ({err})") from None
             self.calibration_features = None  # the matrix is given: no pass over the training set
             log.info("wkd_l: cost matrix from %s (sha256 %s)", path, file_sha256(path))
 
