@@ -21,7 +21,9 @@ under different recipes, so each of their published numbers carries its recipe: 
 step, augmentation, and best or last epoch (MLKD: 480 or 960 epochs, 2 views with RandAugment +
 Cutout, best epoch). Runs with ``distill.logit_standardize=true`` or ``optim=dot`` are grouped as
 their own method (``kd_ls``, ``kd_dot``, ...), like the ``kd_ls`` / ``experiment=new_methods_table_dot``
-presets name them.
+presets name them. The methods of 2023-2026 (source ``methods_2025``) likewise: SKD's and WKD's numbers
+say what their recipe changed and which 'paper' preset re-runs it; a number quoted by a secondary source
+says so (it backs no paper preset).
 
 Writes ``<out>.md`` (Markdown, also printed), ``<out>.csv`` (the summary, one row per table cell),
 ``<out>_runs.csv`` (the tidy per-run table: ``pandas.read_csv`` it for your own analysis) and
@@ -66,6 +68,8 @@ SOURCES: dict[str, Source] = {
     "mdistiller": Source("mdistiller", "mdistiller_readme.csv", "mdistiller README", "best"),
     # per-row protocol in the file (best, or unstated where the authors' code tracks the best epoch)
     "post_dkd": Source("post_dkd", "post_dkd_methods.csv", "post-DKD papers", "best", recipes=True),
+    # the methods of 2023-2026 (METHODS_2025_*.md): the authors' trainers keep the best epoch
+    "methods_2025": Source("methods_2025", "methods_2025.csv", "2023-26 papers", "best", recipes=True),
 }
 DEFAULT_SOURCES = ("crd", "dkd", "post_dkd")
 
@@ -79,12 +83,19 @@ PAPER_METHOD_NAMES: dict[str, str] = {
     "KD+DOT": "kd_dot",  # KD trained with the DOT optimizer (experiment=new_methods_table_dot)
     "DIST": "dist", "KD+LS": "kd_ls", "DKD+LS": "dkd_ls", "CTKD": "ctkd", "CTKD+LS": "ctkd_ls", "MLKD": "mlkd",
     "MLKD+LS": "mlkd_ls", "TTM": "ttm", "WTTM": "wttm", "WTTM+CRD": "wttm+crd", "NKD": "nkd",
+    # the methods of 2023-2026 (EA-FCFD and EA-MLD+LS have no config here: FCFD and EA on MLKD are not implemented)
+    "RLD": "rld", "LumiNet": "luminet", "SKD": "skd", "ABKD": "abkd", "EA-KD (on KD)": "eakd", "EA-DKD": "eakd_dkd",
+    "EA-FCFD": "eakd_fcfd", "EA-MLD+LS": "eakd_mlkd_ls", "NormKD": "normkd", "NormKD+DKD": "normkd_dkd",
+    "WKD-L": "wkd_l", "WKD-F": "wkd_f", "WKD-L+WKD-F": "wkd_l+wkd_f", "SD-KD": "sdd_kd", "SD-DKD": "sdd_dkd",
+    "SD-NKD": "sdd_nkd", "CAT-KD": "cat_kd",
 }
 
 # Row order inside a pair: baselines, then the CRD paper's column order, then the DKD paper's additions.
 METHOD_ORDER = ["teacher", "student", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft",
                 "fsp", "nst", "crd", "crd_kd", "ofd", "reviewkd", "dkd", "kdsvd", "kd_dot",
-                "dist", "kd_ls", "dkd_ls", "ctkd", "ctkd_ls", "mlkd", "mlkd_ls", "ttm", "wttm", "wttm+crd", "nkd"]
+                "dist", "kd_ls", "dkd_ls", "ctkd", "ctkd_ls", "mlkd", "mlkd_ls", "ttm", "wttm", "wttm+crd", "nkd",
+                "rld", "luminet", "skd", "abkd", "eakd", "eakd_dkd", "eakd_fcfd", "eakd_mlkd_ls", "normkd",
+                "normkd_dkd", "wkd_l", "wkd_f", "wkd_l+wkd_f", "sdd_kd", "sdd_dkd", "sdd_nkd", "cat_kd"]
 BASELINES = ("teacher", "student")  # rows filled from plain cross-entropy runs of one architecture
 
 # Short names for the published tables (--table), next to the ids used in the CSV files.
@@ -109,34 +120,49 @@ class Recipe:
     views: int  # augmented views of each image per step (each one a forward of both networks)
     augmentation: str
     protocol: str  # "best" | "last" | "unstated" (epoch the number was read at)
+    note: str = ""  # what else departs from the standard recipe, and whether the source is secondary
 
     def tag(self) -> str:
         views = f"{self.views} view" + ("s" if self.views > 1 else "")
         read = {"best": "best epoch", "last": "last epoch"}.get(self.protocol, "best or last unstated")
-        return f"{self.epochs} ep, {views} ({self.augmentation}), {read}"
+        return f"{self.epochs} ep, {views} ({self.augmentation}), {read}" + (f"; {self.note}" if self.note else "")
 
 
 STANDARD_AUGMENTATION = "crop + flip"
 # MLKD's released recipe (MLKD+LS too): a weak and a strong view, 480 epochs (960 for resnet32x4 ->
 # ShuffleV1/V2 from its commit 77b91ec), lr 0.025 (0.01 mobile), decays still at 150/180/210, best epoch.
-TWO_VIEW_METHODS = {"MLKD", "MLKD+LS"}
+TWO_VIEW_METHODS = {"MLKD", "MLKD+LS", "EA-MLD+LS"}
 TWO_VIEW_AUGMENTATION = "RandAugment + Cutout"
 LONG_SCHEDULE_PAIRS = {("resnet32x4", "ShuffleV1"): 960, ("resnet32x4", "ShuffleV2"): 960}
 # where one cell is in several tables of a file, the method's own authors' number is shown
 OWN_TABLES = {"DIST": "dist_readme", "CTKD": "ctkd_readme"}
+# The methods of 2023-2026 whose published recipe departs from the standard one besides epochs and views,
+# and the 'paper' preset that re-runs it (METHODS_2025_LOGIT.md sections 3 and 7). A number whose source is
+# SECONDARY (quoted by a third party, unchecked against the paper) backs no 'paper' preset.
+RECIPE_DEPARTURES = {
+    "SKD": "lr 0.1, the authors' own teachers (experiment=methods_2025_skd_paper)",
+    "WKD-L": "Nesterov, fp16 AMP (experiment=methods_2025_wkd_paper)",
+    "WKD-F": "Nesterov, fp16 AMP (experiment=methods_2025_wkd_paper)",
+    "WKD-L+WKD-F": "Nesterov, fp16 AMP (experiment=methods_2025_wkd_lf_paper)",
+    "EA-FCFD": "FCFD's recipe (not implemented here)",
+}
+SECONDARY = "SECONDARY"
+SECONDARY_NOTE = "secondary source, unverified: backs no paper preset"
 
 
-def published_recipe(method: str, teacher: str, student: str, protocol: str) -> Recipe:
-    """The recipe behind one published number: ``method`` in the paper's spelling, ``protocol`` the file's text."""
+def published_recipe(method: str, teacher: str, student: str, protocol: str, secondary: bool = False) -> Recipe:
+    """The recipe behind one published number: ``method`` in the paper's spelling, ``protocol`` the file's text;
+    ``secondary``: the number comes from a secondary source (said in the tag)."""
     read = next((p for p in ("best", "last") if protocol.strip().lower().startswith(p)), "unstated")
+    note = "; ".join(x for x in (RECIPE_DEPARTURES.get(method, ""), SECONDARY_NOTE if secondary else "") if x)
     if method in TWO_VIEW_METHODS:
-        return Recipe(LONG_SCHEDULE_PAIRS.get((teacher, student), 480), 2, TWO_VIEW_AUGMENTATION, read)
-    return Recipe(240, 1, STANDARD_AUGMENTATION, read)
+        return Recipe(LONG_SCHEDULE_PAIRS.get((teacher, student), 480), 2, TWO_VIEW_AUGMENTATION, read, note)
+    return Recipe(240, 1, STANDARD_AUGMENTATION, read, note)
 
 
 # ---- published numbers -----------------------------------------------------------------------------
 PUBLISHED_COLUMNS = ["source", "table", *CELL, "top1", "epochs", "views", "augmentation", "protocol", "recipe",
-                     "preferred"]
+                     "preferred", "secondary"]
 
 
 def load_published(sources: Sequence[str] = tuple(SOURCES), folder: Path = PAPER_TABLES) -> pd.DataFrame:
@@ -148,6 +174,10 @@ def load_published(sources: Sequence[str] = tuple(SOURCES), folder: Path = PAPER
             raise UserError(f"unknown source '{key}'; choose from {', '.join(SOURCES)}")
         source = SOURCES[key]
         frame = pd.read_csv(folder / source.file, dtype={"top1": float})
+        if "table" not in frame:  # a file of one table (methods_2025.csv): the source names it
+            frame["table"] = key
+        secondary = (frame["source"].astype(str).str.strip().str.startswith(SECONDARY) if "source" in frame
+                     else pd.Series(False, index=frame.index))
         for column in ("table", "teacher", "student", "method"):
             frame[column] = frame[column].str.strip()
         unknown = frame.loc[~frame["method"].isin(list(PAPER_METHOD_NAMES)), "method"]
@@ -155,13 +185,14 @@ def load_published(sources: Sequence[str] = tuple(SOURCES), folder: Path = PAPER
             raise UserError(f"{source.file}: method '{unknown.iloc[0]}' has no mapping to our config names; "
                             f"add it to PAPER_METHOD_NAMES in scripts/collect_results.py")
         protocols = frame["protocol"].astype(str) if "protocol" in frame else [source.protocol] * len(frame)
-        recipes = [published_recipe(m, t, s, p) for m, t, s, p in
-                   zip(frame["method"], frame["teacher"], frame["student"], protocols)]
+        recipes = [published_recipe(m, t, s, p, bool(x)) for m, t, s, p, x in
+                   zip(frame["method"], frame["teacher"], frame["student"], protocols, secondary)]
         frames.append(frame.assign(
             source=key, epochs=[r.epochs for r in recipes], views=[r.views for r in recipes],
             augmentation=[r.augmentation for r in recipes], protocol=[r.protocol for r in recipes],
             recipe=[r.tag() for r in recipes],
             preferred=[OWN_TABLES.get(m) == t for m, t in zip(frame["method"], frame["table"])],
+            secondary=secondary.astype(bool),
             method=frame["method"].map(PAPER_METHOD_NAMES)))
     if not frames:
         return pd.DataFrame(columns=PUBLISHED_COLUMNS)

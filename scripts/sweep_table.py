@@ -44,6 +44,9 @@ TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "crd_table2": ("train_student.py", ("crd_table2",)),
     "dkd": ("train_student.py", ("dkd_tables",)),
     "new_methods": ("train_student.py", ("new_methods_table", "new_methods_table_dot")),
+    # the methods of 2023-2026 on the standard recipe, then SKD's and WKD's published recipes (runs/paper/)
+    "methods_2025": ("train_student.py", ("methods_2025_standard", "methods_2025_skd_paper", "methods_2025_wkd_paper",
+                                          "methods_2025_wkd_lf_paper")),
 }
 
 

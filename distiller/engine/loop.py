@@ -77,8 +77,12 @@ class Trainer:
 
     def _calibrate(self) -> None:
         """The methods' pass over the training set with the teacher (eval mode, no augmentation), once per run."""
-        methods = [e.method for e in self.objective.entries if e.method.calibration_features is not None]
-        if methods and self.calibration_loader is not None:
+        # active methods only: an inactive one (beta 0) may have had the teacher dropped from the step
+        methods = [e.method for e in self.objective.active() if e.method.calibration_features is not None]
+        if methods and self.calibration_loader is None:
+            raise ValueError("a method calibrates on the teacher before training, but the trainer has no "
+                             "calibration_loader (the training set in eval order)")
+        if methods:
             hooks = self.step.teacher_hooks
             self.teacher.eval()
 

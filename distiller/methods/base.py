@@ -121,8 +121,10 @@ class DistillMethod(nn.Module):
     def calibrate(self, batches: Iterable[tuple[Features[torch.Tensor], Batch]]) -> None:
         """Compute constants from the teacher once, before training (``calibration_features``).
 
-        ``batches``: the teacher's features on this process's shard of the training set, in
-        eval mode, without augmentation; sum over ranks with :func:`distiller.gather.all_reduce_sum`.
+        ``batches``: the teacher's features on this process's shard of the training set (a contiguous
+        run of it, in data-set order), in eval mode, without augmentation. Under DDP combine the ranks
+        once, after the loop (ranks may hold one batch more or less), e.g. with
+        :func:`distiller.gather.gather_batch`, so every rank computes the same constant.
         """
 
     def on_epoch_start(self, epoch: int) -> None:
