@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, run_cli
 
 from common.errors import UserError
-from scripts import collect_results as cr
+from distiller.results import published, tables
+from distiller.results import runs as run_dirs
 
 
 def write_run(root: Path, teacher: str | None, student: str, method: str, seed: int | str, final: float | None,
@@ -78,7 +79,7 @@ def rows_by_key(csv_path: Path) -> dict[tuple[str, str, str], dict[str, str]]:
 
 def test_means_stds_and_published_numbers(runs: Path, tmp_path: Path) -> None:
     out = tmp_path / "report" / "table"
-    cr.collect([str(runs)], out)
+    tables.collect([str(runs)], out)
     rows = rows_by_key(out.with_suffix(".csv"))
 
     kd = rows[("resnet32x4", "resnet8x4", "kd")]
@@ -138,7 +139,7 @@ def test_tidy_runs_csv_loads_with_pandas(runs: Path, tmp_path: Path) -> None:
     import pandas as pd
 
     out = tmp_path / "tidy" / "table"
-    cr.collect([str(runs)], out, figure=False)
+    tables.collect([str(runs)], out, figure=False)
     frame = pd.read_csv(tmp_path / "tidy" / "table_runs.csv")
     assert len(frame) == 13  # 3 kd + 1 crd_kd + 5 dkd + 1 at + 3 plain cross-entropy runs
     for column in ("run_dir", "kind", "teacher", "student", "method", "seed", "status", "final_top1", "best_top1",
@@ -163,7 +164,7 @@ def test_tidy_runs_csv_loads_with_pandas(runs: Path, tmp_path: Path) -> None:
 
 def test_glob_selects_runs_and_table_layout(runs: Path, tmp_path: Path) -> None:
     out = tmp_path / "t1"
-    rows, found = cr.collect([str(runs / "student" / "*-resnet8x4" / "kd" / "seed*")], out,
+    rows, found = tables.collect([str(runs / "student" / "*-resnet8x4" / "kd" / "seed*")], out,
                              tables=["crd_table1"], figure=False)
     assert len(found) == 3 and all(r.method == "kd" for r in found)
     # CRD Table 1 has 7 pairs x (teacher, student, 14 methods) minus FSP on wrn_40_2 -> wrn_40_1
@@ -176,7 +177,7 @@ def test_glob_selects_runs_and_table_layout(runs: Path, tmp_path: Path) -> None:
     assert next(r for r in rows if (r.student, r.method) == ("wrn_16_2", "crd")).published["crd"] == 75.48
 
 
-def test_cli_prints_markdown_and_rejects_bad_input(runs: Path, tmp_path: Path, capsys) -> None:
+def test_cli_prints_markdown_and_rejects_bad_input(runs: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli" / "res"
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "collect_results.py"), str(runs),
                              "--out", str(out), "--no-figure", "--sources", "crd,dkd,mdistiller"],
@@ -185,17 +186,17 @@ def test_cli_prints_markdown_and_rejects_bad_input(runs: Path, tmp_path: Path, c
     assert "| kd | 3 | 71.00 ± 1.00 |" in result.stdout
     assert "mdistiller README" in result.stdout
     assert out.with_suffix(".csv").exists() and not out.with_suffix(".png").exists()
-    assert cr.main([str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert cr.main([str(runs), "--out", str(tmp_path / "y"), "--table", "crd_table9"]) == 2
-    assert "unknown table 'crd_table9'" in capsys.readouterr().err
+    missing = run_cli("scripts/collect_results.py", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    unknown = run_cli("scripts/collect_results.py", str(runs), "--out", str(tmp_path / "y"), "--table", "crd_table9")
+    assert unknown.returncode == 2 and "unknown table 'crd_table9'" in unknown.stderr
 
 
 def test_unknown_paper_method_name_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "crd_paper_repdistiller_readme.csv").write_text(
         "table,teacher,student,method,top1\nt,resnet56,resnet20,Hint-KD,70.0\n")
     with pytest.raises(UserError, match="Hint-KD"):
-        cr.load_published(["crd"], folder=tmp_path)
+        published.load_published(["crd"], folder=tmp_path)
 
 
 def test_paper_tables_are_the_shared_data() -> None:
@@ -203,10 +204,10 @@ def test_paper_tables_are_the_shared_data() -> None:
     shared = REPO.parent / "shared" / "docs" / "paper_tables"
     if not shared.is_dir():
         pytest.skip("shared research notes not present")
-    for source in cr.SOURCES.values():
+    for source in published.SOURCES.values():
         if source.key == "imagenet":  # gathered for the ImageNet tables, not from the notes (its README row)
             continue
-        assert (cr.PAPER_TABLES / source.file).read_text() == (shared / source.file).read_text()
+        assert (published.PAPER_TABLES / source.file).read_text() == (shared / source.file).read_text()
 
 
 def test_combined_methods_are_labelled_like_their_run_directories(tmp_path: Path) -> None:
@@ -220,7 +221,7 @@ def test_combined_methods_are_labelled_like_their_run_directories(tmp_path: Path
     hydra_only = write_run(root, "resnet32x4", "resnet8x4", "crd+at", 1, None, None, hydra_only=True)
     config["method_label"] = "${method_label:${distill.name},${combine}}"
     (hydra_only / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
-    runs = [cr.read_run(p) for p in cr.find_run_dirs([str(root)])]
+    runs = [run_dirs.read_run(p) for p in run_dirs.find_run_dirs([str(root)])]
     assert sorted((r.method, r.status) for r in runs) == [("crd+at", "finished"), ("crd+at", "no metrics")]
 
 
@@ -245,7 +246,7 @@ def test_runs_on_two_data_sets_are_summarised_apart(tmp_path: Path, monkeypatch)
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
                         lambda fig, *a, **k: titles.extend(ax.get_title() for ax in fig.axes if ax.get_title()))
     out = tmp_path / "report" / "table"
-    rows, _ = cr.collect([str(root)], out)
+    rows, _ = tables.collect([str(root)], out)
     by_key = {(r.dataset, r.method): r for r in rows}
     kd, kd_folder = by_key[("cifar100", "kd")], by_key[("imagefolder", "kd")]
     assert (kd.last.n, kd.last.mean, kd.last.std) == (2, 73.0, pytest.approx(math.sqrt(2.0)))  # 72, 74
@@ -268,13 +269,13 @@ def test_runs_of_one_cell_with_different_recipes_are_refused(tmp_path: Path) -> 
     write_run(root, "resnet32x4", "resnet8x4", "at", 0, 71.0, 72.0, config_extra=on("cifar100", lr=0.1))  # own cell
     out = tmp_path / "report" / "table"
     with pytest.raises(UserError) as err:
-        cr.collect([str(root)], out)
+        tables.collect([str(root)], out)
     assert str(err.value) == (
         f"the runs of kd on resnet32x4 → resnet8x4 on cifar100 differ in recipe and cannot be averaged: "
         f"1 ep, lr 0.05, step x0.1 at 150/180/210 (1 run, e.g. {short}); 240 ep, lr 0.05, step x0.1 at "
         f"150/180/210 (1 run, e.g. {long}); collect one recipe at a time (name its run directories or a glob)")
     assert not out.parent.exists()  # nothing written
-    rows, _ = cr.collect([str(long), str(root / "student" / "resnet32x4-resnet8x4" / "at")], out, figure=False)
+    rows, _ = tables.collect([str(long), str(root / "student" / "resnet32x4-resnet8x4" / "at")], out, figure=False)
     assert {r.method: r.last.mean for r in rows if r.last.n} == {"kd": 72.0, "at": 71.0}
 
 
@@ -287,7 +288,7 @@ def test_unreadable_run_directories_are_skipped_with_a_warning(runs: Path, tmp_p
     metrics = json.loads((garbled / "metrics.json").read_text())
     (garbled / "metrics.json").write_text(json.dumps({**metrics, "final_top1": "n/a"}))
     out = tmp_path / "report" / "table"
-    rows, found = cr.collect([str(runs)], out, figure=False)
+    rows, found = tables.collect([str(runs)], out, figure=False)
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == 3 and "Traceback" not in "".join(warnings)
     assert f"warning: skipped {typo.resolve()}: seed='abc' is not an integer" in warnings
@@ -298,16 +299,15 @@ def test_unreadable_run_directories_are_skipped_with_a_warning(runs: Path, tmp_p
     assert (kd.last.n, kd.last.mean) == (3, 71.0)  # as without the damaged runs
 
 
-def test_a_folder_without_runs_is_status_2_and_keeps_earlier_results(runs: Path, tmp_path: Path, capsys) -> None:
+def test_a_folder_without_runs_is_status_2_and_keeps_earlier_results(runs: Path, tmp_path: Path) -> None:
     out = tmp_path / "report" / "table"
-    assert cr.main([str(runs), "--out", str(out), "--no-figure"]) == 0
+    assert run_cli("scripts/collect_results.py", str(runs), "--out", str(out), "--no-figure").returncode == 0
     before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
-    capsys.readouterr()
     (tmp_path / "empty").mkdir()
-    assert cr.main([str(tmp_path / "empty"), "--out", str(out), "--no-figure"]) == 2
-    captured = capsys.readouterr()
-    assert captured.err.splitlines() == [f"error: no run directories under {tmp_path / 'empty'}: nothing was written "
-                                         f"(earlier results at {out} are kept); give run directories, multirun "
-                                         f"folders or globs"]
-    assert captured.out == ""
+    captured = run_cli("scripts/collect_results.py", str(tmp_path / "empty"), "--out", str(out), "--no-figure")
+    assert captured.returncode == 2
+    assert captured.stderr.splitlines() == [
+        f"error: no run directories under {tmp_path / 'empty'}: nothing was written "
+        f"(earlier results at {out} are kept); give run directories, multirun folders or globs"]
+    assert captured.stdout == ""
     assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before

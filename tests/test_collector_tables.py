@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run_cli
 
-from scripts import collect_results as cr
+from distiller.results import tables
+from distiller.results.published import load_published
 
 MLKD_TAG_480 = "480 ep, 2 views (RandAugment + Cutout), best epoch"
 MLKD_TAG_960 = "960 ep, 2 views (RandAugment + Cutout), best epoch"
@@ -67,7 +69,7 @@ def rows_by_key(path: Path) -> dict[tuple[str, str, str], dict[str, str]]:
 
 
 def test_every_published_row_is_tagged_with_its_recipe() -> None:
-    published = cr.load_published(["post_dkd"])
+    published = load_published(["post_dkd"])
     assert len(published) == 185  # the CSV's rows: 112 LS-KD, 52 TTM, 6 DIST, 6 CTKD, 6 NKD, 3 KD+DOT
     mlkd = published[published["method"].isin(["mlkd", "mlkd_ls"])]
     assert len(mlkd) == 28 and (mlkd["views"] == 2).all() and (mlkd["protocol"] == "best").all()
@@ -86,7 +88,7 @@ def test_every_published_row_is_tagged_with_its_recipe() -> None:
 
 def test_our_runs_beside_the_published_numbers_and_their_recipes(runs: Path, tmp_path: Path) -> None:
     out = tmp_path / "report" / "new"
-    rows, found = cr.collect([str(runs)], out, sources=["post_dkd"], figure=False)
+    rows, found = tables.collect([str(runs)], out, sources=["post_dkd"], figure=False)
     assert len(found) == 9
     by_key = rows_by_key(out.with_suffix(".csv"))
 
@@ -133,7 +135,7 @@ def test_our_runs_beside_the_published_numbers_and_their_recipes(runs: Path, tmp
 def test_a_published_table_lays_out_the_new_methods_with_their_recipes(runs: Path, tmp_path: Path) -> None:
     """--table lskd_same_arch: the LS paper's 7 pairs x 8 methods (KD, KD+LS, CTKD, CTKD+LS, DKD, DKD+LS,
     MLKD, MLKD+LS), also the cells not run yet, each with its recipe, plus our other methods on its pairs."""
-    rows, _ = cr.collect([str(runs)], tmp_path / "lskd", sources=["post_dkd"], tables=["lskd_same_arch"],
+    rows, _ = tables.collect([str(runs)], tmp_path / "lskd", sources=["post_dkd"], tables=["lskd_same_arch"],
                          figure=False)
     assert len(rows) == 7 * 8 + 2  # + kd_dot on resnet32x4 -> resnet8x4 and dist on wrn_40_2 -> wrn_40_1
     cells = {(r.teacher, r.student, r.method): r for r in rows}
@@ -144,8 +146,9 @@ def test_a_published_table_lays_out_the_new_methods_with_their_recipes(runs: Pat
     assert cells[("resnet32x4", "resnet8x4", "kd_ls")].best.mean == 76.0  # our run, in its table cell
 
 
-def test_cli_shows_the_post_dkd_column_by_default(runs: Path, tmp_path: Path, capsys) -> None:
-    assert cr.main([str(runs), "--out", str(tmp_path / "cli"), "--no-figure"]) == 0
-    out = capsys.readouterr().out
+def test_cli_shows_the_post_dkd_column_by_default(runs: Path, tmp_path: Path) -> None:
+    result = run_cli("scripts/collect_results.py", str(runs), "--out", str(tmp_path / "cli"), "--no-figure")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
     assert "post-DKD papers: recipe" in out and MLKD_TAG_960 in out
     assert "| CRD paper |" in out  # the earlier sources stay

@@ -121,12 +121,13 @@ def write_run(root: Path, teacher: str, student: str, method: str, seed: int, la
 
 
 def test_the_collector_shows_the_published_numbers_beside_ours(tmp_path: Path) -> None:
-    from scripts import collect_results as cr
+    from distiller.results import tables
+    from distiller.results.published import load_published
 
     runs = tmp_path / "runs"
     write_run(runs, "resnet34", "resnet18", "dkd", 0, 71.0, 71.5)
     write_run(runs, "resnet50", "MobileNetV1", "kd", 0, 70.0, 70.25)
-    rows, _ = cr.collect([str(runs)], tmp_path / "table", sources=["imagenet"],
+    rows, _ = tables.collect([str(runs)], tmp_path / "table", sources=["imagenet"],
                          tables=["imagenet_r34_r18", "imagenet_r50_mv1"], figure=False)
     cells = {(r.teacher, r.student, r.method): r for r in rows}
     # mdistiller's README (a08d46f), torchvision's docs, the ReviewKD paper: typed by hand
@@ -140,7 +141,7 @@ def test_the_collector_shows_the_published_numbers_beside_ours(tmp_path: Path) -
     markdown = (tmp_path / "table.md").read_text()
     assert "| dkd | 1 | 71.00 | 71.50 | 71.70 | -0.20 |" in markdown  # best epoch vs mdistiller's best-epoch number
     assert "| kd | 1 | 70.00 | 70.25 | 70.50 | -0.25 |" in markdown
-    tiny = cr.load_published(["imagenet"])
+    tiny = load_published(["imagenet"])
     tiny = tiny[tiny["table"] == "tiny_imagenet_dot"]
     assert sorted(zip(tiny["student"], tiny["method"], tiny["top1"])) == [
         ("ShuffleV2", "kd", 62.26), ("ShuffleV2", "kd_dot", 65.75)]

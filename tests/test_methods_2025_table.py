@@ -14,7 +14,7 @@ import pytest
 import yaml
 from helpers import REPO
 
-from scripts import collect_results as cr
+from distiller.results import published, tables
 from scripts import sweep_table
 
 PAPER_PRESETS = ("methods_2025_skd_paper", "methods_2025_wkd_paper", "methods_2025_wkd_lf_paper")
@@ -33,7 +33,7 @@ def test_dry_run_lists_every_cell_of_the_table(capsys) -> None:
 
 
 def published_2025():
-    return cr.load_published(["methods_2025"])
+    return published.load_published(["methods_2025"])
 
 
 def test_every_published_number_is_read_and_tagged_with_its_recipe() -> None:
@@ -50,7 +50,7 @@ def test_every_published_number_is_read_and_tagged_with_its_recipe() -> None:
     assert mld["epochs"] == 480 and mld["views"] == 2 and mld["secondary"]
     secondary = set(published_2025().loc[lambda f: f["secondary"], "method"])
     assert secondary == {"rld", "eakd", "eakd_fcfd", "eakd_mlkd_ls", "cat_kd"}
-    assert all(cr.SECONDARY_NOTE in r for r in published_2025().loc[lambda f: f["secondary"], "recipe"])
+    assert all(published.SECONDARY_NOTE in r for r in published_2025().loc[lambda f: f["secondary"], "recipe"])
 
 
 def test_no_secondary_number_backs_a_paper_preset(compose) -> None:
@@ -83,7 +83,7 @@ def test_collector_puts_the_paper_recipe_run_beside_its_published_number(tmp_pat
     write_run(runs, "resnet32x4", "resnet8x4", "skd", 0, 78.0, lr=0.1)
     write_run(runs, "resnet32x4", "resnet8x4", "skd", 1, 79.0, lr=0.1)
     out = tmp_path / "report" / "m25"
-    cr.collect([str(runs)], out, sources=["methods_2025"], figure=False)
+    tables.collect([str(runs)], out, sources=["methods_2025"], figure=False)
     with open(out.with_suffix(".csv"), newline="") as f:
         rows = {(r["teacher"], r["student"], r["method"]): r for r in csv.DictReader(f)}
     skd = rows[("resnet32x4", "resnet8x4", "skd")]

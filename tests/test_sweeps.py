@@ -334,10 +334,10 @@ def test_multirun_makes_one_directory_per_cell_and_relaunch_reruns_nothing(sweep
 
 
 def test_collector_on_the_sweep(sweep) -> None:
-    from scripts import collect_results as cr
+    from distiller.results import tables
 
     tmp, _ = sweep
-    rows, runs = cr.collect([str(tmp / "runs")], tmp / "results" / "table")
+    rows, runs = tables.collect([str(tmp / "runs")], tmp / "results" / "table")
     assert len(runs) == 5 and all(r.status == "finished" for r in runs)
     by_method = {r.method: r for r in rows}
     for method, published in (("kd", 70.66), ("at", 70.55)):  # CRD Table 1, resnet56 -> resnet20

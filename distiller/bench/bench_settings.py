@@ -20,6 +20,7 @@ from distiller.config.compose import compose
 CONFIG_NAME = "benchmark"
 RANDOM_DATASET = "benchmark_random"  # bench.data=random: generated images, registered for the run (random_data_set)
 RANDOM_TEST_SIZE = 256
+RANDOM_OPTIONS = ("train_size", "test_size", "seed")  # the dataset.* keys the random set reads (set by the benchmark)
 
 
 def compose_benchmark(argv: list[str]) -> DictConfig:
@@ -101,7 +102,7 @@ def random_data_set() -> Iterator[None]:
     """:data:`RANDOM_DATASET` is a data set inside the block only: the registry is as it was afterwards."""
     added = RANDOM_DATASET not in DATASETS
     if added:
-        DATASETS.add(RANDOM_DATASET, random_splits)
+        DATASETS.add(RANDOM_DATASET, random_splits, options=RANDOM_OPTIONS)
     try:
         yield
     finally:
@@ -114,6 +115,9 @@ def use_settings_data(cfg: DictConfig, bench: BenchSettings) -> None:
     so the run records what it trains on); its other keys stay. Needs :func:`random_data_set` around the run."""
     if bench.data != "random":
         return
+    # the keys only other data sets read (dataset=cifar100's download, ...) do not apply to generated images
+    unread = {name for entry in DATASETS.names() for name in DATASETS.metadata(entry).get("options", ())}
     with open_dict(cfg):
+        cfg.dataset.merge_with({key: None for key in unread - set(RANDOM_OPTIONS) if key in cfg.dataset})
         cfg.dataset.merge_with({"name": RANDOM_DATASET, "train_size": bench.train_size,
                                 "test_size": RANDOM_TEST_SIZE, "seed": bench.seed})

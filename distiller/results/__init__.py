@@ -1,0 +1,6 @@
+"""The results collector: run directories into the paper tables, our mean +- std beside the published numbers
+(``scripts/collect_results.py`` is its command line).
+
+:mod:`.published` holds the published numbers and their recipes, :mod:`.runs` reads run directories,
+:mod:`.tables` groups, compares and writes the tables (:func:`~distiller.results.tables.collect`).
+"""

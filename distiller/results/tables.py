@@ -1,0 +1,327 @@
+"""Our runs beside the published numbers: grouped per data set and cell (never averaged across recipes),
+mean +- std over seeds for both protocols, the difference to each source, written as Markdown, CSV and a
+figure (:func:`collect`)."""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from common.errors import UserError
+from distiller.results.published import (
+    BASELINES,
+    CELL,
+    DEFAULT_SOURCES,
+    FINISHED,
+    METHOD_ORDER,
+    MISSING,
+    SOURCES,
+    SUMMARY_COLUMNS,
+    load_published,
+    table_cells,
+)
+from distiller.results.runs import Run, find_run_dirs, read_runs, runs_frame
+
+
+def _seed_list(seeds: pd.Series) -> str:
+    return " ".join(str(int(s)) for s in sorted(seeds.dropna()))
+
+
+# mean and sample std (ddof 1: NaN for a single run) over the finished runs of a group
+STATS = {
+    "runs": ("final_top1", "count"), "last_top1_mean": ("final_top1", "mean"),
+    "last_top1_std": ("final_top1", "std"), "best_runs": ("best_top1", "count"),
+    "best_top1_mean": ("best_top1", "mean"), "best_top1_std": ("best_top1", "std"),
+    "hours_per_run": ("hours", lambda h: h[h > 0].mean()), "seeds": ("seed", _seed_list),
+    "our_recipe": ("recipe", lambda r: r.dropna().iloc[0] if r.notna().any() else ""),  # one per cell: check_recipes
+}
+UNKNOWN_DATASET = ""  # runs whose config names no data set form a group of their own
+
+
+def check_recipes(runs: pd.DataFrame) -> None:
+    """Refuse, in one line, a cell whose finished runs were trained with different recipes (never averaged)."""
+    finished = runs[runs["status"] == FINISHED]
+    keys = ["dataset", "kind", "teacher", "student", "method"]
+    for (dataset, kind, teacher, student, method), group in finished.groupby(keys, dropna=False, sort=True):
+        recipes = group.groupby(group["recipe"].fillna("unrecorded"), sort=True)["run_dir"]
+        if recipes.ngroups < 2:
+            continue
+        cell = f"plain training of {student}" if kind == "teacher" else f"{method} on {teacher} → {student}"
+        where = f" on {dataset}" if isinstance(dataset, str) and dataset else ""
+        found = "; ".join(f"{recipe} ({len(dirs)} run{'s' * (len(dirs) > 1)}, e.g. {sorted(dirs)[0]})"
+                          for recipe, dirs in recipes)
+        raise UserError(f"the runs of {cell}{where} differ in recipe and cannot be averaged: {found}; collect one "
+                        f"recipe at a time (name its run directories or a glob)")
+
+
+def _ours(runs: pd.DataFrame, by: str | list[str]) -> pd.DataFrame:
+    """Per group: statistics of the finished runs and the number of runs not finished."""
+    finished = runs["status"] == FINISHED
+    not_finished = runs[~finished].groupby(by, dropna=False).size().rename("not_finished")
+    return pd.concat([runs[finished].groupby(by, dropna=False).agg(**STATS), not_finished], axis=1)
+
+
+def _method_rank(methods: pd.Series) -> pd.Series:
+    return methods.map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER))
+
+
+def layout(runs: pd.DataFrame, published: pd.DataFrame, tables: Sequence[str] = ()) -> pd.DataFrame:
+    """The table's cells in order: per pair, the baselines, then methods in :data:`METHOD_ORDER`.
+
+    With ``tables``: the published tables' pairs and cells (also those not run yet), plus our other
+    methods on those pairs. Without: every pair among the runs, and plain cross-entropy runs of
+    architectures in no pair as rows of their own.
+    """
+    ours = runs.loc[runs["kind"] == "student", CELL].drop_duplicates()
+    alone = pd.DataFrame(columns=CELL)
+    if tables:
+        cells = table_cells(published, tables)
+        pairs = cells[["teacher", "student"]].drop_duplicates()
+        cells = pd.concat([cells, ours.merge(pairs)]).drop_duplicates()
+    else:
+        pairs = ours[["teacher", "student"]].drop_duplicates().sort_values(["teacher", "student"])
+        cells = pd.concat([pairs.merge(pd.DataFrame({"method": list(BASELINES)}), how="cross"), ours])
+        paired = set(pairs["teacher"]) | set(pairs["student"])
+        archs = sorted(set(runs.loc[runs["kind"] == "teacher", "student"]) - paired)
+        alone = pd.DataFrame({"teacher": "-", "student": archs, "method": "student"}, columns=CELL)
+    order = {pair: i for i, pair in enumerate(zip(pairs["teacher"], pairs["student"]))}
+    cells = cells.assign(pair_rank=[order[p] for p in zip(cells["teacher"], cells["student"])],
+                         method_rank=_method_rank(cells["method"]))
+    cells = cells.sort_values(["pair_rank", "method_rank", "method"], kind="stable")[CELL]
+    return pd.concat([cells, alone], ignore_index=True)
+
+
+def summarize(runs: pd.DataFrame, published: pd.DataFrame, sources: Sequence[str],
+              tables: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per (teacher, student, method): ours under both protocols and each source's number."""
+    cells = layout(runs, published, tables)
+    baseline = cells["method"].isin(BASELINES)
+    cells["arch"] = cells["teacher"].where(cells["method"] == "teacher", cells["student"])
+    by_cell = cells[~baseline].join(_ours(runs[runs["kind"] == "student"], CELL), on=CELL)
+    by_arch = cells[baseline].join(_ours(runs[runs["kind"] == "teacher"], "student"), on="arch")
+    table = pd.concat([by_cell, by_arch]).sort_index().drop(columns="arch")
+    table[["runs", "best_runs", "not_finished"]] = table[["runs", "best_runs", "not_finished"]].fillna(0).astype(int)
+    table["seeds"] = [s if isinstance(s, str) else "" for s in table["seeds"]]  # no runs: no seeds
+    table["our_recipe"] = [r if isinstance(r, str) else "" for r in table["our_recipe"]]
+    # one number per cell and source: the method authors' own table where a cell is in several, else the last
+    chosen = published.sort_values("preferred", kind="stable").drop_duplicates(["source", *CELL], keep="last")
+    for key in sources:
+        source = SOURCES[key]
+        theirs = chosen.loc[chosen["source"] == key].set_index(CELL)
+        joined = table.join(theirs[["top1", "protocol", "recipe"]], on=CELL)
+        table[f"{key}_published"] = joined["top1"]
+        table[f"{key}_recipe"] = joined["recipe"].fillna("")
+        # each number is compared under its own protocol; "unstated" ones against our best epoch (their
+        # code tracks the best), and a source without a number here keeps the source's protocol
+        protocol = joined["protocol"].where(joined["protocol"].isin(["best", "last"]), "best")
+        table[f"{key}_protocol"] = protocol.where(joined["top1"].notna(), source.protocol)
+        ours = table["last_top1_mean"].where(table[f"{key}_protocol"] == "last", table["best_top1_mean"])
+        table[f"{key}_diff"] = ours - table[f"{key}_published"]
+    return table.reset_index(drop=True)
+
+
+def summarize_by_dataset(runs: pd.DataFrame, published: pd.DataFrame, sources: Sequence[str],
+                         tables: Sequence[str] = ()) -> pd.DataFrame:
+    """:func:`summarize` for each data set's runs apart (never averaged together), with a ``dataset`` column."""
+    parts = [summarize(group, published, sources, tables).assign(dataset=dataset)
+             for dataset, group in runs.groupby(runs["dataset"].fillna(UNKNOWN_DATASET), sort=True)]
+    return pd.concat(parts, ignore_index=True)
+
+
+# ---- the rows as objects (for callers and tests) ---------------------------------------------------
+@dataclass(frozen=True)
+class Stat:
+    """Our numbers under one protocol: runs, mean and sample std (None for fewer than 2 runs)."""
+
+    n: int
+    mean: float | None
+    std: float | None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One cell of the summary table."""
+
+    teacher: str
+    student: str
+    method: str
+    last: Stat
+    best: Stat
+    unfinished: int
+    hours_per_run: float | None
+    published: dict[str, float | None]
+    seeds: list[int]
+    recipes: dict[str, str] = field(default_factory=dict)  # source -> the published number's recipe
+    dataset: str = UNKNOWN_DATASET  # the data set of our runs in this cell
+    our_recipe: str = ""  # how our runs of this cell were trained (one recipe per cell)
+
+
+def _value(x: Any) -> Any:
+    return None if pd.isna(x) else x
+
+
+def rows_of(table: pd.DataFrame, sources: Sequence[str]) -> list[Row]:
+    """The summary table as :class:`Row` objects (missing numbers as None)."""
+    return [Row(teacher=r.teacher, student=r.student, method=r.method,
+                last=Stat(r.runs, _value(r.last_top1_mean), _value(r.last_top1_std)),
+                best=Stat(r.best_runs, _value(r.best_top1_mean), _value(r.best_top1_std)),
+                unfinished=r.not_finished, hours_per_run=_value(r.hours_per_run),
+                published={key: _value(getattr(r, f"{key}_published")) for key in sources},
+                seeds=[int(s) for s in r.seeds.split()],
+                recipes={key: getattr(r, f"{key}_recipe") for key in sources if getattr(r, f"{key}_recipe")},
+                dataset=r.dataset, our_recipe=r.our_recipe)
+            for r in table.itertuples(index=False)]
+
+
+# ---- output ----------------------------------------------------------------------------------------
+def _mean_std(mean: float, std: float) -> str:
+    if pd.isna(mean):
+        return MISSING
+    return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def _number(x: float, fmt: str) -> str:
+    return MISSING if pd.isna(x) else format(x, fmt)
+
+
+def _pair_title(teacher: str, student: str, dataset: str = UNKNOWN_DATASET) -> str:
+    pair = student if teacher == "-" else f"{teacher} → {student}"
+    return f"{pair} ({dataset})" if dataset else pair
+
+
+def _datasets_line(runs: pd.DataFrame) -> str:
+    counts = runs["dataset"].fillna("not recorded").value_counts().sort_index()
+    if len(counts) == 1:
+        return f"Data set: {counts.index[0]}."
+    return ("Data sets (each summarised apart): "
+            + ", ".join(f"{name} ({n} run{'s' * (n > 1)})" for name, n in counts.items()) + ".")
+
+
+def render_markdown(table: pd.DataFrame, runs: pd.DataFrame, sources: Sequence[str], title: str = "Results") -> str:
+    """Markdown: one table per teacher-student pair, then the runs that are not finished."""
+    n_finished = int((runs["status"] == FINISHED).sum())
+    lines = [f"# {title}", "",
+             f"{len(runs)} run directories: {n_finished} finished, {len(runs) - n_finished} not finished; "
+             f"{runs['hours'].sum():.2f} training hours recorded in them. {_datasets_line(runs)}",
+             "Ours: mean ± sample std over seeds (n = runs). *last* = top-1 after the last epoch (the CRD "
+             "tables' protocol), *best* = best epoch's top-1 (the DKD tables' protocol). Δ = ours − published, "
+             "each source compared under its own protocol.", ""]
+    # header -> cells; a list of pairs, since two sources of one protocol share the header "Δ (best)"
+    columns = [("method", table["method"]), ("n", table["runs"].astype(str)),
+               ("last-epoch top-1", [_mean_std(m, s) for m, s in zip(table["last_top1_mean"], table["last_top1_std"])]),
+               ("best-epoch top-1", [_mean_std(m, s) for m, s in zip(table["best_top1_mean"], table["best_top1_std"])])]
+    for key in sources:
+        source = SOURCES[key]
+        columns += [(source.label, [_number(x, ".2f") for x in table[f"{key}_published"]]),
+                    (f"Δ ({source.protocol})", [_number(x, "+.2f") for x in table[f"{key}_diff"]])]
+        if source.recipes:  # numbers of one file trained under different recipes: say which, per number
+            columns.append((f"{source.label}: recipe", list(table[f"{key}_recipe"])))
+    columns.append(("not finished", [str(n) if n else "" for n in table["not_finished"]]))
+    columns.append(("our recipe", list(table["our_recipe"])))
+    shown = pd.DataFrame(dict(enumerate(cells for _, cells in columns)), index=table.index)
+    header = [name for name, _ in columns]
+    sections = shown.groupby([table["dataset"], table["teacher"], table["student"]], sort=False, dropna=False)
+    for (dataset, teacher, student), group in sections:
+        lines += [f"## {_pair_title(teacher, student, dataset)}", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in group.itertuples(index=False)]
+        lines.append("")
+    open_runs = runs[runs["status"] != FINISHED].sort_values("run_dir")
+    if len(open_runs):
+        lines += ["## Runs not finished", "",
+                  "Still training, stopped or failed; relaunching the same sweep resumes or re-runs them.", "",
+                  "| run directory | status | epochs done | error |", "|---|---|---|---|"]
+        for run in open_runs.itertuples(index=False):
+            planned = f" / {run.epochs_planned}" if pd.notna(run.epochs_planned) and run.epochs_planned else ""
+            error = "" if pd.isna(run.error) else str(run.error).replace("|", "/")
+            lines.append(f"| {run.run_dir} | {run.status} | {run.epochs_done}{planned} | {error} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_summary_csv(table: pd.DataFrame, sources: Sequence[str], path: Path) -> None:
+    """Machine-readable summary, one row per (teacher, student, method)."""
+    columns = SUMMARY_COLUMNS + [f"{key}_{part}" for key in sources
+                                 for part in ("published", "protocol", "diff", "recipe")]
+    table[columns].to_csv(path, index=False, float_format="%.4f")
+
+
+def plot(table: pd.DataFrame, sources: Sequence[str], path: Path) -> None:
+    """Per data set and pair, per method: ours (last and best epoch, mean ± std) and each source's published number."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = table.groupby(["dataset", "teacher", "student"], sort=False, dropna=False)
+    cols = min(3, max(1, pairs.ngroups))
+    nrows = math.ceil(pairs.ngroups / cols) if pairs.ngroups else 1
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 3.6 * nrows), squeeze=False)
+    markers = {"crd": "x", "dkd": "+", "mdistiller": "1"}
+    for ax, ((dataset, teacher, student), group) in zip(axes.flat, pairs):
+        group = group.reset_index(drop=True)
+        for offset, protocol, style in ((-0.12, "last", "o"), (0.12, "best", "s")):
+            pts = group[group[f"{protocol}_top1_mean"].notna()]
+            if len(pts):
+                ax.errorbar(pts.index + offset, pts[f"{protocol}_top1_mean"],
+                            yerr=pts[f"{protocol}_top1_std"].fillna(0.0), fmt=style, ms=4, capsize=2,
+                            fillstyle="full" if protocol == "last" else "none", label=f"ours ({protocol} epoch)")
+        for key in sources:
+            pts = group[f"{key}_published"].dropna()
+            if len(pts):
+                ax.plot(pts.index, pts, linestyle="none", ms=8, marker=markers.get(key, "*"),
+                        color="black" if key == "crd" else "tab:red",
+                        label=f"{SOURCES[key].label} ({SOURCES[key].protocol})")
+        ax.set_title(_pair_title(teacher, student, dataset), fontsize=10)
+        ax.set_xticks(list(group.index))
+        ax.set_xticklabels(group["method"], rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[pairs.ngroups:]:
+        ax.axis("off")
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=len(handles),
+                   fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def runs_csv_path(out: Path) -> Path:
+    """Where the tidy per-run table goes: ``<out>_runs.csv``."""
+    return out.with_name(out.name + "_runs.csv")
+
+
+def collect(inputs: Sequence[str], out: Path, sources: Sequence[str] = DEFAULT_SOURCES,
+            tables: Sequence[str] = (), figure: bool = True, title: str = "Results") -> tuple[list[Row], list[Run]]:
+    """Read the runs, write ``out``.md/.csv/.png and ``out``_runs.csv; return the rows and runs.
+
+    A run directory that cannot be read is skipped with a warning naming it. No readable run, or a
+    cell whose runs differ in recipe, is a :class:`UserError` raised before anything is written.
+    """
+    published = load_published(sources)
+    runs, skipped = read_runs(find_run_dirs(inputs))
+    for path, why in skipped:
+        print(f"warning: skipped {path}: {why}", file=sys.stderr)
+    if not runs:
+        raise UserError(f"no {'readable ' if skipped else ''}run directories under {' '.join(inputs)}: nothing "
+                        f"was written (earlier results at {out} are kept); give run directories, multirun "
+                        f"folders or globs")
+    frame = runs_frame(runs)
+    check_recipes(frame)
+    table = summarize_by_dataset(frame, published, sources, tables)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(render_markdown(table, frame, sources, title) + "\n")
+    write_summary_csv(table, sources, out.with_suffix(".csv"))
+    frame.to_csv(runs_csv_path(out), index=False)
+    if figure and len(table):
+        plot(table, sources, out.with_suffix(".png"))
+    return rows_of(table, sources), runs
