@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 import distiller.engine.teacher_cache as tc
+import distiller.jobs.cache_build as build
 from common.errors import UserError
 from datasets import DataSplits, DeviceLoader
 from datasets.device_loader import epoch_seed
@@ -148,7 +149,7 @@ def test_cached_logits_are_the_teachers_at_the_loaders_crops(tmp_path: Path, dty
     data = tiny_data()
     teacher, path = tiny_teacher(tmp_path / "teachers")
     teacher = teacher.double()
-    cache = tc.ensure_cache(teacher, path, data, "tiny", dtype=dtype, precision="fp64", batch_size=64,
+    cache = build.ensure_cache(teacher, path, data, "tiny", dtype=dtype, precision="fp64", batch_size=64,
                             progress=False)
     assert cache.built and cache.logits.dtype == tc.DTYPES[dtype] and cache.logits.shape == (N * 18, CLASSES)
     loader = DeviceLoader(data.train_images, data.train_labels, 16, "cpu", train=True, seed=seed(1), mean=MEAN,
@@ -169,7 +170,7 @@ def test_cached_logits_at_random_triples_equal_a_forward_of_the_naive_crop(tmp_p
     data = tiny_data()
     teacher, path = tiny_teacher(tmp_path / "teachers")
     teacher = teacher.double()
-    cache = tc.ensure_cache(teacher, path, data, "tiny", precision="fp64", progress=False)
+    cache = build.ensure_cache(teacher, path, data, "tiny", precision="fp64", progress=False)
     gen = generator(2)
     indices = torch.randint(0, N, (30,), generator=gen)
     offsets = torch.randint(0, 3, (30, 2), generator=gen)
@@ -189,35 +190,35 @@ def test_cached_logits_at_random_triples_equal_a_forward_of_the_naive_crop(tmp_p
 def test_a_cache_with_another_key_is_refused_in_one_line_and_rebuilt_on_request(tmp_path: Path) -> None:
     data = tiny_data(8)
     teacher, path = tiny_teacher(tmp_path / "teachers")
-    cache = tc.ensure_cache(teacher, path, data, "tiny", progress=False)
+    cache = build.ensure_cache(teacher, path, data, "tiny", progress=False)
     files = tc.CacheFiles.beside(path, "tiny", 8, "fp32")
     assert cache.path == files.data and files.header.is_file() and not files.partial.exists()
     before = files.data.read_bytes()
 
     changed = tiny_data(8)
     changed.train_images[3, 1, 2, 2] ^= 1  # one bit of one pixel
-    one_line_user_error(lambda: tc.ensure_cache(teacher, path, changed, "tiny", progress=False),
+    one_line_user_error(lambda: build.ensure_cache(teacher, path, changed, "tiny", progress=False),
                         "training data sha256", "--rebuild", "is not used")
     wrong_pad = dataclasses.replace(cache.key, pad=2)
     one_line_user_error(lambda: tc.open_cache(files, wrong_pad), "crop padding 1 (now 2)", "--rebuild")
     other, _ = tiny_teacher(tmp_path / "teachers", seed_base=1)  # a retrained teacher in the same file
-    message = one_line_user_error(lambda: tc.ensure_cache(other, path, data, "tiny", progress=False),
+    message = one_line_user_error(lambda: build.ensure_cache(other, path, data, "tiny", progress=False),
                                   "teacher file sha256", "--rebuild")
     assert "training data" not in message  # only what differs is named
     assert files.data.read_bytes() == before  # a refused cache is left as it was
 
-    rebuilt = tc.ensure_cache(other, path, data, "tiny", progress=False, rebuild=True)
+    rebuilt = build.ensure_cache(other, path, data, "tiny", progress=False, rebuild=True)
     assert rebuilt.built and rebuilt.key.teacher_sha256 != cache.key.teacher_sha256
     with torch.no_grad():  # the build's one batch (8 x 18 rows < 256), recomputed: the same kernels give the same bits
         live = other(tc.variant_images(data.train_images, torch.arange(8 * 18), rebuilt.key))
     assert torch.equal(rebuilt.logits, live)
-    assert not tc.ensure_cache(other, path, data, "tiny", progress=False).built  # found, not built again
+    assert not build.ensure_cache(other, path, data, "tiny", progress=False).built  # found, not built again
 
 
 def test_cache_dir_moves_the_files_and_a_missing_cache_says_how_to_build_it(tmp_path: Path) -> None:
     data = tiny_data(4)
     teacher, path = tiny_teacher(tmp_path / "teachers")
-    cache = tc.ensure_cache(teacher, path, data, "tiny", cache_dir=tmp_path / "elsewhere", progress=False)
+    cache = build.ensure_cache(teacher, path, data, "tiny", cache_dir=tmp_path / "elsewhere", progress=False)
     assert cache.path.parent == tmp_path / "elsewhere" and cache.nbytes == 4 * 18 * CLASSES * 4
     assert sorted(p.name for p in (tmp_path / "teachers").iterdir()) == ["resnet8.pt"]
     one_line_user_error(lambda: tc.open_cache(tc.CacheFiles.beside(path, "tiny", 4, "fp32")),
@@ -232,7 +233,7 @@ def _build_in_child(teacher: nn.Module, path: Path, data: DataSplits, sleep: flo
     counting = Counting(teacher, sleep)
     if barrier is not None:
         barrier.wait()
-    cache = tc.ensure_cache(counting, path, data, "tiny", batch_size=16, progress=False, record_every=0.0)
+    cache = build.ensure_cache(counting, path, data, "tiny", batch_size=16, progress=False, record_every=0.0)
     if results is not None:
         results.put((cache.built, counting.seen))
 
@@ -242,7 +243,7 @@ def test_kill_9_during_the_build_leaves_no_usable_cache_and_the_rerun_resumes(tm
 
     data = tiny_data()
     teacher, path = tiny_teacher(tmp_path / "a")
-    reference = tc.ensure_cache(teacher, path, data, "tiny", batch_size=16, progress=False)
+    reference = build.ensure_cache(teacher, path, data, "tiny", batch_size=16, progress=False)
     other = tmp_path / "b" / "resnet8.pt"
     other.parent.mkdir()
     other.write_bytes(path.read_bytes())
@@ -253,7 +254,7 @@ def test_kill_9_during_the_build_leaves_no_usable_cache_and_the_rerun_resumes(tm
     child.start()
     done, deadline = 0, time.monotonic() + 60
     while done < 3 * 16 and time.monotonic() < deadline:  # at least three batches recorded
-        record = tc._read_json(files.record)
+        record = tc.read_json(files.record)
         done = record["rows_done"] if record else 0
         time.sleep(0.002)
     os.kill(child.pid, signal.SIGKILL)
@@ -266,7 +267,7 @@ def test_kill_9_during_the_build_leaves_no_usable_cache_and_the_rerun_resumes(tm
     assert 3 * 16 <= done < N * 18 and done % 16 == 0
 
     counting = Counting(teacher)
-    resumed = tc.ensure_cache(counting, other, data, "tiny", batch_size=16, progress=False)
+    resumed = build.ensure_cache(counting, other, data, "tiny", batch_size=16, progress=False)
     assert resumed.built and counting.seen == N * 18 - done  # only the rows not yet on disk
     # the resumed build ran the same batches of the same rows as the uninterrupted one, with the same kernels
     assert files.data.read_bytes() == reference.path.read_bytes()
@@ -289,18 +290,18 @@ def test_a_build_killed_while_finishing_is_unusable_then_finished_without_recomp
 
     if dies == "before the rename":  # every row and the record are on disk, the data file is not in place
         replace = os.replace
-        monkeypatch.setattr(tc.os, "replace", lambda src, dst: die() if Path(dst) == files.data
+        monkeypatch.setattr(build.os, "replace", lambda src, dst: die() if Path(dst) == files.data
                             else replace(src, dst))
     else:  # the data file is in place, its header is not
-        real = tc.atomic_write
-        monkeypatch.setattr(tc, "atomic_write", lambda obj, p, fmt="torch": die() if p == files.header
+        real = build.atomic_write
+        monkeypatch.setattr(build, "atomic_write", lambda obj, p, fmt="torch": die() if p == files.header
                             else real(obj, p, fmt))
     with pytest.raises(Killed):
-        tc.ensure_cache(teacher, path, data, "tiny", progress=False)
+        build.ensure_cache(teacher, path, data, "tiny", progress=False)
     monkeypatch.undo()
     one_line_user_error(lambda: tc.open_cache(files), "no complete teacher cache")
     counting = Counting(teacher)
-    cache = tc.ensure_cache(counting, path, data, "tiny", progress=False)
+    cache = build.ensure_cache(counting, path, data, "tiny", progress=False)
     assert counting.seen == 0 and cache.logits.shape == (4 * 18, CLASSES)
     with torch.no_grad():  # the build's one batch, recomputed
         live = teacher(tc.variant_images(data.train_images, torch.arange(4 * 18), cache.key))
