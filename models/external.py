@@ -46,7 +46,7 @@ log = logging.getLogger("models")
 # keys of an external network's config node that are not constructor arguments: the schema's
 # (distiller/config.py ExternalTeacherConfig; tests/test_external_models.py checks that it lists them all)
 CONFIG_KEYS = frozenset({"source", "name", "lr", "ckpt", "published_top1", "verify", "cifar_stem", "weights", "taps",
-                         "_target_"})
+                         "_target_", "cache", "cache_dir", "cache_dtype"})
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import generator, seed
-from PIL import Image
+from helpers import generator, random_teacher_file, seed, write_image_folder
 from torch import nn
 
 import distiller.engine.teacher_cache as tc
@@ -24,7 +23,6 @@ import distiller.jobs.cache_build as build
 from common.errors import UserError
 from datasets import DataSplits, DeviceLoader
 from datasets.device_loader import epoch_seed
-from models import build_model
 from scripts import teachers as teachers_cmd
 
 SIDE, CLASSES, N = 8, 5, 40
@@ -42,17 +40,7 @@ def tiny_data(n: int = N, seed_base: int = 0) -> DataSplits:
 
 
 def tiny_teacher(folder: Path, seed_base: int = 0, name: str = "resnet8.pt") -> tuple[nn.Module, Path]:
-    """A random resnet8 (eval mode, non-trivial BatchNorm statistics) saved as a teacher file in ``folder``."""
-    torch.manual_seed(seed(seed_base))
-    model = build_model("resnet8", num_classes=CLASSES)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    torch.save({"model": model.state_dict(), "arch": "resnet8", "num_classes": CLASSES}, path)
-    return model.eval(), path
+    return random_teacher_file(folder, CLASSES, seed_base, name)
 
 
 class Counting(nn.Module):
@@ -328,19 +316,9 @@ def test_concurrent_builders_build_once_and_both_read_it(tmp_path: Path) -> None
 
 
 # ---- the command ---------------------------------------------------------------------------------------------
-def _image_folder(root: Path, data: DataSplits) -> None:
-    """``root/train/<class>/*.png`` and ``root/val/...`` holding ``data``'s images (PNG is lossless)."""
-    for split, images, labels in (("train", data.train_images, data.train_labels),
-                                  ("val", data.test_images, data.test_labels)):
-        for k, (image, label) in enumerate(zip(images, labels.tolist())):
-            folder = root / split / f"c{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{k:03d}.png")
-
-
 def test_the_cache_command_builds_reports_and_refuses_bad_input(tmp_path: Path, capsys) -> None:
     data = tiny_data(10)
-    _image_folder(tmp_path / "images", data)
+    write_image_folder(tmp_path / "images", data)
     teacher, path = tiny_teacher(tmp_path / "teachers")
     args = ["cache", str(path), "dataset=imagefolder", f"dataset.root={tmp_path / 'images'}", "trainer.device=cpu"]
     assert teachers_cmd.main([*args, "--json"]) == 0

@@ -313,8 +313,9 @@ def _rebuild_hint(files: CacheFiles, teacher: str | None, key: CacheKey) -> str:
                if value != "fp32"]
     if teacher is None or Path(teacher).parent != files.base.parent:
         options.append(f"--cache-dir {files.base.parent}")
-    command = " ".join(["python scripts/teachers.py cache", teacher or "TEACHER.pt", f"dataset={key.dataset}",
-                        *options, "--rebuild"])
+    # options first: the run's other dataset.* settings go at the end, after the file's overrides
+    command = " ".join(["python scripts/teachers.py cache", *options, "--rebuild", teacher or "TEACHER.pt",
+                        f"dataset={key.dataset}"])
     return f"rebuild it with `{command}` (plus the run's other dataset.* settings), or delete {files.header}"
 
 
