@@ -213,6 +213,28 @@ def test_cache_dir_moves_the_files_and_a_missing_cache_says_how_to_build_it(tmp_
                         "no complete teacher cache", "scripts/teachers.py cache")
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_a_narrow_cache_is_derived_from_the_fp32_one_without_forwards_and_equals_a_build(tmp_path: Path,
+                                                                                         dtype: str) -> None:
+    data = tiny_data(6)
+    teacher, path = tiny_teacher(tmp_path / "teachers")
+    wide = build.ensure_cache(teacher, path, data, "tiny", progress=False)
+    counting = Counting(teacher)
+    derived = build.ensure_cache(counting, path, data, "tiny", dtype=dtype, progress=False)
+    assert derived.built and counting.seen == 0 and derived.key.dtype == dtype
+    # a build of the narrow cache elsewhere runs the same batches through the same kernels, then rounds once
+    built = build.ensure_cache(counting, path, data, "tiny", dtype=dtype, cache_dir=tmp_path / "built",
+                               progress=False)
+    assert counting.seen == 6 * 18 and derived.path.read_bytes() == built.path.read_bytes()
+    bits = SIGNIFICAND[dtype]  # and each value is its fp32 row rounded to nearest: within half an ulp
+    error = (derived.logits.double() - wide.logits.double()).abs()
+    assert (error <= 2.0 ** -bits * wide.logits.double().abs() + 2.0 ** -25).all()
+    other, _ = tiny_teacher(tmp_path / "teachers", seed_base=1, name="other.pt")  # no fp32 twin: built
+    counting = Counting(other)
+    build.ensure_cache(counting, tmp_path / "teachers" / "other.pt", data, "tiny", dtype=dtype, progress=False)
+    assert counting.seen == 6 * 18
+
+
 # ---- crashes and concurrency ---------------------------------------------------------------------------------
 def _build_in_child(teacher: nn.Module, path: Path, data: DataSplits, sleep: float, results=None,
                     barrier=None) -> None:

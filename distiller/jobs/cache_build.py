@@ -183,9 +183,11 @@ def ensure_cache(teacher: nn.Module, teacher_path: str | Path, data: DataSplits,
     """The open cache of ``teacher`` (loaded from ``teacher_path``) on ``data``'s training split, built if missing.
 
     A complete cache with another key is refused in one line (never rebuilt behind the user's back)
-    unless ``rebuild``. Processes that call this at once (a sweep) build it once: one holds the lock
-    and builds, the others wait and open its result. The cache stays memory-mapped on the CPU;
-    :meth:`TeacherCache.to` moves it to the training device when it fits there.
+    unless ``rebuild``. An fp16/bf16 cache is derived from a complete fp32 cache of the same forwards
+    when there is one (:func:`derive_cache`: seconds, not a build). Processes that call this at once
+    (a sweep) build it once: one holds the lock and builds, the others wait and open its result. The
+    cache stays memory-mapped on the CPU; :meth:`TeacherCache.to` moves it to the training device when
+    it fits there.
     """
     key = cache_key(teacher_path, data, dataset, dtype=dtype, precision=precision)
     files = CacheFiles.beside(teacher_path, dataset, key.size, dtype, cache_dir)
@@ -196,11 +198,52 @@ def ensure_cache(teacher: nn.Module, teacher_path: str | Path, data: DataSplits,
         if not rebuild and files.header.exists():  # built by another process while this one waited
             log.info("using the teacher cache %s built by another process", files.data)
             return open_cache(files, key)
-        computed = build_cache(teacher, data.train_images, key, files, device=device, batch_size=batch_size,
-                               progress=progress, record_every=record_every, teacher_file=teacher_path)
+        source = _fp32_twin(teacher_path, data, key, cache_dir) if dtype != "fp32" else None
+        if source is not None:  # the same forwards are on disk in fp32: rounding them is what a build would store
+            derive_cache(source, key, files, teacher_file=teacher_path)
+            computed = key.rows
+        else:
+            computed = build_cache(teacher, data.train_images, key, files, device=device, batch_size=batch_size,
+                                   progress=progress, record_every=record_every, teacher_file=teacher_path)
         cache = open_cache(files, key)
     cache.built = computed > 0
     return cache
+
+
+def _fp32_twin(teacher_path: str | Path, data: DataSplits, key: CacheKey,
+               cache_dir: str | Path | None) -> TeacherCache | None:
+    """The complete fp32 cache whose key differs from ``key`` in the stored dtype alone, if there is one."""
+    files = CacheFiles.beside(teacher_path, key.dataset, key.size, "fp32", cache_dir)
+    if not files.header.exists():
+        return None
+    with cache_lock(files, shared=True):
+        try:
+            return open_cache(files, replace(key, dtype="fp32"))
+        except UserError:  # another teacher, other data, another build precision: not the same forwards
+            return None
+
+
+def derive_cache(source: TeacherCache, key: CacheKey, files: CacheFiles, *, teacher_file: str | Path | None = None,
+                 chunk_rows: int = 1 << 16) -> None:
+    """Write the cache of ``key`` by rounding each row of ``source``, an fp32 cache whose key differs in the dtype
+    alone: the bytes a build of ``key`` stores (its forwards run in fp32 and are rounded once), without the
+    forwards. Kill-safe as a build: the header comes last. The caller holds ``files``' lock."""
+    if source.key.dtype != "fp32" or replace(source.key, dtype=key.dtype) != key:
+        raise ValueError(f"{source.path} holds other forwards than the cache of {key}")
+    log.info("deriving the teacher cache %s from %s (rounding %d rows to %s)", files.data, source.path, key.rows,
+             key.dtype)
+    files.record.unlink(missing_ok=True)
+    with open(files.partial, "wb") as f:
+        for start in range(0, key.rows, chunk_rows):
+            rows = source.logits[start:start + chunk_rows].to(DTYPES[key.dtype])
+            if not bool(torch.isfinite(rows).all()):
+                raise UserError(f"the teacher's logits in {source.path} do not fit {key.dtype} (beyond its range): "
+                                f"store the cache as fp32")
+            f.write(rows.contiguous().view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+    _finish(files, key, {"teacher_file": None if teacher_file is None else str(teacher_file),
+                         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "derived_from": str(source.path)})
 
 
 # ---- measuring (scripts/benchmark.py) ---------------------------------------------------------------------

@@ -35,6 +35,7 @@ from typing import Any
 from torch import nn
 
 from datasets.base import DataSplits
+from distiller.config.schema import TeacherConfig
 from distiller.engine.runtime import Runtime
 from distiller.engine.teacher_cache import TeacherCache
 from distiller.jobs.cache_build import ensure_cache
@@ -72,8 +73,9 @@ def live_views(objective: Objective) -> list[str]:
     return sorted({view for entry in objective.active() for view in entry.method.views})
 
 
-def open_run_cache(settings: Any, objective: Objective, data: Any, teacher: nn.Module, teacher_file: Path | None,
-                   dataset: str, runtime: Runtime, progress: bool = True) -> TeacherCache | None:
+def open_run_cache(settings: TeacherConfig, objective: Objective, data: Any, teacher: nn.Module,
+                   teacher_file: Path | None, dataset: str, runtime: Runtime,
+                   progress: bool = True) -> TeacherCache | None:
     """The cache a run's step reads the teacher's logits from, or None (``teacher.cache`` false, or it cannot apply).
 
     ``settings``: the typed ``teacher`` node (``cache``, ``cache_dir``, ``cache_dtype``); ``teacher``: the
