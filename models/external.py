@@ -39,7 +39,8 @@ log = logging.getLogger("models")
 # keys of an external network's config node that are not constructor arguments: the schema's
 # (distiller/config/schema.py ExternalTeacherConfig; tests/test_external_networks.py checks that it lists them all)
 CONFIG_KEYS = frozenset({"source", "name", "lr", "ckpt", "published_top1", "verify", "cifar_stem", "weights", "taps",
-                         "_target_", "extra"})  # extra: where a converted node keeps the constructor's arguments
+                         "_target_", "cache", "cache_dir", "cache_dtype",
+                         "extra"})  # extra: where a converted node keeps the constructor's arguments
 
 
 @dataclass(frozen=True)

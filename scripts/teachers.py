@@ -11,7 +11,7 @@
 downloaded pretrained teacher, or a file you changed on purpose), after checking that the weights
 fit ``model=``. ``train_student.py`` then checks the file before using it (``teacher.verify``).
 ``cache`` computes the teacher's logits for every crop and flip of the training split
-(:mod:`distiller.engine.teacher_cache`), beside the teacher unless ``--cache-dir`` says otherwise.
+(:mod:`distiller.jobs.cache_build`), beside the teacher unless ``--cache-dir`` says otherwise.
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def cache(path: Path, overrides: list[str], dtype: str, precision: str, batch_si
     """Build (or find) the teacher cache of ``path`` on the training split of ``dataset=`` (else the teacher's own)."""
     from datasets import load_dataset
     from distiller.engine.runtime import resolve_device
-    from distiller.engine.teacher_cache import ensure_cache
+    from distiller.jobs.cache_build import ensure_cache
     from distiller.jobs.evaluate import compose_config, data_overrides, load_checkpoint, model_choice, read_checkpoint
     from distiller.jobs.teachers import verify_teacher
 
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_argument("--measure", action="store_true", help="measure the test accuracy on dataset= and record it")
     sub.add_argument("--json", action="store_true", help="print the new entry as JSON")
     sub = commands.add_parser("cache", help="compute the teacher's logits for every crop and flip of the training "
-                                             "split (distiller/teacher_cache.py)")
+                                             "split (distiller/jobs/cache_build.py)")
     sub.add_argument("file", help="the teacher file (checkpoints/teachers/<data>/<arch>.pt)")
     sub.add_argument("overrides", nargs="*", help="dataset=NAME, dataset.*=..., model=ARCH (else the file's "
                                                   "header), trainer.device=cpu|cuda|auto")

@@ -394,3 +394,35 @@ def distill_node(name: str, **overrides: object) -> dict:
         for key, value in overrides.items():
             cfg.distill[key] = value
     return OmegaConf.to_container(cfg.distill, resolve=True)
+
+
+# --------------------------------------------------------------------------- teachers and image folders
+def random_teacher_file(folder: Path, num_classes: int, seed_base: int = 0, name: str = "resnet8.pt",
+                        arch: str = "resnet8"):
+    """A random network (eval mode, non-trivial BatchNorm statistics) saved as a teacher file in ``folder``;
+    returns (network, path). Its logits then depend on every layer, as a trained teacher's do."""
+    from models import build_model
+
+    torch.manual_seed(seed(seed_base))
+    model = build_model(arch, num_classes=num_classes)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    torch.save({"model": model.state_dict(), "arch": arch, "num_classes": num_classes}, path)
+    return model.eval(), path
+
+
+def write_image_folder(root: Path, data) -> None:
+    """``root/train/<class>/*.png`` and ``root/val/...`` holding the splits ``data``'s images (PNG is lossless),
+    for ``dataset=imagefolder dataset.root=<root>``."""
+    from PIL import Image
+
+    for split, images, labels in (("train", data.train_images, data.train_labels),
+                                  ("val", data.test_images, data.test_labels)):
+        for k, (image, label) in enumerate(zip(images, labels.tolist())):
+            folder = root / split / f"c{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{k:03d}.png")

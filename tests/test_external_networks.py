@@ -116,7 +116,8 @@ def test_pinned_command_lines_compose_and_validate(compose, tmp_path: Path) -> N
                                              "teacher.taps.embedding=head@in", *tiny]))
     assert own.teacher.name == TINY and own.teacher.width == 4 and list(own.teacher.taps.stages) == ["stage1", "stage2"]
     zoo = validate(compose("train_student", ["teacher=resnet56", *tiny]))
-    assert set(zoo.teacher.keys()) == {"name", "lr", "ckpt", "published_top1", "verify"}  # zoo nodes unchanged
+    assert set(zoo.teacher.keys()) == {"name", "lr", "ckpt", "published_top1", "verify", "cache", "cache_dir",
+                                       "cache_dtype"}  # zoo nodes take no constructor arguments
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -15,15 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import generator, seed
-from PIL import Image
+from helpers import generator, random_teacher_file, seed, write_image_folder
 from torch import nn
 
 import distiller.engine.teacher_cache as tc
+import distiller.jobs.cache_build as build
 from common.errors import UserError
 from datasets import DataSplits, DeviceLoader
 from datasets.device_loader import epoch_seed
-from models import build_model
 from scripts import teachers as teachers_cmd
 
 SIDE, CLASSES, N = 8, 5, 40
@@ -41,17 +40,7 @@ def tiny_data(n: int = N, seed_base: int = 0) -> DataSplits:
 
 
 def tiny_teacher(folder: Path, seed_base: int = 0, name: str = "resnet8.pt") -> tuple[nn.Module, Path]:
-    """A random resnet8 (eval mode, non-trivial BatchNorm statistics) saved as a teacher file in ``folder``."""
-    torch.manual_seed(seed(seed_base))
-    model = build_model("resnet8", num_classes=CLASSES)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    torch.save({"model": model.state_dict(), "arch": "resnet8", "num_classes": CLASSES}, path)
-    return model.eval(), path
+    return random_teacher_file(folder, CLASSES, seed_base, name)
 
 
 class Counting(nn.Module):
@@ -148,7 +137,7 @@ def test_cached_logits_are_the_teachers_at_the_loaders_crops(tmp_path: Path, dty
     data = tiny_data()
     teacher, path = tiny_teacher(tmp_path / "teachers")
     teacher = teacher.double()
-    cache = tc.ensure_cache(teacher, path, data, "tiny", dtype=dtype, precision="fp64", batch_size=64,
+    cache = build.ensure_cache(teacher, path, data, "tiny", dtype=dtype, precision="fp64", batch_size=64,
                             progress=False)
     assert cache.built and cache.logits.dtype == tc.DTYPES[dtype] and cache.logits.shape == (N * 18, CLASSES)
     loader = DeviceLoader(data.train_images, data.train_labels, 16, "cpu", train=True, seed=seed(1), mean=MEAN,
@@ -169,7 +158,7 @@ def test_cached_logits_at_random_triples_equal_a_forward_of_the_naive_crop(tmp_p
     data = tiny_data()
     teacher, path = tiny_teacher(tmp_path / "teachers")
     teacher = teacher.double()
-    cache = tc.ensure_cache(teacher, path, data, "tiny", precision="fp64", progress=False)
+    cache = build.ensure_cache(teacher, path, data, "tiny", precision="fp64", progress=False)
     gen = generator(2)
     indices = torch.randint(0, N, (30,), generator=gen)
     offsets = torch.randint(0, 3, (30, 2), generator=gen)
@@ -189,39 +178,61 @@ def test_cached_logits_at_random_triples_equal_a_forward_of_the_naive_crop(tmp_p
 def test_a_cache_with_another_key_is_refused_in_one_line_and_rebuilt_on_request(tmp_path: Path) -> None:
     data = tiny_data(8)
     teacher, path = tiny_teacher(tmp_path / "teachers")
-    cache = tc.ensure_cache(teacher, path, data, "tiny", progress=False)
+    cache = build.ensure_cache(teacher, path, data, "tiny", progress=False)
     files = tc.CacheFiles.beside(path, "tiny", 8, "fp32")
     assert cache.path == files.data and files.header.is_file() and not files.partial.exists()
     before = files.data.read_bytes()
 
     changed = tiny_data(8)
     changed.train_images[3, 1, 2, 2] ^= 1  # one bit of one pixel
-    one_line_user_error(lambda: tc.ensure_cache(teacher, path, changed, "tiny", progress=False),
+    one_line_user_error(lambda: build.ensure_cache(teacher, path, changed, "tiny", progress=False),
                         "training data sha256", "--rebuild", "is not used")
     wrong_pad = dataclasses.replace(cache.key, pad=2)
     one_line_user_error(lambda: tc.open_cache(files, wrong_pad), "crop padding 1 (now 2)", "--rebuild")
     other, _ = tiny_teacher(tmp_path / "teachers", seed_base=1)  # a retrained teacher in the same file
-    message = one_line_user_error(lambda: tc.ensure_cache(other, path, data, "tiny", progress=False),
+    message = one_line_user_error(lambda: build.ensure_cache(other, path, data, "tiny", progress=False),
                                   "teacher file sha256", "--rebuild")
     assert "training data" not in message  # only what differs is named
     assert files.data.read_bytes() == before  # a refused cache is left as it was
 
-    rebuilt = tc.ensure_cache(other, path, data, "tiny", progress=False, rebuild=True)
+    rebuilt = build.ensure_cache(other, path, data, "tiny", progress=False, rebuild=True)
     assert rebuilt.built and rebuilt.key.teacher_sha256 != cache.key.teacher_sha256
     with torch.no_grad():  # the build's one batch (8 x 18 rows < 256), recomputed: the same kernels give the same bits
         live = other(tc.variant_images(data.train_images, torch.arange(8 * 18), rebuilt.key))
     assert torch.equal(rebuilt.logits, live)
-    assert not tc.ensure_cache(other, path, data, "tiny", progress=False).built  # found, not built again
+    assert not build.ensure_cache(other, path, data, "tiny", progress=False).built  # found, not built again
 
 
 def test_cache_dir_moves_the_files_and_a_missing_cache_says_how_to_build_it(tmp_path: Path) -> None:
     data = tiny_data(4)
     teacher, path = tiny_teacher(tmp_path / "teachers")
-    cache = tc.ensure_cache(teacher, path, data, "tiny", cache_dir=tmp_path / "elsewhere", progress=False)
+    cache = build.ensure_cache(teacher, path, data, "tiny", cache_dir=tmp_path / "elsewhere", progress=False)
     assert cache.path.parent == tmp_path / "elsewhere" and cache.nbytes == 4 * 18 * CLASSES * 4
     assert sorted(p.name for p in (tmp_path / "teachers").iterdir()) == ["resnet8.pt"]
     one_line_user_error(lambda: tc.open_cache(tc.CacheFiles.beside(path, "tiny", 4, "fp32")),
                         "no complete teacher cache", "scripts/teachers.py cache")
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_a_narrow_cache_is_derived_from_the_fp32_one_without_forwards_and_equals_a_build(tmp_path: Path,
+                                                                                         dtype: str) -> None:
+    data = tiny_data(6)
+    teacher, path = tiny_teacher(tmp_path / "teachers")
+    wide = build.ensure_cache(teacher, path, data, "tiny", progress=False)
+    counting = Counting(teacher)
+    derived = build.ensure_cache(counting, path, data, "tiny", dtype=dtype, progress=False)
+    assert derived.built and counting.seen == 0 and derived.key.dtype == dtype
+    # a build of the narrow cache elsewhere runs the same batches through the same kernels, then rounds once
+    built = build.ensure_cache(counting, path, data, "tiny", dtype=dtype, cache_dir=tmp_path / "built",
+                               progress=False)
+    assert counting.seen == 6 * 18 and derived.path.read_bytes() == built.path.read_bytes()
+    bits = SIGNIFICAND[dtype]  # and each value is its fp32 row rounded to nearest: within half an ulp
+    error = (derived.logits.double() - wide.logits.double()).abs()
+    assert (error <= 2.0 ** -bits * wide.logits.double().abs() + 2.0 ** -25).all()
+    other, _ = tiny_teacher(tmp_path / "teachers", seed_base=1, name="other.pt")  # no fp32 twin: built
+    counting = Counting(other)
+    build.ensure_cache(counting, tmp_path / "teachers" / "other.pt", data, "tiny", dtype=dtype, progress=False)
+    assert counting.seen == 6 * 18
 
 
 # ---- crashes and concurrency ---------------------------------------------------------------------------------
@@ -232,7 +243,7 @@ def _build_in_child(teacher: nn.Module, path: Path, data: DataSplits, sleep: flo
     counting = Counting(teacher, sleep)
     if barrier is not None:
         barrier.wait()
-    cache = tc.ensure_cache(counting, path, data, "tiny", batch_size=16, progress=False, record_every=0.0)
+    cache = build.ensure_cache(counting, path, data, "tiny", batch_size=16, progress=False, record_every=0.0)
     if results is not None:
         results.put((cache.built, counting.seen))
 
@@ -242,7 +253,7 @@ def test_kill_9_during_the_build_leaves_no_usable_cache_and_the_rerun_resumes(tm
 
     data = tiny_data()
     teacher, path = tiny_teacher(tmp_path / "a")
-    reference = tc.ensure_cache(teacher, path, data, "tiny", batch_size=16, progress=False)
+    reference = build.ensure_cache(teacher, path, data, "tiny", batch_size=16, progress=False)
     other = tmp_path / "b" / "resnet8.pt"
     other.parent.mkdir()
     other.write_bytes(path.read_bytes())
@@ -253,7 +264,7 @@ def test_kill_9_during_the_build_leaves_no_usable_cache_and_the_rerun_resumes(tm
     child.start()
     done, deadline = 0, time.monotonic() + 60
     while done < 3 * 16 and time.monotonic() < deadline:  # at least three batches recorded
-        record = tc._read_json(files.record)
+        record = tc.read_json(files.record)
         done = record["rows_done"] if record else 0
         time.sleep(0.002)
     os.kill(child.pid, signal.SIGKILL)
@@ -266,7 +277,7 @@ def test_kill_9_during_the_build_leaves_no_usable_cache_and_the_rerun_resumes(tm
     assert 3 * 16 <= done < N * 18 and done % 16 == 0
 
     counting = Counting(teacher)
-    resumed = tc.ensure_cache(counting, other, data, "tiny", batch_size=16, progress=False)
+    resumed = build.ensure_cache(counting, other, data, "tiny", batch_size=16, progress=False)
     assert resumed.built and counting.seen == N * 18 - done  # only the rows not yet on disk
     # the resumed build ran the same batches of the same rows as the uninterrupted one, with the same kernels
     assert files.data.read_bytes() == reference.path.read_bytes()
@@ -289,18 +300,18 @@ def test_a_build_killed_while_finishing_is_unusable_then_finished_without_recomp
 
     if dies == "before the rename":  # every row and the record are on disk, the data file is not in place
         replace = os.replace
-        monkeypatch.setattr(tc.os, "replace", lambda src, dst: die() if Path(dst) == files.data
+        monkeypatch.setattr(build.os, "replace", lambda src, dst: die() if Path(dst) == files.data
                             else replace(src, dst))
     else:  # the data file is in place, its header is not
-        real = tc.atomic_write
-        monkeypatch.setattr(tc, "atomic_write", lambda obj, p, fmt="torch": die() if p == files.header
+        real = build.atomic_write
+        monkeypatch.setattr(build, "atomic_write", lambda obj, p, fmt="torch": die() if p == files.header
                             else real(obj, p, fmt))
     with pytest.raises(Killed):
-        tc.ensure_cache(teacher, path, data, "tiny", progress=False)
+        build.ensure_cache(teacher, path, data, "tiny", progress=False)
     monkeypatch.undo()
     one_line_user_error(lambda: tc.open_cache(files), "no complete teacher cache")
     counting = Counting(teacher)
-    cache = tc.ensure_cache(counting, path, data, "tiny", progress=False)
+    cache = build.ensure_cache(counting, path, data, "tiny", progress=False)
     assert counting.seen == 0 and cache.logits.shape == (4 * 18, CLASSES)
     with torch.no_grad():  # the build's one batch, recomputed
         live = teacher(tc.variant_images(data.train_images, torch.arange(4 * 18), cache.key))
@@ -327,19 +338,9 @@ def test_concurrent_builders_build_once_and_both_read_it(tmp_path: Path) -> None
 
 
 # ---- the command ---------------------------------------------------------------------------------------------
-def _image_folder(root: Path, data: DataSplits) -> None:
-    """``root/train/<class>/*.png`` and ``root/val/...`` holding ``data``'s images (PNG is lossless)."""
-    for split, images, labels in (("train", data.train_images, data.train_labels),
-                                  ("val", data.test_images, data.test_labels)):
-        for k, (image, label) in enumerate(zip(images, labels.tolist())):
-            folder = root / split / f"c{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{k:03d}.png")
-
-
 def test_the_cache_command_builds_reports_and_refuses_bad_input(tmp_path: Path, capsys) -> None:
     data = tiny_data(10)
-    _image_folder(tmp_path / "images", data)
+    write_image_folder(tmp_path / "images", data)
     teacher, path = tiny_teacher(tmp_path / "teachers")
     args = ["cache", str(path), "dataset=imagefolder", f"dataset.root={tmp_path / 'images'}", "trainer.device=cpu"]
     assert teachers_cmd.main([*args, "--json"]) == 0

@@ -18,6 +18,10 @@ Seams for methods that need more than one forward and one backward:
 
 * extra views (``DistillMethod.views``): both networks run on each view of the batch
   as a separate batch; the logits reach the method in ``Features.views[name]``;
+* a teacher-output cache (:class:`~distiller.engine.teacher_cache.TeacherCache`, ``teacher.cache``):
+  the teacher's logits on the batch's own images are read at the (image, crop, flip) the loader
+  drew instead of computed (extra views still run the teacher); the job gives one only when no
+  method reads more of that forward than its logits;
 * split gradients: an optimizer that defines ``step_kd()`` (see
   :class:`SplitGradientOptimizer`) gets the distillation part's gradient first
   (recorded by ``step_kd``), then the task part's (applied by ``step``), from one
@@ -35,6 +39,7 @@ from datasets.batch import Batch
 from distiller.engine.compile import compile_networks
 from distiller.engine.plan import Phase
 from distiller.engine.runtime import Runtime
+from distiller.engine.teacher_cache import TeacherCache
 from distiller.features import FeatureHooks, Features
 from distiller.methods import BuildContext
 from distiller.objective import LossParts, Objective
@@ -61,19 +66,27 @@ class DistillStep(nn.Module):
     """
 
     def __init__(self, student: nn.Module, objective: Objective, student_hooks: FeatureHooks,
-                 teacher: nn.Module | None = None, teacher_hooks: FeatureHooks | None = None) -> None:
+                 teacher: nn.Module | None = None, teacher_hooks: FeatureHooks | None = None,
+                 teacher_cache: TeacherCache | None = None) -> None:
         super().__init__()
         self.student = student
         self.objective = objective
         self.student_hooks = student_hooks
         self.__dict__["teacher"] = teacher  # not a submodule: frozen, never wrapped, never in state_dict
         self.teacher_hooks = teacher_hooks
+        self.teacher_cache = teacher_cache  # a plain object: no parameters, no buffers, nothing for DDP to sync
         self.phase: Phase | None = None
 
-    def _teacher(self, images: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """The teacher's logits and hook store, without gradient (None when the phase needs no teacher)."""
+    def _teacher(self, images: torch.Tensor, batch: Batch | None = None
+                 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The teacher's logits and hook store, without gradient (None when the phase needs no teacher).
+
+        ``batch``: ``images`` are the batch's own (not an extra view), so a cache may stand in for the forward.
+        """
         if self.teacher is None or not self.phase.needs_teacher:
             return None, {}
+        if batch is not None and self.teacher_cache is not None:
+            return self.teacher_cache.lookup(batch), {}  # the rows of this rank's (image, crop, flip) triples
         with torch.no_grad():
             logits = self.teacher(images)
         return logits, self.teacher_hooks.pop()
@@ -101,7 +114,7 @@ class DistillStep(nn.Module):
 
     def forward(self, batch: Batch, epoch: int) -> LossParts:
         phase = self.phase
-        t_logits, t_store = self._teacher(batch.images)
+        t_logits, t_store = self._teacher(batch.images, batch)
         s_logits, s_store = self._student(batch.images)
         views = self._views(batch) if phase.is_main else {}
         per_method: dict[str, tuple[Features, Features]] = {}
@@ -121,14 +134,16 @@ class DistillStep(nn.Module):
 
 
 def build_step(student: nn.Module, teacher: nn.Module | None, objective: Objective, data: Any, runtime: Runtime,
-               epochs: int = 240) -> DistillStep:
+               epochs: int = 240, teacher_cache: TeacherCache | None = None) -> DistillStep:
     """A ready step: networks on the device in the runtime's memory format, the teacher frozen in eval mode
     (dropped when the objective never reads it), feature hooks for what the methods read, feature shapes
     probed at the data's resolution, the methods' helpers built from them and moved to the device, and
     both networks compiled when ``runtime.compile`` is set (after hooks and probes, which it keeps).
 
     ``data``: the loaded splits, for their facts (``num_classes``, ``train_labels``, ``image_shape``);
-    ``epochs``: the main phase's length, for methods whose helpers depend on it.
+    ``epochs``: the main phase's length, for methods whose helpers depend on it; ``teacher_cache``: the
+    teacher's logits on every training input, read instead of its forward (the job gives one only to an
+    objective that reads nothing else of that forward).
     """
     device, fmt = runtime.device, runtime.memory_format()
     student = student.to(device=device, memory_format=fmt)
@@ -148,7 +163,8 @@ def build_step(student: nn.Module, teacher: nn.Module | None, objective: Objecti
                            teacher=teacher, epochs=epochs, image_shape=data.image_shape)
         objective.build(student_hooks, teacher_hooks, ctx, fmt)
     compile_networks(runtime, student, teacher)  # in place: names, identity and hooks kept
-    return DistillStep(student, objective, student_hooks, teacher, teacher_hooks)
+    return DistillStep(student, objective, student_hooks, teacher, teacher_hooks,
+                       teacher_cache if teacher is not None else None)
 
 
 def distribute(step: DistillStep, runtime: Runtime, find_unused_parameters: bool = False) -> nn.Module:

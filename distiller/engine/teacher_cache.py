@@ -28,12 +28,9 @@ build's forwards. A cache whose key differs from the run's is never used: one li
 differ and how to rebuild. Not in the key: the memory format and precision of the run's own teacher
 forward; a run in channels_last or bf16 would differ from the cached fp32 rows by that forward's rounding.
 
-Crash safety: the rows go to ``.partial`` and a progress record names how many are on disk (fsynced
-before the record says so), so a killed build resumes where it stopped, at the same batch boundaries.
-Only when every row is there is the file renamed into place and then the header written (atomically):
-a kill -9 at any moment leaves either no header (the cache is not used; the next build resumes or
-finishes) or a complete cache. Concurrent runs of a sweep take the lock: one builds, the others wait
-and then open what it built.
+Building the rows (resumable, kill-safe, once under the lock for concurrent runs) runs the teacher
+over the data set, so it is the jobs' part: :mod:`distiller.jobs.cache_build`. This module reads a
+complete cache and takes the lock that keeps a build from replacing the files under a reader.
 """
 from __future__ import annotations
 
@@ -42,24 +39,19 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from tqdm import tqdm
 
 from common.errors import UserError
-from common.files import atomic_write, file_sha256
+from common.files import file_sha256
 from datasets.augment import crop_and_flip, padding_for
 from datasets.base import DataSplits
 from datasets.batch import Batch
 from datasets.device_loader import fits_on_device
-from distiller.engine.runtime import Runtime
 
 log = logging.getLogger("distiller")
 
@@ -68,8 +60,6 @@ CACHE_FORMAT = 1
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # precision of the build's forwards: fp32, bf16 autocast, or fp64 (a float64 teacher: reference builds, tests)
 PRECISIONS = ("fp32", "bf16", "fp64")
-BUILD_BATCH = 256
-RECORD_EVERY_S = 5.0  # seconds between progress records: each costs an fsync of the rows written since
 
 
 # ---- the key ----------------------------------------------------------------------------------------------
@@ -237,7 +227,7 @@ class CacheFiles:
         return self._with(".lock")
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON file's content; None when it is missing or unreadable (our files are written atomically)."""
     try:
         return json.loads(path.read_text())
@@ -245,7 +235,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _header_key(header: dict[str, Any] | None) -> CacheKey | None:
+def stored_key(header: dict[str, Any] | None) -> CacheKey | None:
     try:
         return CacheKey.from_json(header["key"]) if header and header.get("format") == CACHE_FORMAT else None
     except (KeyError, TypeError, ValueError):
@@ -253,7 +243,7 @@ def _header_key(header: dict[str, Any] | None) -> CacheKey | None:
 
 
 @contextlib.contextmanager
-def _locked(files: CacheFiles, shared: bool = False) -> Iterator[None]:
+def cache_lock(files: CacheFiles, shared: bool = False) -> Iterator[None]:
     """Hold the cache's lock: exclusive to build, shared to open (so no build replaces the files meanwhile).
 
     The kernel releases it when the holder dies, even by kill -9. In a folder this process cannot
@@ -264,8 +254,8 @@ def _locked(files: CacheFiles, shared: bool = False) -> Iterator[None]:
         handle = open(files.lock, "a")
     except OSError as err:
         if not shared:
-            raise UserError(f"cannot build the teacher cache in {files.lock.parent} ({err}); choose a writable "
-                            f"folder for it (scripts/teachers.py cache --cache-dir DIR)") from None
+            raise UserError(f"cannot build the teacher cache in {files.lock.parent} ({err}); choose a writable folder "
+                            f"for it (teacher.cache_dir=DIR; scripts/teachers.py cache --cache-dir DIR)") from None
         handle = None
     if handle is None:
         yield
@@ -317,8 +307,15 @@ class TeacherCache:
         return TeacherCache(self.path, self.key, self.logits.to(device), self.built)
 
 
-def _rebuild_hint(files: CacheFiles, teacher: str | None, dataset: str) -> str:
-    command = f"python scripts/teachers.py cache {teacher or 'TEACHER.pt'} dataset={dataset} --rebuild"
+def _rebuild_hint(files: CacheFiles, teacher: str | None, key: CacheKey) -> str:
+    """How to rebuild the cache at ``files`` for ``key``: the command, with the options that key needs."""
+    options = [f"--{name} {value}" for name, value in (("dtype", key.dtype), ("precision", key.precision))
+               if value != "fp32"]
+    if teacher is None or Path(teacher).parent != files.base.parent:
+        options.append(f"--cache-dir {files.base.parent}")
+    # options first: the run's other dataset.* settings go at the end, after the file's overrides
+    command = " ".join(["python scripts/teachers.py cache", *options, "--rebuild", teacher or "TEACHER.pt",
+                        f"dataset={key.dataset}"])
     return f"rebuild it with `{command}` (plus the run's other dataset.* settings), or delete {files.header}"
 
 
@@ -328,13 +325,13 @@ def open_cache(files: CacheFiles, key: CacheKey | None = None) -> TeacherCache:
     One-line :class:`UserError` s: no complete cache there (missing, or a build not finished), a key
     that differs (which parts, and how to rebuild), a data file of the wrong size.
     """
-    header = _read_json(files.header)
-    stored = _header_key(header)
+    header = read_json(files.header)
+    stored = stored_key(header)
     if stored is None:
         state = "a build was interrupted; running the build again resumes it" if files.record.exists() else \
             "build it with `python scripts/teachers.py cache TEACHER.pt dataset=NAME`"
         raise UserError(f"no complete teacher cache at {files.data} ({state})")
-    hint = _rebuild_hint(files, header.get("teacher_file"), (key or stored).dataset)
+    hint = _rebuild_hint(files, header.get("teacher_file"), key or stored)
     if key is not None and stored != key:
         raise UserError(f"the teacher cache {files.data} does not match this run (built for "
                         f"{'; '.join(stored.differences(key))}): it is not used; {hint}")
@@ -346,202 +343,3 @@ def open_cache(files: CacheFiles, key: CacheKey | None = None) -> TeacherCache:
     return TeacherCache(files.data, stored, flat.view(stored.rows, stored.num_classes))
 
 
-# ---- building ---------------------------------------------------------------------------------------------
-def _teacher_precision(teacher: nn.Module, precision: str) -> torch.dtype:
-    """The dtype the inputs take: the teacher's (float64 exactly when the build's precision is fp64)."""
-    dtype = next(teacher.parameters()).dtype
-    if (dtype == torch.float64) != (precision == "fp64"):
-        raise ValueError(f"a {dtype} teacher cannot build at precision {precision} (fp64 needs a float64 teacher)")
-    return dtype
-
-
-@torch.inference_mode()
-def forward_rows(teacher: nn.Module, images: torch.Tensor, rows: torch.Tensor, key: CacheKey) -> torch.Tensor:
-    """The teacher's logits of ``rows``, in the stored dtype, on the CPU (the build's unit of work).
-
-    ``teacher`` in eval mode on ``images``' device; bf16 autocast when the key's precision says so.
-    """
-    device = images.device
-    inputs = variant_images(images, rows, key).to(_teacher_precision(teacher, key.precision))
-    with Runtime(device, "bf16" if key.precision == "bf16" else "fp32", False, False).autocast():
-        logits = teacher(inputs)
-    stored = logits.to(DTYPES[key.dtype])
-    if not bool(torch.isfinite(stored).all()):
-        bad = int(rows[~torch.isfinite(stored).all(dim=1).cpu()][0])
-        raise UserError(f"the teacher's logits at row {bad} are not finite in {key.dtype} (a broken teacher, or "
-                        f"logits beyond the dtype's range): check the teacher, or store the cache as fp32")
-    return stored.cpu()
-
-
-def _write_record(files: CacheFiles, key: CacheKey, rows_done: int) -> None:
-    atomic_write({"format": CACHE_FORMAT, "key": key.to_json(), "rows_done": rows_done}, files.record, "json")
-
-
-def _resume_point(files: CacheFiles, key: CacheKey) -> int | None:
-    """Rows already on disk for ``key`` (None: no usable progress; the build starts afresh)."""
-    record = _read_json(files.record)
-    if record is None or record.get("format") != CACHE_FORMAT or _header_key(record) != key:
-        return None
-    done = record.get("rows_done")
-    if not isinstance(done, int) or not 0 <= done <= key.rows:
-        return None
-    if files.partial.is_file() and files.partial.stat().st_size == key.nbytes:
-        return done
-    if done == key.rows and files.data.is_file() and files.data.stat().st_size == key.nbytes \
-            and not files.partial.exists():
-        return done  # killed after the rename, before the header: only the header is left to write
-    return None
-
-
-def _finish(files: CacheFiles, key: CacheKey, info: dict[str, Any]) -> None:
-    """Put a complete ``.partial`` in place and write the header last (each step redone safely after a kill)."""
-    if files.partial.exists():
-        files.header.unlink(missing_ok=True)  # an older cache being replaced is unusable from here on
-        os.replace(files.partial, files.data)
-        dir_fd = os.open(files.data.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    atomic_write({"format": CACHE_FORMAT, "key": key.to_json(), **info}, files.header, "json")
-    files.record.unlink(missing_ok=True)
-
-
-def build_cache(teacher: nn.Module, images: torch.Tensor, key: CacheKey, files: CacheFiles, *,
-                device: torch.device | str = "cpu", batch_size: int = BUILD_BATCH, progress: bool = True,
-                record_every: float = RECORD_EVERY_S, teacher_file: str | Path | None = None) -> int:
-    """Compute every row of ``key`` into ``files`` (resuming a killed build of the same key); returns the
-    forwards run here. The caller holds the lock (:func:`ensure_cache` does).
-
-    ``teacher``: the frozen network (no feature hooks), moved to ``device`` and run in eval mode;
-    ``images``: the uint8 training split the key was made from. Batches of ``batch_size`` rows, in row
-    order, so a resumed build runs the very batches an uninterrupted one would.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"the teacher-cache build batch must be a positive integer, got {batch_size!r}")
-    device = torch.device(device)
-    files.base.parent.mkdir(parents=True, exist_ok=True)
-    for stale in files.base.parent.glob(f".{files.base.name}.*.tmp"):  # a killed builder's unfinished record
-        stale.unlink(missing_ok=True)
-    done = _resume_point(files, key)
-    if done is None:
-        files.partial.unlink(missing_ok=True)
-        with open(files.partial, "wb") as f:
-            f.truncate(key.nbytes)  # sparse until written
-        _write_record(files, key, 0)
-        done = 0
-    elif done:
-        log.info("resuming the teacher cache %s at row %d of %d", files.data, done, key.rows)
-    start, started = done, time.perf_counter()
-    if done < key.rows:
-        was_training = teacher.training
-        teacher.to(device).eval()
-        resident = images.to(device) if fits_on_device(images.numel(), device) else images
-        log.info("building the teacher cache %s: %d images x %d variants = %d forwards (%s, %s on %s, %.2f GB)",
-                 files.data, key.size, key.variants, key.rows, key.dtype, key.precision, device, key.nbytes / 1e9)
-        bar = tqdm(total=key.rows, initial=done, unit="fwd", unit_scale=True, dynamic_ncols=True,
-                   desc="teacher cache", disable=not progress)
-        last_record = time.monotonic()
-        try:
-            with open(files.partial, "r+b") as f:
-                while done < key.rows:
-                    rows = torch.arange(done, min(done + batch_size, key.rows))
-                    if resident.device == device:
-                        logits = forward_rows(teacher, resident, rows, key)
-                    else:  # a set too large for the device: gather this batch's images on the CPU, then move
-                        needed, where = torch.unique(rows // key.variants, return_inverse=True)
-                        local = rows - needed[where] * key.variants + where * key.variants
-                        logits = forward_rows(teacher, resident[needed].to(device), local, key)
-                    os.pwrite(f.fileno(), logits.contiguous().view(torch.uint8).numpy().data,
-                              done * key.row_bytes)
-                    done += len(rows)
-                    bar.update(len(rows))
-                    if done == key.rows or time.monotonic() - last_record >= record_every:
-                        os.fsync(f.fileno())  # the rows are on disk before the record says so
-                        _write_record(files, key, done)
-                        last_record = time.monotonic()
-        finally:
-            bar.close()
-            teacher.train(was_training)
-    seconds = time.perf_counter() - started
-    _finish(files, key, {"teacher_file": None if teacher_file is None else str(teacher_file),
-                         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(device),
-                         "forwards_per_s": (done - start) / seconds if done > start and seconds > 0 else None})
-    log.info("teacher cache %s complete (%.2f GB)", files.data, key.nbytes / 1e9)
-    return done - start
-
-
-def ensure_cache(teacher: nn.Module, teacher_path: str | Path, data: DataSplits, dataset: str, *,
-                 device: torch.device | str = "cpu", dtype: str = "fp32", precision: str = "fp32",
-                 cache_dir: str | Path | None = None, batch_size: int = BUILD_BATCH, progress: bool = True,
-                 rebuild: bool = False, record_every: float = RECORD_EVERY_S) -> TeacherCache:
-    """The open cache of ``teacher`` (loaded from ``teacher_path``) on ``data``'s training split, built if missing.
-
-    A complete cache with another key is refused in one line (never rebuilt behind the user's back)
-    unless ``rebuild``. Processes that call this at once (a sweep) build it once: one holds the lock
-    and builds, the others wait and open its result. The cache stays memory-mapped on the CPU;
-    :meth:`TeacherCache.to` moves it to the training device when it fits there.
-    """
-    key = cache_key(teacher_path, data, dataset, dtype=dtype, precision=precision)
-    files = CacheFiles.beside(teacher_path, dataset, key.size, dtype, cache_dir)
-    if not rebuild and files.header.exists():
-        with _locked(files, shared=True):
-            return open_cache(files, key)
-    with _locked(files):
-        if not rebuild and files.header.exists():  # built by another process while this one waited
-            log.info("using the teacher cache %s built by another process", files.data)
-            return open_cache(files, key)
-        computed = build_cache(teacher, data.train_images, key, files, device=device, batch_size=batch_size,
-                               progress=progress, record_every=record_every, teacher_file=teacher_path)
-        cache = open_cache(files, key)
-    cache.built = computed > 0
-    return cache
-
-
-# ---- measuring (scripts/benchmark.py) -----------------------------------------------------------------------
-def measure_build(teacher: nn.Module, *, image_size: Sequence[int] = (32, 32), num_classes: int = 100,
-                  batch_size: int = BUILD_BATCH, precision: str = "fp32", device: torch.device | str = "cpu",
-                  batches: int = 3, warmup: int = 1) -> dict[str, float]:
-    """Build throughput: teacher forwards/s of the build's unit of work (:func:`forward_rows`) on random images.
-
-    Also the extrapolated hours of a CIFAR-100 build (50,000 images x 162 variants) at that rate, and
-    forwards per second of this process's CPU time (on a shared machine the wall-clock rate is what was
-    left over; the CPU-time rate, times the threads, is what a quiet machine would approach).
-    """
-    device = torch.device(device)
-    height, width = int(image_size[0]), int(image_size[1])
-    n = max(1, -(-batch_size * (batches + warmup) // 162))
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, height, width), dtype=torch.uint8, generator=gen).to(device)
-    key = CacheKey("", "random", n, "", padding_for(height, width), (height, width), (0.5,) * 3, (0.25,) * 3,
-                   num_classes, "fp32", precision)
-    teacher = teacher.to(device).eval()
-    spans = [torch.arange(k * batch_size, (k + 1) * batch_size) % key.rows for k in range(warmup + batches)]
-    for rows in spans[:warmup]:
-        forward_rows(teacher, images, rows, key)
-    started, cpu = time.perf_counter(), time.process_time()
-    for rows in spans[warmup:]:
-        forward_rows(teacher, images, rows, key)
-    rate = batches * batch_size / (time.perf_counter() - started)
-    cpu_rate = batches * batch_size / (time.process_time() - cpu)
-    cifar = replace(key, size=50000, pad=4)
-    return {"forwards_per_s": rate, "forwards_per_cpu_s": cpu_rate, "cifar100_forwards": float(cifar.rows),
-            "cifar100_hours": cifar.rows / rate / 3600}
-
-
-def measure_lookup(cache: TeacherCache, *, batch_size: int = 64, steps: int = 200, seed: int = 0) -> dict[str, float]:
-    """Seconds per :meth:`TeacherCache.lookup_at` of ``batch_size`` random (image, offset, flip) triples.
-
-    Whether the rows come from the page cache or the disk depends on what was read before: call it
-    right after dropping the file's pages (``os.posix_fadvise(..., POSIX_FADV_DONTNEED)``) for cold reads.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    key = cache.key
-    draws = [(torch.randint(0, key.size, (batch_size,), generator=gen),
-              torch.randint(0, key.side, (batch_size, 2), generator=gen),
-              torch.rand(batch_size, generator=gen) < 0.5) for _ in range(steps)]
-    started = time.perf_counter()
-    for indices, offsets, flips in draws:
-        cache.lookup_at(indices, offsets, flips)
-    seconds = (time.perf_counter() - started) / steps
-    return {"seconds_per_lookup": seconds, "rows_per_s": batch_size / seconds}

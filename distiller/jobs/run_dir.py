@@ -31,10 +31,11 @@ VOLATILE_KEYS = ("trainer.resume", "trainer.auto_resume", "trainer.force", "trai
                  "trainer.log_interval", "trainer.num_threads", "trainer.checkpoint_every_steps",
                  "trainer.device", "trainer.compile", "dataset.root", "teacher.ckpt", "teacher_dir",
                  "dataset.eval_batch_size", "teacher.verify", "logger",
-                 "trainer.eval_precision")  # evaluation's precision never changes the training
+                 "trainer.eval_precision",  # evaluation's precision never changes the training
+                 "teacher.cache_dir")  # where the teacher cache lives, not what it holds (its key says that)
 # keys added to configs after runs were made with them absent: at these values they change nothing,
 # so a run directory written before they existed still resumes
-NEUTRAL_DEFAULTS = {"distill.logit_standardize": False}
+NEUTRAL_DEFAULTS = {"distill.logit_standardize": False, "teacher.cache": False, "teacher.cache_dtype": "fp32"}
 
 
 def run_identity(config: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,8 @@ from distiller.engine.plan import plan_phases
 from distiller.engine.run_log import RunLogger
 from distiller.engine.runtime import Runtime, make_runtime, seed_everything
 from distiller.engine.step import build_step
+from distiller.engine.teacher_cache import TeacherCache
+from distiller.jobs.run_cache import open_run_cache
 from distiller.jobs.run_dir import prepare_run_dir, report_finished, write_config
 from distiller.jobs.teacher_store import prepare_store, store_teacher
 from distiller.jobs.teachers import load_teacher_weights, published_check
@@ -64,10 +66,12 @@ def base_lr(job: Any, runtime: Runtime) -> float:
 
 
 def assemble(job: Any, run_dir: Path, record: dict[str, Any], runtime: Runtime, data: Any, student: nn.Module,
-             teacher: nn.Module | None, objective: Objective, header: dict[str, Any]) -> Trainer:
+             teacher: nn.Module | None, objective: Objective, header: dict[str, Any],
+             teacher_cache: TeacherCache | None = None) -> Trainer:
     """Everything a run executes, built from the typed job: the step, the loaders, the plan, the
-    checkpointer and the run log, handed to a :class:`Trainer`."""
-    step = build_step(student, teacher, objective, data, runtime, job.trainer.epochs)
+    checkpointer and the run log, handed to a :class:`Trainer`. ``teacher_cache``: the teacher's logits
+    the step reads instead of its forward (:mod:`distiller.jobs.run_cache`)."""
+    step = build_step(student, teacher, objective, data, runtime, job.trainer.epochs, teacher_cache)
     views = sorted({v for entry in objective.active() for v in entry.method.views})
     shard = dict(device=runtime.device, rank=runtime.rank, world_size=runtime.world_size,
                  channels_last=runtime.channels_last)
@@ -174,7 +178,10 @@ def assemble_distillation(job: Any, run_dir: Path, record: dict[str, Any], runti
     check_taps(student, "student", student_arch, needs("student"))
     header = {"kind": "student", "arch": student_arch, "student": student_arch, "teacher": teacher_arch,
               "method": job.method_label, "seed": job.seed, "dataset": job.dataset.name}
-    trainer = assemble(job, run_dir, record, runtime, data, student, teacher, objective, header)
+    # teacher.cache=true: the teacher's logits from the cache (built now if missing), or one line and live
+    cache = open_run_cache(job.teacher, objective, data, teacher, Path(job.teacher.ckpt) if load_teacher else None,
+                           job.dataset.name, runtime, progress=job.trainer.progress)
+    trainer = assemble(job, run_dir, record, runtime, data, student, teacher, objective, header, cache)
     write_config(run_dir, record, runtime)
     return trainer, teacher
 
