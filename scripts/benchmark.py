@@ -3,6 +3,14 @@
     python scripts/benchmark.py teacher=resnet32x4 student=resnet8x4 distill=kd
     python scripts/benchmark.py distill=crd trainer.device=cuda trainer.compile=false bench.steps=100 bench.rounds=3
     python scripts/benchmark.py --methods new trainer.device=cpu bench.steps=6 bench.rounds=2
+    python scripts/benchmark.py --teacher-cache bench.steps=8 bench.warmup=2 bench.rounds=3
+
+``--teacher-cache`` times the step with the live teacher and with the teacher-output cache
+(``teacher.cache=true``) on the same batches, alternating rounds, for the pair given or for three pairs
+(resnet32x4 -> resnet8x4, resnet56 -> resnet20, wrn_40_2 -> wrn_16_2; KD, fp32 on the CPU unless
+``distill=``, ``trainer.device=``, ``trainer.precision=`` say otherwise), with the teacher's build rate
+(forwards/s, and the hours a CIFAR-100 cache takes at that rate); a table, then one JSON object
+(``{"teacher_cache": [...]}``; ``distiller.bench.cache_speed``).
 
 ``--methods SET`` times each method of a preset (``distiller.bench.method_speed.METHOD_SETS``; ``new``:
 the 2022-2024 methods next to KD) on the same pair (resnet32x4 -> resnet8x4 unless ``teacher=``/``student=``
@@ -51,6 +59,7 @@ import sys
 
 from common.errors import UserError
 from distiller.bench.bench_settings import compose_benchmark
+from distiller.bench.cache_speed import cache_speed_table, measure_cache_speed
 from distiller.bench.method_speed import METHOD_SETS, measure_methods, methods_table
 from distiller.bench.report import jsonable
 from distiller.bench.step_speed import measure_step_speed, step_speed_table
@@ -75,6 +84,16 @@ def main(argv: list[str]) -> int:
         print(methods_table(rows))
         print(json.dumps(jsonable({"methods": rows})), flush=True)
         return 0 if all(r["status"] != "failed" for r in rows) else 1
+    if "--teacher-cache" in argv:
+        try:
+            rows = measure_cache_speed([a for a in argv if a != "--teacher-cache"])
+        except UserError as err:
+            if debug_mode():
+                raise
+            fail(str(err))
+        print(cache_speed_table(rows))
+        print(json.dumps(jsonable({"teacher_cache": rows})), flush=True)
+        return 0
     try:
         result = measure_step_speed(compose_benchmark(argv))
     except UserError as err:

@@ -142,3 +142,24 @@ def test_methods_preset_errors_are_one_line() -> None:
     assert result.returncode == 2
     assert "distill=" in result.stderr
     assert "mlkd" in method_speed.METHOD_SETS["new"] and "kd+dot" in method_speed.METHOD_SETS["new"]
+
+
+def test_teacher_cache_timing_reports_both_steps_and_the_build_rate() -> None:
+    """--teacher-cache: one row for the pair given, the live and the cached step timed, ratios that follow
+    from the raw figures, and a CIFAR-100 build time that follows from the build rate (162 crops x 50,000)."""
+    result = run_cli("scripts/benchmark.py", "--teacher-cache", "teacher=resnet8", "student=resnet8",
+                     f"dataset.batch_size={BATCH}", "bench.steps=1", "bench.warmup=1", "bench.rounds=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["teacher_cache"]
+    assert len(rows) == 1 and rows[0]["pair"] == "resnet8->resnet8" and rows[0]["batch_size"] == BATCH
+    row = rows[0]
+    assert row["speedup"] == pytest.approx(row["cached_images_per_s"] / row["live_images_per_s"])
+    assert row["build"]["cifar100_forwards"] == 50_000 * 9 * 9 * 2
+    assert row["build"]["cifar100_hours"] == pytest.approx(50_000 * 162 / row["build"]["forwards_per_s"] / 3600)
+    assert "| resnet8->resnet8 |" in result.stdout
+
+
+def test_teacher_cache_timing_needs_both_networks_of_a_pair() -> None:
+    result = run_cli("scripts/benchmark.py", "--teacher-cache", "teacher=resnet8", "bench.steps=1")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "teacher= and student=" in result.stderr

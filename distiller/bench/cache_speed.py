@@ -1,5 +1,5 @@
-"""Measuring the teacher cache (for ``scripts/benchmark.py`` and docs/benchmarks.md): the step with and without
-it, and the cost of a lookup. The build's own rate is :func:`distiller.jobs.cache_build.measure_build`.
+"""Measuring the teacher cache (``scripts/benchmark.py --teacher-cache``, docs/benchmarks.md): the step with and
+without it, the build's rate (:func:`distiller.jobs.cache_build.measure_build`) and the cost of a lookup.
 
 :func:`measure_cached_step` times the full distillation step of the job's own assembly twice in one
 process, on the same batches: the live teacher, and the cache the job would hand the step. A real
@@ -19,13 +19,23 @@ from typing import Any
 
 import torch
 
+from common.errors import UserError
 from datasets.base import DataSplits
+from distiller.bench.bench_settings import bench_settings, compose_benchmark
+from distiller.bench.report import fmt
 from distiller.config.compose import compose
 from distiller.engine.runtime import make_runtime, seed_everything
 from distiller.engine.teacher_cache import DTYPES, CacheKey, TeacherCache, row_index
+from distiller.jobs.cache_build import measure_build
 from distiller.jobs.train import assemble, compose_job
 from distiller.objective import Objective
 from models.external import build_network, network_label
+
+# the pairs of the cache's table when no teacher=/student= is given: the teacher's share of the step's FLOPs
+# is about two thirds in the first and about half in the others (issue 23's measurements)
+CACHE_PAIRS = (("resnet32x4", "resnet8x4"), ("resnet56", "resnet20"), ("wrn_40_2", "wrn_16_2"))
+# the keys --teacher-cache reads itself; every other override goes to the run as given
+OWN_KEYS = ("teacher", "student", "distill", "dataset.batch_size", "teacher.cache_dtype")
 
 
 def _random_splits(n: int, num_classes: int, seed: int = 0) -> DataSplits:
@@ -132,3 +142,47 @@ def measure_lookup(cache: TeacherCache, *, batch_size: int = 64, steps: int = 20
         cache.lookup_at(indices, offsets, flips)
     seconds = (time.perf_counter() - started) / steps
     return {"seconds_per_lookup": seconds, "rows_per_s": batch_size / seconds}
+
+
+def measure_cache_speed(argv: list[str]) -> list[dict[str, Any]]:
+    """``scripts/benchmark.py --teacher-cache``: for each pair (``teacher=``/``student=`` of ``argv``, else
+    :data:`CACHE_PAIRS`), the step with the live teacher and with the cache (:func:`measure_cached_step`;
+    ``bench.steps``/``warmup``/``rounds`` of ``argv``) and the teacher's build rate on the same device."""
+    bench = bench_settings(compose_benchmark(argv))  # checks every override once, in one line
+    given = {a.split("=", 1)[0].lstrip("+~"): a.split("=", 1)[1] for a in argv if "=" in a}
+    if ("teacher" in given) != ("student" in given):
+        raise UserError("--teacher-cache times the pairs of its table, or the one pair given: "
+                        "pass both teacher= and student=, or neither")
+    pairs = [(given["teacher"], given["student"])] if "teacher" in given else list(CACHE_PAIRS)
+    overrides = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in OWN_KEYS
+                 and not a.split("=", 1)[0].startswith("bench.")]
+    overrides = [o for o in ("trainer.device=cpu", "trainer.precision=fp32")
+                 if o.split("=", 1)[0] not in given] + overrides
+    rows = []
+    for teacher, student in pairs:
+        row = measure_cached_step(teacher, student, given.get("distill", "kd"),
+                                  batch_size=int(given.get("dataset.batch_size", 64)), steps=bench.steps,
+                                  warmup=bench.warmup, rounds=bench.rounds, overrides=overrides,
+                                  cache_dtype=given.get("teacher.cache_dtype", "fp32"))
+        cfg = compose("train_student", [f"teacher={teacher}", "dataset=synthetic", *overrides])
+        job, _, _ = compose_job(cfg, "train_student")
+        network = build_network(job.teacher, 100, (32, 32), role="teacher")
+        runtime = make_runtime(job.trainer)
+        row["build"] = measure_build(network, device=runtime.device, precision=runtime.precision)
+        rows.append(row)
+    return rows
+
+
+def cache_speed_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of :func:`measure_cache_speed` rows."""
+    first = rows[0]
+    lines = [f"{first['method']}, batch {first['batch_size']}, {first['device']}, {first['threads']} threads, "
+             f"precision {first['precision']}, cache {first['cache_dtype']}, {first['steps']} timed steps per round, "
+             f"best of {first['rounds']} alternating round(s)", "",
+             "| pair | live teacher, images/s | cache, images/s | speed-up | speed-up (CPU time) "
+             "| build, forwards/s | CIFAR-100 build, hours |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['pair']} | {fmt(r['live_images_per_s'])} | {fmt(r['cached_images_per_s'])} | "
+                     f"{fmt(r['speedup'], 'x', digits=2)} | {fmt(r['speedup_cpu_time'], 'x', digits=2)} | "
+                     f"{fmt(r['build']['forwards_per_s'])} | {fmt(r['build']['cifar100_hours'], digits=1)} |")
+    return "\n".join(lines)
