@@ -18,6 +18,10 @@ Robustness knobs (environment variables, read once per session):
     the suite as a CPU with native bf16 (AVX-512 BF16, AMX) runs it, on any machine; CI runs the
     numeric end-to-end tests (marker ``numeric``) that way. A test that compares numbers from a
     job therefore pins ``trainer.precision`` or asserts only what holds in every precision.
+``KD_NUMERIC_AUTO_PRECISION`` (``fp32`` or ``bf16``, default: unset)
+    The same, for the tests marked ``numeric`` and not ``slow`` only: ``KD_NUMERIC_AUTO_PRECISION=bf16
+    pytest -m "numeric or slow"`` runs those as a native-bf16 CPU would and the slow ones as this CPU
+    does, in one session balanced over the cores (CI does this).
 """
 from __future__ import annotations
 
@@ -67,6 +71,14 @@ def _mkldnn_switch():
         yield
     finally:
         torch.backends.mkldnn.enabled = before
+
+
+@pytest.fixture(autouse=True)
+def _numeric_auto_precision(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``KD_NUMERIC_AUTO_PRECISION`` becomes ``KD_AUTO_PRECISION`` for the tests marked ``numeric``, not ``slow``."""
+    value = os.environ.get("KD_NUMERIC_AUTO_PRECISION", "").strip()
+    if value and request.node.get_closest_marker("numeric") and not request.node.get_closest_marker("slow"):
+        monkeypatch.setenv("KD_AUTO_PRECISION", value)
 
 
 @pytest.fixture

@@ -24,8 +24,6 @@ from distiller.engine.loop import Trainer
 from distiller.engine.runtime import Runtime, seed_everything
 from models import build_model
 
-pytestmark = pytest.mark.numeric
-
 NUM_CLASSES = 10
 STEPS = 3
 BATCH = 16

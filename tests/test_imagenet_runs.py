@@ -29,8 +29,6 @@ from datasets.stream_loader import StreamLoader
 from distiller.jobs.teachers import add_teacher
 from models import build_model
 
-pytestmark = pytest.mark.numeric
-
 WNIDS = ("n01440764", "n01443537", "n01484850")
 SIZE, RESIZE = 16, 18  # RandomResizedCrop(16); Resize(18) + CenterCrop(16)
 BATCH = 4

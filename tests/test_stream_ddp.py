@@ -23,8 +23,7 @@ from image_files import imagenet_folder
 from datasets import load_dataset
 from datasets.sharding import draw_epoch_plan
 
-pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built"),
-              pytest.mark.numeric]
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
 WNIDS = ("n01440764", "n01443537", "n01484850")
 SIZE, RESIZE = 16, 18
