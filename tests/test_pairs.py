@@ -13,7 +13,7 @@ from distiller.config.pairs import apply_pair_settings
 from distiller.jobs.train import distill
 from models import build_model
 
-# The published values (RECIPES.md DKD per pair; mdistiller's ReviewKD CIFAR-100 configs)
+# The published values (RECIPES.md DKD per pair; ReviewKD: the ReviewKD authors' CIFAR-100/script/reviewKD.sh)
 DKD_NCKD = {("resnet56", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0, ("resnet32x4", "resnet8x4"): 8.0,
             ("wrn_40_2", "wrn_16_2"): 6.0, ("wrn_40_2", "wrn_40_1"): 6.0, ("vgg13", "vgg8"): 6.0,
             ("vgg13", "MobileNetV2"): 6.0, ("ResNet50", "MobileNetV2"): 8.0, ("resnet32x4", "ShuffleV1"): 8.0,

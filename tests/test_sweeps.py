@@ -52,7 +52,7 @@ WEIGHTS = {
     "reviewkd": (1.0, 0.0, 5.0, 20, {}),
 }
 LOW_LR_STUDENTS = {"MobileNetV2", "ShuffleV1", "ShuffleV2"}  # lr 0.01, others 0.05
-# ReviewKD's loss weight per pair (mdistiller's CIFAR-100 configs), 5.0 elsewhere
+# ReviewKD's loss weight per pair (the ReviewKD authors' CIFAR-100/script/reviewKD.sh), 5.0 elsewhere
 REVIEWKD_WEIGHT = {"resnet56-resnet20": 0.6, "resnet110-resnet32": 1.0, "resnet32x4-ShuffleV2": 8.0}
 # FT's paraphraser init lr (RepDistiller): 0.01 for ResNet/WRN students, else the student's lr
 FT_INIT_LR = {"vgg8": 0.05, "MobileNetV2": 0.01, "ShuffleV1": 0.01, "ShuffleV2": 0.01}
