@@ -166,11 +166,15 @@ def test_cells_run_with_settings_other_than_the_published_ones_are_flagged(tmp_p
     write_run(root, "wrn_40_2", "wrn_16_2", "wttm", 0, 75.0, 75.5, power=0.2, beta=4.0, gamma=1.0, alpha=0.0)
     write_run(root, "vgg13", "vgg8", "wttm", 0, 74.0, 74.4, power=0.2, beta=4.0, gamma=1.0, alpha=0.0)
     write_run(root, "resnet32x4", "resnet8x4", "kd", 0, 73.0, 73.5)  # no per-pair settings in question
+    # distill=ctkd_ls (the new-methods table's CTKD+LS row): the LS README's 76.67 beside it, not flagged
+    write_run(root, "resnet32x4", "resnet8x4", "ctkd_ls", 0, 76.0, 76.5, method="ctkd", standardize=True)
     out = tmp_path / "flags"
     rows, _ = tables.collect([str(root)], out, sources=["post_dkd"], figure=False)
     by_key = rows_by_key(out.with_suffix(".csv"))
     assert by_key[("vgg13", "vgg8", "ttm")]["settings"] == "" and by_key[("vgg13", "vgg8", "ttm")]["runs"] == "2"
     assert by_key[("resnet32x4", "resnet8x4", "kd")]["settings"] == ""
+    ctkd_ls = by_key[("resnet32x4", "resnet8x4", "ctkd_ls")]
+    assert float(ctkd_ls["post_dkd_published"]) == pytest.approx(76.67) and ctkd_ls["settings"] == ""
     flagged = {("resnet56", "resnet20", "ttm"): "ttm: per-pair gamma/beta of the paper's appendix A.4 unknown, "
                                                 "ran power 0.1, beta 45.0",
                ("wrn_40_2", "wrn_16_2", "wttm"): "wttm: per-pair gamma/beta of the paper's appendix A.4 unknown, "
