@@ -23,7 +23,9 @@ Cutout, best epoch). Runs with ``distill.logit_standardize=true`` or ``optim=dot
 their own method (``kd_ls``, ``kd_dot``, ...), like the ``kd_ls`` / ``experiment=new_methods_table_dot``
 presets name them. The methods of 2023-2026 (source ``methods_2025``) likewise: SKD's and WKD's numbers
 say what their recipe changed and which 'paper' preset re-runs it; a number quoted by a secondary source
-says so (it backs no paper preset).
+says so (it backs no paper preset). A cell whose runs departed from the settings behind its published
+number is flagged ``NOT_PUBLISHED_SETTINGS: <why>`` in the ``settings`` column (WTTM/TTM: their per-pair
+gamma and beta are not known, so every cell but TTM vgg13 -> vgg8 with the README's values).
 
 Writes ``<out>.md`` (Markdown, also printed), ``<out>.csv`` (the summary, one row per table cell),
 ``<out>_runs.csv`` (the tidy per-run table: ``pandas.read_csv`` it for your own analysis) and

@@ -18,9 +18,12 @@ Steps, in this order, most important first (``--only a,b`` runs some of them):
                  and the largest per-run memory footprint, which ``hydra/launcher=local_gpus`` reads
                  (``jobs_per_gpu: auto``) from the JSON file written here.
 ``accuracy``     fp32 vs the fast path, same seed: a small teacher (resnet8x4) trained a few epochs
-                 (fast path), then KD into resnet8 in both precisions; on the CIFAR-100 subset of
-                 ``--write-subset`` when it exists (``data/cifar100-subset``), else on synthetic data
-                 (then the top-1 pair only shows that both paths train alike).
+                 (fast path), then KD into resnet8 in both precisions; then fp32 vs bf16 alone (autocast,
+                 nothing else changed) on the same seeds (0 and 1) with that teacher, and one row of
+                 bf16 - fp32 per seed and on average: the evidence behind the table presets' fp32 and
+                 ordinary runs' bf16. On the CIFAR-100 subset of ``--write-subset`` when it exists
+                 (``data/cifar100-subset``), else on synthetic data (then the top-1 pairs only show that
+                 the paths train alike).
 ``ddp``          ``torchrun`` with two ranks (NCCL) when two or more GPUs are present.
 
 A step that fails is reported in the table and the others still run; the exit status is 1 when any

@@ -25,12 +25,13 @@ STANDARD_UNSTATED = "240 ep, 1 view (crop + flip), best or last unstated"
 
 
 def write_run(root: Path, teacher: str, student: str, name: str, seed: int, final: float, best: float,
-              method: str | None = None, optim: str = "sgd", standardize: bool = False, epochs: int = 2) -> Path:
+              method: str | None = None, optim: str = "sgd", standardize: bool = False, epochs: int = 2,
+              **distill: float) -> Path:
     """A finished run directory as the engine leaves it (config.yaml, .hydra/config.yaml, metrics.json)."""
     path = root / f"{teacher}-{student}" / f"{name}{'-ls' * standardize}-{optim}" / f"seed{seed}"
     (path / ".hydra").mkdir(parents=True)
     config = {"teacher": {"name": teacher}, "student": {"name": student}, "seed": seed, "combine": {},
-              "distill": {"name": name, "method": method or name, "logit_standardize": standardize},
+              "distill": {"name": name, "method": method or name, "logit_standardize": standardize, **distill},
               "optim": {"name": optim}, "trainer": {"epochs": epochs}}
     for file in (path / "config.yaml", path / ".hydra" / "config.yaml"):
         file.write_text(yaml.safe_dump(config))
@@ -152,3 +153,46 @@ def test_cli_shows_the_post_dkd_column_by_default(runs: Path, tmp_path: Path) ->
     out = result.stdout
     assert "post-DKD papers: recipe" in out and MLKD_TAG_960 in out
     assert "| CRD paper |" in out  # the earlier sources stay
+
+
+def test_cells_run_with_settings_other_than_the_published_ones_are_flagged(tmp_path: Path) -> None:
+    """WTTM/TTM's per-pair gamma and beta are unknown except the TTM README's vgg13 -> vgg8 command (gamma 0.1,
+    beta 45, CE 1, KD 0): every other WTTM/TTM cell carries the flag, in the CSV, the Markdown and the rows."""
+    root = tmp_path / "runs"
+    readme = {"power": 0.1, "beta": 45.0, "gamma": 1.0, "alpha": 0.0}  # TTM README: --ttm_l 0.1 -b 45 -r 1 -a 0
+    write_run(root, "vgg13", "vgg8", "ttm", 0, 74.0, 74.2, **readme)
+    write_run(root, "vgg13", "vgg8", "ttm", 1, 74.1, 74.3, **readme)
+    write_run(root, "resnet56", "resnet20", "ttm", 0, 71.0, 71.2, **readme)  # the example, on another pair
+    write_run(root, "wrn_40_2", "wrn_16_2", "wttm", 0, 75.0, 75.5, power=0.2, beta=4.0, gamma=1.0, alpha=0.0)
+    write_run(root, "vgg13", "vgg8", "wttm", 0, 74.0, 74.4, power=0.2, beta=4.0, gamma=1.0, alpha=0.0)
+    write_run(root, "resnet32x4", "resnet8x4", "kd", 0, 73.0, 73.5)  # no per-pair settings in question
+    # distill=ctkd_ls (the new-methods table's CTKD+LS row): the LS README's 76.67 beside it, not flagged
+    write_run(root, "resnet32x4", "resnet8x4", "ctkd_ls", 0, 76.0, 76.5, method="ctkd", standardize=True)
+    out = tmp_path / "flags"
+    rows, _ = tables.collect([str(root)], out, sources=["post_dkd"], figure=False)
+    by_key = rows_by_key(out.with_suffix(".csv"))
+    assert by_key[("vgg13", "vgg8", "ttm")]["settings"] == "" and by_key[("vgg13", "vgg8", "ttm")]["runs"] == "2"
+    assert by_key[("resnet32x4", "resnet8x4", "kd")]["settings"] == ""
+    ctkd_ls = by_key[("resnet32x4", "resnet8x4", "ctkd_ls")]
+    assert float(ctkd_ls["post_dkd_published"]) == pytest.approx(76.67) and ctkd_ls["settings"] == ""
+    flagged = {("resnet56", "resnet20", "ttm"): "ttm: per-pair gamma/beta of the paper's appendix A.4 unknown, "
+                                                "ran power 0.1, beta 45.0",
+               ("wrn_40_2", "wrn_16_2", "wttm"): "wttm: per-pair gamma/beta of the paper's appendix A.4 unknown, "
+                                                 "ran power 0.2, beta 4.0",
+               ("vgg13", "vgg8", "wttm"): "wttm: per-pair gamma/beta of the paper's appendix A.4 unknown, "
+                                          "ran power 0.2, beta 4.0"}
+    for cell, why in flagged.items():
+        assert by_key[cell]["settings"] == f"NOT_PUBLISHED_SETTINGS: {why}", cell
+    cells = {(r.teacher, r.student, r.method): r for r in rows}
+    assert cells[("resnet56", "resnet20", "ttm")].settings.startswith("NOT_PUBLISHED_SETTINGS")
+    assert cells[("vgg13", "vgg8", "ttm")].settings == ""
+    markdown = out.with_suffix(".md").read_text()
+    assert "| our recipe | settings |" in markdown
+    assert markdown.count("NOT_PUBLISHED_SETTINGS: ") == 3
+
+    # one run of the README cell with another beta flags that cell too, naming the published values
+    write_run(root, "vgg13", "vgg8", "ttm", 2, 73.0, 73.5, **{**readme, "beta": 30.0})
+    tables.collect([str(root)], out, sources=["post_dkd"], figure=False)
+    ttm = rows_by_key(out.with_suffix(".csv"))[("vgg13", "vgg8", "ttm")]
+    assert ttm["settings"] == ("NOT_PUBLISHED_SETTINGS: ttm: ran power 0.1, beta 30.0, gamma 1.0, alpha 0.0, "
+                               "published power 0.1, beta 45, gamma 1, alpha 0")

@@ -5,6 +5,7 @@ Speed is never asserted; the dry run's figures only show that every step runs an
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import subprocess
@@ -102,8 +103,12 @@ def test_dry_run_runs_every_step(tmp_path) -> None:
     assert {r["step"] for r in data["rows"]} == set(STEPS)
     assert not [r for r in data["rows"] if r["status"] == "failed"]
     acc = [r for r in data["rows"] if r["step"] == "accuracy"]
-    assert [r["config"].split(",")[0].split()[-1] for r in acc] == ["fp32", "fast"]
-    assert all("fp32 " in r["accuracy"] and "fast " in r["accuracy"] for r in acc)
+    # fp32 and the fast path on seed 0, then bf16 alone against fp32 on seeds 0 and 1, then their comparison
+    assert [r["config"].split(",")[0].split()[-1] for r in acc[:5]] == ["fp32", "fast", "bf16", "fp32", "bf16"]
+    assert [r["extra"]["seed"] for r in acc[:5]] == [0, 0, 0, 1, 1]
+    assert all("fp32 " in r["accuracy"] and "fast " in r["accuracy"] for r in acc[:2])
+    assert all("fp32 " in r["accuracy"] and "bf16 " in r["accuracy"] for r in acc[2:5])
+    check_precision_comparison(acc[-1], acc[:5])
     conc = [r for r in data["rows"] if r["step"] == "concurrency"]
     assert [len(r["extra"]["runs"]) for r in conc] == [1, 2]
     for r in conc:  # aggregate = all images over the span from the first start to the last end
@@ -113,6 +118,44 @@ def test_dry_run_runs_every_step(tmp_path) -> None:
     ddp = [r for r in data["rows"] if r["step"] == "ddp"]
     assert ddp[0]["status"] == "ok" and "gloo" in ddp[0]["config"]
     assert data["dry_run"] is True and not (tmp_path / "gpu_check.json").exists()  # never read as a GPU figure
+
+
+def check_precision_comparison(row: dict, runs: list[dict]) -> None:
+    """The fp32-vs-bf16 row agrees with the runs' own rows: per seed, bf16's top-1 minus fp32's of that seed
+    (last and best epoch), and their means, worked out here from the runs' rows."""
+    top1 = {(r["extra"]["label"], r["extra"]["seed"]): r["extra"] for r in runs}
+    seeds = sorted(seed for label, seed in top1 if label == "bf16")
+    assert row["status"] == "ok" and "fp32 vs bf16" in row["config"] and row["extra"]["seeds"] == seeds
+    for kind in ("final", "best"):
+        diff = [top1[("bf16", seed)][f"{kind}_top1"] - top1[("fp32", seed)][f"{kind}_top1"] for seed in seeds]
+        assert row["extra"][f"{kind}_diff"] == pytest.approx(diff, abs=1e-12)
+        assert row["extra"][f"mean_{kind}_diff"] == pytest.approx(sum(diff) / len(diff), abs=1e-12)
+        assert row["extra"][f"{kind}_top1"]["fp32"] == [top1[("fp32", seed)][f"{kind}_top1"] for seed in seeds]
+
+
+def test_the_fp32_against_bf16_row_compares_the_same_seeds() -> None:
+    """By hand: seeds 0 and 2 finished in both precisions (1 only in fp32, 3 failed in bf16); bf16 - fp32 is
+    +0.5 and -1.25 at the last epoch (mean -0.375), -0.25 and 0.0 at the best (mean -0.125)."""
+    from distiller.bench.gpu_check.precision_compare import precision_comparison
+    from distiller.bench.gpu_check.rows import FAILED, Row
+
+    def run(label: str, seed: int, final: float, best: float) -> Row:
+        return Row("accuracy", f"resnet8x4->resnet8 KD {label}, 6 epochs, seed {seed}, synthetic data",
+                   extra={"label": label, "seed": seed, "final_top1": final, "best_top1": best, "epochs": 6,
+                          "case": "resnet8x4->resnet8 KD", "data": "synthetic data"})
+
+    rows = [run("fp32", 0, 40.0, 41.0), run("bf16", 0, 40.5, 40.75), run("fp32", 1, 39.0, 39.5),
+            run("fp32", 2, 42.0, 42.5), run("bf16", 2, 40.75, 42.5), run("fast", 0, 10.0, 10.0),
+            Row("accuracy", "bf16", FAILED, detail="RuntimeError: boom")]
+    row = precision_comparison(rows)
+    assert row.config == "resnet8x4->resnet8 KD fp32 vs bf16, 6 epochs, seeds 0,2, synthetic data"
+    assert row.extra["seeds"] == [0, 2]
+    assert row.extra["final_diff"] == [0.5, -1.25] and row.extra["mean_final_diff"] == -0.375
+    assert row.extra["best_diff"] == [-0.25, 0.0] and row.extra["mean_best_diff"] == -0.125
+    assert row.accuracy == "fp32 41.00 / bf16 40.62 (mean)"  # (40 + 42) / 2 and (40.5 + 40.75) / 2 = 40.625
+    assert row.detail == "bf16 - fp32 per seed: +0.50, -1.25 (mean -0.38); best epoch -0.25, +0.00 (mean -0.12)"
+    check_precision_comparison(dataclasses.asdict(row), [dataclasses.asdict(r) for r in rows[:5]])
+    assert precision_comparison(rows[:1] + rows[2:4]).status == "skipped"  # no seed with both
 
 
 # ---- the CIFAR-100 subset ------------------------------------------------------------------------------------

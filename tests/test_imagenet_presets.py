@@ -65,6 +65,7 @@ def test_every_imagenet_cell_composes_to_mdistillers_settings(pair: str, method:
     runtime = Runtime(torch.device("cpu"), "fp32", False, False, rank=0, world_size=GPUS)
     assert base_lr(job, runtime) == pytest.approx(lr)
     assert (job.trainer.epochs, job.schedule.milestones, job.schedule.gamma) == (100, [30, 60, 90], 0.1)
+    assert job.trainer.precision == "fp32"  # mdistiller trains without autocast: the cell does too
     assert (job.optim.momentum, job.optim.weight_decay, job.optim.nesterov) == (0.9, 1e-4, False)
     assert job.optim.name == ("dot" if method == "dot" else "sgd")
     if method == "dot":
@@ -87,6 +88,7 @@ def test_the_tiny_imagenet_cells_compose_to_dots_recipe(method: str) -> None:
     runtime = Runtime(torch.device("cpu"), "fp32", False, False, rank=0, world_size=1)
     assert job.dataset.batch_size == 256 and base_lr(job, runtime) == pytest.approx(0.2)
     assert (job.trainer.epochs, job.schedule.milestones, job.optim.weight_decay) == (200, [60, 120, 160], 5e-4)
+    assert job.trainer.precision == "fp32"  # mdistiller trains without autocast: the cell does too
     assert (job.optim.name, job.distill.name) == (optimizer, name)
     assert (job.distill.gamma, job.distill.alpha, job.distill.temperature) == (0.1, 0.9, 4.0)  # mdistiller's KD
     if method == "dot":

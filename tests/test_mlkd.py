@@ -259,6 +259,7 @@ PRESET_CELLS = {
     ("mlkd_paper", "vgg13-vgg8", "mlkd_ls"): (0.01, 480),
     ("mlkd_paper", "ResNet50-MobileNetV2", "mlkd"): (0.01, 480),
     ("mlkd_paper", "wrn_40_2-MobileNetV2", "mlkd_ls"): (0.005, 480),
+    ("mlkd_paper", "wrn_40_2-MobileNetV2", "mlkd"): (0.005, 480),  # logit-standardization-KD's config
     ("mlkd_paper", "wrn_40_2-ShuffleV1", "mlkd"): (0.01, 480),
     ("mlkd_paper", "resnet32x4-ShuffleV1", "mlkd"): (0.01, 960),
     ("mlkd_paper", "resnet32x4-ShuffleV2", "mlkd_ls"): (0.01, 960),

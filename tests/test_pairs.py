@@ -13,7 +13,7 @@ from distiller.config.pairs import apply_pair_settings
 from distiller.jobs.train import distill
 from models import build_model
 
-# The published values (RECIPES.md DKD per pair; mdistiller's ReviewKD CIFAR-100 configs)
+# The published values (RECIPES.md DKD per pair; ReviewKD: the ReviewKD authors' CIFAR-100/script/reviewKD.sh)
 DKD_NCKD = {("resnet56", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0, ("resnet32x4", "resnet8x4"): 8.0,
             ("wrn_40_2", "wrn_16_2"): 6.0, ("wrn_40_2", "wrn_40_1"): 6.0, ("vgg13", "vgg8"): 6.0,
             ("vgg13", "MobileNetV2"): 6.0, ("ResNet50", "MobileNetV2"): 8.0, ("resnet32x4", "ShuffleV1"): 8.0,
@@ -237,14 +237,15 @@ def test_mlkd_with_ls_takes_the_published_temperature_and_weight_of_the_pair(com
 
 
 def test_the_new_methods_table_sweeps_the_post_dkd_methods_over_the_crd_and_dkd_pairs(compose) -> None:
-    """experiment=new_methods_table (8 methods) and new_methods_table_dot (KD with DOT): 13 pairs x 5 seeds,
+    """experiment=new_methods_table (9 methods) and new_methods_table_dot (KD with DOT): 13 pairs x 5 seeds,
     each cell with its pair's published settings (the pair is chosen explicitly there)."""
     from scripts import sweep_table
 
     jobs = sweep_table.expand_preset("new_methods_table")
-    assert len(jobs) == 13 * 8 * 5
+    assert len(jobs) == 13 * 9 * 5
     assert {j["pair"] for j in jobs} == {f"{t}-{s}" for t, s in DKD_NCKD} | {"resnet110-resnet20", "ResNet50-vgg8"}
-    assert {j["distill"] for j in jobs} == {"dist", "kd_ls", "dkd_ls", "ctkd", "mlkd", "wttm", "ttm", "nkd"}
+    assert {j["distill"] for j in jobs} == {"dist", "kd_ls", "dkd_ls", "ctkd", "ctkd_ls", "mlkd", "wttm", "ttm",
+                                            "nkd"}
     dot_jobs = sweep_table.expand_preset("new_methods_table_dot")
     assert len(dot_jobs) == 13 * 5 and {j["distill"] for j in dot_jobs} == {"kd"}
     assert sweep_table.TABLES["new_methods"][1] == ("new_methods_table", "new_methods_table_dot")
@@ -255,6 +256,11 @@ def test_the_new_methods_table_sweeps_the_post_dkd_methods_over_the_crd_and_dkd_
     dkd_ls = compose("train_student", ["experiment=new_methods_table", "pair=resnet56-resnet20", "distill=dkd_ls"])
     assert (dkd_ls.distill.dkd_temperature, dkd_ls.distill.tckd_weight, dkd_ls.distill.nckd_weight) == (3.0, 18.0,
                                                                                                          36.0)
+    # CTKD+LS (the LS paper's logs): CTKD's learned T on z-scored logits, CE 0.1 and KD 9 on every pair
+    ctkd_ls = compose("train_student", ["experiment=new_methods_table", "pair=vgg13-vgg8", "distill=ctkd_ls"])
+    assert (ctkd_ls.distill.method, ctkd_ls.distill.logit_standardize, ctkd_ls.method_label) == ("ctkd", True,
+                                                                                                 "ctkd_ls")
+    assert (ctkd_ls.distill.gamma, ctkd_ls.distill.alpha, ctkd_ls.distill.ramp_epochs) == (0.1, 9.0, 10)
     dot = compose("train_student", ["experiment=new_methods_table_dot", "pair=vgg13-vgg8", "distill=kd"])
     assert (dot.optim.name, dot.optim.momentum, dot.optim.delta) == ("dot", 0.9, 0.075)
     assert (dot.distill.method, dot.method_label, dot.distill.temperature, dot.distill.alpha) == ("kd", "kd_dot",

@@ -52,7 +52,7 @@ WEIGHTS = {
     "reviewkd": (1.0, 0.0, 5.0, 20, {}),
 }
 LOW_LR_STUDENTS = {"MobileNetV2", "ShuffleV1", "ShuffleV2"}  # lr 0.01, others 0.05
-# ReviewKD's loss weight per pair (mdistiller's CIFAR-100 configs), 5.0 elsewhere
+# ReviewKD's loss weight per pair (the ReviewKD authors' CIFAR-100/script/reviewKD.sh), 5.0 elsewhere
 REVIEWKD_WEIGHT = {"resnet56-resnet20": 0.6, "resnet110-resnet32": 1.0, "resnet32x4-ShuffleV2": 8.0}
 # FT's paraphraser init lr (RepDistiller): 0.01 for ResNet/WRN students, else the student's lr
 FT_INIT_LR = {"vgg8": 0.05, "MobileNetV2": 0.01, "ShuffleV1": 0.01, "ShuffleV2": 0.01}
@@ -168,18 +168,82 @@ def test_every_pair_and_method_composes_with_the_published_settings() -> None:
 
 @pytest.mark.slow
 def test_every_table_cell_composes_with_the_published_settings() -> None:
-    """All 208 distinct (pair, method) cells of the presets, each composed on its own (about a minute)."""
+    """All 208 distinct (pair, method) cells of the CRD and DKD presets, each composed on its own under its
+    preset, with the published settings and in fp32; then every job of every table of scripts/sweep_table.py
+    composed as its preset's multirun composes it, in fp32 (a few minutes)."""
+    from omegaconf import OmegaConf
+
+    from distiller.config.compose import compose
+    from scripts import sweep_table
+
     cells = sorted(expected_cells("crd_table1") | expected_cells("crd_table2") | expected_cells("dkd"))
     assert len(cells) == 7 * 14 - 1 + 6 * 13 + 11 * 3  # the DKD tables add ofd, reviewkd and dkd
-    for (pair, method), (cfg, subdir) in compose_cells(cells).items():
-        check_cell(pair, method, cfg, subdir)
+    presets = {"crd_table1": "crd_table1", "crd_table2": "crd_table2", "dkd": "dkd_tables"}
+    for table, preset in presets.items():
+        composed = compose_cells(sorted(expected_cells(table)), [f"experiment={preset}"])
+        for (pair, method), (cfg, subdir) in composed.items():
+            check_cell(pair, method, cfg, subdir)
+            assert cfg["trainer"]["precision"] == "fp32", (preset, pair, method)
+    for table, (entry, table_presets) in sweep_table.TABLES.items():
+        for preset in table_presets:
+            for job in sweep_table.expand_preset(preset, ["seed=0"]):
+                cell = [f"experiment={preset}", *(f"{k}={v}" for k, v in job.items())]
+                cfg = compose(entry.removesuffix(".py"), cell)
+                assert OmegaConf.select(cfg, "trainer.precision") == "fp32", (table, preset, job)
+
+
+# ---- table presets train in fp32, as the papers did -------------------------------------------------------
+PRIMARY_CONFIGS = {"train_student": ("teacher", "student", "distill", "pair", "trainer"),
+                   "train_teacher": ("model", "trainer")}
+SWEPT_GROUPS = {"pair", "distill", "model", "seed"}  # what a table preset's cells differ in
+
+
+def group_sets_trainer(group: str, name: str) -> bool:
+    """Whether ``configs/<group>/<name>.yaml`` (or a file it pulls in from its group) sets any trainer key."""
+    from omegaconf import OmegaConf
+
+    path = CONFIGS / group / f"{name}.yaml"
+    if not path.is_file():  # model/teacher/student: ConfigStore nodes of the schema, which has no trainer key
+        return False
+    raw = OmegaConf.load(path)
+    if "trainer" in raw or any("trainer" in str(d) for d in raw.get("defaults", [])):
+        return True
+    return any(group_sets_trainer(group, str(d)) for d in raw.get("defaults", [])
+               if isinstance(d, str) and d != "_self_" and not d.startswith("/"))
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")))
-def test_every_experiment_preset_composes(compose, preset: str) -> None:
+def test_every_experiment_preset_composes_and_trains_in_fp32(compose, preset: str) -> None:
+    """Every table preset trains in fp32 (the papers' precision), in every cell it sweeps: the preset sets
+    trainer.precision, it comes after the swept groups in the primary config's defaults, and no pair or
+    method file the preset sweeps sets a trainer key, so no cell can change it."""
+    from omegaconf import OmegaConf
+
     entry = "train_teacher" if preset.startswith("table_") else "train_student"
     cfg = compose(entry, [f"experiment={preset}"], return_hydra_config=True)
-    assert cfg.hydra.sweeper.params, f"experiment/{preset}.yaml sweeps nothing"
+    params = cfg.hydra.sweeper.params
+    assert params, f"experiment/{preset}.yaml sweeps nothing"
+    assert cfg.trainer.precision == "fp32", preset
+    assert set(params) <= SWEPT_GROUPS, preset
+    order = [next(iter(d)) if isinstance(d, dict) else str(d)
+             for d in OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{entry}.yaml").defaults)]
+    assert all(order.index(group) < order.index("experiment") for group in PRIMARY_CONFIGS[entry]), order
+    for group in ("pair", "distill"):  # the swept ones and the preset's own choice
+        names = [*str(params.get(group, "")).split(","), str(cfg.hydra.runtime.choices.get(group) or "")]
+        for name in filter(None, names):
+            assert not group_sets_trainer(group, name), f"configs/{group}/{name}.yaml sets trainer"
+
+
+def test_the_command_line_wins_over_the_table_precision_and_plain_runs_keep_auto(compose) -> None:
+    cell = ["experiment=new_methods_table", "pair=vgg13-vgg8", "distill=ctkd_ls"]
+    assert compose("train_student", cell).trainer.precision == "fp32"
+    assert compose("train_student", [*cell, "trainer.precision=bf16"]).trainer.precision == "bf16"
+    assert compose("train_student", ["pair=vgg13-vgg8", "distill=kd"]).trainer.precision == "auto"
+    assert compose("train_teacher", ["model=resnet8"]).trainer.precision == "auto"
+    from scripts import sweep_table  # the table command passes its overrides on to every preset
+
+    (command,) = sweep_table.commands("crd_table2", ["trainer.precision=bf16"])
+    assert command[-2:] == ["experiment=crd_table2", "trainer.precision=bf16"]
 
 
 def test_teacher_presets(compose) -> None:

@@ -2,5 +2,6 @@
 (``scripts/collect_results.py`` is its command line).
 
 :mod:`.published` holds the published numbers and their recipes, :mod:`.runs` reads run directories,
+:mod:`.settings` says where a run departed from its cell's published settings (the NOT_PUBLISHED_SETTINGS flag),
 :mod:`.tables` groups, compares and writes the tables (:func:`~distiller.results.tables.collect`).
 """

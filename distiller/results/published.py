@@ -72,7 +72,8 @@ FINISHED = "finished"
 CELL = ["teacher", "student", "method"]
 MISSING = "–"
 SUMMARY_COLUMNS = ["dataset", "teacher", "student", "method", "runs", "last_top1_mean", "last_top1_std",
-                   "best_top1_mean", "best_top1_std", "not_finished", "hours_per_run", "seeds", "our_recipe"]
+                   "best_top1_mean", "best_top1_std", "not_finished", "hours_per_run", "seeds", "our_recipe",
+                   "settings"]  # settings: NOT_PUBLISHED_SETTINGS and why, when our runs departed (results.settings)
 
 
 # ---- published recipes ------------------------------------------------------------------------------

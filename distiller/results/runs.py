@@ -14,6 +14,7 @@ import pandas as pd
 
 from common.errors import UserError
 from common.lookup import dotted_get
+from distiller.results.settings import unpublished_settings
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Run:
     hours: float = 0.0  # wall time of the epochs so far (sum of the engine's per-epoch time_s)
     error: str | None = None  # the engine's message for a failed run
     recipe: str | None = None  # how it was trained: epochs, lr and its schedule (:func:`recipe_of_run`)
+    unpublished: str | None = None  # why its settings are not its cell's published ones (results.settings)
 
 
 class UnreadableRun(ValueError):
@@ -180,7 +182,8 @@ def read_run(path: Path) -> Run:
         final_top5=_numeric(metrics.get("final_top5"), "final_top5"), best_top5=max(top5) if top5 else None,
         epochs_done=len(history), epochs_planned=planned if isinstance(planned, int) else None,
         hours=sum(_numeric(e.get("time_s") or 0.0, "time_s") for e in history) / 3600.0, error=metrics.get("error"),
-        recipe=recipe_of_run(config))
+        recipe=recipe_of_run(config),
+        unpublished=unpublished_settings(str(method), teacher, str(student), config) if kind == "student" else None)
 
 
 def read_runs(paths: Iterable[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:

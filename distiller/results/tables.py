@@ -25,6 +25,7 @@ from distiller.results.published import (
     table_cells,
 )
 from distiller.results.runs import Run, find_run_dirs, read_runs, runs_frame
+from distiller.results.settings import NOT_PUBLISHED_SETTINGS
 
 
 def _seed_list(seeds: pd.Series) -> str:
@@ -38,6 +39,9 @@ STATS = {
     "best_top1_mean": ("best_top1", "mean"), "best_top1_std": ("best_top1", "std"),
     "hours_per_run": ("hours", lambda h: h[h > 0].mean()), "seeds": ("seed", _seed_list),
     "our_recipe": ("recipe", lambda r: r.dropna().iloc[0] if r.notna().any() else ""),  # one per cell: check_recipes
+    # the flag of a cell any of whose finished runs departs from the published settings (results.settings)
+    "settings": ("unpublished", lambda u: f"{NOT_PUBLISHED_SETTINGS}: " + "; ".join(sorted(set(u.dropna())))
+                 if u.notna().any() else ""),
 }
 UNKNOWN_DATASET = ""  # runs whose config names no data set form a group of their own
 
@@ -107,6 +111,7 @@ def summarize(runs: pd.DataFrame, published: pd.DataFrame, sources: Sequence[str
     table[["runs", "best_runs", "not_finished"]] = table[["runs", "best_runs", "not_finished"]].fillna(0).astype(int)
     table["seeds"] = [s if isinstance(s, str) else "" for s in table["seeds"]]  # no runs: no seeds
     table["our_recipe"] = [r if isinstance(r, str) else "" for r in table["our_recipe"]]
+    table["settings"] = [r if isinstance(r, str) else "" for r in table["settings"]]
     # one number per cell and source: the method authors' own table where a cell is in several, else the last
     chosen = published.sort_values("preferred", kind="stable").drop_duplicates(["source", *CELL], keep="last")
     for key in sources:
@@ -158,6 +163,7 @@ class Row:
     recipes: dict[str, str] = field(default_factory=dict)  # source -> the published number's recipe
     dataset: str = UNKNOWN_DATASET  # the data set of our runs in this cell
     our_recipe: str = ""  # how our runs of this cell were trained (one recipe per cell)
+    settings: str = ""  # NOT_PUBLISHED_SETTINGS and why, when our runs departed from the published settings
 
 
 def _value(x: Any) -> Any:
@@ -173,7 +179,7 @@ def rows_of(table: pd.DataFrame, sources: Sequence[str]) -> list[Row]:
                 published={key: _value(getattr(r, f"{key}_published")) for key in sources},
                 seeds=[int(s) for s in r.seeds.split()],
                 recipes={key: getattr(r, f"{key}_recipe") for key in sources if getattr(r, f"{key}_recipe")},
-                dataset=r.dataset, our_recipe=r.our_recipe)
+                dataset=r.dataset, our_recipe=r.our_recipe, settings=r.settings)
             for r in table.itertuples(index=False)]
 
 
@@ -209,7 +215,8 @@ def render_markdown(table: pd.DataFrame, runs: pd.DataFrame, sources: Sequence[s
              f"{runs['hours'].sum():.2f} training hours recorded in them. {_datasets_line(runs)}",
              "Ours: mean ± sample std over seeds (n = runs). *last* = top-1 after the last epoch (the CRD "
              "tables' protocol), *best* = best epoch's top-1 (the DKD tables' protocol). Δ = ours − published, "
-             "each source compared under its own protocol.", ""]
+             "each source compared under its own protocol. *settings*: "
+             f"{NOT_PUBLISHED_SETTINGS} where our runs departed from the published number's settings.", ""]
     # header -> cells; a list of pairs, since two sources of one protocol share the header "Δ (best)"
     columns = [("method", table["method"]), ("n", table["runs"].astype(str)),
                ("last-epoch top-1", [_mean_std(m, s) for m, s in zip(table["last_top1_mean"], table["last_top1_std"])]),
@@ -222,6 +229,7 @@ def render_markdown(table: pd.DataFrame, runs: pd.DataFrame, sources: Sequence[s
             columns.append((f"{source.label}: recipe", list(table[f"{key}_recipe"])))
     columns.append(("not finished", [str(n) if n else "" for n in table["not_finished"]]))
     columns.append(("our recipe", list(table["our_recipe"])))
+    columns.append(("settings", list(table["settings"])))
     shown = pd.DataFrame(dict(enumerate(cells for _, cells in columns)), index=table.index)
     header = [name for name, _ in columns]
     sections = shown.groupby([table["dataset"], table["teacher"], table["student"]], sort=False, dropna=False)

@@ -11,6 +11,7 @@ from common.files import atomic_write
 from distiller.bench.gpu_check.check_report import environment, markdown, row_dicts, write_report
 from distiller.bench.gpu_check.check_settings import STEPS, Settings, dry_settings, subset_data_overrides
 from distiller.bench.gpu_check.concurrency import step_concurrency
+from distiller.bench.gpu_check.precision_compare import precision_comparison
 from distiller.bench.gpu_check.rows import FAILED, Budget, Row, guarded
 from distiller.bench.gpu_check.speed_steps import step_benchmark, step_compile, step_tests
 from distiller.bench.gpu_check.training_steps import accuracy_runs, step_accuracy, step_ddp
@@ -71,6 +72,7 @@ def cpu_precision_check(subset_dir: Path, model: str, epochs: int, seed: int, ou
     with tempfile.TemporaryDirectory(prefix="kd-precision-") as tmp:
         rows = accuracy_runs({"fp32": ["trainer.precision=fp32"], "bf16": ["trainer.precision=bf16"]}, None,
                              model, (epochs, epochs), data, 64, "cpu", Path(tmp), Budget(1e9), seed)
+        rows.append(precision_comparison(rows))
     table = markdown(env, rows)
     md_path, json_path = write_report(out, "cpu_precision", table, {**env, "native_bf16": native,
                                                                     "rows": row_dicts(rows)})

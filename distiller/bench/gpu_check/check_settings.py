@@ -9,6 +9,8 @@ from distiller.bench.gpu_check.cifar_subset import SUBSET_DIR, find_cifar_folder
 
 STEPS = ("tests", "benchmark", "compile", "concurrency", "accuracy", "ddp")  # order = priority under the budget
 FP32_PATH = ["trainer.precision=fp32", "trainer.channels_last=false", "trainer.compile=false"]
+# bf16 autocast and nothing else changed from FP32_PATH: the precision alone, as the table presets choose it
+BF16_PATH = ["trainer.precision=bf16", "trainer.channels_last=false", "trainer.compile=false"]
 
 
 @dataclasses.dataclass
@@ -27,6 +29,7 @@ class Settings:
     accuracy_epochs: tuple[int, int]  # (teacher, student)
     accuracy_data: list[str]  # dataset overrides (subset or synthetic)
     accuracy_batch: int
+    accuracy_seeds: tuple[int, ...]  # fp32 and bf16 are compared on each (the fast path on the first)
     ddp_overrides: list[str]
     concurrency: tuple[int, ...]
     concurrency_overrides: list[str]
@@ -60,6 +63,7 @@ def full_settings(work: Path) -> Settings:
         paths={"fp32": FP32_PATH, "fast": []},
         compile_arch=("resnet8x4", "resnet8x4"), compile_steps=5, compile_batch=64, compile_backend="inductor",
         accuracy_pair=("resnet8x4", "resnet8"), accuracy_epochs=(6, 6), accuracy_data=data, accuracy_batch=64,
+        accuracy_seeds=(0, 1),
         ddp_overrides=["model=resnet8x4", "trainer.epochs=1", *synthetic_data_overrides(work / "data", 4096, 1000)],
         concurrency=(1, 2, 4, 8),
         concurrency_overrides=["teacher=resnet32x4", "student=resnet8x4", "distill=kd", "dataset.batch_size=64",
@@ -80,6 +84,7 @@ def dry_settings(work: Path) -> Settings:
         paths={"fp32": FP32_PATH, "fast": ["trainer.channels_last=true"]},
         compile_arch=("resnet8", "resnet8"), compile_steps=2, compile_batch=8, compile_backend="aot_eager",
         accuracy_pair=("resnet8", "resnet8"), accuracy_epochs=(1, 1), accuracy_data=data, accuracy_batch=32,
+        accuracy_seeds=(0, 1),
         ddp_overrides=["model=resnet8", "trainer.epochs=1", "trainer.device=cpu", "dataset.batch_size=16", *data],
         concurrency=(1, 2),
         concurrency_overrides=["teacher=resnet8", "student=resnet8", "distill=kd", "trainer.device=cpu",

@@ -1,5 +1,5 @@
-"""The GPU check's training steps: accuracy of the fast path against fp32 (same seed, a few epochs of the real
-jobs), and DDP with two ranks under ``torchrun``."""
+"""The GPU check's training steps: accuracy of the fast path and of bf16 alone against fp32 (same seeds, a few
+epochs of the real jobs), and DDP with two ranks under ``torchrun``."""
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from distiller.bench.gpu_check.check_settings import FP32_PATH, Settings
+from distiller.bench.gpu_check.check_settings import BF16_PATH, FP32_PATH, Settings
 from distiller.bench.gpu_check.cifar_subset import REPO
+from distiller.bench.gpu_check.precision_compare import precision_comparison
 from distiller.bench.gpu_check.rows import FAILED, OK, SKIPPED, Budget, Row, guarded, run_subprocess
 
 
@@ -58,7 +59,8 @@ def accuracy_runs(variants: dict[str, list[str]], pair: tuple[str, str] | None, 
     """Same seed, several precision variants. ``pair``: a teacher trained once (first variant's settings
     for the teacher are the fast path's), then KD into the student per variant. ``single``: that network
     trained with cross-entropy per variant. One row per variant, the top-1 pair in each row.
-    ``in_process``: every run in this process (:func:`run_job`)."""
+    ``in_process``: every run in this process (:func:`run_job`). The teacher and a variant's run of this
+    seed already finished in ``work`` (an earlier call's) are read back, not trained again."""
     common = [*data, f"dataset.batch_size={batch}", f"trainer.device={device}", "trainer.progress=false",
               f"seed={seed}", f"teacher_dir={work / 'teachers'}", "dataset.eval_batch_size=500"]
 
@@ -67,13 +69,14 @@ def accuracy_runs(variants: dict[str, list[str]], pair: tuple[str, str] | None, 
 
     if pair is not None:
         teacher, student = pair
-        run_job("train_teacher", [f"model={teacher}", *common, *schedule(epochs[0])], work / "teacher", budget,
-                in_process)
+        if not _finished(work / "teacher"):
+            run_job("train_teacher", [f"model={teacher}", *common, *schedule(epochs[0])], work / "teacher", budget,
+                    in_process)
         teacher_top1 = _metrics(work / "teacher")["final_top1"]
     results: dict[str, dict[str, Any]] = {}
     rows: list[Row] = []
     for label, overrides in variants.items():
-        run_dir = work / label
+        run_dir = work / f"{label}-seed{seed}"
         if pair is not None:
             entry, args = "train_student", [f"teacher={pair[0]}", f"student={pair[1]}", "distill=kd"]
         else:
@@ -82,10 +85,12 @@ def accuracy_runs(variants: dict[str, list[str]], pair: tuple[str, str] | None, 
 
         def one(entry: str = entry, args: list[str] = args, label: str = label, run_dir: Path = run_dir) -> list[Row]:
             started = time.perf_counter()
-            run_job(entry, args, run_dir, budget, in_process)
+            if not _finished(run_dir):
+                run_job(entry, args, run_dir, budget, in_process)
             m = _metrics(run_dir)
             results[label] = {"final_top1": m["final_top1"], "best_top1": m["best_top1"],
-                              "train_images_per_s": _train_speed(m), "wall_s": time.perf_counter() - started}
+                              "train_images_per_s": _train_speed(m), "wall_s": time.perf_counter() - started,
+                              "label": label, "seed": seed}
             return []
 
         guarded("accuracy", label, rows, budget, one)
@@ -94,6 +99,7 @@ def accuracy_runs(variants: dict[str, list[str]], pair: tuple[str, str] | None, 
         base = next(iter(results.values()))
         what = f"{pair[0]}->{pair[1]} KD" if pair is not None else f"{single} CE"
         for label, r in results.items():
+            r.update(case=what, epochs=epochs[1], data=_data_label(data))  # what precision_comparison names
             ratio = (r["train_images_per_s"] / base["train_images_per_s"]
                      if r["train_images_per_s"] and base["train_images_per_s"] else None)
             rows.append(Row("accuracy", f"{what} {label}, {epochs[1]} epochs, seed {seed}, {_data_label(data)}", OK,
@@ -104,9 +110,23 @@ def accuracy_runs(variants: dict[str, list[str]], pair: tuple[str, str] | None, 
 
 
 def step_accuracy(s: Settings, budget: Budget, work: Path) -> list[Row]:
-    variants = {"fp32": FP32_PATH, "fast": s.paths["fast"]}
-    return accuracy_runs(variants, s.accuracy_pair, None, s.accuracy_epochs, s.accuracy_data, s.accuracy_batch,
-                         s.device, work / "accuracy", budget, in_process=s.jobs_in_process)
+    """fp32 against the fast path on the first seed (top-1 and speed), then fp32 against bf16 alone (autocast,
+    nothing else changed) on every seed of ``s.accuracy_seeds``, one teacher for all, and their comparison
+    row: the evidence for training the table presets in fp32 and ordinary runs in bf16."""
+    def runs(variants: dict[str, list[str]], seed: int) -> list[Row]:
+        return accuracy_runs(variants, s.accuracy_pair, None, s.accuracy_epochs, s.accuracy_data, s.accuracy_batch,
+                             s.device, work / "accuracy", budget, seed, s.jobs_in_process)
+
+    first = s.accuracy_seeds[0]
+    rows = runs({"fp32": FP32_PATH, "fast": s.paths["fast"]}, first)
+    compared = [r for seed in s.accuracy_seeds for r in runs({"fp32": FP32_PATH, "bf16": BF16_PATH}, seed)]
+    # the first seed's fp32 run is the one above, read back: its row is shown once
+    shown = [r for r in compared if (r.extra.get("label"), r.extra.get("seed")) != ("fp32", first)]
+    return rows + shown + [precision_comparison(compared)]
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "metrics.json").is_file() and _metrics(run_dir).get("status") == "finished"
 
 
 # ---- step: DDP -----------------------------------------------------------------------------------------------
