@@ -1,10 +1,10 @@
 """Every method of 2023-2026 trains one epoch from the command line, on the built-in synthetic data.
 
-``python train_student.py ... distill=<name>`` runs in this process (:func:`helpers.run_cli`) with a zoo
-teacher (resnet8) and with a torchvision one (resnet18 with a CIFAR stem), each a random network saved
-as the teacher checkpoint (what is tested is that the method's wiring runs end to end: features,
-classifier, calibration pass, checkpoint, metrics; not its accuracy). Tiny sizes: 10 classes, 20
-training images, 2 steps; fp32.
+``python train_student.py ... distill=<name>`` runs in this process (:func:`helpers.run_cli`) with a
+torchvision teacher (resnet18 with a CIFAR stem), a random network saved as the teacher checkpoint;
+with a zoo teacher, every method's epoch is tests/test_entry_points.py's. What is tested is that the
+method's wiring runs end to end (features, classifier, calibration pass, checkpoint, metrics), not its
+accuracy. Tiny sizes: 10 classes, 20 training images, 2 steps; fp32.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import pytest
 import torch
 from helpers import run_cli, seed
 
-from models import build_model
 from models.external import build_network
 
 METHODS_2025 = ["rld", "luminet", "skd", "abkd", "eakd", "eakd_dkd", "normkd", "normkd_dkd", "wkd_l", "wkd_f",
@@ -27,10 +26,9 @@ TORCHVISION = {"source": "torchvision", "name": "resnet18", "cifar_stem": True}
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """Random teacher checkpoints (zoo resnet8, torchvision resnet18) and a data folder shared by the runs."""
+    """A random torchvision teacher checkpoint and a data folder shared by the runs."""
     tmp = tmp_path_factory.mktemp("methods_2025_cli")
     torch.manual_seed(seed(11))
-    torch.save({"model": build_model("resnet8", num_classes=CLASSES).state_dict()}, tmp / "resnet8.pt")
     torch.save({"model": build_network(TORCHVISION, CLASSES, role="teacher").state_dict()}, tmp / "resnet18.pt")
     return tmp
 
@@ -43,7 +41,6 @@ def overrides(tmp: Path, run: str) -> list[str]:
 
 
 TEACHERS = {
-    "zoo": lambda tmp: ["teacher=resnet8", f"teacher.ckpt={tmp / 'resnet8.pt'}"],
     "torchvision": lambda tmp: ["teacher=torchvision", "teacher.name=resnet18", "teacher.cifar_stem=true",
                                 f"teacher.ckpt={tmp / 'resnet18.pt'}"],
 }
