@@ -13,10 +13,10 @@
 (``{"teacher_cache": [...]}``; ``distiller.bench.cache_speed``).
 
 ``--methods SET`` times each method of a preset (``distiller.bench.method_speed.METHOD_SETS``; ``new``:
-the 2022-2024 methods next to KD) on the same pair (resnet32x4 -> resnet8x4 unless ``teacher=``/``student=``
-say otherwise) in this process, all built first and then timed in interleaved rounds
-(``bench.rounds``), and prints a table with each method's images/s and its ratio to KD's,
-then one JSON object (``{"methods": [...]}``). The reference
+the 2022-2024 methods next to KD; ``methods_2025``: those of 2023-2026) on the same pair
+(resnet32x4 -> resnet8x4 unless ``teacher=``/``student=`` say otherwise) in this process, all built
+first and then timed in interleaved rounds (``bench.rounds``), and prints a table with each method's
+images/s and its ratio to KD's, then one JSON object (``{"methods": [...]}``). The reference
 loop is off there (``bench.reference_steps=0``) unless given; a method whose config does not
 exist yet is listed as unavailable, one that fails is reported and the others still run (exit 1).
 

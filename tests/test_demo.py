@@ -68,6 +68,7 @@ def milestones(epochs: int) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.training
 def test_distillation_beats_the_student_alone_on_three_seeds(compose, tmp_path: Path):
     from distiller.jobs.train import distill, train_network
 

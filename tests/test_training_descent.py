@@ -30,7 +30,7 @@ STEPS = 30
 LAST = 5  # steps averaged at the end
 MARGIN = 0.9  # averaged final loss must be below 90 % of the averaged first loss
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.training]
 
 
 def _assert_averaged_decrease(runs: list[list[float]]) -> None:

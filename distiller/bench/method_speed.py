@@ -38,6 +38,12 @@ METHOD_SETS: dict[str, dict[str, list[str]]] = {
         "kd+ls": ["distill=kd", "distill.logit_standardize=true"],
         "kd+dot": ["distill=kd", "optim=dot"],
     },
+    "methods_2025": {  # the methods of 2023-2026, each with its published CIFAR-100 defaults
+        "kd": ["distill=kd"],
+        **{name: [f"distill={name}"] for name in (
+            "rld", "luminet", "skd", "abkd", "eakd", "eakd_dkd", "normkd", "normkd_dkd", "wkd_l", "wkd_f",
+            "sdd_kd", "sdd_dkd", "sdd_nkd", "cat_kd")},
+    },
 }
 METHODS_PAIR = ("teacher=resnet32x4", "student=resnet8x4")
 METHODS_DEFAULTS = ("bench.reference_steps=0",)  # methods are compared with KD, not with the older loop
