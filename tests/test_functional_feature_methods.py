@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as nnf
-from helpers import generator
+from float64_data import D, close, labels, quarters, rnd
 from naive_refs import (
     UNIT_ROUNDOFF,
     argmax_ref,
@@ -32,25 +32,6 @@ from naive_refs import (
 
 import distiller.functional as KF
 from common.errors import UserError
-
-D = torch.float64
-
-
-def rnd(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
-    return torch.randn(*shape, generator=generator(seed), dtype=D) * scale
-
-
-def quarters(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randint(-24, 25, shape, generator=generator(seed)).to(D) / 4
-
-
-def labels(n: int, c: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, c, (n,), generator=generator(seed))
-
-
-def close(value: torch.Tensor, ref: float, rel: float = 1e-10, abs_: float = 1e-12) -> None:
-    assert value.dim() == 0
-    assert value.item() == pytest.approx(ref, rel=rel, abs=abs_)
 
 
 def pool_ref(m, out: int):
