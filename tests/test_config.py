@@ -288,3 +288,17 @@ def test_logit_standardize_is_a_plain_override_and_old_runs_still_resume(compose
     del old["distill"]["logit_standardize"]
     assert run_identity(old) == run_identity(new)
     assert run_identity(old) != run_identity(OmegaConf.to_container(on, resolve=True))
+
+
+def test_a_pair_file_that_gains_another_methods_settings_does_not_change_its_runs(compose) -> None:
+    """The ``pair`` table reaches a run only through the keys it resolves into (here DKD's NCKD weight): a
+    run recorded before the pair file gained settings of other methods is the same run; one whose resolved
+    weight differs is not. A preset's own top-level table (read by interpolation) is left out alike."""
+    from distiller.jobs.run_dir import run_identity
+
+    new = OmegaConf.to_container(compose("train_student", ["pair=resnet32x4-resnet8x4", "distill=dkd"]), resolve=True)
+    assert new["pair"] and new["distill"]["nckd_weight"] == 8.0  # the DKD paper's value for this pair
+    old = {**new, "pair": {k: v for k, v in new["pair"].items() if k.startswith("dkd")}, "mlkd_paper": {"x": 1}}
+    assert run_identity(old) == run_identity(new)
+    changed = {**new, "distill": {**new["distill"], "nckd_weight": 6.0}}
+    assert run_identity(changed) != run_identity(new)

@@ -9,6 +9,7 @@ command that is refused, or finds its run finished, changes nothing in the direc
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.errors import UserError
 from common.files import atomic_write
 from distiller.config import run_record
+from distiller.config.schema import SCHEMAS
 from distiller.engine.checkpoints import safe_load
 from distiller.engine.runtime import Runtime, barrier
 
@@ -36,11 +38,17 @@ VOLATILE_KEYS = ("trainer.resume", "trainer.auto_resume", "trainer.force", "trai
 # keys added to configs after runs were made with them absent: at these values they change nothing,
 # so a run directory written before they existed still resumes
 NEUTRAL_DEFAULTS = {"distill.logit_standardize": False, "teacher.cache": False, "teacher.cache_dtype": "fp32"}
+# tables only interpolations read (``pair``: the per-pair settings; a preset's own top-level table): what
+# they gave the run is in the resolved keys it reads, so a pair file that gains a new method's settings
+# does not turn the runs made before into different runs
+INTERPOLATION_TABLES = ("pair",)
 
 
 def run_identity(config: dict[str, Any]) -> dict[str, Any]:
     """The config without keys that may change between a run and its resumption."""
-    identity = OmegaConf.create(config)
+    known = {f.name for schema in SCHEMAS.values() for f in dataclasses.fields(schema)}
+    identity = OmegaConf.create({key: value for key, value in config.items()
+                                 if key in known and key not in INTERPOLATION_TABLES})
     for key in (*VOLATILE_KEYS, *NEUTRAL_DEFAULTS):
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(identity, parent) if parent else identity
