@@ -36,7 +36,7 @@ TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
         ("r34_r18", ("kd", "at", "crd", "reviewkd", "dkd", "dot")),
         ("r50_mv1", ("kd", "at", "crd", "ofd", "reviewkd", "dkd", "dot"))) for method in methods)),
     # DOT's Tiny-ImageNet table (configs/experiment/tiny_imagenet/)
-    "tiny_imagenet": ("train_student.py", tuple(f"tiny_imagenet/{pair}/{method}" for pair in ("r18_shuv2",)
+    "tiny_imagenet": ("train_student.py", tuple(f"tiny_imagenet/{pair}/{method}" for pair in ("r18_mv2", "r18_shuv2")
                                                for method in ("kd", "dot"))),
     "teachers": ("train_teacher.py", ("table_teachers",)),
     "baselines": ("train_teacher.py", ("table_baselines",)),

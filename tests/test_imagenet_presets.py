@@ -77,13 +77,16 @@ def test_every_imagenet_cell_composes_to_mdistillers_settings(pair: str, method:
 
 
 TINY_CELLS = {"kd": ("sgd", "kd"), "dot": ("dot", "kd_dot")}
+# DOT's two Tiny-ImageNet pairs: the students are mdistiller's (its Tiny-ImageNet MobileNet-V2, not the CIFAR one)
+TINY_PAIRS = {"r18_shuv2": "ShuffleV2", "r18_mv2": "mobilenetv2_tinyimagenet"}
 
 
+@pytest.mark.parametrize("pair", sorted(TINY_PAIRS))
 @pytest.mark.parametrize("method", sorted(TINY_CELLS))
-def test_the_tiny_imagenet_cells_compose_to_dots_recipe(method: str) -> None:
-    job = job_of(f"tiny_imagenet/r18_shuv2/{method}")
+def test_the_tiny_imagenet_cells_compose_to_dots_recipe(pair: str, method: str) -> None:
+    job = job_of(f"tiny_imagenet/{pair}/{method}")
     optimizer, name = TINY_CELLS[method]
-    assert (job.teacher.name, job.student.name, job.dataset.name) == ("ResNet18", "ShuffleV2", "imagefolder")
+    assert (job.teacher.name, job.student.name, job.dataset.name) == ("ResNet18", TINY_PAIRS[pair], "imagefolder")
     assert job.dataset.mean == [0.4802, 0.4481, 0.3975] and job.dataset.std == [0.2302, 0.2265, 0.2262]
     runtime = Runtime(torch.device("cpu"), "fp32", False, False, rank=0, world_size=1)
     assert job.dataset.batch_size == 256 and base_lr(job, runtime) == pytest.approx(0.2)
@@ -95,7 +98,7 @@ def test_the_tiny_imagenet_cells_compose_to_dots_recipe(method: str) -> None:
         assert job.optim.delta == 0.075
 
 
-@pytest.mark.parametrize(("table", "cells"), [("imagenet", 13), ("tiny_imagenet", 2)])
+@pytest.mark.parametrize(("table", "cells"), [("imagenet", 13), ("tiny_imagenet", 4)])
 def test_sweep_table_dry_run_lists_the_cells(capsys, table: str, cells: int) -> None:
     from scripts import sweep_table
 
@@ -106,14 +109,20 @@ def test_sweep_table_dry_run_lists_the_cells(capsys, table: str, cells: int) -> 
         listed = {line.split("=", 1)[1].split(":")[0] for line in out.splitlines() if line.startswith("# experiment=")}
         assert listed == {f"imagenet/{p}/{m}" for p, m in IMAGENET_CELLS}
         assert "# experiment=imagenet/r50_mv1/ofd: 1 runs\n  distill=ofd seed=0" in out
+    else:
+        listed = {line.split("=", 1)[1].split(":")[0] for line in out.splitlines() if line.startswith("# experiment=")}
+        assert listed == {f"tiny_imagenet/{p}/{m}" for p in TINY_PAIRS for m in TINY_CELLS}
 
 
-def write_run(root: Path, teacher: str, student: str, method: str, seed: int, last: float, best: float) -> None:
-    """A finished run directory as the engine leaves it (config.yaml, metrics.json), with our numbers."""
+def write_run(root: Path, teacher: str, student: str, method: str, seed: int, last: float, best: float,
+              dataset: str = "imagenet", teacher_source: str | None = "torchvision") -> None:
+    """A finished run directory as the engine leaves it (config.yaml, metrics.json), with our numbers;
+    ``teacher_source`` None: a zoo teacher (no source key)."""
     run = root / f"{teacher}-{student}" / method / f"seed{seed}"
     run.mkdir(parents=True)
-    config = {"teacher": {"name": teacher, "source": "torchvision"}, "student": {"name": student},
-              "distill": {"name": method}, "method_label": method, "seed": seed, "dataset": {"name": "imagenet"},
+    source = {} if teacher_source is None else {"source": teacher_source}
+    config = {"teacher": {"name": teacher, **source}, "student": {"name": student},
+              "distill": {"name": method}, "method_label": method, "seed": seed, "dataset": {"name": dataset},
               "trainer": {"epochs": 100}, "optim": {"name": "sgd", "lr": 0.025},
               "schedule": {"name": "step", "milestones": [30, 60, 90], "gamma": 0.1}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
@@ -146,4 +155,20 @@ def test_the_collector_shows_the_published_numbers_beside_ours(tmp_path: Path) -
     tiny = load_published(["imagenet"])
     tiny = tiny[tiny["table"] == "tiny_imagenet_dot"]
     assert sorted(zip(tiny["student"], tiny["method"], tiny["top1"])) == [
-        ("ShuffleV2", "kd", 62.26), ("ShuffleV2", "kd_dot", 65.75)]
+        ("ShuffleV2", "kd", 62.26), ("ShuffleV2", "kd_dot", 65.75),
+        ("mobilenetv2_tinyimagenet", "kd", 58.35), ("mobilenetv2_tinyimagenet", "kd_dot", 64.01)]
+
+
+def test_the_collector_shows_dots_tiny_imagenet_numbers_beside_ours(tmp_path: Path) -> None:
+    from distiller.results import tables
+
+    runs = tmp_path / "runs"
+    write_run(runs, "ResNet18", "mobilenetv2_tinyimagenet", "kd_dot", 0, 63.0, 63.5, dataset="imagefolder",
+              teacher_source=None)
+    rows, _ = tables.collect([str(runs)], tmp_path / "table", sources=["imagenet"], tables=["tiny_imagenet_dot"],
+                             figure=False)
+    # mdistiller's README (a08d46f), "On Tiny-ImageNet": typed by hand
+    assert {(r.student, r.method): r.published["imagenet"] for r in rows if r.teacher == "ResNet18"} == {
+        ("mobilenetv2_tinyimagenet", "kd"): 58.35, ("mobilenetv2_tinyimagenet", "kd_dot"): 64.01,
+        ("ShuffleV2", "kd"): 62.26, ("ShuffleV2", "kd_dot"): 65.75}
+    assert "| kd_dot | 1 | 63.00 | 63.50 | 64.01 | -0.51 |" in (tmp_path / "table.md").read_text()
