@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import randomize_batchnorm
 from torch import nn
 
 from distiller.features import forward_features
@@ -43,12 +44,7 @@ def mdistiller_names() -> dict[str, list[int]]:
 def net() -> nn.Module:
     torch.manual_seed(0)
     model = build_model("MobileNetV1", num_classes=1000).eval()
-    with torch.no_grad():  # non-trivial BN statistics, so eval-mode BN matters
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0.0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
+    randomize_batchnorm(model)  # non-trivial BN statistics, so eval-mode BN matters
     return model
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import generator, random_teacher_file, write_image_folder
+from helpers import generator, random_teacher_file, randomize_batchnorm, write_image_folder
 from torch import nn
 
 from datasets import DataSplits
@@ -71,12 +71,7 @@ def by_hand_parameters(num_classes: int) -> int:
 def net() -> nn.Module:
     torch.manual_seed(0)
     model = build_model(ARCH, num_classes=200).eval()
-    with torch.no_grad():  # non-trivial BN statistics, so eval-mode BN matters
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0.0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
+    randomize_batchnorm(model)  # non-trivial BN statistics, so eval-mode BN matters
     return model
 
 
