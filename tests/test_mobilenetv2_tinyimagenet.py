@@ -104,6 +104,16 @@ def test_a_checkpoint_in_mdistillers_form_loads_as_it_is(net: nn.Module, tmp_pat
     assert list(model.conv2.weight.shape) == [200, 1280]  # a Linear's weight, for the methods that read it
 
 
+@pytest.mark.parametrize("classes", [200, 100, 7])
+def test_a_file_without_an_architecture_is_recognised_at_any_class_count(classes: int) -> None:
+    """Its classifier is saved as a 1x1 convolution: the class count comes from there (mdistiller's names and
+    shapes, built by hand)."""
+    from distiller.engine.checkpoints import guess_architecture
+
+    state = {k: torch.zeros(shape) for k, shape in mdistiller_state(classes).items()}
+    assert guess_architecture(state) == ARCH
+
+
 def test_shapes_at_64_px(net: nn.Module) -> None:
     x = torch.randn(2, 3, 64, 64, generator=generator(1))
     with torch.no_grad():

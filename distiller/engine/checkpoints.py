@@ -152,17 +152,21 @@ def guess_architecture(state: Mapping[str, torch.Tensor]) -> str | None:
     from models import build_model, list_models
 
     signature = {k: tuple(v.shape) for k, v in state.items()}
-    num_classes = None
-    for key, value in state.items():
-        if key.endswith("weight") and value.ndim == 2:
-            num_classes = value.shape[0]
+    # the class count: rows of the last linear weight, or of the last 1x1 convolution (a classifier stored as
+    # one, e.g. mobilenetv2_tinyimagenet's conv2); 100 when neither says
+    linear = [v.shape[0] for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    pointwise = [v.shape[0] for k, v in state.items() if k.endswith("weight") and v.ndim == 4 and v.shape[2:] == (1, 1)]
+    counts = list(dict.fromkeys([*linear[-1:], *pointwise[-1:], 100]))
     for name in list_models():
-        try:
-            candidate = build_model(name, num_classes=num_classes or 100)
-        except Exception:  # noqa: BLE001 - a candidate that cannot be built is simply not a match
-            continue
-        if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == signature:
-            return name
+        for num_classes in counts:
+            try:
+                shapes = {k: tuple(v.shape) for k, v in build_model(name, num_classes=num_classes).state_dict().items()}
+            except Exception:  # noqa: BLE001 - a candidate that cannot be built is simply not a match
+                break
+            if shapes == signature:
+                return name
+            if shapes.keys() != signature.keys():
+                break  # another architecture: no class count makes it one
     return None
 
 
