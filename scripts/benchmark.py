@@ -70,36 +70,30 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
-    if "--methods" in argv:
-        at = argv.index("--methods")
-        if at + 1 >= len(argv):
-            fail(f"--methods needs a set name: {', '.join(METHOD_SETS)}")
-        set_name, rest = argv[at + 1], argv[:at] + argv[at + 2:]
-        try:
-            rows = measure_methods(set_name, rest)
-        except UserError as err:
-            if debug_mode():
-                raise
-            fail(str(err))
-        print(methods_table(rows))
-        print(json.dumps(jsonable({"methods": rows})), flush=True)
-        return 0 if all(r["status"] != "failed" for r in rows) else 1
-    if "--teacher-cache" in argv:
-        try:
-            rows = measure_cache_speed([a for a in argv if a != "--teacher-cache"])
-        except UserError as err:
-            if debug_mode():
-                raise
-            fail(str(err))
-        print(cache_speed_table(rows))
-        print(json.dumps(jsonable({"teacher_cache": rows})), flush=True)
-        return 0
     try:
-        result = measure_step_speed(compose_benchmark(argv))
+        return measure_and_report(argv)
     except UserError as err:
         if debug_mode():
             raise
         fail(str(err))
+
+
+def measure_and_report(argv: list[str]) -> int:
+    """The mode ``argv`` asks for (``--methods SET``, ``--teacher-cache`` or the step), its table and JSON line."""
+    if "--methods" in argv:
+        at = argv.index("--methods")
+        if at + 1 >= len(argv):
+            fail(f"--methods needs a set name: {', '.join(METHOD_SETS)}")
+        rows = measure_methods(argv[at + 1], argv[:at] + argv[at + 2:])
+        print(methods_table(rows))
+        print(json.dumps(jsonable({"methods": rows})), flush=True)
+        return 0 if all(r["status"] != "failed" for r in rows) else 1
+    if "--teacher-cache" in argv:
+        rows = measure_cache_speed([a for a in argv if a != "--teacher-cache"])
+        print(cache_speed_table(rows))
+        print(json.dumps(jsonable({"teacher_cache": rows})), flush=True)
+        return 0
+    result = measure_step_speed(compose_benchmark(argv))
     print(step_speed_table(result))
     print(json.dumps(jsonable(result)), flush=True)
     return 0
