@@ -437,3 +437,16 @@ def randomize_batchnorm(model: torch.nn.Module) -> None:
                 m.running_mean.normal_(0.0, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
                 m.bias.normal_(0.0, 0.2)
+
+
+def assert_ranks_match_one_process(ranks: list[dict], single: dict) -> None:
+    """Two DDP ranks' saved ``model`` and ``evaluation`` against one process's with the same global batch: the
+    replicas are identical, the weights equal the single process's up to rounding (gradients averaged over
+    ranks instead of summed in one batch), and the evaluation, sharded and reduced, gives its numbers."""
+    for key, value in single["model"].items():
+        assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key]), key
+        if value.is_floating_point() and "running" not in key:
+            torch.testing.assert_close(ranks[0]["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert ranks[0]["evaluation"] == ranks[1]["evaluation"]
+    for name, value in single["evaluation"].items():
+        assert ranks[0]["evaluation"][name] == pytest.approx(value, abs=1e-3)

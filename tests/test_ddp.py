@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, compose_config, run_cli, run_ranks, tiny_overrides
+from helpers import REPO, assert_ranks_match_one_process, compose_config, run_cli, run_ranks, tiny_overrides
 
 pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built"),
               pytest.mark.numeric]
@@ -69,15 +69,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     run_engine_ranks(2, tmp_path, base_overrides(tmp_path, "kd", 16))
     single = torch.load(tmp_path / "world1_rank0.pt", weights_only=True)
     ranks = [torch.load(tmp_path / f"world2_rank{r}.pt", weights_only=True) for r in (0, 1)]
-    for key, value in single["model"].items():
-        assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key]), key  # DDP keeps replicas identical
-        if value.is_floating_point() and "running" not in key:
-            # gradients are averaged over ranks instead of summed in one batch: only rounding differs
-            torch.testing.assert_close(ranks[0]["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
-    # evaluation is sharded over ranks and reduced: same numbers as one process
-    assert ranks[0]["evaluation"] == ranks[1]["evaluation"]
-    for name, value in single["evaluation"].items():
-        assert ranks[0]["evaluation"][name] == pytest.approx(value, abs=1e-3)
+    assert_ranks_match_one_process(ranks, single)
 
 
 def test_crd_memory_banks_stay_identical_on_all_ranks(tmp_path):
