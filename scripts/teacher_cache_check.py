@@ -32,20 +32,16 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as `python scripts/teacher_cache_check.py`: make `scripts` importable
-    sys.path.insert(0, str(REPO))
-
-from common.files import atomic_write  # noqa: E402
-from datasets import load_dataset  # noqa: E402
-from datasets.device_loader import DeviceLoader  # noqa: E402
-from distiller.config.compose import compose  # noqa: E402
-from distiller.config.validation import load_job  # noqa: E402
-from distiller.engine.teacher_cache import DTYPES  # noqa: E402
-from distiller.jobs.train import distill, train_network  # noqa: E402
-from models import build_model  # noqa: E402
-from scripts import teachers as teachers_cmd  # noqa: E402
-from scripts.gpu_check import write_cifar_subset  # noqa: E402
+from common.files import atomic_write
+from datasets import load_dataset
+from datasets.device_loader import DeviceLoader
+from distiller.bench.gpu_check.cifar_subset import write_cifar_subset
+from distiller.config.compose import compose
+from distiller.config.validation import load_job
+from distiller.engine.teacher_cache import DTYPES
+from distiller.jobs.cache_build import cache_teacher_file
+from distiller.jobs.train import distill, train_network
+from models import build_model
 
 
 def data_overrides(root: Path) -> list[str]:
@@ -161,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"teacher {args.teacher}: top-1 {report['teacher_top1']:.2f} ({report['teacher_s']:.0f} s)", flush=True)
 
     started = time.perf_counter()
-    cache = teachers_cmd.cache(teacher_file, data_overrides(root), "fp32", "fp32", 256, None, False)
+    cache = cache_teacher_file(teacher_file, data_overrides(root), "fp32", "fp32", 256, None, False)
     report["build"] = {"built_now": cache.built, "forwards": cache.key.rows, "seconds": time.perf_counter() - started,
                        "bytes": cache.nbytes}
     header = json.loads(cache.path.with_suffix(".json").read_text())

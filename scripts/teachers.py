@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from common.errors import UserError
 from common.files import file_sha256
 from distiller.config.command_line import canonical_model_choices, fail
+from distiller.jobs.cache_build import cache_teacher_file
 from distiller.jobs.teachers import (
     INDEX_NAME,
     JOURNAL_SUFFIX,
@@ -106,34 +107,6 @@ def add(path: Path, overrides: list[str], measure: bool) -> dict[str, Any]:
                        source="added (measured)" if measure else "added")
 
 
-def cache(path: Path, overrides: list[str], dtype: str, precision: str, batch_size: int, cache_dir: str | None,
-          rebuild: bool) -> Any:
-    """Build (or find) the teacher cache of ``path`` on the training split of ``dataset=`` (else the teacher's own)."""
-    from datasets import load_dataset
-    from distiller.engine.runtime import resolve_device
-    from distiller.jobs.cache_build import ensure_cache
-    from distiller.jobs.evaluate import compose_config, data_overrides, load_checkpoint, model_choice, read_checkpoint
-    from distiller.jobs.teachers import verify_teacher
-
-    overrides = canonical_model_choices(overrides)
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise UserError(f"'{bad[0]}' is not an override; write KEY=VALUE (e.g. model=resnet56, dataset=cifar100)")
-    if not path.is_file():
-        raise UserError(f"teacher file not found: {path}")
-    file = read_checkpoint(path)
-    extra, _ = data_overrides(file.header, overrides)
-    cfg = compose_config([*extra, *overrides])
-    data = load_dataset(cfg.dataset)
-    loaded = load_checkpoint(file, model_choice(overrides, cfg), image_size=data.image_size)
-    if loaded.num_classes != data.num_classes:
-        raise UserError(f"{path} holds a {loaded.num_classes}-class {loaded.arch}, but the {cfg.dataset.name} data "
-                        f"set has {data.num_classes} classes; choose its data set with dataset=NAME")
-    verify_teacher(path, loaded.arch, str(cfg.dataset.name))  # a file changed since it was indexed is refused
-    return ensure_cache(loaded.model, path, data, str(cfg.dataset.name), device=resolve_device(str(cfg.trainer.device)),
-                        dtype=dtype, precision=precision, cache_dir=cache_dir, batch_size=batch_size, rebuild=rebuild)
-
-
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -168,8 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "cache":
-            built = cache(Path(args.file), list(args.overrides), args.dtype, args.precision, args.batch_size,
-                          args.cache_dir, args.rebuild)
+            built = cache_teacher_file(Path(args.file), list(args.overrides), args.dtype, args.precision,
+                                       args.batch_size, args.cache_dir, args.rebuild)
             summary = {"path": str(built.path), "bytes": built.nbytes, "built": built.built, "key": built.key.to_json()}
             print(json.dumps(summary) if args.json else
                   f"teacher cache {built.path}: {built.key.size} images x {built.key.variants} variants x "
