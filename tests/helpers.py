@@ -158,6 +158,15 @@ def run_ranks(target: Callable[..., None], world: int, *args: object) -> None:
     assert [proc.exitcode for proc in procs] == [0] * world
 
 
+def signature_line(fn: Callable[..., object]) -> str:
+    """``name(a, b=default, ...)``: a function's signature written as the method documents pin it."""
+    import inspect
+
+    params = inspect.signature(fn).parameters.values()
+    shown = ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}" for p in params)
+    return f"{fn.__name__}({shown})"
+
+
 def tiny_overrides(tmp: Path, train_size: int = 200, test_size: int = 100) -> list[str]:
     """Overrides for a tiny, fast CPU run on synthetic data inside ``tmp``."""
     return [

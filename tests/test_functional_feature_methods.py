@@ -10,13 +10,13 @@ bf16 and fp16), so the teacher's argmax, and with it SDD's region weights, canno
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
 import torch
 import torch.nn.functional as nnf
 from float64_data import D, close, labels, quarters, rnd
+from helpers import signature_line
 from naive_refs import (
     UNIT_ROUNDOFF,
     argmax_ref,
@@ -438,7 +438,5 @@ PINNED = [  # METHODS_2025_FEATURE.md, "Pinned functions"
 @pytest.mark.parametrize("pinned", PINNED)
 def test_pinned_signature(pinned: str) -> None:
     name = pinned.split("(")[0]
-    params = inspect.signature(getattr(KF, name)).parameters.values()
-    got = ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}" for p in params)
-    assert f"{name}({got})" == pinned
+    assert signature_line(getattr(KF, name)) == pinned
     assert name in KF.__all__

@@ -11,13 +11,12 @@ teacher's discrete choices (argmax, RLD's mask, SKD's medians) cannot move with 
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
 import torch
 from float64_data import D, close, labels, quarters, rnd
-from helpers import generator
+from helpers import generator, signature_line
 from naive_refs import (
     UNIT_ROUNDOFF,
     argmax_ref,
@@ -588,7 +587,5 @@ PINNED = [  # METHODS_2025_LOGIT.md, "Pinned functions"
 @pytest.mark.parametrize("pinned", PINNED)
 def test_pinned_signature(pinned: str) -> None:
     name = pinned.split("(")[0]
-    params = inspect.signature(getattr(KF, name)).parameters.values()
-    got = ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}" for p in params)
-    assert f"{name}({got})" == pinned
+    assert signature_line(getattr(KF, name)) == pinned
     assert name in KF.__all__
