@@ -67,6 +67,8 @@ AS_TYPED = [
     (["schedule.milestones=[abc]"], ["schedule.milestones[0]=abc"]),
     (["schedule.milestones=5"], ["schedule.milestones=5", "list"]),
     (["optim.momentum=1.5"], ["optim.momentum=1.5", "< 1"]),
+    (["optim.lr=0.1,0.05"], ["optim.lr=0.1,0.05", "add -m", "optim.lr=[0.1,0.05]"]),  # a sweep without -m
+    (["optim=sgd,dot"], ["optim=sgd,dot", "several optim choices", "add -m"]),
 ]
 
 

@@ -117,6 +117,13 @@ def explain_config_error(err: BaseException, config_name: str | None = None, ove
     if override:
         key = override.group(1)
         return unknown_key_message(config_name, list(overrides), key)
+    several = re.search(r"Ambiguous value for argument '([^=']+)=([^']*)'", text)
+    if several:  # a comma without -m: Hydra's own report is four lines
+        key, value = several.groups()
+        if _group_options(key):
+            return f"{key}={value} names several {key} choices: add -m to run one job each"
+        return (f"{key}={value} gives {key} several values: add -m to sweep over them, write {key}=[{value}] "
+                f"for a list, or {key}='{value}' (quoted) for one text value")
     append = re.search(r"Could not append to config\. An item is already at '([^']+)'", text)
     if append:
         return f"config key '{append.group(1)}' already exists; set it without the leading '+'"
