@@ -83,6 +83,20 @@ def test_bad_value_is_one_line_naming_the_key(compose, entry, overrides, words):
 
 
 @pytest.mark.parametrize("overrides, words", [
+    # a method without a constructor of its own takes no keys (nn.Module's would swallow any)
+    (["distill=kd", "+distill.foo=1"], ["distill.foo", "not a parameter of method 'kd'", "its parameters are: none"]),
+    (["distill=dkd", "+distill.foo=1"], ["distill.foo", "not a parameter of method 'dkd'", "tckd_weight"]),
+])
+def test_a_key_the_method_does_not_take_is_refused_before_the_start(compose, overrides, words):
+    with pytest.raises(UserError) as caught:
+        validation.check_before_start(compose("train_student", overrides), "train_student")
+    message = str(caught.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+@pytest.mark.parametrize("overrides, words", [
     (["teacher.lr=abc"], ["teacher.lr=abc", "a number"]),
     (["teacher.published_top1=high"], ["teacher.published_top1=high", "a number"]),
     (["model=resnet8"], None),
