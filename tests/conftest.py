@@ -19,9 +19,10 @@ Robustness knobs (environment variables, read once per session):
     numeric end-to-end tests (marker ``numeric``) that way. A test that compares numbers from a
     job therefore pins ``trainer.precision`` or asserts only what holds in every precision.
 ``KD_NUMERIC_AUTO_PRECISION`` (``fp32`` or ``bf16``, default: unset)
-    The same, for the tests marked ``numeric`` and not ``slow`` only: ``KD_NUMERIC_AUTO_PRECISION=bf16
-    pytest -m "numeric or slow"`` runs those as a native-bf16 CPU would and the slow ones as this CPU
-    does, in one session balanced over the cores (CI does this).
+    The same, for the tests marked ``numeric`` only: ``KD_NUMERIC_AUTO_PRECISION=bf16 pytest -m "numeric or
+    slow"`` runs those as a native-bf16 CPU would (the slow ones among them too: the torchrun run and
+    most SIGKILL resumes) and the other slow ones as this CPU does, in one session balanced over the
+    cores (CI does this).
 """
 from __future__ import annotations
 
@@ -75,9 +76,9 @@ def _mkldnn_switch():
 
 @pytest.fixture(autouse=True)
 def _numeric_auto_precision(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``KD_NUMERIC_AUTO_PRECISION`` becomes ``KD_AUTO_PRECISION`` for the tests marked ``numeric``, not ``slow``."""
+    """``KD_NUMERIC_AUTO_PRECISION`` becomes ``KD_AUTO_PRECISION`` for the tests marked ``numeric``."""
     value = os.environ.get("KD_NUMERIC_AUTO_PRECISION", "").strip()
-    if value and request.node.get_closest_marker("numeric") and not request.node.get_closest_marker("slow"):
+    if value and request.node.get_closest_marker("numeric"):
         monkeypatch.setenv("KD_AUTO_PRECISION", value)
 
 

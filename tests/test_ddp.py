@@ -87,6 +87,7 @@ def torchrun(*overrides: str) -> list[str]:
             str(REPO / "train_student.py"), *overrides]
 
 
+@pytest.mark.slow  # three torchrun launches of two ranks (~35 s): CI runs it with the other numeric tests
 def test_torchrun_end_to_end_only_rank0_writes_and_resumes(tmp_path):
     """A 3-epoch torchrun run killed after epoch 1 resumes to the uninterrupted run's result."""
     teacher = run_cli("train_teacher.py", "model=resnet8", f"hydra.run.dir={tmp_path / 't'}", *tiny_overrides(tmp_path))

@@ -226,6 +226,7 @@ def resume_overrides(tmp: Path, run: str, *extra: str) -> list[str]:
 
 
 @pytest.mark.numeric
+@pytest.mark.slow  # a process killed and relaunched (~20 s): CI runs it with the other numeric tests
 @pytest.mark.parametrize("method", ["mlkd", "ctkd"])
 def test_sigkill_mid_epoch_then_resume_is_bitwise(teacher: Path, method: str) -> None:
     """Killed in the middle of the second epoch (CTKD: after its lambda and theta moved), resumed: the same bits."""
