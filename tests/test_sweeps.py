@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import CONFIGS, REPO, run_cli, tiny_overrides
+from helpers import CONFIGS, REPO, run_cli, tiny_overrides, train_tiny_teacher
 
 import distiller.config.compose  # noqa: F401 - the config store and resolvers composed configs use
 
@@ -400,6 +400,29 @@ def test_multirun_makes_one_directory_per_cell_and_relaunch_reruns_nothing(sweep
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already finished: ") == 4
     assert {p: p.stat().st_mtime_ns for p in watched} == before
+
+
+def test_a_job_that_stops_on_a_user_error_is_reported_in_one_line_when_the_sweep_ends(tmp_path: Path) -> None:
+    """``-m teacher=resnet8,resnet20`` with only resnet8's teacher trained: the resnet8 job finishes, the
+    resnet20 one stops on its missing teacher, and the sweep ends with one line naming it, status 2 (not
+    Hydra's 'Error executing job' report); the same command again skips the finished job."""
+    train_tiny_teacher(tmp_path)
+    command = ["-m", "teacher=resnet8,resnet20", "student=resnet8", "distill=kd", *tiny_overrides(tmp_path),
+               f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    for attempt in range(2):
+        result = run_cli("train_student.py", *command)
+        assert result.returncode == 2, result.stderr[-3000:]
+        lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("[")]
+        assert len(lines) == 1, result.stderr[-3000:]  # the rest are the jobs' log lines
+        assert lines[0].startswith("error: 1 of 2 jobs of the sweep failed (#1 teacher=resnet20): teacher checkpoint "
+                                   "not found: "), lines[0]
+        assert "the same command again runs only the jobs that did not" in lines[0]
+        assert "HYDRA_FULL_ERROR" not in result.stderr and "Error executing job" not in result.stderr
+        (done,) = (tmp_path / "sweep").glob("synthetic/resnet8-resnet8/kd/seed0/metrics.json")
+        assert json.loads(done.read_text())["status"] == "finished"
+        assert result.stdout.count("already finished: ") == attempt
+    # the refused job wrote no file (Hydra makes its empty folder before the job starts)
+    assert not [p for p in (tmp_path / "sweep").glob("synthetic/resnet20-resnet8/**/*") if p.is_file()]
 
 
 def test_collector_on_the_sweep(sweep) -> None:

@@ -21,7 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import CompactHydraException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -40,7 +42,58 @@ EXIT_USER_ERROR = 2
 
 
 class SweepJobError(CompactHydraException):
-    """A job of a sweep stopped on a user error: Hydra reports it when the sweep ends, in its one line."""
+    """A job of a sweep stopped on a user error: :class:`SweepReport` (or Hydra) reports it when the sweep ends."""
+
+
+class SweepReport(Callback):
+    """The user errors of a sweep's jobs, in one line at its end (status 2), instead of Hydra's four-line report.
+
+    A job that stops on a user error does not stop the sweep: the others run, and the sweep ends with
+    ``error: 1 of 4 jobs of the sweep failed (#0 distill=kd): <why>``, naming each failed job by its
+    number and the swept values that differ between jobs. Only jobs run in this process (Hydra's basic
+    launcher) are reported so; a launcher's worker processes (``local_gpus``, ``slurm``) keep Hydra's
+    report. Other exceptions (bugs) keep Hydra's report too.
+    """
+
+    def __init__(self) -> None:
+        self._pid: int | None = None
+        self._jobs: list[tuple[int, list[str]]] = []
+        self._failed: list[tuple[int, str]] = []
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._pid, self._jobs, self._failed = os.getpid(), [], []
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if os.getpid() != self._pid:  # a worker process of a launcher: its failure travels back to Hydra
+            return
+        number = int(config.hydra.job.num)
+        self._jobs.append((number, list(job_return.overrides or [])))
+        error = job_return._return_value
+        if job_return.status is JobStatus.FAILED and isinstance(error, SweepJobError):
+            self._failed.append((number, str(error).removeprefix("error: ")))
+            job_return.status, job_return.return_value = JobStatus.COMPLETED, None  # reported at the end
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self._failed:
+            return
+        label = _swept_values(dict(self._jobs))
+        reasons: dict[str, list[int]] = {}
+        for number, reason in self._failed:
+            reasons.setdefault(reason, []).append(number)
+        parts = [f"({', '.join(f'#{n} {label[n]}'.strip() for n in numbers)}): {reason}"
+                 for reason, numbers in reasons.items()]
+        done = len(self._jobs) - len(self._failed)
+        after = (f"the other {done} finished, and the same command again runs only the jobs that did not" if done
+                 else "the same command again reruns them")
+        fail(f"{len(self._failed)} of {len(self._jobs)} jobs of the sweep failed {'; '.join(parts)}; {after}")
+
+
+def _swept_values(jobs: dict[int, list[str]]) -> dict[int, str]:
+    """Each job's overrides whose values differ between the jobs (``distill=kd seed=1``): what names it."""
+    settings = {n: dict(o.split("=", 1) if "=" in o else (o, "") for o in overrides) for n, overrides in jobs.items()}
+    keys = {k for values in settings.values() for k in values}
+    swept = [k for k in sorted(keys) if len({values.get(k) for values in settings.values()}) > 1]
+    return {n: " ".join(f"{k}={values[k]}" for k in swept if k in values) for n, values in settings.items()}
 
 
 def debug_mode() -> bool:
