@@ -132,7 +132,7 @@ def measure(images: int = 256, factor: int = 4, workers: tuple[int, ...] = (2,),
             size: tuple[int, int] = (375, 500), rounds: int = 3) -> dict[str, Any]:
     """The module docstring's figures for ``images`` and ``factor`` x ``images`` generated JPEGs, per worker count:
     per allocator setting, the smallest and largest of ``rounds`` peaks."""
-    from scripts.stream_benchmark import write_photo_folder
+    from distiller.bench.loader_speed import write_photo_folder
 
     result: dict[str, Any] = {"image_size": f"{size[1]}x{size[0]}", "batch_size": batch_size, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
