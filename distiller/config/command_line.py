@@ -13,11 +13,14 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +31,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from common.errors import UserError
+from common.files import atomic_write
 from distiller.config import run_record
 from distiller.config.compose import CONFIG_DIR, compose
 from distiller.config.key_advice import unknown_key_message
@@ -50,42 +54,49 @@ class SweepReport(Callback):
 
     A job that stops on a user error does not stop the sweep: the others run, and the sweep ends with
     ``error: 1 of 4 jobs of the sweep failed (#0 distill=kd): <why>``, naming each failed job by its
-    number and the swept values that differ between jobs. Only jobs run in this process (Hydra's basic
-    launcher) are reported so; a launcher's worker processes (``local_gpus``, ``slurm``) keep Hydra's
-    report. Other exceptions (bugs) keep Hydra's report too.
+    number and the swept values that differ between jobs. Each job, in whatever process its launcher
+    runs it (this one, ``local_gpus``' workers, a SLURM node), leaves a small record in a hidden folder
+    of the sweep directory; the launching process reads them when the sweep ends and removes the
+    folder. Other exceptions (bugs) keep Hydra's report.
     """
 
     def __init__(self) -> None:
-        self._pid: int | None = None
-        self._jobs: list[tuple[int, list[str]]] = []
-        self._failed: list[tuple[int, str]] = []
+        self._records: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._pid, self._jobs, self._failed = os.getpid(), [], []
+        # set before the launcher hands this callback to its jobs (pickled for worker processes)
+        self._records = Path(str(config.hydra.sweep.dir)) / f".job_reports-{os.getpid()}-{time.time_ns()}"
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if os.getpid() != self._pid:  # a worker process of a launcher: its failure travels back to Hydra
+        if self._records is None:  # a single run
             return
-        number = int(config.hydra.job.num)
-        self._jobs.append((number, list(job_return.overrides or [])))
         error = job_return._return_value
-        if job_return.status is JobStatus.FAILED and isinstance(error, SweepJobError):
-            self._failed.append((number, str(error).removeprefix("error: ")))
-            job_return.status, job_return.return_value = JobStatus.COMPLETED, None  # reported at the end
+        failed = job_return.status is JobStatus.FAILED and isinstance(error, SweepJobError)
+        record = {"overrides": list(job_return.overrides or []),
+                  "error": str(error).removeprefix("error: ") if failed else None}
+        self._records.mkdir(parents=True, exist_ok=True)
+        atomic_write(record, self._records / f"{int(config.hydra.job.num)}.json", fmt="json")
+        if failed:  # reported when the sweep ends, so Hydra does not stop at it
+            job_return.status, job_return.return_value = JobStatus.COMPLETED, None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not self._failed:
+        if self._records is None or not self._records.is_dir():
             return
-        label = _swept_values(dict(self._jobs))
+        records = {int(f.stem): json.loads(f.read_text()) for f in self._records.glob("*.json")}
+        shutil.rmtree(self._records, ignore_errors=True)
+        failed = {n: r["error"] for n, r in sorted(records.items()) if r["error"]}
+        if not failed:
+            return
+        label = _swept_values({n: r["overrides"] for n, r in records.items()})
         reasons: dict[str, list[int]] = {}
-        for number, reason in self._failed:
+        for number, reason in failed.items():
             reasons.setdefault(reason, []).append(number)
         parts = [f"({', '.join(f'#{n} {label[n]}'.strip() for n in numbers)}): {reason}"
                  for reason, numbers in reasons.items()]
-        done = len(self._jobs) - len(self._failed)
+        done = len(records) - len(failed)
         after = (f"the other {done} finished, and the same command again runs only the jobs that did not" if done
                  else "the same command again reruns them")
-        fail(f"{len(self._failed)} of {len(self._jobs)} jobs of the sweep failed {'; '.join(parts)}; {after}")
+        fail(f"{len(failed)} of {len(records)} jobs of the sweep failed {'; '.join(parts)}; {after}")
 
 
 def _swept_values(jobs: dict[int, list[str]]) -> dict[int, str]:
