@@ -402,19 +402,17 @@ def test_multirun_makes_one_directory_per_cell_and_relaunch_reruns_nothing(sweep
     assert {p: p.stat().st_mtime_ns for p in watched} == before
 
 
-@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]],
-                         ids=["in this process", "in worker processes"])
-def test_a_job_that_stops_on_a_user_error_is_reported_in_one_line_when_the_sweep_ends(
-        tmp_path: Path, launcher: list[str]) -> None:
+def test_a_job_that_stops_on_a_user_error_is_reported_in_one_line_when_the_sweep_ends(tmp_path: Path) -> None:
     """``-m teacher=resnet8,resnet20`` with only resnet8's teacher trained: the resnet8 job finishes, the
     resnet20 one stops on its missing teacher, and the sweep ends with one line naming it, status 2 (not
-    Hydra's 'Error executing job' report), whether the jobs ran in this process or in a launcher's workers;
-    the same command again skips the finished job. The jobs' records are gone from the sweep folder."""
+    Hydra's 'Error executing job' report). Run first in this process (Hydra's basic launcher), then again
+    by a launcher's worker processes (joblib, as ``local_gpus``), which skip the finished job. The jobs'
+    records are gone from the sweep folder each time."""
     train_tiny_teacher(tmp_path)
-    command = ["-m", *launcher, "teacher=resnet8,resnet20", "student=resnet8", "distill=kd",
-               *tiny_overrides(tmp_path), f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-    for attempt in range(2):
-        result = run_cli("train_student.py", *command)
+    command = ["-m", "teacher=resnet8,resnet20", "student=resnet8", "distill=kd", *tiny_overrides(tmp_path),
+               f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    for attempt, launcher in enumerate([[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]]):
+        result = run_cli("train_student.py", *command, *launcher)
         assert result.returncode == 2, result.stderr[-3000:]
         lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("[")]
         assert len(lines) == 1, result.stderr[-3000:]  # the rest are the jobs' log lines
