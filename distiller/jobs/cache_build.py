@@ -28,11 +28,9 @@ from tqdm import tqdm
 
 from common.errors import UserError
 from common.files import atomic_write
-from datasets import load_dataset
 from datasets.augment import padding_for
 from datasets.base import DataSplits
 from datasets.device_loader import fits_on_device
-from distiller.config.command_line import canonical_model_choices
 from distiller.engine.runtime import Runtime, resolve_device
 from distiller.engine.teacher_cache import (
     CACHE_FORMAT,
@@ -47,7 +45,7 @@ from distiller.engine.teacher_cache import (
     stored_key,
     variant_images,
 )
-from distiller.jobs.evaluate import compose_config, data_overrides, load_checkpoint, model_choice, read_checkpoint
+from distiller.jobs.evaluate import load_on_data
 from distiller.jobs.teachers import verify_teacher
 
 log = logging.getLogger("distiller")
@@ -285,20 +283,9 @@ def cache_teacher_file(path: Path, overrides: list[str], dtype: str, precision: 
                        cache_dir: str | None, rebuild: bool) -> TeacherCache:
     """Build (or find) the cache of the teacher file ``path`` on the training split of ``dataset=`` (else the
     teacher's own): what ``scripts/teachers.py cache`` runs."""
-    overrides = canonical_model_choices(overrides)
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise UserError(f"'{bad[0]}' is not an override; write KEY=VALUE (e.g. model=resnet56, dataset=cifar100)")
-    if not path.is_file():
-        raise UserError(f"teacher file not found: {path}")
-    file = read_checkpoint(path)
-    extra, _ = data_overrides(file.header, overrides)
-    cfg = compose_config([*extra, *overrides])
-    data = load_dataset(cfg.dataset)
-    loaded = load_checkpoint(file, model_choice(overrides, cfg), image_size=data.image_size)
-    if loaded.num_classes != data.num_classes:
-        raise UserError(f"{path} holds a {loaded.num_classes}-class {loaded.arch}, but the {cfg.dataset.name} data "
-                        f"set has {data.num_classes} classes; choose its data set with dataset=NAME")
-    verify_teacher(path, loaded.arch, str(cfg.dataset.name))  # a file changed since it was indexed is refused
-    return ensure_cache(loaded.model, path, data, str(cfg.dataset.name), device=resolve_device(str(cfg.trainer.device)),
-                        dtype=dtype, precision=precision, cache_dir=cache_dir, batch_size=batch_size, rebuild=rebuild)
+    on_data = load_on_data(path, overrides, what="teacher file")
+    dataset, arch = str(on_data.cfg.dataset.name), on_data.loaded.arch
+    verify_teacher(path, arch, dataset)  # a file changed since it was indexed is refused
+    return ensure_cache(on_data.loaded.model, path, on_data.data, dataset,
+                        device=resolve_device(str(on_data.cfg.trainer.device)), dtype=dtype, precision=precision,
+                        cache_dir=cache_dir, batch_size=batch_size, rebuild=rebuild)

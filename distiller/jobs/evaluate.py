@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -243,28 +243,46 @@ def model_choice(overrides: Sequence[str], cfg: Any = None) -> NetworkChoice:
     return node if node.get("source") is not None else str(node["name"])
 
 
-def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Everything the command reports, as one JSON-ready dict."""
-    from common.files import file_sha256
+class CheckpointOnData(NamedTuple):
+    """A checkpoint loaded into its network beside the data set it is to be measured on."""
+
+    overrides: list[str]  # as given, architecture names as registered
+    cfg: Any  # the composed train_teacher config: data set, device, model= as in training
+    data: Any  # the data set's splits
+    data_from: str  # where the data set's settings came from (the checkpoint's record or the command line)
+    loaded: LoadedCheckpoint
+
+
+def load_on_data(path: str | Path, overrides: Sequence[str] = (), what: str = "checkpoint") -> CheckpointOnData:
+    """Read ``path`` (``what`` names it in errors), compose its data set (the one it recorded unless ``dataset=``
+    says otherwise) and load it into its network; a class count the data set does not have is one line."""
     from distiller.config.command_line import canonical_model_choices
-    from distiller.jobs.teachers import published_check, read_index
 
     path = Path(path)
     overrides = canonical_model_choices(list(overrides))
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise UserError(f"'{bad[0]}' is not an override; write KEY=VALUE (e.g. model=resnet56, dataset=synthetic)")
-    check_file(path, "checkpoint")
+    check_file(path, what)
     file = read_checkpoint(path)
     extra, data_from = data_overrides(file.header, overrides)
     cfg = compose_config([*extra, *overrides])  # model= as in training, beside the data set and the device
-    model = model_choice(overrides, cfg)
     data = load_dataset(cfg.dataset)
-    loaded = load_checkpoint(file, model, image_size=data.image_size)
+    loaded = load_checkpoint(file, model_choice(overrides, cfg), image_size=data.image_size)
     if data.num_classes != loaded.num_classes:
         raise UserError(f"{path} holds a {loaded.num_classes}-class {loaded.arch}, but the {cfg.dataset.name} data "
                         f"set has {data.num_classes} classes; choose its data set with dataset=NAME "
                         f"(and dataset.num_classes=)")
+    return CheckpointOnData(overrides, cfg, data, data_from, loaded)
+
+
+def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Everything the command reports, as one JSON-ready dict."""
+    from common.files import file_sha256
+    from distiller.jobs.teachers import published_check, read_index
+
+    path = Path(path)
+    overrides, cfg, data, data_from, loaded = load_on_data(path, overrides)
     precision = _override(overrides, "trainer.precision")
     precision = "fp32" if precision in (None, "auto") else precision
     runtime = Runtime(resolve_device(str(cfg.trainer.device)), precision, channels_last=False, compile=False)
