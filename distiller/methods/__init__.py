@@ -10,8 +10,6 @@ import inspect
 import pkgutil
 from typing import Any, Mapping
 
-from torch import nn
-
 from common.errors import UserError
 from distiller.methods.base import METHODS, BuildContext, DistillMethod, InitPhase, TermContext
 
@@ -28,8 +26,7 @@ def make_method(name: str, params: Mapping[str, Any], key: str = "distill") -> D
     A key the method's constructor does not take, or a value it refuses, is one :class:`UserError`.
     """
     cls = METHODS.get(str(name))
-    # a method without a constructor of its own (KD) takes no keys; nn.Module's accepts any and ignores them
-    accepted = {} if cls.__init__ is nn.Module.__init__ else inspect.signature(cls.__init__).parameters
+    accepted = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
         unknown = [k for k in params if k not in accepted]
         if unknown:

@@ -111,6 +111,9 @@ class DistillMethod(nn.Module):
     # None: no such pass. What it computes there lives in buffers, so checkpoints keep it.
     calibration_features: ClassVar[frozenset[str] | None] = None
 
+    def __init__(self) -> None:  # no keys of its own (KD); nn.Module's own would take and ignore any
+        super().__init__()
+
     def build(self, student: Features[torch.Size], teacher: Features[torch.Size], ctx: BuildContext) -> None:
         """Create trainable helpers from probed feature shapes. Default: nothing to build."""
 
