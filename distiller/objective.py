@@ -139,6 +139,10 @@ class Objective(nn.Module):
     def teacher_bn_train(self) -> bool:
         return any(m.method.teacher_bn_train for m in self.active())
 
+    def views(self) -> list[str]:
+        """The extra augmented views of each batch the active methods read (both networks run on each)."""
+        return sorted({view for m in self.active() for view in m.method.views})
+
     def phases(self) -> list[InitPhase]:
         return [phase for m in self.entries for phase in m.method.phases()]
 

@@ -68,11 +68,6 @@ def cache_refusal(objective: Objective, data: Any, teacher_file: Path | None) ->
     return None
 
 
-def live_views(objective: Objective) -> list[str]:
-    """The extra views the methods read: drawn at random each step, the teacher runs live on them."""
-    return sorted({view for entry in objective.active() for view in entry.method.views})
-
-
 def open_run_cache(settings: TeacherConfig, objective: Objective, data: Any, teacher: nn.Module,
                    teacher_file: Path | None, dataset: str, runtime: Runtime,
                    progress: bool = True) -> TeacherCache | None:
@@ -91,7 +86,7 @@ def open_run_cache(settings: TeacherConfig, objective: Objective, data: Any, tea
     cache = ensure_cache(teacher, teacher_file, data, dataset, device=runtime.device, dtype=settings.cache_dtype,
                          precision=BUILD_PRECISION, cache_dir=settings.cache_dir, progress=progress)
     cache = cache.to(runtime.device)
-    views = live_views(objective)
+    views = objective.views()  # drawn at random each step: the teacher runs live on them
     log.info("teacher logits from the cache %s (%s, %s, on %s)%s", cache.path,
              "built now" if cache.built else "found", cache.key.dtype, cache.logits.device,
              f"; the teacher runs live on the random {', '.join(views)} view(s)" if views else "")

@@ -72,7 +72,7 @@ def assemble(job: Any, run_dir: Path, record: dict[str, Any], runtime: Runtime, 
     checkpointer and the run log, handed to a :class:`Trainer`. ``teacher_cache``: the teacher's logits
     the step reads instead of its forward (:mod:`distiller.jobs.run_cache`)."""
     step = build_step(student, teacher, objective, data, runtime, job.trainer.epochs, teacher_cache)
-    views = sorted({v for entry in objective.active() for v in entry.method.views})
+    views = objective.views()
     shard = dict(device=runtime.device, rank=runtime.rank, world_size=runtime.world_size,
                  channels_last=runtime.channels_last)
     calibrates = any(e.method.calibration_features is not None for e in objective.entries)
