@@ -6,7 +6,7 @@ the library's model with ``num_classes`` from the data set, optionally with a CI
 (``cifar_stem``: the first convolution becomes 3x3 stride 1, the max-pool before the first
 stage is dropped) and the library's own weights file (``weights``: matching tensors load, the
 classifier and a replaced stem keep their fresh initialisation: :mod:`models.external_adapt`). Its
-features come from the node's ``taps`` (module paths, :mod:`models.taps`) over an inference for the
+features come from the node's ``features`` (module paths, :mod:`models.features`) over an inference for the
 family (:mod:`models.external_families`); channels and reductions are measured, so the network ends up with the
 same ``feature_info`` vocabulary as a zoo model and every method runs on it unchanged.
 timm is optional and imported only when a ``timm`` network is built.
@@ -28,8 +28,8 @@ from common.errors import UserError
 from common.registry import Registry
 from models.external_adapt import cifar_stem_conv, drop_stem_pool, load_library_weights
 from models.external_families import generic_declaration, timm_declaration
-from models.taps import (
-    TapDeclaration,
+from models.features import (
+    FeatureDeclaration,
     describe_features,
     undeclared_kinds,
 )
@@ -38,17 +38,17 @@ log = logging.getLogger("models")
 
 # keys of an external network's config node that are not constructor arguments: the schema's
 # (distiller/config/schema.py ExternalTeacherConfig; tests/test_external_networks.py checks that it lists them all)
-CONFIG_KEYS = frozenset({"source", "name", "lr", "ckpt", "published_top1", "verify", "cifar_stem", "weights", "taps",
-                         "_target_", "cache", "cache_dir", "cache_dtype",
+CONFIG_KEYS = frozenset({"source", "name", "lr", "ckpt", "published_top1", "verify", "cifar_stem", "weights",
+                         "features", "_target_", "cache", "cache_dir", "cache_dtype",
                          "extra"})  # extra: where a converted node keeps the constructor's arguments
 
 
 @dataclass(frozen=True)
 class NetworkSource:
-    """Where a network comes from: how to build it by name and how to infer its taps."""
+    """Where a network comes from: how to build it by name and how to infer its features."""
 
     create: Callable[[Mapping[str, Any], int, str], nn.Module]  # (config node, num_classes, role) -> network
-    infer: Callable[[nn.Module, Sequence[int]], TapDeclaration]  # (network, probe input size) -> declaration
+    infer: Callable[[nn.Module, Sequence[int]], FeatureDeclaration]  # (network, probe input size) -> declaration
 
 
 SOURCES: Registry[NetworkSource] = Registry("network source")
@@ -94,8 +94,8 @@ def build_network(node: Mapping[str, Any], num_classes: int, image_size: Sequenc
     source = SOURCES.get(str(node["source"]))
     input_size = (2, 3, *(int(s) for s in image_size))
     model = source.create(node, num_classes, role)
-    taps = _plain(node.get("taps"))
-    declare = lambda: source.infer(model, input_size).merged(taps, f"{role}.taps")
+    declared = _plain(node.get("features"))
+    declare = lambda: source.infer(model, input_size).merged(declared, f"{role}.features")
     replaced: set[str] = set()
     if node.get("cifar_stem"):
         replaced.add(cifar_stem_conv(model, input_size, label))
@@ -106,13 +106,13 @@ def build_network(node: Mapping[str, Any], num_classes: int, image_size: Sequenc
         decl = declare()
     if node.get("weights"):
         load_library_weights(model, Path(str(node["weights"])), f"{role}.weights", replaced)
-    infos, logits = describe_features(model, decl, f"{role}.taps", label, input_size)
+    infos, logits = describe_features(model, decl, f"{role}.features", label, input_size)
     if tuple(logits.shape) != (input_size[0], num_classes):
         raise UserError(f"{role} {label} outputs {list(logits.shape)} for a batch of {input_size[0]}, but the data "
                         f"set has {num_classes} classes; give its constructor a num_classes argument (it is then "
                         "passed automatically) or make its classifier that wide")
     model.feature_info = infos
-    model.undeclared_taps = undeclared_kinds(decl)
+    model.undeclared_features = undeclared_kinds(decl)
     return model
 
 

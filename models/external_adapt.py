@@ -18,9 +18,9 @@ from torch import nn
 from common.errors import UserError
 from common.torch_files import not_a_torch_file
 from models.external_families import last_linear
-from models.taps import (
+from models.features import (
     INPUT_SUFFIX,
-    probe_taps,
+    probe_features,
 )
 
 log = logging.getLogger("models")
@@ -38,7 +38,7 @@ def _forward_order(model: nn.Module, input_size: Sequence[int]) -> list[str]:
     handles = [m.register_forward_hook(lambda mod, a, o, n=n: order.append(n) if n not in order else None)
                for n, m in leaves]
     try:
-        probe_taps(model, {}, "cifar_stem", type(model).__name__, input_size)
+        probe_features(model, {}, "cifar_stem", type(model).__name__, input_size)
     finally:
         for handle in handles:
             handle.remove()
@@ -65,7 +65,7 @@ def cifar_stem_conv(model: nn.Module, input_size: Sequence[int], label: str) -> 
 
 
 def drop_stem_pool(model: nn.Module, input_size: Sequence[int], first_stage: str | None) -> bool:
-    """Replace the max-pools that run before the first stage (``first_stage``, a tap path) by identities.
+    """Replace the max-pools that run before the first stage (``first_stage``, a feature path) by identities.
 
     Without declared stages, a max-pool that runs before the second convolution counts as the stem's.
     Returns whether one was dropped.

@@ -1,6 +1,6 @@
 """Where the features of a library network are, by family: torchvision ResNet/MobileNet/EfficientNet/ConvNeXt,
 timm's own ``feature_info``, a network's zoo-style ``feature_info``, or, for any other network, its embedding
-(the last Linear's input) and the input of its last global pool. A config node's ``taps`` override these.
+(the last Linear's input) and the input of its last global pool. A config node's ``features`` override these.
 """
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ from typing import Callable, Mapping, Sequence
 from torch import nn
 
 from common.registry import Registry
-from models.taps import (
+from models.features import (
     INPUT_SUFFIX,
     SAME,
-    TapDeclaration,
+    FeatureDeclaration,
     declaration_of,
-    probe_taps,
+    probe_features,
 )
 
 # inferred features per network class (``module.qualname``), for the families common enough to know
-FAMILIES: Registry[Callable[[nn.Module, Sequence[int]], TapDeclaration]] = Registry("network family")
+FAMILIES: Registry[Callable[[nn.Module, Sequence[int]], FeatureDeclaration]] = Registry("network family")
 
 
 def last_linear(model: nn.Module) -> str | None:
@@ -36,7 +36,7 @@ def _global_pool_input(model: nn.Module) -> str | None:
     return f"{names[-1]}{INPUT_SUFFIX}" if names else None
 
 
-def generic_declaration(model: nn.Module, input_size: Sequence[int]) -> TapDeclaration:
+def generic_declaration(model: nn.Module, input_size: Sequence[int]) -> FeatureDeclaration:
     """What any network has: its own zoo-style ``feature_info``, or else the embedding (the last Linear's input)
     and the input of its last global pool."""
     own = getattr(model, "feature_info", None)
@@ -45,14 +45,14 @@ def generic_declaration(model: nn.Module, input_size: Sequence[int]) -> TapDecla
     family = f"{type(model).__module__}.{type(model).__qualname__}"
     if family in FAMILIES:
         return with_pool_input(FAMILIES.get(family)(model, input_size), model)
-    why = f"taps of {type(model).__name__} are not inferred"
+    why = f"features of {type(model).__name__} are not inferred"
     linear = last_linear(model)
-    return with_pool_input(TapDeclaration(
+    return with_pool_input(FeatureDeclaration(
         embedding=f"{linear}{INPUT_SUFFIX}" if linear else None,
         gaps={"stem": why, "stages": why, "preact": why, "embedding": "it has no Linear layer"}), model)
 
 
-def with_pool_input(decl: TapDeclaration, model: nn.Module) -> TapDeclaration:
+def with_pool_input(decl: FeatureDeclaration, model: nn.Module) -> FeatureDeclaration:
     """``decl`` with the input of the network's global pool as ``pool_input`` (a gap when it has none)."""
     if decl.pool_input is not None:
         return decl
@@ -62,7 +62,7 @@ def with_pool_input(decl: TapDeclaration, model: nn.Module) -> TapDeclaration:
     return replace(decl, gaps={**decl.gaps, "pool_input": f"{type(model).__name__} has no global pooling module"})
 
 
-def _torchvision_resnet(model: nn.Module, input_size: Sequence[int]) -> TapDeclaration:
+def _torchvision_resnet(model: nn.Module, input_size: Sequence[int]) -> FeatureDeclaration:
     """torchvision ResNet/ResNeXt/Wide ResNet: stem after the first ReLU, ``layer1..4``, the ``fc`` input.
 
     Its blocks apply one in-place ReLU to every activation, so the last block of each stage is given a
@@ -80,9 +80,9 @@ def _torchvision_resnet(model: nn.Module, input_size: Sequence[int]) -> TapDecla
         preact.append(f"{stage}.{name}.relu_out{INPUT_SUFFIX}" if bn else None)
         bns.append(f"{stage}.{name}.{bn}" if bn else None)
     if None in preact:  # a block class of the user's own: its forward is unknown
-        return TapDeclaration(stem="relu", stages=stages, embedding="fc@in",
+        return FeatureDeclaration(stem="relu", stages=stages, embedding="fc@in",
                               gaps={"preact": "its blocks are not torchvision's BasicBlock/Bottleneck"})
-    return TapDeclaration(stem="relu", stages=stages, embedding="fc@in", preact=tuple(preact), bn=tuple(bns))
+    return FeatureDeclaration(stem="relu", stages=stages, embedding="fc@in", preact=tuple(preact), bn=tuple(bns))
 
 
 def _feature_stages(model: nn.Module, input_size: Sequence[int], head: bool) -> list[str]:
@@ -93,7 +93,7 @@ def _feature_stages(model: nn.Module, input_size: Sequence[int], head: bool) -> 
     units = [f"features.{name}" for name, _ in model.features.named_children()][1:]
     if head:
         units = units[:-1]
-    seen, _ = probe_taps(model, {u: (u, False) for u in units}, "taps", type(model).__name__, input_size)
+    seen, _ = probe_features(model, {u: (u, False) for u in units}, "features", type(model).__name__, input_size)
     sizes = [tuple(seen[u].tensor.shape[-2:]) for u in units]
     return [u for i, u in enumerate(units) if i == len(units) - 1 or sizes[i + 1] != sizes[i]]
 
@@ -103,21 +103,21 @@ def _last_batchnorm(model: nn.Module, path: str) -> str | None:
     return f"{path}.{names[-1]}" if names else None
 
 
-def _torchvision_mobile(model: nn.Module, input_size: Sequence[int]) -> TapDeclaration:
+def _torchvision_mobile(model: nn.Module, input_size: Sequence[int]) -> FeatureDeclaration:
     """torchvision MobileNetV2/V3 and EfficientNet: ``features.0`` stem, one stage per resolution, linear block outputs.
 
     Each stage ends in a block whose output is a BatchNorm (plus the residual), so the map is its own
     pre-activation and that BatchNorm the one before it.
     """
     stages = _feature_stages(model, input_size, head=True)
-    return TapDeclaration(stem="features.0", stages=tuple(stages), embedding="classifier@in", preact=SAME,
+    return FeatureDeclaration(stem="features.0", stages=tuple(stages), embedding="classifier@in", preact=SAME,
                           bn=tuple(_last_batchnorm(model, s) for s in stages))
 
 
-def _torchvision_convnext(model: nn.Module, input_size: Sequence[int]) -> TapDeclaration:
+def _torchvision_convnext(model: nn.Module, input_size: Sequence[int]) -> FeatureDeclaration:
     """torchvision ConvNeXt: patchify stem, the four block groups, the classifier's Linear input (after its norm)."""
     stages = _feature_stages(model, input_size, head=False)
-    return TapDeclaration(stem="features.0", stages=tuple(stages), embedding=f"{last_linear(model)}@in",
+    return FeatureDeclaration(stem="features.0", stages=tuple(stages), embedding=f"{last_linear(model)}@in",
                           preact=SAME)
 
 
@@ -128,7 +128,7 @@ for _name, _infer in (("resnet.ResNet", _torchvision_resnet), ("mobilenetv2.Mobi
     FAMILIES.add(f"torchvision.models.{_name}", _infer)
 
 
-def timm_declaration(model: nn.Module, input_size: Sequence[int]) -> TapDeclaration:
+def timm_declaration(model: nn.Module, input_size: Sequence[int]) -> FeatureDeclaration:
     """timm's own ``feature_info``: a first entry at reduction <= 2 is the stem (else a ``stem`` module), the rest
     the stages; the embedding is the input of ``get_classifier()``."""
     entries = [dict(e) for e in getattr(model, "feature_info", None) or [] if isinstance(e, Mapping)]
@@ -142,6 +142,6 @@ def timm_declaration(model: nn.Module, input_size: Sequence[int]) -> TapDeclarat
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     path = next((n for n, m in model.named_modules() if m is classifier and n), last_linear(model))
     why = "timm's feature_info names no pre-activation maps"
-    return with_pool_input(TapDeclaration(stem=stem, stages=tuple(str(e["module"]) for e in entries),
+    return with_pool_input(FeatureDeclaration(stem=stem, stages=tuple(str(e["module"]) for e in entries),
                           embedding=f"{path}{INPUT_SUFFIX}" if path else None,
                           gaps={"stem": "timm's feature_info names no stem", "preact": why}), model)

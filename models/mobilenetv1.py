@@ -36,7 +36,7 @@ def _stem(out: int, tapped: bool) -> nn.Sequential:
 
 
 def _separable(inp: int, out: int, stride: int, tapped: bool) -> nn.Sequential:
-    """3x3 depthwise conv-BN-ReLU, 1x1 pointwise conv-BN-ReLU; the last ReLU is out of place where it is a tap."""
+    """3x3 depthwise conv-BN-ReLU, 1x1 pointwise conv-BN-ReLU; the last ReLU is out of place at a stage end."""
     return nn.Sequential(
         nn.Conv2d(inp, inp, 3, stride, 1, groups=inp, bias=False),
         nn.BatchNorm2d(inp),

@@ -1,6 +1,6 @@
 """A network of the tests' own, built by import path (``teacher=module teacher._target_=tests.external_nets.TinyNet``).
 
-It declares no ``feature_info``: its taps come from the config, as a user's network's would. Every
+It declares no ``feature_info``: its features come from the config, as a user's network's would. Every
 activation is its own module, and the stage-final ones are not in place, so the pre-activation
 maps (the input of ``act``) can be tapped too.
 """
@@ -40,14 +40,14 @@ class TinyNet(nn.Module):
         return self.head(self.pool(x).flatten(1))
 
 
-# the taps of TinyNet written as a config's ``taps`` node
-TINY_TAPS = {"stem": "stem", "stages": ["stage1", "stage2", "stage3"], "embedding": "head@in",
-             "preact": ["stage1.act@in", "stage2.act@in", "stage3.act@in"],
-             "bn": ["stage1.bn", "stage2.bn", "stage3.bn"]}
+# the features of TinyNet written as a config's ``features`` node
+TINY_FEATURES = {"stem": "stem", "stages": ["stage1", "stage2", "stage3"], "embedding": "head@in",
+                 "preact": ["stage1.act@in", "stage2.act@in", "stage3.act@in"],
+                 "bn": ["stage1.bn", "stage2.bn", "stage3.bn"]}
 
 
 def bare_resnet56(num_classes: int = 100) -> nn.Module:
-    """The zoo's resnet56 without its ``feature_info``: every tap then has to come from the config."""
+    """The zoo's resnet56 without its ``feature_info``: every feature then has to come from the config."""
     from models import build_model
 
     model = build_model("resnet56", num_classes=num_classes)

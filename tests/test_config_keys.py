@@ -101,6 +101,13 @@ def test_no_plus_advice_where_a_plus_would_be_ignored_or_refused(capsys, overrid
     assert all(w in line for w in words) and "+" not in line, line
 
 
+def test_a_renamed_key_names_its_new_name(capsys):
+    """``taps`` (an outside network's feature paths) became ``features``: the old key says so."""
+    line = preflight_line(capsys, "train_student", ["student=torchvision", "student.name=resnet18",
+                                                    "student.taps.stem=conv1"])
+    assert "'student.taps.stem' was renamed; use student.features.stem" in line, line
+
+
 def test_plus_advice_for_an_outside_networks_argument_and_following_it_takes_effect(capsys, compose):
     from models.external import build_network
 

@@ -5,7 +5,7 @@ teacher and as student against the zoo's resnet8 for kd, fitnet, at, crd, dkd an
 on one fixed batch, in float64 with BatchNorm fixed to the batch's statistics, one backtracked
 gradient step lowers the method's loss (``helpers.assert_gradient_step_descends``). The hooked
 features are compared with the modules' outputs computed by calling the modules one by one in
-the test; the taps of the zoo's resnet56, written out as a config declaration, give exactly its
+the test; the features of the zoo's resnet56, written out as a config declaration, give exactly its
 built-in ``feature_info``. Every bad declaration ends in one line naming the key. CPU, no network,
 no downloads (torchvision models are built with ``weights=None``, timm's with ``pretrained=False``).
 """
@@ -43,19 +43,19 @@ from distiller.methods import METHODS, BuildContext, TermContext, make_method
 from distiller.methods.crd import CONTRAST_IDX_KEY
 from models import build_model
 from models.external import CONFIG_KEYS, build_network, command_line_choice, label_choice, network_label
-from models.taps import check_taps
+from models.features import check_features
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES, N_DATA, TEST_K, B = 8, 128, 64, 4
 TRAIN_LABELS = torch.arange(N_DATA) % NUM_CLASSES
 TINY = "tests.external_nets.TinyNet"
-TINY_TAPS = {"stem": "stem", "stages": ["stage1", "stage2", "stage3"], "embedding": "head@in",
+TINY_FEATURES = {"stem": "stem", "stages": ["stage1", "stage2", "stage3"], "embedding": "head@in",
              "preact": ["stage1.act@in", "stage2.act@in", "stage3.act@in"],
              "bn": ["stage1.bn", "stage2.bn", "stage3.bn"]}
 NETWORKS = {
     "tv_resnet18": {"source": "torchvision", "name": "resnet18", "cifar_stem": True},
     "tv_mobilenet_v3_small": {"source": "torchvision", "name": "mobilenet_v3_small", "cifar_stem": True},
-    "tinynet": {"source": "module", "name": TINY, "_target_": TINY, "taps": TINY_TAPS},
+    "tinynet": {"source": "module", "name": TINY, "_target_": TINY, "features": TINY_FEATURES},
 }
 METHOD_NAMES = ["kd", "fitnet", "at", "crd", "dkd", "ft"]
 ZOO = "resnet8"
@@ -112,19 +112,32 @@ def test_pinned_command_lines_compose_and_validate(compose, tmp_path: Path) -> N
     assert job.teacher.ckpt == str(tmp_path / "teachers" / f"{network_label(trained.model)}.pt")
     assert job.teacher.ckpt.endswith("torchvision-resnet18.pt")
     own = validate(compose("train_student", ["teacher=module", f"teacher._target_={TINY}", "+teacher.width=4",
-                                             "teacher.taps.stem=stem", "teacher.taps.stages=[stage1,stage2]",
-                                             "teacher.taps.embedding=head@in", *tiny]))
-    assert own.teacher.name == TINY and own.teacher.width == 4 and list(own.teacher.taps.stages) == ["stage1", "stage2"]
+                                             "teacher.features.stem=stem", "teacher.features.stages=[stage1,stage2]",
+                                             "teacher.features.embedding=head@in", *tiny]))
+    assert own.teacher.name == TINY and own.teacher.width == 4
+    assert list(own.teacher.features.stages) == ["stage1", "stage2"]
     zoo = validate(compose("train_student", ["teacher=resnet56", *tiny]))
     assert set(zoo.teacher.keys()) == {"name", "lr", "ckpt", "published_top1", "verify", "cache", "cache_dir",
                                        "cache_dtype"}  # zoo nodes take no constructor arguments
+
+
+def test_a_pool_input_declared_on_the_command_line_replaces_the_inferred_one(compose, tmp_path: Path) -> None:
+    """TinyNet's global pool (``pool``) is found by itself; ``features.pool_input`` names another module."""
+    base = ["student=module", f"student._target_={TINY}", *tiny_overrides(tmp_path)]
+    pool_of = lambda overrides: next(i for i in build_network(validate(compose("train_student", overrides)).student,
+                                                               NUM_CLASSES, role="student").feature_info
+                                     if i.name == "pool_input")
+    inferred = pool_of(base)
+    declared = pool_of([*base, "student.features.pool_input=stage3.act"])
+    assert (inferred.module, inferred.module_input) == ("pool", True)
+    assert (declared.module, declared.module_input, declared.channels) == ("stage3.act", False, 32)
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["teacher=torchvision"], "teacher=torchvision needs teacher.name="),
     (["student=module"], "student=module needs student._target_="),
     (["teacher=resnet56", "+teacher.width=2"], "config key 'teacher.width' does not exist"),  # zoo nodes stay strict
-    (["teacher=torchvision", "teacher.name=resnet18", "+teacher.taps.stemm=conv1"], "teacher.taps.stemm"),
+    (["teacher=torchvision", "teacher.name=resnet18", "+teacher.features.stemm=conv1"], "teacher.features.stemm"),
     (["teacher=torchvision", "teacher.name=resnet18", "teacher.cifar_stem=maybe"], "teacher.cifar_stem"),
 ])
 def test_bad_external_nodes_are_one_line_errors(compose, tmp_path: Path, overrides: list, message: str) -> None:
@@ -147,16 +160,16 @@ def test_an_external_network_never_takes_a_zoo_pairs_settings(compose, tmp_path:
     assert apply_pair_settings(timm_cfg) == []
 
 
-# --------------------------------------------------------------------------- taps
-def test_declared_taps_of_a_zoo_model_give_its_feature_info() -> None:
-    """resnet56's taps written out by module path (the CIFAR ResNet's facts) on a copy that declares none."""
+# --------------------------------------------------------------------------- features
+def test_declared_features_of_a_zoo_model_give_its_feature_info() -> None:
+    """resnet56's features written out by module path (the CIFAR ResNet's facts) on a copy that declares none."""
     declared = {"stem": "relu", "stages": ["layer1", "layer2", "layer3"], "embedding": "fc@in", "pool_input": "pool@in",
                 "preact": ["layer1.8.relu_out@in", "layer2.8.relu_out@in", "layer3.8.relu_out@in"],
                 "bn": ["layer1.8.bn2", "layer2.8.bn2", "layer3.8.bn2"], "reductions": [1, 2, 4]}
     built = build_network({"source": "module", "name": "bare", "_target_": "tests.external_nets.bare_resnet56",
-                           "taps": declared}, 100)
+                           "features": declared}, 100)
     assert built.feature_info == build_model("resnet56").feature_info
-    assert built.undeclared_taps == {}
+    assert built.undeclared_features == {}
 
 
 def _direct_resnet18(m: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -223,45 +236,48 @@ def test_hooked_features_equal_the_modules_outputs(key: str) -> None:
     assert [i.reduction for i in stage_infos] == [32 // f.shape[-1] for f in direct[1:-1]]
 
 
-@pytest.mark.parametrize("taps, message", [
-    ({"stages": ["stage1", "stage9", "stage3"]}, r"student.taps.stages\[1\]='stage9' is not a module of"),
+@pytest.mark.parametrize("declared, message", [
+    ({"stages": ["stage1", "stage9", "stage3"]}, r"student.features.stages\[1\]='stage9' is not a module of"),
     ({"stages": ["stage2", "stage1", "stage3"]}, r"stages must be in forward order .* stages\[1\]='stage1'"),
     ({"stages": ["stage1", "stage2", "stage3"], "reductions": [1, 1, 4]},
-     r"student.taps.reductions\[1\]=1 but stages\[1\]='stage2' reduces the resolution by 2"),
-    ({"embedding": "pool"}, r"student.taps.embedding='pool' gives a \[2, 32, 1, 1\] tensor .* not a \[B, D\] vector"),
-    ({"stages": ["stage1", "stage2"], "preact": ["stage1.act@in"]}, r"student.taps.preact has 1 entries"),
-    ({"stages": ["stage1"], "bn": ["stage1.conv"]}, r"student.taps.bn\[0\]='stage1.conv' is a Conv2d, not a BatchNorm"),
-    ({"stemm": "stem"}, r"student.taps.stemm is not a tap key"),
+     r"student.features.reductions\[1\]=1 but stages\[1\]='stage2' reduces the resolution by 2"),
+    ({"embedding": "pool"},
+     r"student.features.embedding='pool' gives a \[2, 32, 1, 1\] tensor .* not a \[B, D\] vector"),
+    ({"stages": ["stage1", "stage2"], "preact": ["stage1.act@in"]}, r"student.features.preact has 1 entries"),
+    ({"stages": ["stage1"], "bn": ["stage1.conv"]},
+     r"student.features.bn\[0\]='stage1.conv' is a Conv2d, not a BatchNorm"),
+    ({"stemm": "stem"}, r"student.features.stemm is not a features key"),
 ])
-def test_bad_tap_declarations_are_one_line_errors(taps: dict, message: str) -> None:
-    node = {"source": "module", "name": TINY, "_target_": TINY, "taps": taps}
+def test_bad_feature_declarations_are_one_line_errors(declared: dict, message: str) -> None:
+    node = {"source": "module", "name": TINY, "_target_": TINY, "features": declared}
     with pytest.raises(UserError, match=message) as err:
         build_network(node, NUM_CLASSES, role="student")
     assert "\n" not in str(err.value)
 
 
-def test_a_shared_or_in_place_activation_cannot_be_a_tap() -> None:
+def test_a_shared_or_in_place_activation_cannot_be_a_feature() -> None:
     """torchvision's BasicBlock calls one in-place ReLU twice (the first block of a stage keeps it; the last
-    gets its own final ReLU): its input is no pre-activation tap."""
-    node = {**NETWORKS["tv_resnet18"], "taps": {"preact": [f"layer{i}.0.relu@in" for i in (1, 2, 3, 4)]}}
-    with pytest.raises(UserError, match=r"teacher.taps.preact\[0\]='layer1.0.relu@in' runs 2 times"):
+    gets its own final ReLU): its input is no pre-activation map."""
+    node = {**NETWORKS["tv_resnet18"], "features": {"preact": [f"layer{i}.0.relu@in" for i in (1, 2, 3, 4)]}}
+    with pytest.raises(UserError, match=r"teacher.features.preact\[0\]='layer1.0.relu@in' runs 2 times"):
         build_network(node, NUM_CLASSES, role="teacher")
 
 
-def test_a_method_needing_a_tap_the_network_lacks_names_both(compose, tmp_path: Path) -> None:
+def test_a_method_needing_a_feature_the_network_lacks_names_both(compose, tmp_path: Path) -> None:
     from distiller.jobs.train import distill
 
-    cfg = compose("train_student", ["teacher=module", f"teacher._target_={TINY}", "teacher.taps.stem=stem",
-                                    "teacher.taps.stages=[stage1,stage2,stage3]", "teacher.taps.embedding=head@in",
+    cfg = compose("train_student", ["teacher=module", f"teacher._target_={TINY}", "teacher.features.stem=stem",
+                                    "teacher.features.stages=[stage1,stage2,stage3]",
+                                    "teacher.features.embedding=head@in",
                                     "student=resnet8", "distill=ab", *tiny_overrides(tmp_path)])
     with pytest.raises(UserError, match=r"method 'ab' needs the teacher's stages_preact features, but teacher "
-                                        rf"module-{TINY} has none .*teacher.taps.preact="):
+                                        rf"module-{TINY} has none .*teacher.features.preact="):
         distill(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "config.yaml").exists()
-    tiny = build_network({"source": "module", "name": TINY, "_target_": TINY}, NUM_CLASSES)  # no taps declared
-    with pytest.raises(UserError, match=r"method 'fitnet' needs the student's stages features.*student.taps.stages="):
-        check_taps(tiny, "student", "module-TinyNet", {"fitnet": METHODS.get("fitnet").student_features})
-    check_taps(tiny, "student", "module-TinyNet", {"kd": frozenset(), "crd": frozenset({EMBEDDING})})
+    tiny = build_network({"source": "module", "name": TINY, "_target_": TINY}, NUM_CLASSES)  # no features declared
+    with pytest.raises(UserError, match=r"'fitnet' needs the student's stages features.*student.features.stages="):
+        check_features(tiny, "student", "module-TinyNet", {"fitnet": METHODS.get("fitnet").student_features})
+    check_features(tiny, "student", "module-TinyNet", {"kd": frozenset(), "crd": frozenset({EMBEDDING})})
 
 
 def test_other_bad_networks_are_one_line_errors(monkeypatch) -> None:
@@ -272,8 +288,8 @@ def test_other_bad_networks_are_one_line_errors(monkeypatch) -> None:
         ({"source": "module", "name": "x", "_target_": "tests.external_nets.NoSuchNet"}, r"has no attribute"),
         ({"source": "module", "name": TINY, "_target_": TINY, "width": "wide"}, r"building .*TinyNet failed"),
         ({"source": "module", "name": "x", "_target_": "torch.nn.Identity"}, r"outputs \[2, 3, 32, 32\] .* 8 classes"),
-        ({"source": "module", "name": TINY, "_target_": TINY, "taps": {"stages": "stage1"}},
-         r"teacher.taps.stages must be a list"),
+        ({"source": "module", "name": TINY, "_target_": TINY, "features": {"stages": "stage1"}},
+         r"teacher.features.stages must be a list"),
     ]
     for node, message in cases:
         with pytest.raises(UserError, match=message) as err:
@@ -351,7 +367,7 @@ def _pair(key: str, external_role: str) -> tuple[nn.Module, nn.Module]:
     return (network(key), zoo) if external_role == "teacher" else (zoo, network(key))
 
 
-# every method of the issue on every network; AB and OFD (pre-activation taps) on torchvision's ResNet
+# every method of the issue on every network; AB and OFD (pre-activation maps) on torchvision's ResNet
 METHOD_CASES = [(n, k) for n in METHOD_NAMES for k in NETWORKS] + [("ab", "tv_resnet18"), ("ofd", "tv_resnet18")]
 
 
@@ -409,7 +425,7 @@ def test_method_step_lowers_the_loss(name: str, key: str, external_role: str) ->
 
 
 # --------------------------------------------------------------------------- timm (optional)
-def test_timm_network_taps_follow_its_feature_info() -> None:
+def test_timm_network_features_follow_its_feature_info() -> None:
     """timm's resnet10t with a CIFAR stem: stem, four stages and the embedding equal timm's own
     forward_features / forward_head(pre_logits=True), which compute them without our hooks."""
     pytest.importorskip("timm")

@@ -373,7 +373,7 @@ def test_vid_regressor_structure_and_initial_variance():
 
 # --------------------------------------------------------------------------- logits methods
 
-def test_kd_taps_nothing_and_its_term_is_kd_at_the_step_temperature():
+def test_kd_reads_no_features_and_its_term_is_kd_at_the_step_temperature():
     kd = METHODS.get("kd")()
     assert not kd.student_features and not kd.teacher_features and kd.logit_terms
     z_s, z_t = torch.randn(2, 5, generator=generator(3)), torch.randn(2, 5, generator=generator(4))

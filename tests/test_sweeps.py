@@ -489,7 +489,6 @@ class RecordingExecutor(AutoExecutor):
 
 submitit.AutoExecutor = RecordingExecutor
 sys.argv = [script, *argv]
-sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script` would
 runpy.run_path(script, run_name="__main__")
 '''
 

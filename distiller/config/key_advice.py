@@ -23,6 +23,8 @@ from distiller.config.key_scope import option_error
 from distiller.config.schema import SCHEMAS
 from distiller.config.validation import check_before_start
 
+RENAMED = {"taps": "features"}  # keys of an earlier release -> their names now (an outside network's features)
+
 
 def unknown_key_message(config_name: str | None, overrides: list[str], key: str) -> str:
     """One line for an override of ``key`` that Hydra refused because ``key`` is not in the config
@@ -31,6 +33,8 @@ def unknown_key_message(config_name: str | None, overrides: list[str], key: str)
     rest = [o for o in overrides if _key_of(o) != key]
     cfg = _composed(config_name, rest)
     parts = key.split(".")
+    if any(p in RENAMED for p in parts):
+        return f"config key '{key}' was renamed; use {'.'.join(RENAMED.get(p, p) for p in parts)}"
     parent = _node(cfg, parts[:-1])
     if not isinstance(parent, DictConfig):
         return f"config key '{key}' does not exist; check the spelling"

@@ -101,8 +101,11 @@ class TeacherConfig(ModelConfig):
 
 
 @dataclass
-class TapsConfig(ConfigNode):
-    """Where an external network's features are, by module path (``path``; ``path@in``: its input): models/taps.py."""
+class FeaturesConfig(ConfigNode):
+    """Where an external network's features are, by module path (``path``; ``path@in``: its input).
+
+    Read by :meth:`models.features.FeatureDeclaration.merged`.
+    """
 
     stem: str | None = key(None)
     stages: List[str] | None = key(None)  # in forward order, reductions non-decreasing
@@ -110,6 +113,7 @@ class TapsConfig(ConfigNode):
     preact: Any = key(None)  # per stage, the map before its final activation; or "same" (stages end without one)
     bn: List[Any] | None = key(None)  # per stage, the BatchNorm producing the pre-activation map (OFD)
     reductions: List[int] | None = key(None)  # input size / stage map size, checked against the measured ones
+    pool_input: str | None = key(None)  # the map the global pool averages into the embedding (SDD, CAT-KD)
 
 
 @dataclass
@@ -122,7 +126,7 @@ class ExternalKeys(ConfigNode):
     source: str = key(choices=tuple(SOURCES.names()))  # models.external.SOURCES
     cifar_stem: bool = key(False)  # first conv 3x3 stride 1, no max-pool before the first stage (32 px inputs)
     weights: str | None = key(None, path=True)  # the library's weights file, loaded before training (never downloaded)
-    taps: TapsConfig = field(default_factory=TapsConfig)  # over the taps inferred for the family
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)  # over the features inferred for the family
     _target_: str | None = key(None)  # module: import path of the network's class or builder
     extra: Dict[str, Any] = key({})  # the constructor's keyword arguments (+model.width=2)
 

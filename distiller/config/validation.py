@@ -139,7 +139,7 @@ def _type_external_networks(typed: DictConfig, data: dict) -> dict[str, type]:
             kind = ExternalTeacherConfig if group == "teacher" else ExternalModelConfig
             typed[group] = OmegaConf.structured(kind)
             OmegaConf.set_struct(typed[group], False)
-            OmegaConf.set_struct(typed[group].taps, True)  # a misspelt tap key is an error
+            OmegaConf.set_struct(typed[group].features, True)  # a misspelt features key is an error
             external[group] = kind
     return external
 

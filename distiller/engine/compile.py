@@ -7,16 +7,16 @@ into ours), and the engine tells networks apart by identity (``model is self.stu
 ``Module.compile`` keeps the module, its parameter names and its hooks; only its
 ``__call__`` runs through the compiled graph.
 
-Feature taps: :class:`distiller.features.FeatureHooks` registers forward (pre-)hooks on
+Feature hooks: :class:`distiller.features.FeatureHooks` registers forward (pre-)hooks on
 submodules that store tensors in a Python dict. Dynamo traces submodule hooks inline and
 replays the dict stores after the graph, with the tapped tensors as extra graph outputs,
-so taps keep their values and gradients flow back through them into the compiled
-backward (``tests/test_fast_path.py`` checks compiled == eager with taps in the loss).
+so the features keep their values and gradients flow back through them into the compiled
+backward (``tests/test_fast_path.py`` checks compiled == eager with features in the loss).
 Dynamo does not guard on module hooks by default (``skip_nnmodule_hook_guards``), and
 compiled graphs are shared by all instances of a module class: a second network of the
 same class and structure (teacher and student of one architecture, or a second Trainer
 in the same process) but with other hooks would silently reuse a graph that does not
-fire them, and its taps would come back empty. :func:`compile_module` therefore turns
+fire them, and its features would come back empty. :func:`compile_module` therefore turns
 hook guards on; they cost a few dict checks per call.
 
 What is compiled: the networks, where the time goes. The objective (CE, KD, method
@@ -69,7 +69,7 @@ def compile_module(module: nn.Module, *, device_type: str = "cuda", backend: str
         return module
     if backend == "inductor" and device_type == "cpu":
         _check_cpu_compiler()
-    # Guard on hooks: graphs are shared across instances of a class, and hooks decide the taps.
+    # Guard on hooks: graphs are shared across instances of a class, and hooks decide the features read.
     torch._dynamo.config.skip_nnmodule_hook_guards = False
     options: dict[str, Any] = {"backend": backend, "dynamic": dynamic}
     if mode is not None:

@@ -130,7 +130,7 @@ def load_checkpoint(path: str | Path | CheckpointFile, model: NetworkChoice = No
 
     ``model`` (from ``model=``: a zoo name or an external network's config node) overrides the
     file's header; without either, the architecture is recognised from the parameter names and
-    shapes. ``image_size`` is the data's (H, W), at which an external network's taps are probed.
+    shapes. ``image_size`` is the data's (H, W), at which an external network's features are probed.
     """
     file = path if isinstance(path, CheckpointFile) else read_checkpoint(path)
     path, state, header = file.path, file.state, file.header

@@ -36,7 +36,7 @@ from distiller.jobs.teachers import load_teacher_weights, published_check
 from distiller.objective import Objective
 from distiller.optim import check_optimizer, make_optimizer
 from models.external import build_network, network_label
-from models.taps import check_taps
+from models.features import check_features
 
 log = logging.getLogger("distiller")
 
@@ -170,12 +170,13 @@ def assemble_distillation(job: Any, run_dir: Path, record: dict[str, Any], runti
     teacher_arch, student_arch = network_label(job.teacher), network_label(job.student)
     needs = lambda role: {e.label: getattr(e.method, f"{role}_features") for e in objective.entries}
     teacher = build_network(job.teacher, data.num_classes, data.image_size, role="teacher")
-    check_taps(teacher, "teacher", teacher_arch, needs("teacher"))  # a tap the methods need exists (before any I/O)
+    # every feature the methods need exists (checked before any I/O)
+    check_features(teacher, "teacher", teacher_arch, needs("teacher"))
     if load_teacher:  # checked against the teacher index of its folder first (teacher.verify)
         load_teacher_weights(teacher, Path(job.teacher.ckpt), teacher_arch, dataset=job.dataset.name,
                              verify=job.teacher.verify)
     student = build_network(job.student, data.num_classes, data.image_size, role="student")
-    check_taps(student, "student", student_arch, needs("student"))
+    check_features(student, "student", student_arch, needs("student"))
     header = {"kind": "student", "arch": student_arch, "student": student_arch, "teacher": teacher_arch,
               "method": job.method_label, "seed": job.seed, "dataset": job.dataset.name}
     # teacher.cache=true: the teacher's logits from the cache (built now if missing), or one line and live
