@@ -414,8 +414,14 @@ def test_a_job_that_stops_on_a_user_error_is_reported_in_one_line_when_the_sweep
     resnet20 one stops on its missing teacher, and the sweep ends with one line naming it, status 2 (not
     Hydra's 'Error executing job' report). Run first in this process (Hydra's basic launcher), then again
     by a launcher's worker processes (joblib, as ``local_gpus``), which skip the finished job. The jobs'
-    records are gone from the sweep folder each time."""
+    records are gone from the sweep folder each time, and so are those a killed sweep left (not a running one's)."""
     train_tiny_teacher(tmp_path)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    left, running = (tmp_path / "sweep" / f".job_reports-{pid}-1" for pid in (ended.pid, os.getpid()))
+    for folder in (left, running):
+        folder.mkdir(parents=True)
+        (folder / "0.json").write_text("{}")
     command = ["-m", "teacher=resnet8,resnet20", "student=resnet8", "distill=kd", *tiny_overrides(tmp_path),
                f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     for attempt, launcher in enumerate([[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]]):
@@ -432,7 +438,7 @@ def test_a_job_that_stops_on_a_user_error_is_reported_in_one_line_when_the_sweep
         if attempt == 0:
             finished_at = done.stat().st_mtime_ns
         assert done.stat().st_mtime_ns == finished_at  # the second time, the finished job is not run again
-        assert not list((tmp_path / "sweep").glob(".job_reports*"))
+        assert list((tmp_path / "sweep").glob(".job_reports*")) == [running]
     # the refused job wrote no file (Hydra makes its empty folder before the job starts)
     assert not [p for p in (tmp_path / "sweep").glob("synthetic/resnet20-resnet8/**/*") if p.is_file()]
 

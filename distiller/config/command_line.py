@@ -65,7 +65,11 @@ class SweepReport(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # set before the launcher hands this callback to its jobs (pickled for worker processes)
-        self._records = Path(str(config.hydra.sweep.dir)) / f".job_reports-{os.getpid()}-{time.time_ns()}"
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        self._records = sweep_dir / f".job_reports-{os.getpid()}-{time.time_ns()}"
+        for stale in sweep_dir.glob(".job_reports-*"):  # left by a sweep that stopped on a bug or was killed
+            if not _process_alive(stale.name.split("-")[1]):
+                shutil.rmtree(stale, ignore_errors=True)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if self._records is None:  # a single run
@@ -97,6 +101,19 @@ class SweepReport(Callback):
         after = (f"the other {done} finished, and the same command again runs only the jobs that did not" if done
                  else "the same command again reruns them")
         fail(f"{len(failed)} of {len(records)} jobs of the sweep failed {'; '.join(parts)}; {after}")
+
+
+def _process_alive(pid: str) -> bool:
+    """Whether process ``pid`` (of this machine) still runs; a name that is not a pid counts as running."""
+    try:
+        os.kill(int(pid), 0)
+    except ValueError:
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _swept_values(jobs: dict[int, list[str]]) -> dict[int, str]:
