@@ -439,8 +439,9 @@ def test_a_job_that_stops_on_a_user_error_is_reported_in_one_line_when_the_sweep
             finished_at = done.stat().st_mtime_ns
         assert done.stat().st_mtime_ns == finished_at  # the second time, the finished job is not run again
         assert list((tmp_path / "sweep").glob(".job_reports*")) == [running]
-    # the refused job wrote no file (Hydra makes its empty folder before the job starts)
+    # the refused job wrote nothing, and the folder Hydra made for it before it started is gone
     assert not [p for p in (tmp_path / "sweep").glob("synthetic/resnet20-resnet8/**/*") if p.is_file()]
+    assert not (tmp_path / "sweep" / "synthetic" / "resnet20-resnet8" / "kd" / "seed0").exists()
 
 
 def test_collector_on_the_sweep(sweep) -> None:

@@ -51,6 +51,16 @@ def student(tmp: Path, run: str, *extra: str):
                    *tiny_overrides(tmp), *extra)
 
 
+def test_a_run_refused_before_it_starts_leaves_no_folder_behind(tmp_path):
+    """Stopped before it took its run directory, a run removes the folders Hydra made for it, not one already there."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    result = run_cli("train_student.py", "dataset=imagenet", f"dataset.root={tmp_path / 'absent'}",
+                     f"hydra.run.dir={mine / 'runs' / 'kd'}")
+    assert_one_line_error(result, "dataset.root=", "is not a folder")
+    assert mine.is_dir() and not any(mine.iterdir())
+
+
 # ---- names -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("override, group, suggestion", [
     ("model=resnet9", "model", "resnet8"),

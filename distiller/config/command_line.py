@@ -152,6 +152,8 @@ def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
             if debug_mode():
                 raise
             logging.getLogger("distiller").error("%s", err)
+            run_record.release()
+            _remove_untaken_run_dir()
             if _in_multirun():  # this job fails, the sweep goes on; Hydra reports it in one line when it ends
                 raise SweepJobError(f"error: {' '.join(str(err).split())}") from None
             fail(str(err))
@@ -161,6 +163,35 @@ def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
             run_record.release()
 
     return wrapper
+
+
+# the run directory of this command and those of its parents that did not exist before it (preflight)
+_NEW_FOLDERS: list[Path] = []
+
+
+def _note_new_folders(run_dir: Path) -> None:
+    new = []
+    for folder in (run_dir.absolute(), *run_dir.absolute().parents):
+        if folder.exists():
+            break
+        new.append(folder)
+    _NEW_FOLDERS[:] = new
+
+
+def _remove_untaken_run_dir() -> None:
+    """A job that stopped before it took its run directory leaves no empty folder: the one Hydra made
+    for it goes, and in a single run the parents this command made for it (a sweep's are shared)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    run_dir = Path(HydraConfig.get().runtime.output_dir).absolute()
+    folders = _NEW_FOLDERS if _NEW_FOLDERS[:1] == [run_dir] and not _in_multirun() else [run_dir]
+    for folder in folders:
+        try:
+            folder.rmdir()  # only an empty folder: anything the job wrote keeps it
+        except OSError:
+            return
 
 
 def _in_multirun() -> bool:
@@ -265,6 +296,7 @@ def preflight(config_name: str, argv: list[str]) -> None:
     product; a mistake only some combinations make is reported by its job). Hydra's other flags
     (``--cfg``, ``-cn``, ...) are left to Hydra.
     """
+    _NEW_FOLDERS.clear()
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return
@@ -291,6 +323,7 @@ def preflight(config_name: str, argv: list[str]) -> None:
             cfg = compose(config_name, overrides, return_hydra_config=True)
             _check(cfg, job)
             check_run_dir(Path(str(cfg.hydra.run.dir)))
+            _note_new_folders(Path(str(cfg.hydra.run.dir)))
         except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
             fail(explain_config_error(err, config_name, overrides))
         return
