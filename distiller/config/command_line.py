@@ -186,7 +186,10 @@ def _remove_untaken_run_dir() -> None:
     if not HydraConfig.initialized():
         return
     run_dir = Path(HydraConfig.get().runtime.output_dir).absolute()
-    folders = _NEW_FOLDERS if _NEW_FOLDERS[:1] == [run_dir] and not _in_multirun() else [run_dir]
+    if _in_multirun():
+        folders = [run_dir]  # a job's own folder (Hydra makes one per job)
+    else:  # what preflight saw missing, if it is this run directory (not one that was there before)
+        folders = _NEW_FOLDERS if _NEW_FOLDERS[:1] == [run_dir] else []
     for folder in folders:
         try:
             folder.rmdir()  # only an empty folder: anything the job wrote keeps it
