@@ -15,7 +15,7 @@ import pytest
 import test_init_phases as twostage
 import torch
 from helpers import seed
-from test_methods import MY_METHODS, TEST_K, as_features, make_ctx, method_kwargs, shapes_of
+from test_methods import RECIPE_METHODS, TEST_K, as_features, make_ctx, method_kwargs, shapes_of
 from torch import nn
 
 from datasets.batch import Batch
@@ -88,7 +88,7 @@ def _one_run(name: str, k: int) -> list[float]:
     return _polyak_sgd(list(student.parameters()) + list(method.parameters()), loss, STEPS)
 
 
-@pytest.mark.parametrize("name", MY_METHODS)
+@pytest.mark.parametrize("name", RECIPE_METHODS)
 def test_training_lowers_the_term_on_average(name: str) -> None:
     _assert_averaged_decrease([_one_run(name, k) for k in range(SEEDS)])
 
