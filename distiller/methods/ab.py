@@ -20,7 +20,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import STAGES_PREACT, Features, feature_extractor_parameters
 from distiller.helpers import Resize, log_stage_pairing, pair_stages
-from distiller.methods.base import METHODS, BuildContext, DistillMethod, InitPhase, TermContext
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, InitPhase, TermContext, init_phase
 
 
 class BoundaryConnector(nn.Module):
@@ -97,13 +97,9 @@ class ActivationBoundaries(DistillMethod):
         return {"ab": self.ab_loss(student.stages, teacher.stages)}
 
     def phases(self) -> list[InitPhase]:
-        if self.init_epochs == 0:
-            return []
-        return [InitPhase(
-            name="init",
-            epochs=self.init_epochs,
+        return init_phase(
+            self.init_epochs, self.init_lr,
             # the connectors and the student's feature layers; the classifier stays as initialised
             parameters=lambda student: [*self.connectors.parameters(), *feature_extractor_parameters(student)],
             loss=lambda s, t, batch: {"ab": self.ab_loss(s.stages, t.stages)},
-            lr=self.init_lr,
-        )]
+        )

@@ -76,6 +76,15 @@ class InitPhase:
     student_forward: bool = True
 
 
+def init_phase(epochs: int, lr: float | None, parameters: Callable[[nn.Module], Iterable[nn.Parameter]],
+               loss: Callable[[Features, Features, Batch], dict[str, torch.Tensor]],
+               student_forward: bool = True) -> list[InitPhase]:
+    """The one initialisation phase of a method (AB, FT, FSP): ``[]`` when its ``init_epochs`` is 0."""
+    if epochs == 0:
+        return []
+    return [InitPhase("init", epochs, parameters, loss, lr, student_forward)]
+
+
 class DistillMethod(nn.Module):
     """Base class of all methods. Subclasses set what they read and implement ``build`` and ``forward``.
 

@@ -16,7 +16,7 @@ from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import STAGES, STEM, Features, feature_extractor_parameters
-from distiller.methods.base import METHODS, BuildContext, DistillMethod, InitPhase, TermContext
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, InitPhase, TermContext, init_phase
 
 
 def _levels(features: Features) -> list:
@@ -70,12 +70,8 @@ class FSP(DistillMethod):
         return {"fsp": self.fsp_loss(student, teacher)}
 
     def phases(self) -> list[InitPhase]:
-        if self.init_epochs == 0:
-            return []
-        return [InitPhase(
-            name="init",
-            epochs=self.init_epochs,
+        return init_phase(
+            self.init_epochs, self.init_lr,
             parameters=feature_extractor_parameters,  # the stem and the stages, not the head
             loss=lambda s, t, batch: {"fsp": self.fsp_loss(s, t)},
-            lr=self.init_lr,
-        )]
+        )

@@ -16,7 +16,7 @@ from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import STAGES, Features
-from distiller.methods.base import METHODS, BuildContext, DistillMethod, InitPhase, TermContext
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, InitPhase, TermContext, init_phase
 
 
 def _conv_block(c_in: int, c_out: int, use_bn: bool, transposed: bool = False) -> list[nn.Module]:
@@ -126,13 +126,9 @@ class FactorTransfer(DistillMethod):
         return {"ft": F.factor_transfer(factor_s, factor_t, self.p1, self.p2)}
 
     def phases(self) -> list[InitPhase]:
-        if self.init_epochs == 0:
-            return []
-        return [InitPhase(
-            name="init",
-            epochs=self.init_epochs,
+        return init_phase(
+            self.init_epochs, self.init_lr,
             parameters=lambda student: list(self.paraphraser.parameters()),
             loss=lambda s, t, batch: {"ft_rec": self.reconstruction_loss(t.stages[-1])},
-            lr=self.init_lr,
             student_forward=False,  # the paraphraser only sees the teacher
-        )]
+        )
