@@ -163,7 +163,8 @@ def main() -> None:
                         help=f"overrides for the distilled run only (default: {' '.join(DISTILL)}), e.g. "
                              f"--distill distill.gamma=0.1 for the README's KD defaults")
     parser.add_argument("--out", default="runs/demo", help="folder for the demo's run directories")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="Hydra overrides applied to every run")
     args = parser.parse_args()
     teacher_epochs = args.teacher_epochs or TEACHER_EPOCHS_FACTOR * args.epochs
     out = Path(args.out) if Path(args.out).is_absolute() else REPO / args.out

@@ -36,7 +36,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = _Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="the checkpoint file")
-    parser.add_argument("overrides", nargs="*", help="model=ARCH, dataset=NAME, dataset.KEY=VALUE, trainer.device=...")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="model=ARCH, dataset=NAME, dataset.KEY=VALUE, trainer.device=...")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--per-class", action="store_true", help="list every class's accuracy (text output)")
     return parser.parse_args(argv)

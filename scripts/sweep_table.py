@@ -92,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("table", choices=sorted(TABLES), help="which table to run")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every preset (launcher, seeds, ...)")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="Hydra overrides for every preset (launcher, seeds, ...)")
     parser.add_argument("--dry-run", action="store_true", help="print the cells and the commands; run nothing")
     args = parser.parse_args(argv)
     _, presets = TABLES[args.table]

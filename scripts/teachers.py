@@ -123,13 +123,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_argument("--json", action="store_true", help="print JSON")
     sub = commands.add_parser("add", help="index a teacher file (a downloaded one, or one changed on purpose)")
     sub.add_argument("file")
-    sub.add_argument("overrides", nargs="*", help="model=ARCH (else the file's header), dataset=NAME, dataset.*=...")
+    sub.add_argument("overrides", nargs="*", default=[],
+                     help="model=ARCH (else the file's header), dataset=NAME, dataset.*=...")
     sub.add_argument("--measure", action="store_true", help="measure the test accuracy on dataset= and record it")
     sub.add_argument("--json", action="store_true", help="print the new entry as JSON")
     sub = commands.add_parser("cache", help="compute the teacher's logits for every crop and flip of the training "
                                              "split (distiller/jobs/cache_build.py)")
     sub.add_argument("file", help="the teacher file (checkpoints/teachers/<data>/<arch>.pt)")
-    sub.add_argument("overrides", nargs="*", help="dataset=NAME, dataset.*=..., model=ARCH (else the file's "
+    sub.add_argument("overrides", nargs="*", default=[],
+                     help="dataset=NAME, dataset.*=..., model=ARCH (else the file's "
                                                   "header), trainer.device=cpu|cuda|auto")
     sub.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="stored dtype (default fp32)")
     sub.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",

@@ -90,3 +90,18 @@ def test_uncreatable_run_dir_as_typed(tmp_path):
     line = _one_line(result.stderr)
     assert "hydra.run.dir=/proc/x/y cannot be created" in line, line
     assert not (tmp_path / "data").exists() and not (tmp_path / "teachers").exists()
+
+
+@pytest.mark.parametrize("args, missing", [
+    (["scripts/evaluate.py"], "checkpoint"),
+    (["scripts/teachers.py", "add"], "file"),
+    (["scripts/teachers.py", "cache"], "file"),
+    (["scripts/sweep_table.py"], "table"),
+])
+def test_a_missing_argument_is_named_alone(args: list, missing: str) -> None:
+    """The overrides a command takes are optional: the line names only the argument that is missing."""
+    result = run_cli(*args)
+    assert result.returncode == 2
+    (line,) = [x for x in result.stderr.splitlines() if x.strip() and not x.startswith("usage:")
+               and not x.startswith(" ")]
+    assert line.rstrip().endswith(f"required: {missing}") or f"required: {missing} (see --help)" in line, line
