@@ -3,7 +3,7 @@
 Each method is built from its real config file with ``Objective.from_config`` and called
 without a trainer on a tiny batch of logits; its terms are compared with the pinned
 functions of ``distiller.functional`` (themselves checked against loops in
-test_functional_new.py). CTKD: its theta trains at beta 0, lambda follows the cosine
+test_functional_dist_ls_ctkd_mlkd_wttm_nkd.py). CTKD: its theta trains at beta 0, lambda follows the cosine
 schedule, the KD term runs at the learned temperature and theta's gradient is reversed.
 The generic seams (a supplied temperature for methods that take one, standardised logits
 for methods that declare ``logit_terms``) are checked with toy methods registered for one

@@ -1,7 +1,7 @@
 """MLKD: its config, its terms through the objective, the engine's second view, LS, training, resume.
 
 The expected values are recomputed independently: MLKD's distillation term by the explicit
-loops of test_functional_new.py (``mlkd_ref``, float64 Python lists), the cross-entropies by
+loops of test_functional_dist_ls_ctkd_mlkd_wttm_nkd.py (``mlkd_ref``, float64 Python lists), the cross-entropies by
 ``torch.nn.functional`` on logits from our own forwards of copies of the networks. Three
 teacher/student pairs of different families check that the loss falls along its gradient and
 that only the student receives gradient. A one-epoch CLI run writes metrics; a run killed in

@@ -93,7 +93,7 @@ class ModelConfig(ConfigNode):
 class TeacherConfig(ModelConfig):
     ckpt: str = key(path=True)  # the teacher's weights
     published_top1: float | None = key(ge=0, le=100)  # CIFAR-100 test top-1 of the widely shared pretrained teacher
-    verify: bool = key()  # check the file against the teacher index (distiller/teachers.py) before use
+    verify: bool = key()  # check the file against the teacher index (distiller/jobs/teachers.py) before use
     # the exact teacher-output cache (distiller/jobs/run_cache.py): logits of every crop and flip, computed once
     cache: bool = key(False)  # true: methods that read only the teacher's logits take them from the cache
     cache_dir: str | None = key(None)  # where the cache lives; null: beside the teacher file
