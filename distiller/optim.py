@@ -4,7 +4,7 @@
 that defines ``step_kd()`` gets the distillation and the task gradients apart
 (:class:`distiller.engine.step.SplitGradientOptimizer`). A factory registered with ``options=(...)`` reads
 those keys of the ``optim`` node beyond the common ones (DOT's ``delta``); another optimizer's keys must
-stay null (the config's validation refuses them: :func:`distiller.config.validation.option_error`).
+stay null (the config's validation refuses them: :func:`distiller.config.key_scope.option_error`).
 """
 from __future__ import annotations
 
