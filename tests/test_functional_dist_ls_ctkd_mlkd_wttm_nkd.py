@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 from helpers import generator
+from naive_refs import dkd_ref, kd_ref, median_ref, rows, softmax_ref, standardize_ref
 
 import distiller.functional as KF
 from common.errors import UserError
@@ -24,10 +25,6 @@ D = torch.float64
 
 def rnd(*shape: int, seed: int = 0, scale: float = 1.0, dtype: torch.dtype = D) -> torch.Tensor:
     return (torch.randn(*shape, generator=generator(seed), dtype=D) * scale).to(dtype)
-
-
-def rows(t: torch.Tensor) -> list[list[float]]:
-    return t.detach().double().tolist()
 
 
 def labels(n: int, c: int, seed: int = 0) -> torch.Tensor:
@@ -40,35 +37,6 @@ def close(value: torch.Tensor, ref: float, rel: float = 1e-9, abs_: float = 1e-1
 
 
 # --------------------------------------------------------------------------- naive building blocks
-
-def softmax_ref(v: list[float]) -> list[float]:
-    m = max(v)
-    e = [math.exp(x - m) for x in v]
-    s = sum(e)
-    return [x / s for x in e]
-
-
-def kd_ref(zs: list[list[float]], zt: list[list[float]], T: float) -> float:
-    total = 0.0
-    for rs, rt in zip(zs, zt):
-        ps, pt = softmax_ref([v / T for v in rs]), softmax_ref([v / T for v in rt])
-        total += sum(q * math.log(q / p) for p, q in zip(ps, pt))
-    return T * T * total / len(zs)
-
-
-def dkd_ref(zs: list[list[float]], zt: list[list[float]], y: list[int], alpha: float, beta: float,
-            T: float) -> float:
-    tckd = nckd = 0.0
-    for rs, rt, label in zip(zs, zt, y):
-        ps, pt = softmax_ref([v / T for v in rs]), softmax_ref([v / T for v in rt])
-        others = [c for c in range(len(rs)) if c != label]
-        bs = [ps[label], sum(ps[c] for c in others)]
-        bt = [pt[label], sum(pt[c] for c in others)]
-        tckd += sum(q * math.log(q / p) for p, q in zip(bs, bt))
-        qs, qt = softmax_ref([rs[c] / T for c in others]), softmax_ref([rt[c] / T for c in others])
-        nckd += sum(q * math.log(q / p) for p, q in zip(qs, qt))
-    return (alpha * tckd + beta * nckd) * T * T / len(zs)
-
 
 def pearson_ref(u: list[float], v: list[float]) -> float:
     mu, mv = sum(u) / len(u), sum(v) / len(v)
@@ -85,15 +53,6 @@ def dist_ref(zs: list[list[float]], zt: list[list[float]], beta: float, gamma: f
     intra = 1.0 - sum(pearson_ref([ys[i][j] for i in range(n)], [yt[i][j] for i in range(n)])
                       for j in range(c)) / c
     return tau * tau * (beta * inter + gamma * intra)
-
-
-def standardize_ref(z: list[list[float]], eps: float = 1e-7) -> list[list[float]]:
-    out = []
-    for r in z:
-        m = sum(r) / len(r)
-        sd = math.sqrt(sum((v - m) ** 2 for v in r) / (len(r) - 1))
-        out.append([(v - m) / (sd + eps) for v in r])
-    return out
 
 
 def wttm_ref(zs: list[list[float]], zt: list[list[float]], gamma: float, weighted: bool) -> float:
@@ -400,12 +359,6 @@ def class_level_ref(zs: list[list[float]], zt: list[list[float]], T: float) -> f
             gt = sum(r[a] * r[b] for r in pt)
             total += (gt - gs) ** 2
     return total / c
-
-
-def median_ref(values: list[float]) -> float:
-    v = sorted(values)
-    n = len(v)
-    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
 
 
 def mlkd_ref(sw, tw, ss, ts, T0: float, standardize: bool) -> float:

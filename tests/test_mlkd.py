@@ -37,8 +37,9 @@ from helpers import (
     tiny_trainer,
     train_tiny_teacher,
 )
+from naive_refs import rows
 from omegaconf import OmegaConf
-from test_functional_dist_ls_ctkd_mlkd_wttm_nkd import mlkd_ref, rows
+from test_functional_dist_ls_ctkd_mlkd_wttm_nkd import mlkd_ref
 
 from common.errors import UserError
 from datasets.batch import Batch
