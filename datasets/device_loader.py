@@ -35,12 +35,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from common.errors import UserError
 from datasets.augment import crop_and_flip, padding_for
 from datasets.batch import Batch
 from datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD
-from datasets.sharding import check_start_step, draw_epoch_plan, epoch_seed, eval_spans, train_spans
-from datasets.views import VIEWS
+from datasets.loader_base import ShardedLoader
+from datasets.sharding import check_start_step, draw_epoch_plan, epoch_seed
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ def fits_on_device(nbytes: int, device: torch.device) -> bool:
     return nbytes <= DEVICE_FRACTION * free
 
 
-class DeviceLoader:
+class DeviceLoader(ShardedLoader):
     """Iterates normalised, augmented :class:`Batch` es of an on-device uint8 data set.
 
     ``images``: uint8 [N, C, H, W]; ``labels``: integer [N]. ``train`` switches on
@@ -89,20 +88,9 @@ class DeviceLoader:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         if labels.shape != images.shape[:1]:
             raise ValueError(f"{labels.shape[0] if labels.ndim else 0} labels for {images.shape[0]} images")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise UserError(f"the batch size must be a positive integer, got {batch_size!r}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
-        if len(mean) != images.shape[1] or len(std) != images.shape[1]:
-            raise ValueError(f"mean/std need {images.shape[1]} values, got {len(mean)}/{len(std)}")
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.train = train
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.channels_last = channels_last
-        self.views = {VIEWS.canonical(v): VIEWS.get(v) for v in views}  # extra views of each training batch
+        super().__init__(images.shape[0], labels, batch_size, device, train=train, seed=seed, rank=rank,
+                         world_size=world_size, channels_last=channels_last, mean=mean, std=std,
+                         channels=images.shape[1], views=views)
         self.pad = padding_for(images.shape[2], images.shape[3])
         nbytes = images.numel() * images.element_size()
         self.resident = fits_on_device(nbytes, self.device) if resident is None else bool(resident)
@@ -116,26 +104,10 @@ class DeviceLoader:
                             "training" if train else "test", nbytes / 2**30, int(DEVICE_FRACTION * 100), self.device)
             pin = self.device.type == "cuda" and not images.is_pinned()
             self.images = images.pin_memory() if pin else images
-        self.labels = labels.to(self.device, torch.int64)
-        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self._spans = self._train_spans() if train else self._eval_spans()
 
     @property
     def dataset_size(self) -> int:
         return self.images.shape[0]
-
-    def __len__(self) -> int:
-        """Steps per epoch on this rank."""
-        return len(self._spans)
-
-    def _train_spans(self) -> list[tuple[int, int]]:
-        """(start, size) in epoch-order positions of this rank's batch at each step."""
-        return train_spans(self.dataset_size, self.batch_size, self.rank, self.world_size)
-
-    def _eval_spans(self) -> list[tuple[int, int]]:
-        """(start, size) in data-set positions: this rank's contiguous shard, in batches."""
-        return eval_spans(self.dataset_size, self.batch_size, self.rank, self.world_size)
 
     def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The epoch's permutation [N], crop offsets [N, 2] (row, col in 0..2*pad) and flips [N] (bool).
@@ -175,14 +147,3 @@ class DeviceLoader:
         if self.resident:
             return self.images[idx]
         return self.images[idx].to(self.device)
-
-    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        return normalise(images, self._mean, self._std, self.channels_last)
-
-
-def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """uint8 -> float32 ``(x / 255 - mean) / std``, the same ops as ToTensor + Normalize (mean/std [1, C, 1, 1])."""
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    x = images.to(torch.float32)  # a new tensor (keeps the memory format), so in-place is safe
-    return x.div_(255.0).sub_(mean).div_(std)

@@ -34,11 +34,10 @@ from common.errors import UserError
 from datasets.augment import crop_and_flip, padding_for
 from datasets.batch import Batch
 from datasets.decode import UnreadableImage, decode_rgb
-from datasets.device_loader import normalise
+from datasets.loader_base import ShardedLoader
 from datasets.sample_transforms import SampleTransform
-from datasets.sharding import check_start_step, draw_epoch_plan, epoch_seed, eval_spans, train_spans
+from datasets.sharding import check_start_step, draw_epoch_plan, epoch_seed
 from datasets.streaming import local_processes
-from datasets.views import VIEWS
 
 SAMPLE_STREAM = 0x5A4D50  # tags the per-sample seeds, apart from the views' (seed, epoch, step, k) seeds
 PREFETCH = 4  # batches each worker prepares ahead
@@ -109,7 +108,7 @@ class _StepKeys:
             yield [(int(i), self.epoch, p if self.seeded else None) for i, p in zip(indices, positions)]
 
 
-class StreamLoader:
+class StreamLoader(ShardedLoader):
     """Iterates normalised, augmented :class:`Batch` es decoded from ``files`` (see the module docstring).
 
     ``files`` / ``labels``: one path and one class index per sample. ``transform``: the data
@@ -140,40 +139,19 @@ class StreamLoader:
     ) -> None:
         if labels.shape != (len(files),):
             raise ValueError(f"{labels.shape[0] if labels.ndim else 0} labels for {len(files)} files")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise UserError(f"the batch size must be a positive integer, got {batch_size!r}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean/std need 3 values, got {len(mean)}/{len(std)}")
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
             raise UserError(f"dataset.workers must be an integer >= 0, got {workers!r}")
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.train = train
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.channels_last = channels_last
+        super().__init__(len(files), labels, batch_size, device, train=train, seed=seed, rank=rank,
+                         world_size=world_size, channels_last=channels_last, mean=mean, std=std, channels=3,
+                         views=views)
         self.transform = transform
         self.workers = default_workers() if workers is None else workers
-        self.views = {VIEWS.canonical(v): VIEWS.get(v) for v in views}
         self.pad = padding_for(*transform.output_size) if transform.device_crop else 0
         self.samples = _FileSamples(files, transform, seed)
-        self.labels = labels.to(self.device, torch.int64)
-        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        n = len(self.samples)
-        self._spans = (train_spans(n, batch_size, rank, world_size) if train
-                       else eval_spans(n, batch_size, rank, world_size))
 
     @property
     def dataset_size(self) -> int:
         return len(self.samples)
-
-    def __len__(self) -> int:
-        """Steps per epoch on this rank."""
-        return len(self._spans)
 
     def _batches(self, keys: _StepKeys) -> DataLoader:
         extra = dict(prefetch_factor=PREFETCH) if self.workers > 0 else {}
@@ -208,6 +186,3 @@ class StreamLoader:
         if isinstance(raw, UnreadableImage):  # the up-front check passed, so the file changed since
             raise UnreadableImage(raw.path, f"{raw.reason}; it was readable when the data set was loaded")
         return raw.to(self.device, non_blocking=True)
-
-    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        return normalise(images, self._mean, self._std, self.channels_last)
