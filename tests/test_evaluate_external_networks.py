@@ -87,6 +87,19 @@ def test_a_torchvision_teacher_is_rebuilt_from_its_recorded_config(teacher_run) 
     assert result["stored_top1"] == pytest.approx(result["test_top1"])  # what training measured on the same split
 
 
+def test_a_file_of_the_earlier_release_with_taps_in_its_config_is_rebuilt(teacher_run, tmp_path: Path) -> None:
+    """Files written before ``taps`` became ``features`` record the old key: read as the new one, not handed
+    to torchvision's constructor as an argument."""
+    saved = torch.load(teacher_run["final"], map_location="cpu", weights_only=True)
+    node = saved["config"]["model"]
+    node["taps"] = node.pop("features")
+    node["taps"]["stem"] = "relu"  # what the rebuild must read as a declaration
+    torch.save(saved, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert loaded.arch == "torchvision-resnet18"
+    assert next(i for i in loaded.model.feature_info if i.name == "stem").module == "relu"
+
+
 def test_a_plain_torchvision_state_dict_needs_model_and_then_matches(tmp_path: Path) -> None:
     """A bare state dict carries no name: ``model=torchvision model.name=...`` says it, classes from its shape."""
     torch.manual_seed(seed(8))

@@ -20,10 +20,8 @@ from omegaconf import DictConfig
 
 from distiller.config.compose import compose
 from distiller.config.key_scope import option_error
-from distiller.config.schema import SCHEMAS
+from distiller.config.schema import RENAMED, SCHEMAS
 from distiller.config.validation import check_before_start
-
-RENAMED = {"taps": "features"}  # keys of an earlier release -> their names now (an outside network's features)
 
 
 def unknown_key_message(config_name: str | None, overrides: list[str], key: str) -> str:

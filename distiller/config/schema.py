@@ -100,6 +100,10 @@ class TeacherConfig(ModelConfig):
     cache_dtype: str = key("fp32", choices=tuple(CACHE_DTYPES))  # stored logits: fp32 exact; fp16/bf16 rounded
 
 
+# keys of an earlier release -> their names now: named in the unknown-key message, read in recorded configs
+RENAMED = {"taps": "features"}  # an outside network's features by module path
+
+
 @dataclass
 class FeaturesConfig(ConfigNode):
     """Where an external network's features are, by module path (``path``; ``path@in``: its input).
