@@ -6,6 +6,7 @@ line); a handful run the entry points as a user types them.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -302,6 +303,21 @@ def test_logit_standardize_is_a_plain_override_and_old_runs_still_resume(compose
     del old["distill"]["logit_standardize"]
     assert run_identity(old) == run_identity(new)
     assert run_identity(old) != run_identity(OmegaConf.to_container(on, resolve=True))
+
+
+def test_a_run_of_an_outside_network_made_before_taps_became_features_still_resumes(compose) -> None:
+    """Its record names ``taps`` (without ``pool_input``): the same run as today's ``features``; a declared
+    feature that differs makes it another run."""
+    from distiller.jobs.run_dir import run_identity
+
+    command = ["student=torchvision", "student.name=resnet18", "student.features.stem=relu"]
+    new = OmegaConf.to_container(compose("train_student", command), resolve=True)
+    old = copy.deepcopy(new)
+    old["student"]["taps"] = old["student"].pop("features")
+    del old["student"]["taps"]["pool_input"]
+    assert run_identity(old) == run_identity(new)
+    old["student"]["taps"]["stem"] = "conv1"
+    assert run_identity(old) != run_identity(new)
 
 
 def test_a_pair_file_that_gains_another_methods_settings_does_not_change_its_runs(compose) -> None:
