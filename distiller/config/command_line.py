@@ -140,7 +140,8 @@ def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a Hydra task function so :class:`UserError` ends the process with one line.
 
     The job's ``.hydra/`` record and log file are held until the job takes its run directory
-    (:mod:`distiller.config.run_record`): a command the directory refuses writes nothing there.
+    (:mod:`distiller.config.run_record`): a command the directory refuses writes nothing there, and
+    one that stops before taking it removes the empty folder Hydra made for it.
     """
 
     @functools.wraps(task)
@@ -170,6 +171,7 @@ _NEW_FOLDERS: list[Path] = []
 
 
 def _note_new_folders(run_dir: Path) -> None:
+    """Before Hydra makes ``run_dir``: it and the parents that do not exist yet, the run directory first."""
     new = []
     for folder in (run_dir.absolute(), *run_dir.absolute().parents):
         if folder.exists():
