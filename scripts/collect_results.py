@@ -39,13 +39,14 @@ from pathlib import Path
 from typing import Sequence
 
 from common.errors import UserError
+from distiller.config.command_line import OneLineParser
 from distiller.results.published import DEFAULT_SOURCES, SOURCES
 from distiller.results.tables import collect, runs_csv_path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="run directories, multirun folders or glob patterns")
     parser.add_argument("--out", default="results/results",
                         help="output path without suffix: writes OUT.md, OUT.csv, OUT_runs.csv, OUT.png "

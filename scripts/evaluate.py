@@ -23,18 +23,13 @@ import sys
 from typing import Any, Sequence
 
 from common.errors import UserError
-from distiller.config.command_line import fail
+from distiller.config.command_line import OneLineParser, fail
 from distiller.jobs.evaluate import evaluate_checkpoint
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and status 2, like every other mistake
-        fail(f"{message} (see --help)")
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = _Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="the checkpoint file")
     parser.add_argument("overrides", nargs="*", default=[],
                         help="model=ARCH, dataset=NAME, dataset.KEY=VALUE, trainer.device=...")

@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from distiller.config.command_line import OneLineParser, preflight
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 
@@ -89,14 +91,19 @@ def commands(table: str, overrides: Sequence[str]) -> list[list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("table", choices=sorted(TABLES), help="which table to run")
     parser.add_argument("overrides", nargs="*", default=[],
                         help="Hydra overrides for every preset (launcher, seeds, ...)")
     parser.add_argument("--dry-run", action="store_true", help="print the cells and the commands; run nothing")
     args = parser.parse_args(argv)
-    _, presets = TABLES[args.table]
+    entry, presets = TABLES[args.table]
+    # a dry run lists the cells of a table whose data is elsewhere (ImageNet) without its folder
+    given_root = any(o.lstrip("+").split("=")[0] == "dataset.root" for o in args.overrides)
+    stand_in = ["dataset.root=DATA_ROOT"] if args.dry_run and not given_root else []
+    for preset in presets:  # a mistake in the overrides stops here, in one line, before any job runs
+        preflight(Path(entry).stem, ["-m", f"experiment={preset}", *args.overrides, *stand_in])
     if args.dry_run:
         total = 0
         for preset, command in zip(presets, commands(args.table, args.overrides)):

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from common.errors import UserError
 from common.files import file_sha256
-from distiller.config.command_line import canonical_model_choices, fail
+from distiller.config.command_line import OneLineParser, canonical_model_choices, fail
 from distiller.jobs.cache_build import cache_teacher_file
 from distiller.jobs.teachers import (
     INDEX_NAME,
@@ -36,11 +36,6 @@ from distiller.jobs.teachers import (
 )
 
 DEFAULT_ROOT = Path(os.environ.get("KD_TEACHER_DIR") or "checkpoints/teachers")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and status 2, like every other mistake
-        fail(f"{message} (see --help)")
 
 
 def folders(root: Path) -> list[Path]:
@@ -114,9 +109,9 @@ def _positive(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, what in (("list", "list the indexed teachers"), ("check", "re-hash every indexed teacher file")):
         sub = commands.add_parser(name, help=what)
         sub.add_argument("folder", nargs="?", default=str(DEFAULT_ROOT), help=f"default: {DEFAULT_ROOT}")

@@ -105,3 +105,27 @@ def test_a_missing_argument_is_named_alone(args: list, missing: str) -> None:
     (line,) = [x for x in result.stderr.splitlines() if x.strip() and not x.startswith("usage:")
                and not x.startswith(" ")]
     assert line.rstrip().endswith(f"required: {missing}") or f"required: {missing} (see --help)" in line, line
+
+
+@pytest.mark.parametrize("args, words", [
+    (["crd_tabel1", "--dry-run"], ["invalid choice: 'crd_tabel1'"]),
+    (["crd_table1", "seeed=0", "--dry-run"], ["'seeed' does not exist", "did you mean seed?"]),
+    (["dkd", "distill=kdd", "--dry-run"], ["unknown distill 'kdd'", "Did you mean 'kd'?"]),
+    (["dkd", "seed=0,l", "--dry-run"], ["seed=l is not a whole number"]),
+    (["imagenet"], ["dataset.root", "has no value"]),  # checked before any job would start
+])
+def test_sweep_table_checks_its_overrides_first_in_one_line(args: list, words: list) -> None:
+    result = run_cli("scripts/sweep_table.py", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and all(w in line for w in words), line
+    assert "$ " not in result.stdout  # no preset was started (nor listed)
+
+
+def test_overrides_may_follow_a_scripts_options() -> None:
+    """``evaluate.py FILE --json trainer.device=cpu``: the override after the option is an override."""
+    result = run_cli("scripts/evaluate.py", "missing.pt", "--json", "trainer.device=cpu")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: checkpoint not found: missing.pt"]
+    bogus = run_cli("scripts/evaluate.py", "missing.pt", "--jsn")
+    assert bogus.stderr.splitlines() == ["error: unrecognized arguments: --jsn (see --help)"]

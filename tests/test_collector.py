@@ -311,3 +311,27 @@ def test_a_folder_without_runs_is_status_2_and_keeps_earlier_results(runs: Path,
         f"(earlier results at {out} are kept); give run directories, multirun folders or globs"]
     assert captured.stdout == ""
     assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before
+
+
+def test_a_folder_of_unreadable_runs_is_one_line_naming_why(tmp_path: Path) -> None:
+    """Nothing readable: the one error line says how many were skipped and why the first was."""
+    broken = tmp_path / "odd" / "runA"
+    broken.mkdir(parents=True)
+    (broken / "metrics.json").write_text("{not json")
+    result = run_cli("scripts/collect_results.py", str(tmp_path / "odd"), "--out", str(tmp_path / "r"), "--no-figure")
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: no readable run directories under {tmp_path / 'odd'} (1 skipped; ") and \
+        "metrics.json is unreadable" in line, line
+
+
+def test_a_table_of_a_source_not_loaded_says_which_source_to_add(runs: Path, tmp_path: Path) -> None:
+    """The ImageNet tables live in the 'imagenet' source, which is not loaded by default."""
+    rows = published.load_published(["imagenet"])
+    table = rows["table"].iloc[0]
+    result = run_cli("scripts/collect_results.py", str(runs), "--out", str(tmp_path / "r"), "--no-figure",
+                     "--table", table)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert f"table '{table}' is in the published source imagenet" in line and "--sources crd,dkd,post_dkd,imagenet" \
+        in line, line

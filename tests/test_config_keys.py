@@ -106,6 +106,9 @@ def test_a_renamed_key_names_its_new_name(capsys):
     line = preflight_line(capsys, "train_student", ["student=torchvision", "student.name=resnet18",
                                                     "student.taps.stem=conv1"])
     assert "'student.taps.stem' was renamed; use student.features.stem" in line, line
+    nested = preflight_line(capsys, "train_student", ["student=torchvision", "student.name=resnet18",
+                                                      "student.features.taps=[layer1]"])
+    assert "renamed" not in nested and "student.features.taps" in nested, nested
 
 
 def test_plus_advice_for_an_outside_networks_argument_and_following_it_takes_effect(capsys, compose):

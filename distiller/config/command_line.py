@@ -10,6 +10,7 @@ Importing it also fills Hydra's ConfigStore and registers the resolvers (:mod:`d
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import functools
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn, Sequence
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import CompactHydraException
@@ -134,6 +135,22 @@ def fail(message: str) -> None:
     sys.stderr.write(f"error: {line}\n")
     sys.stderr.flush()
     sys.exit(EXIT_USER_ERROR)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for the scripts: a mistake is one line and status 2, and the Hydra overrides a script takes
+    (an ``overrides`` positional) may stand anywhere among its options (``evaluate.py F --json trainer.device=cpu``)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see --help)")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        parsed, extra = self.parse_known_args(args, namespace)
+        if any(a.startswith("-") for a in extra) or (extra and not hasattr(parsed, "overrides")):
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        if extra:
+            parsed.overrides = [*parsed.overrides, *extra]
+        return parsed
 
 
 def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:

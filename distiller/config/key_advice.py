@@ -31,8 +31,8 @@ def unknown_key_message(config_name: str | None, overrides: list[str], key: str)
     rest = [o for o in overrides if _key_of(o) != key]
     cfg = _composed(config_name, rest)
     parts = key.split(".")
-    if any(p in RENAMED for p in parts):
-        return f"config key '{key}' was renamed; use {'.'.join(RENAMED.get(p, p) for p in parts)}"
+    if len(parts) > 1 and parts[0] in ("model", "teacher", "student") and parts[1] in RENAMED:  # a network's key
+        return f"config key '{key}' was renamed; use {'.'.join([parts[0], RENAMED[parts[1]], *parts[2:]])}"
     parent = _node(cfg, parts[:-1])
     if not isinstance(parent, DictConfig):
         return f"config key '{key}' does not exist; check the spelling"

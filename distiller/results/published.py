@@ -171,6 +171,12 @@ def table_cells(published: pd.DataFrame, tables: Sequence[str]) -> pd.DataFrame:
     for name in tables:
         table_id = TABLE_ALIASES.get(name, name)
         if table_id not in known:
+            everywhere = load_published()
+            holders = sorted(set(everywhere.loc[everywhere["table"] == table_id, "source"]))
+            if holders:  # a table of a published source not chosen with --sources
+                loaded = sorted(set(published["source"]))
+                raise UserError(f"table '{name}' is in the published source {' and '.join(holders)}, which is not "
+                                f"loaded: add it with --sources {','.join([*loaded, *holders])}")
             raise UserError(f"unknown table '{name}'; choose from {', '.join(sorted(known | set(TABLE_ALIASES)))}")
         cells.append(published.loc[published["table"] == table_id, CELL])
     return pd.concat(cells).drop_duplicates(ignore_index=True)

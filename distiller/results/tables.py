@@ -317,12 +317,13 @@ def collect(inputs: Sequence[str], out: Path, sources: Sequence[str] = DEFAULT_S
     """
     published = load_published(sources)
     runs, skipped = read_runs(find_run_dirs(inputs))
-    for path, why in skipped:
-        print(f"warning: skipped {path}: {why}", file=sys.stderr)
     if not runs:
-        raise UserError(f"no {'readable ' if skipped else ''}run directories under {' '.join(inputs)}: nothing "
+        why = f" ({len(skipped)} skipped; {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise UserError(f"no {'readable ' if skipped else ''}run directories under {' '.join(inputs)}{why}: nothing "
                         f"was written (earlier results at {out} are kept); give run directories, multirun "
                         f"folders or globs")
+    for path, why in skipped:
+        print(f"warning: skipped {path}: {why}", file=sys.stderr)
     frame = runs_frame(runs)
     check_recipes(frame)
     table = summarize_by_dataset(frame, published, sources, tables)
