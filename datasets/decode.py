@@ -57,6 +57,8 @@ class UnreadableImage(UserError):
 def _tv_reason(error: Exception) -> str:
     """torchvision's message without its C++ source location ("decode_jpeg, .../decode_jpeg.cpp:171, ...")."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "Unsupported image file" in text:  # its advice names Python functions: say what the file is
+        return "its content is not a JPEG, PNG, WebP or GIF image, whatever its name"
     match = re.search(r"\.cpp:\d+, (.*)", text)
     return match.group(1) if match else text
 

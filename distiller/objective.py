@@ -29,7 +29,7 @@ from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import FeatureHooks, Features, probe
-from distiller.methods import BuildContext, DistillMethod, InitPhase, TermContext, make_method
+from distiller.methods import METHODS, BuildContext, DistillMethod, InitPhase, TermContext, make_method
 from distiller.methods.kd import KD
 
 
@@ -106,9 +106,10 @@ class Objective(nn.Module):
             return
         if not any(m.method.logit_terms for m in self.active()):
             names = ", ".join(m.label for m in self.entries) or "cross-entropy alone"
+            takers = ", ".join(sorted(n for n in METHODS.names() if METHODS.get(n).logit_terms))
             raise UserError(f"distill.logit_standardize=true has no effect here: no term of this objective ({names}, "
-                            f"distill.alpha=0) compares the networks' logits; drop it, or use a logit method "
-                            f"(kd, dkd, mlkd, ...)")
+                            f"distill.alpha=0) takes standardised logits (the KD term is off and no method here "
+                            f"takes them); drop it, or use a method that does ({takers})")
 
     def build(self, student_hooks: FeatureHooks, teacher_hooks: FeatureHooks | None, ctx: BuildContext,
               memory_format: torch.memory_format = torch.contiguous_format) -> None:

@@ -143,6 +143,10 @@ def test_logit_standardize_is_offered_where_a_term_compares_logits_and_refused_e
 
     refused = preflight_line(capsys, "train_student", ["distill=fitnet", "distill.logit_standardize=true"])
     assert "has no effect here" in refused and "+" not in refused, refused
+    # a logit method that keeps its authors' raw logits: refused too, with the methods that do take them
+    raw = preflight_line(capsys, "train_student", ["distill=wkd_l", "distill.logit_standardize=true"])
+    assert "no term of this objective (wkd_l, distill.alpha=0) takes standardised logits" in raw, raw
+    assert "compares the networks' logits" not in raw and "kd, mlkd" in raw, raw
     assert "has no effect here" in preflight_line(capsys, "train_student",
                                                   ["distill=fitnet", "+distill.logit_standardize=true"])
     offered = preflight_line(capsys, "train_student", ["distill=crd_kd", "distill.logit_standardize=true"])

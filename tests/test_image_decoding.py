@@ -109,6 +109,8 @@ def test_unreadable_files_are_one_line_naming_them(tmp_path: Path, case: str) ->
     assert ".cpp" not in message  # no C++ source location from the decoder
     if case == "empty":
         assert "empty" in message
+    if case == "not an image":  # what the file is, not the decoder's advice to call Python functions
+        assert "not a JPEG, PNG, WebP or GIF image" in message and "decode_avif" not in message, message
 
 
 def test_tally_says_what_was_converted_in_one_line() -> None:
