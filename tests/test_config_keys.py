@@ -169,3 +169,10 @@ def test_the_advice_as_typed(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == EXIT_USER_ERROR and len(lines) == 1, result.stderr
     assert "dataset=synthetic" in lines[0] and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override", ["teacher.cache_dtype=fp16", "teacher.cache_dir=/tmp/teacher-cache"])
+def test_a_cache_setting_without_the_cache_is_refused(capsys, override):
+    """Where and how the cache is kept means nothing without ``teacher.cache=true``: refused, not recorded."""
+    line = preflight_line(capsys, "train_student", ["distill=kd", override])
+    assert f"{override} is read only with teacher.cache=true" in line, line

@@ -139,6 +139,8 @@ def test_a_pool_input_declared_on_the_command_line_replaces_the_inferred_one(com
     (["teacher=resnet56", "+teacher.width=2"], "config key 'teacher.width' does not exist"),  # zoo nodes stay strict
     (["teacher=torchvision", "teacher.name=resnet18", "+teacher.features.stemm=conv1"], "teacher.features.stemm"),
     (["teacher=torchvision", "teacher.name=resnet18", "teacher.cifar_stem=maybe"], "teacher.cifar_stem"),
+    (["student=torchvision", "student.name=resnet18", f"student._target_={TINY}"],
+     "student._target_ is read only with student=module"),  # else silently ignored
 ])
 def test_bad_external_nodes_are_one_line_errors(compose, tmp_path: Path, overrides: list, message: str) -> None:
     """As the entry points' preflight reports them: a composition error or the schema's check, in one line."""

@@ -57,7 +57,20 @@ def validate(cfg: DictConfig | dict, job: str | None = None) -> DictConfig:
         check_options(typed, data)  # a data set's or optimizer's own keys only for it (key_scope.py)
     except OmegaConfBaseException as err:
         raise UserError(describe_error(err, schema)) from None
+    _check_cache_settings(typed)
     return typed
+
+
+def _check_cache_settings(typed: DictConfig) -> None:
+    """``teacher.cache_dir`` / ``cache_dtype`` say where and how the cache is kept: without the cache they
+    would be recorded and ignored."""
+    teacher = typed.get("teacher")
+    if not isinstance(teacher, DictConfig) or "cache" not in teacher or teacher.cache:
+        return
+    for key, unset in (("cache_dir", None), ("cache_dtype", "fp32")):
+        if teacher.get(key) != unset:
+            raise UserError(f"teacher.{key}={teacher.get(key)} is read only with teacher.cache=true; add "
+                            f"teacher.cache=true, or drop teacher.{key}")
 
 
 def check_job(cfg: DictConfig | dict, job: str) -> DictConfig:
@@ -128,6 +141,9 @@ def _require_network_names(cfg: DictConfig | dict) -> None:
             absent = node.get(key) in (None, MISSING)
         if absent:
             raise UserError(f"{group}={node.get('source')} needs {group}.{key}=... (e.g. {group}.{key}={example})")
+        if key == "name" and node.get("_target_") not in (None, MISSING):
+            raise UserError(f"{group}._target_ is read only with {group}=module; {group}={node.get('source')} builds "
+                            f"{group}.name={node.get('name')}: drop {group}._target_, or use {group}=module")
 
 
 def _type_external_networks(typed: DictConfig, data: dict) -> dict[str, type]:
