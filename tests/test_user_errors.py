@@ -128,6 +128,22 @@ def test_teacher_checkpoint_missing(workspace, tmp_path):
     assert_one_line_error(result, "teacher checkpoint not found", "train_teacher.py model=resnet8")
 
 
+def test_the_suggested_teacher_command_stores_where_the_student_looks(tmp_path):
+    """Followed as printed, the missing teacher's suggested command trains it on the same data set into the
+    same folder, and the same student command then finds it."""
+    command = ["teacher=resnet8", "student=resnet8", "distill=kd", *tiny_overrides(tmp_path)]
+    line = assert_one_line_error(run_cli("train_student.py", *command, f"hydra.run.dir={tmp_path / 's1'}"),
+                                 "teacher checkpoint not found")
+    suggested = line.split("Train it with `")[1].split("`")[0].split()
+    assert suggested[:2] == ["python", "train_teacher.py"] and "dataset=synthetic" in suggested, line
+    # as printed, but one epoch (the suggestion keeps the recipe's 240: only the data and folder are the run's)
+    stored = run_cli("train_teacher.py", *suggested[2:], "trainer.epochs=1", "trainer.progress=false",
+                     f"hydra.run.dir={tmp_path / 't'}")
+    assert stored.returncode == 0, stored.stderr[-2000:]
+    again = run_cli("train_student.py", *command, f"hydra.run.dir={tmp_path / 's2'}")
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
 def test_teacher_checkpoint_truncated(workspace, tmp_path):
     good = (workspace / "teachers" / "resnet8.pt").read_bytes()
     bad = tmp_path / "truncated.pt"

@@ -21,7 +21,7 @@ import fcntl
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from common.errors import UserError
 from common.files import atomic_write, file_sha256
@@ -164,10 +164,11 @@ def verify_teacher(path: str | Path, arch: str, dataset: str | None = None) -> d
 
 
 def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str | None = None,
-                         verify: bool = True) -> dict[str, Any] | None:
+                         verify: bool = True, train_overrides: Sequence[str] = ()) -> dict[str, Any] | None:
     """Load a teacher file into ``model``, checked against the teacher index first (``verify``).
 
-    Returns the index entry (None when the file is not indexed or ``verify`` is off).
+    Returns the index entry (None when the file is not indexed or ``verify`` is off). ``train_overrides``
+    (the run's data set and teacher folder) complete the command a missing file's message suggests.
     """
     from distiller.engine.checkpoints import check_file, load_weights
 
@@ -181,9 +182,9 @@ def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str |
     if path.is_dir():
         check_file(path, "teacher checkpoint")  # a directory: says so, and names the checkpoints in it
     if not path.is_file():
-        raise UserError(f"teacher checkpoint not found: {path}. Train it with `python train_teacher.py "
-                        f"{label_choice(arch, 'model')}` (saved there), or pass teacher.ckpt=PATH to a pretrained "
-                        f"{arch} file ({{'model': state_dict}})")
+        command = " ".join(["python train_teacher.py", label_choice(arch, "model"), *train_overrides])
+        raise UserError(f"teacher checkpoint not found: {path}. Train it with `{command}` (saved there), or pass "
+                        f"teacher.ckpt=PATH to a pretrained {arch} file ({{'model': state_dict}})")
     entry = verify_teacher(path, arch, dataset) if verify else None
     if not verify:
         log.warning("teacher.verify=false: %s is loaded without checking it against the teacher index", path)

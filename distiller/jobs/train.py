@@ -174,7 +174,7 @@ def assemble_distillation(job: Any, run_dir: Path, record: dict[str, Any], runti
     check_features(teacher, "teacher", teacher_arch, needs("teacher"))
     if load_teacher:  # checked against the teacher index of its folder first (teacher.verify)
         load_teacher_weights(teacher, Path(job.teacher.ckpt), teacher_arch, dataset=job.dataset.name,
-                             verify=job.teacher.verify)
+                             verify=job.teacher.verify, train_overrides=_same_data_overrides(job))
     student = build_network(job.student, data.num_classes, data.image_size, role="student")
     check_features(student, "student", student_arch, needs("student"))
     header = {"kind": "student", "arch": student_arch, "student": student_arch, "teacher": teacher_arch,
@@ -185,6 +185,17 @@ def assemble_distillation(job: Any, run_dir: Path, record: dict[str, Any], runti
     trainer = assemble(job, run_dir, record, runtime, data, student, teacher, objective, header, cache)
     write_config(run_dir, record, runtime)
     return trainer, teacher
+
+
+def _same_data_overrides(job: Any) -> list[str]:
+    """What a ``train_teacher.py`` command needs to store its teacher where this run looks: the data set
+    and teacher folder as this command line gave them (else the data set's name)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    typed = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    keys = lambda o: o.split("=", 1)[0].lstrip("+~")
+    same = [o for o in typed if keys(o) in ("dataset", "teacher_dir") or keys(o).startswith("dataset.")]
+    return same if any(keys(o) == "dataset" for o in same) else [f"dataset={job.dataset.name}", *same]
 
 
 def _warn_below_published(job: Any, teacher_arch: str, num_test: int, measured: float) -> None:
