@@ -176,3 +176,15 @@ def test_a_cache_setting_without_the_cache_is_refused(capsys, override):
     """Where and how the cache is kept means nothing without ``teacher.cache=true``: refused, not recorded."""
     line = preflight_line(capsys, "train_student", ["distill=kd", override])
     assert f"{override} is read only with teacher.cache=true" in line, line
+
+
+@pytest.mark.parametrize("config, override, words", [
+    ("train_student", "student.features.stem=conv1", "applies only to a network from outside the zoo (student="),
+    ("train_student", "student.cifar_stem=true", "applies only to a network from outside the zoo (student="),
+    ("train_student", "model=resnet8", "is read by train_teacher.py, not by this command"),
+    ("train_teacher", "teacher.cache=true", "is read by train_student.py, not by this command"),
+    ("train_teacher", "student=resnet8", "is read by train_student.py, not by this command"),
+])
+def test_a_rightly_spelt_key_of_another_context_says_where_it_applies(capsys, config, override, words):
+    line = preflight_line(capsys, config, [override])
+    assert words in line and "check the spelling" not in line and "did you mean" not in line, line

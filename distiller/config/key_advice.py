@@ -20,7 +20,14 @@ from omegaconf import DictConfig
 
 from distiller.config.compose import compose
 from distiller.config.key_scope import option_error
-from distiller.config.schema import RENAMED, SCHEMAS
+from distiller.config.schema import (
+    RENAMED,
+    SCHEMAS,
+    ExternalModelConfig,
+    ExternalTeacherConfig,
+    ModelConfig,
+    TeacherConfig,
+)
 from distiller.config.validation import check_before_start
 
 
@@ -34,8 +41,9 @@ def unknown_key_message(config_name: str | None, overrides: list[str], key: str)
     if len(parts) > 1 and parts[0] in ("model", "teacher", "student") and parts[1] in RENAMED:  # a network's key
         return f"config key '{key}' was renamed; use {'.'.join([parts[0], RENAMED[parts[1]], *parts[2:]])}"
     parent = _node(cfg, parts[:-1])
+    elsewhere = _where_it_applies(config_name, parts)
     if not isinstance(parent, DictConfig):
-        return f"config key '{key}' does not exist; check the spelling"
+        return f"config key '{key}' {elsewhere or 'does not exist; check the spelling'}"
     method = parent.get("method") if parts[0] in ("distill", "combine") else None
     params = _method_parameters(str(method)) if method is not None else None
     if params is not None and parts[-1] in params:
@@ -48,6 +56,8 @@ def unknown_key_message(config_name: str | None, overrides: list[str], key: str)
     if config_name in SCHEMAS and _declared(SCHEMAS[config_name], parts) and mine:
         refusal = _refusal_with(config_name, rest + ["++" + o.lstrip("+") for o in mine])
         return refusal or _add_it(key, "a key of the schema that applies here; this config's files leave it out")
+    if elsewhere:
+        return f"config key '{key}' {elsewhere}"
     known = [str(k) for k in parent.keys()] + list(params or ())
     close = difflib.get_close_matches(parts[-1], known, n=1, cutoff=0.6)
     hint = f"did you mean {'.'.join([*parts[:-1], close[0]])}?" if close else "check the spelling"
@@ -83,6 +93,22 @@ def _refusal_with(config_name: str, overrides: list[str]) -> str | None:
         return str(err)
     except Exception:  # noqa: BLE001 - a composition error: no advice to add it either
         return f"config key '{_key_of(overrides[-1])}' cannot be set here; check the spelling"
+    return None
+
+
+def _where_it_applies(config_name: str | None, parts: list[str]) -> str | None:
+    """Where a rightly spelt key this config lacks is read: by a network from outside the zoo, or by the
+    other entry point (None: nowhere, a misspelling)."""
+    if config_name in SCHEMAS and _declared(SCHEMAS[config_name], parts):
+        return None
+    if parts[0] in ("model", "teacher", "student") and len(parts) > 1:
+        outside, zoo = (ExternalTeacherConfig, TeacherConfig) if parts[0] == "teacher" else (ExternalModelConfig,
+                                                                                             ModelConfig)
+        if _declared(outside, parts[1:]) and not _declared(zoo, parts[1:]):
+            return f"applies only to a network from outside the zoo ({parts[0]}=torchvision, timm or module)"
+    for other, schema in SCHEMAS.items():
+        if other != config_name and _declared(schema, parts):
+            return f"is read by {other}.py, not by this command"
     return None
 
 
