@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from distiller.config.compose import compose
 from distiller.config.key_scope import option_error
 from distiller.config.schema import (
+    NETWORK_GROUPS,
     RENAMED,
     SCHEMAS,
     ExternalModelConfig,
@@ -38,7 +39,7 @@ def unknown_key_message(config_name: str | None, overrides: list[str], key: str)
     rest = [o for o in overrides if _key_of(o) != key]
     cfg = _composed(config_name, rest)
     parts = key.split(".")
-    if len(parts) > 1 and parts[0] in ("model", "teacher", "student") and parts[1] in RENAMED:  # a network's key
+    if len(parts) > 1 and parts[0] in NETWORK_GROUPS and parts[1] in RENAMED:  # a network's key
         return f"config key '{key}' was renamed; use {'.'.join([parts[0], RENAMED[parts[1]], *parts[2:]])}"
     parent = _node(cfg, parts[:-1])
     elsewhere = _where_it_applies(config_name, parts)
@@ -48,7 +49,7 @@ def unknown_key_message(config_name: str | None, overrides: list[str], key: str)
     params = _method_parameters(str(method)) if method is not None else None
     if params is not None and parts[-1] in params:
         return _add_it(key, f"a parameter of method '{method}'")
-    if parts[0] in ("model", "teacher", "student") and len(parts) == 2 and parent.get("source") is not None:
+    if parts[0] in NETWORK_GROUPS and len(parts) == 2 and parent.get("source") is not None:
         return _add_it(key, f"an argument of the {parent.get('source')} network's constructor")
     other = option_error(parts[-2] if len(parts) > 1 else "", parent, parts[-1], None)
     if other:
@@ -101,7 +102,7 @@ def _where_it_applies(config_name: str | None, parts: list[str]) -> str | None:
     other entry point (None: nowhere, a misspelling)."""
     if config_name in SCHEMAS and _declared(SCHEMAS[config_name], parts):
         return None
-    if parts[0] in ("model", "teacher", "student") and len(parts) > 1:
+    if parts[0] in NETWORK_GROUPS and len(parts) > 1:
         outside, zoo = (ExternalTeacherConfig, TeacherConfig) if parts[0] == "teacher" else (ExternalModelConfig,
                                                                                              ModelConfig)
         if _declared(outside, parts[1:]) and not _declared(zoo, parts[1:]):

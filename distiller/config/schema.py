@@ -100,8 +100,16 @@ class TeacherConfig(ModelConfig):
     cache_dtype: str = key("fp32", choices=tuple(CACHE_DTYPES))  # stored logits: fp32 exact; fp16/bf16 rounded
 
 
-# keys of an earlier release -> their names now: named in the unknown-key message, read in recorded configs
+# the config nodes that each name a network (a zoo name, or torchvision/timm/module)
+NETWORK_GROUPS = ("model", "teacher", "student")
+# a network node's keys of an earlier release -> their names now: named in the unknown-key message, read in
+# recorded configs (current_names)
 RENAMED = {"taps": "features"}  # an outside network's features by module path
+
+
+def current_names(node: Mapping[str, Any]) -> dict[str, Any]:
+    """A network node as recorded by an earlier release, with its keys under their names now."""
+    return {RENAMED.get(k, k): v for k, v in node.items()}
 
 
 @dataclass

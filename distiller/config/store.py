@@ -16,6 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from distiller.config.schema import (
     EXTRA,
+    NETWORK_GROUPS,
     PUBLISHED_TEACHER_TOP1,
     SCHEMAS,
     ExternalModelConfig,
@@ -90,7 +91,7 @@ def register_configs(store: ConfigStore | None = None) -> None:
 
 def group_options(group: str) -> list[str]:
     """Names a config group offers from the ConfigStore (canonical architecture names for the model groups)."""
-    if group in ("model", "teacher", "student"):
+    if group in NETWORK_GROUPS:
         return list_models() + SOURCES.names()
     entries = ConfigStore.instance().repo.get(group, {})
     return sorted(name.removesuffix(".yaml") for name in entries if isinstance(name, str) and name.endswith(".yaml")

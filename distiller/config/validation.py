@@ -21,6 +21,7 @@ from common.errors import UserError
 from distiller.config.key_scope import check_options, expand_home
 from distiller.config.schema import (
     EXTRA,
+    NETWORK_GROUPS,
     SCHEMAS,
     DistillConfig,
     ExternalModelConfig,
@@ -129,7 +130,7 @@ def _gather_extras(node: DictConfig) -> None:
 
 def _require_network_names(cfg: DictConfig | dict) -> None:
     """An external network node names its model (``teacher=torchvision teacher.name=resnet18``): say so in one line."""
-    for group in ("model", "teacher", "student"):
+    for group in NETWORK_GROUPS:
         node = cfg.get(group) if isinstance(cfg, (dict, DictConfig)) else None
         if not isinstance(node, (dict, DictConfig)) or node.get("source") is None:
             continue
@@ -149,7 +150,7 @@ def _require_network_names(cfg: DictConfig | dict) -> None:
 def _type_external_networks(typed: DictConfig, data: dict) -> dict[str, type]:
     """Type the network nodes that name a ``source`` as external networks, open for constructor arguments."""
     external = {}
-    for group in ("model", "teacher", "student"):
+    for group in NETWORK_GROUPS:
         node = data.get(group)
         if group in typed.keys() and isinstance(node, dict) and node.get("source") is not None:
             kind = ExternalTeacherConfig if group == "teacher" else ExternalModelConfig
@@ -190,7 +191,7 @@ def _check(node: Any, schema: type, prefix: str, given: Any) -> None:
     hints = typing.get_type_hints(schema)
     given = given if isinstance(given, dict) else {}
     # the networks' nodes first: optim.lr follows model.lr / student.lr, and the message should name those
-    for f in sorted(dataclasses.fields(schema), key=lambda f: f.name not in ("model", "teacher", "student")):
+    for f in sorted(dataclasses.fields(schema), key=lambda f: f.name not in NETWORK_GROUPS):
         path = f"{prefix}{f.name}"
         value = node[f.name]  # a MISSING value raises MissingMandatoryValue here
         kind = unwrap(hints[f.name])

@@ -23,7 +23,7 @@ from torch import nn
 from common.errors import UserError
 from datasets import DATASETS, load_dataset
 from distiller.config.overrides import hydra_quoted
-from distiller.config.schema import RENAMED
+from distiller.config.schema import current_names
 from distiller.engine.checkpoints import check_file, extract_state_dict, guess_architecture, safe_load
 from distiller.engine.evaluation import measure_per_class
 from distiller.engine.runtime import Runtime, resolve_device
@@ -121,7 +121,7 @@ def recorded_network(header: Mapping[str, Any]) -> dict[str, Any] | None:
     for key in ("model", "student"):  # a teacher run trains ``model``; a distillation run saves its ``student``
         node = config.get(key)
         if isinstance(node, Mapping) and node.get("source") is not None and network_label(node) == header.get("arch"):
-            return {RENAMED.get(k, k): v for k, v in node.items()}  # a file of an earlier release too
+            return current_names(node)  # a file of an earlier release too
     return None
 
 

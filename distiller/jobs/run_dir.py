@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.errors import UserError
 from common.files import atomic_write
 from distiller.config import run_record
-from distiller.config.schema import RENAMED, SCHEMAS
+from distiller.config.schema import NETWORK_GROUPS, SCHEMAS, current_names
 from distiller.engine.checkpoints import safe_load
 from distiller.engine.runtime import Runtime, barrier
 
@@ -38,23 +38,21 @@ VOLATILE_KEYS = ("trainer.resume", "trainer.auto_resume", "trainer.force", "trai
 # keys added to configs after runs were made with them absent: at these values they change nothing,
 # so a run directory written before they existed still resumes
 NEUTRAL_DEFAULTS = {"distill.logit_standardize": False, "teacher.cache": False, "teacher.cache_dtype": "fp32",
-                    **{f"{role}.features.pool_input": None for role in ("model", "teacher", "student")}}
+                    **{f"{group}.features.pool_input": None for group in NETWORK_GROUPS}}
 # tables only interpolations read (``pair``: the per-pair settings; a preset's own top-level table): what
 # they gave the run is in the resolved keys it reads, so a pair file that gains a new method's settings
 # does not turn the runs made before into different runs
 INTERPOLATION_TABLES = ("pair",)
 
 
-def _renamed(node: Any) -> Any:
-    """A network node with the keys of an earlier release under their names now (a run made then resumes)."""
-    return {RENAMED.get(k, k): v for k, v in node.items()} if isinstance(node, dict) else node
-
-
 def run_identity(config: dict[str, Any]) -> dict[str, Any]:
     """The config without keys that may change between a run and its resumption."""
     known = {f.name for schema in SCHEMAS.values() for f in dataclasses.fields(schema)}
-    identity = OmegaConf.create({key: _renamed(value) if key in ("model", "teacher", "student") else value
-                                 for key, value in config.items() if key in known and key not in INTERPOLATION_TABLES})
+    kept = {key: value for key, value in config.items() if key in known and key not in INTERPOLATION_TABLES}
+    for group in NETWORK_GROUPS:  # a node recorded by an earlier release, under today's key names: it resumes
+        if isinstance(kept.get(group), dict):
+            kept[group] = current_names(kept[group])
+    identity = OmegaConf.create(kept)
     for key in (*VOLATILE_KEYS, *NEUTRAL_DEFAULTS):
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(identity, parent) if parent else identity
