@@ -81,7 +81,7 @@ def _torchvision_resnet(model: nn.Module, input_size: Sequence[int]) -> FeatureD
         bns.append(f"{stage}.{name}.{bn}" if bn else None)
     if None in preact:  # a block class of the user's own: its forward is unknown
         return FeatureDeclaration(stem="relu", stages=stages, embedding="fc@in",
-                              gaps={"preact": "its blocks are not torchvision's BasicBlock/Bottleneck"})
+                                  gaps={"preact": "its blocks are not torchvision's BasicBlock/Bottleneck"})
     return FeatureDeclaration(stem="relu", stages=stages, embedding="fc@in", preact=tuple(preact), bn=tuple(bns))
 
 
@@ -111,14 +111,14 @@ def _torchvision_mobile(model: nn.Module, input_size: Sequence[int]) -> FeatureD
     """
     stages = _feature_stages(model, input_size, head=True)
     return FeatureDeclaration(stem="features.0", stages=tuple(stages), embedding="classifier@in", preact=SAME,
-                          bn=tuple(_last_batchnorm(model, s) for s in stages))
+                              bn=tuple(_last_batchnorm(model, s) for s in stages))
 
 
 def _torchvision_convnext(model: nn.Module, input_size: Sequence[int]) -> FeatureDeclaration:
     """torchvision ConvNeXt: patchify stem, the four block groups, the classifier's Linear input (after its norm)."""
     stages = _feature_stages(model, input_size, head=False)
     return FeatureDeclaration(stem="features.0", stages=tuple(stages), embedding=f"{last_linear(model)}@in",
-                          preact=SAME)
+                              preact=SAME)
 
 
 for _name, _infer in (("resnet.ResNet", _torchvision_resnet), ("mobilenetv2.MobileNetV2", _torchvision_mobile),
@@ -143,5 +143,5 @@ def timm_declaration(model: nn.Module, input_size: Sequence[int]) -> FeatureDecl
     path = next((n for n, m in model.named_modules() if m is classifier and n), last_linear(model))
     why = "timm's feature_info names no pre-activation maps"
     return with_pool_input(FeatureDeclaration(stem=stem, stages=tuple(str(e["module"]) for e in entries),
-                          embedding=f"{path}{INPUT_SUFFIX}" if path else None,
-                          gaps={"stem": "timm's feature_info names no stem", "preact": why}), model)
+                                              embedding=f"{path}{INPUT_SUFFIX}" if path else None,
+                                              gaps={"stem": "timm's feature_info names no stem", "preact": why}), model)
