@@ -151,6 +151,12 @@ class Objective(nn.Module):
         """Trainable helper parameters of the active methods (frozen ones excluded)."""
         return [p for m in self.active() for p in m.method.parameters() if p.requires_grad]
 
+    def reads_temperature(self) -> bool:
+        """Whether a term runs at the config's temperature: the KD term (``alpha`` > 0) or a method that
+        reads ``ctx.temperature``, and no method supplies a temperature of its own (CTKD's)."""
+        readers = self.alpha > 0 or any(m.method.reads_temperature for m in self.active())
+        return readers and self.supplied_temperature() is None
+
     # ---- the loss -------------------------------------------------------------------------------
     def supplied_temperature(self) -> torch.Tensor | None:
         """The temperature of the first active method that supplies one (e.g. a learned T), else None."""

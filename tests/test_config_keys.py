@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 import yaml
 from helpers import CONFIGS, run_cli
 from omegaconf import OmegaConf
@@ -188,3 +189,67 @@ def test_a_cache_setting_without_the_cache_is_refused(capsys, override):
 def test_a_rightly_spelt_key_of_another_context_says_where_it_applies(capsys, config, override, words):
     line = preflight_line(capsys, config, [override])
     assert words in line and "check the spelling" not in line and "did you mean" not in line, line
+
+
+# ---- objective keys no term reads ------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, words", [
+    (["distill=fitnet", "distill.temperature=8"], "distill.alpha=0 turns the KD term off"),
+    (["distill=skd", "distill.temperature=8"], "or set distill.skd_temperature (the method's own)"),
+    (["distill=dkd", "distill.dkd_temperature=2", "distill.temperature=3"], "or set distill.dkd_temperature"),
+    (["distill=ctkd", "distill.temperature=8"], "CTKD's learned T"),
+    (["distill=kd", "+distill@combine.at=at", "combine.at.alpha=0.5"], "combine.at.alpha is not read"),
+    (["distill=kd", "+distill@combine.at=at", "combine.at.temperature=2"], "combine.at.temperature is not read"),
+    (["-m", "distill=fitnet", "distill.temperature=2,4"], "nothing was run"),
+])
+def test_an_objective_key_no_term_reads_is_refused(capsys, overrides, words):
+    """A temperature nothing runs at (the KD term off, no method reading the objective's, or a supplied
+    one), or a combined method's objective weight: a sweep over it would run the same job twice."""
+    line = preflight_line(capsys, "train_student", overrides)
+    assert words in line, line
+
+
+def _logits(classes: int = 10) -> tuple:
+    from datasets.batch import Batch
+    from distiller.features import Features
+
+    g = torch.Generator().manual_seed(3)
+    zs, zt = torch.randn(6, classes, generator=g) * 3, torch.randn(6, classes, generator=g) * 3
+    labels = torch.randint(0, classes, (6,), generator=g)
+    return zs, zt, Batch(images=torch.zeros(6, 3, 4, 4), labels=labels, indices=torch.arange(6)), Features
+
+
+def _kd_by_loop(zs: torch.Tensor, zt: torch.Tensor, t: float) -> torch.Tensor:
+    """Hinton's KD written out: T^2 times the batch mean of sum_c p_t log(p_t / p_s) at temperature t."""
+    total = 0.0
+    for s_row, t_row in zip(zs.double(), zt.double()):
+        p_s, p_t = torch.softmax(s_row / t, 0), torch.softmax(t_row / t, 0)
+        total += float((p_t * (p_t.log() - p_s.log())).sum())
+    return torch.tensor(t * t * total / len(zs), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("overrides, term", [
+    (["distill=kd", "distill.temperature=2"], "kd"),  # the objective's KD term
+    (["distill=dist", "distill.alpha=0.5", "distill.temperature=2"], "kd"),  # a method at alpha 0 by default
+    (["distill=kd", "distill.alpha=0", "distill.beta=1", "distill.temperature=2"], "kd"),  # KD as the method
+])
+def test_a_temperature_a_term_runs_at_is_accepted_and_reaches_it(compose, overrides, term):
+    from distiller.objective import Objective
+
+    preflight("train_student", overrides)  # accepted: no SystemExit
+    job = load_job(compose("train_student", overrides), "train_student")
+    objective = Objective.from_config(job.distill, job.combine)
+    zs, zt, batch, features = _logits()
+    per_method = {e.label: (features(logits=zs), features(logits=zt)) for e in objective.entries}
+    out = objective(features(logits=zs), features(logits=zt), batch, 1, per_method)
+    torch.testing.assert_close(out.terms[term].double(), _kd_by_loop(zs, zt, 2.0), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["distill=dkd", "distill.temperature=2"], "distill.dkd_temperature"),
+    (["distill=mlkd", "distill.temperature=2"], "distill.mlkd_temperature"),
+    (["distill=kd", "+distill@combine.dkd=dkd", "combine.dkd.temperature=2"], "combine.dkd.dkd_temperature"),
+])
+def test_a_temperature_a_methods_own_key_follows_is_accepted(compose, overrides, key):
+    """DKD's and MLKD's own temperature follow their node's ``temperature`` unless set (their files say so)."""
+    preflight("train_student", overrides)
+    assert OmegaConf.select(compose("train_student", overrides), key) == 2.0

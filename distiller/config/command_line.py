@@ -37,7 +37,7 @@ from distiller.config import run_record
 from distiller.config.compose import CONFIG_DIR, compose
 from distiller.config.key_advice import unknown_key_message
 from distiller.config.key_scope import check_added_keys
-from distiller.config.overrides import added_top_level_keys, readable_overrides, sweep_axes
+from distiller.config.overrides import added_top_level_keys, readable_overrides, set_keys, sweep_axes
 from distiller.config.schema import SCHEMAS
 from distiller.config.store import group_options
 from distiller.config.validation import check_before_start, describe_error, validate
@@ -343,7 +343,7 @@ def preflight(config_name: str, argv: list[str]) -> None:
     if not multirun:
         try:
             cfg = compose(config_name, overrides, return_hydra_config=True)
-            _check(cfg, job)
+            _check(cfg, job, set_keys(overrides))
             check_run_dir(Path(str(cfg.hydra.run.dir)))
             _note_new_folders(Path(str(cfg.hydra.run.dir)))
         except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
@@ -352,12 +352,13 @@ def preflight(config_name: str, argv: list[str]) -> None:
     _check_sweep(config_name, job, overrides)
 
 
-def _check(cfg: DictConfig, job: str | None) -> None:
-    """The checks the job makes before it starts (:func:`distiller.config.validation.check_before_start`)."""
+def _check(cfg: DictConfig, job: str | None, keys: set[str]) -> None:
+    """The checks the job makes before it starts (:func:`distiller.config.validation.check_before_start`),
+    and that each objective key the command line sets (``keys``) is read."""
     if job is None:
         validate(cfg)
     else:
-        check_before_start(cfg, job)
+        check_before_start(cfg, job, keys)
 
 
 def _check_sweep(config_name: str, job: str | None, overrides: list[str]) -> None:
@@ -368,7 +369,7 @@ def _check_sweep(config_name: str, job: str | None, overrides: list[str]) -> Non
                         for key, values in axes.items() for value in values[1:]]
     for trial in trials:
         try:
-            _check(compose(config_name, plain + trial), job)
+            _check(compose(config_name, plain + trial), job, set_keys(plain + trial))
         except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
             where = f" (in the sweep's job with {' '.join(trial)}; nothing was run)" if axes else ""
             fail(explain_config_error(err, config_name, plain + trial) + where)

@@ -5,6 +5,11 @@
   it registers (``options=(...)``: datasets/, distiller/optim.py); the schema declares that the key exists.
 * A top-level key added on the command line (``+foo=1``) must be a key of the job. (A preset's own
   top-level table, read by its interpolations, comes from a file and is not refused.)
+* An objective key set on the command line must reach a term (:func:`check_objective_keys`): a combined
+  method's ``gamma`` / ``alpha`` / ``temperature`` (the primary ``distill`` node sets them for the whole
+  objective), or ``distill.temperature`` where no term runs at it (``alpha=0`` and no method reads it,
+  or a method supplies its own, CTKD's learned T). A preset's values are not refused: only what the
+  command line sets, so a sweep over a key nobody reads stops before its first run.
 * A path key (declared with ``path=True``) may start with ``~``: it is read as the home folder.
 """
 from __future__ import annotations
@@ -12,9 +17,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from common.errors import UserError
 from common.registry import Registry
@@ -66,6 +74,38 @@ def check_added_keys(keys: list[str], job: str) -> None:
             hint = f"; did you mean {close[0]}?" if close else "; check the spelling"
             raise UserError(f"config key '{key}' does not exist in {job}'s config{hint} "
                             f"(valid keys: {', '.join(sorted(known))})")
+
+
+def check_objective_keys(config: DictConfig, objective: Any, set_keys: Collection[str]) -> None:
+    """Each objective key in ``set_keys`` (the keys the command line sets) reaches a term of ``objective``
+    (:class:`distiller.objective.Objective`, built from ``config``, the composed job before resolution)."""
+    for key in sorted(set_keys):
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "combine" and parts[2] in ("gamma", "alpha", "temperature"):
+            label, name = parts[1], parts[2]
+            if name == "temperature" and _interpolated(config.combine[label], "temperature"):
+                continue
+            raise UserError(f"{key} is not read: the primary method's node sets gamma, alpha and temperature for "
+                            f"the whole objective (distill.{name}); a combined method takes beta, warmup_epochs "
+                            f"and its own keys")
+        if key == "distill.temperature" and not objective.reads_temperature() \
+                and not _interpolated(config.distill, "temperature"):
+            setting = f"distill.temperature={_shown(OmegaConf.select(config, key))}"
+            if objective.supplied_temperature() is not None:
+                raise UserError(f"{setting} has no effect here: a method supplies the temperature of every logit "
+                                f"term (CTKD's learned T); drop it")
+            own = [f"distill.{k}" for k in config.distill if str(k).endswith("_temperature")]
+            instead = f", or set {' / '.join(own)} (the method's own)" if own else ""
+            raise UserError(f"{setting} has no effect here: distill.alpha=0 turns the KD term off and no method here "
+                            f"runs at it; drop it, or set distill.alpha > 0 for a KD term at it{instead}")
+
+
+def _interpolated(node: DictConfig, key: str) -> bool:
+    """Whether another value of ``node`` (as written, before resolution) reads ``node.<key>``
+    (``dkd_temperature: ${.temperature}``)."""
+    pattern = re.compile(r"\$\{\." + re.escape(key) + r"\}")
+    written = OmegaConf.to_container(node, resolve=False)
+    return any(isinstance(v, str) and pattern.search(v) for k, v in written.items() if k != key)
 
 
 def expand_home(data: dict[str, Any], schema: type) -> None:

@@ -102,3 +102,15 @@ def added_top_level_keys(args: list[str], groups: set[str]) -> list[str]:
             continue
         keys.append((override.package or override.key_or_group).split(".")[0])
     return keys
+
+
+def set_keys(args: list[str]) -> set[str]:
+    """The config keys that ``args`` set (``key=v``, ``+key=v``, ``++key=v``; a sweep's too); a group choice
+    (``distill=kd``) comes out as the group's name, one into a package (``+distill@combine.at=at``) and a
+    deletion (``~key``) not at all."""
+    keys = set()
+    for override in _parser().parse_overrides(list(args)):
+        if override.is_delete() or override.package is not None:
+            continue
+        keys.add(override.get_key_element())
+    return keys

@@ -12,13 +12,13 @@ import dataclasses
 import re
 import types
 import typing
-from typing import Any, Dict, List, Mapping, Union
+from typing import Any, Collection, Dict, List, Mapping, Union
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
 from common.errors import UserError
-from distiller.config.key_scope import check_options, expand_home
+from distiller.config.key_scope import check_objective_keys, check_options, expand_home
 from distiller.config.schema import (
     EXTRA,
     NETWORK_GROUPS,
@@ -336,12 +336,15 @@ def either(choices: tuple) -> str:
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
-def check_before_start(cfg: DictConfig | dict, job: str) -> None:
+def check_before_start(cfg: DictConfig | dict, job: str, set_keys: Collection[str] = ()) -> None:
     """What a job refuses in its config before it starts, in one :class:`UserError`: the schema (:func:`load_job`)
     and, for distillation, the objective's own checks (a method's parameters, ``logit_standardize`` where no
-    term compares logits, ...: :meth:`distiller.objective.Objective.from_config`)."""
+    term compares logits, ...: :meth:`distiller.objective.Objective.from_config`); ``set_keys``: the keys the
+    command line sets, each of which must reach a term (:func:`distiller.config.key_scope.check_objective_keys`)."""
     from distiller.objective import Objective
 
     typed = load_job(cfg, job)
     if isinstance(typed, StudentJob):
-        Objective.from_config(typed.distill, typed.combine)
+        objective = Objective.from_config(typed.distill, typed.combine)
+        if set_keys and isinstance(cfg, DictConfig):
+            check_objective_keys(cfg, objective, set_keys)

@@ -114,6 +114,9 @@ class DistillMethod(nn.Module):
     standardizes_itself: ClassVar[bool] = False
     # A temperature another method supplies (``ctx.supplied_temperature``) replaces its own (DKD's).
     takes_temperature: ClassVar[bool] = False
+    # Its terms run at the objective's temperature, ``ctx.temperature`` (``distill.temperature``, or the
+    # one a method supplies), as KD's does: with it, distill.temperature is read even at alpha=0.
+    reads_temperature: ClassVar[bool] = False
     # Its terms carry their own weights (DKD's tckd/nckd weights, MLKD's), so its config's beta is 1.
     weights_own_terms: ClassVar[bool] = False
     # Teacher features it reads in a pass over the training set before training (``calibrate``);

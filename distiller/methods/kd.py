@@ -20,6 +20,7 @@ class KD(DistillMethod):
     """
 
     logit_terms = True
+    reads_temperature = True
 
     def forward(self, student: Features[torch.Tensor], teacher: Features[torch.Tensor], batch: Batch,
                 ctx: TermContext) -> dict[str, torch.Tensor]:
