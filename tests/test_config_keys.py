@@ -200,10 +200,14 @@ def test_a_rightly_spelt_key_of_another_context_says_where_it_applies(capsys, co
     (["distill=kd", "+distill@combine.at=at", "combine.at.alpha=0.5"], "combine.at.alpha is not read"),
     (["distill=kd", "+distill@combine.at=at", "combine.at.temperature=2"], "combine.at.temperature is not read"),
     (["-m", "distill=fitnet", "distill.temperature=2,4"], "nothing was run"),
+    (["distill=kd", "distill.warmup_epochs=20"], "ramps the method's weight distill.beta, which is 0"),
+    (["distill=kd", "+distill@combine.at=at", "combine.at.beta=0", "combine.at.warmup_epochs=5"],
+     "combine.at.beta, which is 0"),
 ])
 def test_an_objective_key_no_term_reads_is_refused(capsys, overrides, words):
     """A temperature nothing runs at (the KD term off, no method reading the objective's, or a supplied
-    one), or a combined method's objective weight: a sweep over it would run the same job twice."""
+    one), a combined method's objective weight, a warm-up of a zero weight: a sweep over it would run the
+    same job twice."""
     line = preflight_line(capsys, "train_student", overrides)
     assert words in line, line
 
@@ -253,3 +257,15 @@ def test_a_temperature_a_methods_own_key_follows_is_accepted(compose, overrides,
     """DKD's and MLKD's own temperature follow their node's ``temperature`` unless set (their files say so)."""
     preflight("train_student", overrides)
     assert OmegaConf.select(compose("train_student", overrides), key) == 2.0
+
+
+def test_a_warm_up_of_a_weighted_method_is_accepted_and_ramps_its_weight(compose):
+    """DKD's own warm-up (its file: 20 epochs) and one set on the command line for a combined method."""
+    from distiller.objective import Objective
+
+    overrides = ["distill=kd", "+distill@combine.at=at", "combine.at.warmup_epochs=5"]
+    preflight("train_student", overrides)
+    job = load_job(compose("train_student", overrides), "train_student")
+    at = next(e for e in Objective.from_config(job.distill, job.combine).entries if e.label == "at")
+    assert at.beta > 0
+    assert [at.weight(epoch) for epoch in (1, 2, 5, 9)] == pytest.approx([at.beta * e / 5 for e in (1, 2, 5, 5)])

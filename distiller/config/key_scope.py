@@ -8,8 +8,9 @@
 * An objective key set on the command line must reach a term (:func:`check_objective_keys`): a combined
   method's ``gamma`` / ``alpha`` / ``temperature`` (the primary ``distill`` node sets them for the whole
   objective), or ``distill.temperature`` where no term runs at it (``alpha=0`` and no method reads it,
-  or a method supplies its own, CTKD's learned T). A preset's values are not refused: only what the
-  command line sets, so a sweep over a key nobody reads stops before its first run.
+  or a method supplies its own, CTKD's learned T), or a warm-up of a method whose ``beta`` is 0. A
+  preset's values are not refused, only what the command line sets: a sweep over a key nobody reads
+  stops before its first run.
 * A path key (declared with ``path=True``) may start with ``~``: it is read as the home folder.
 """
 from __future__ import annotations
@@ -88,6 +89,14 @@ def check_objective_keys(config: DictConfig, objective: Any, set_keys: Collectio
             raise UserError(f"{key} is not read: the primary method's node sets gamma, alpha and temperature for "
                             f"the whole objective (distill.{name}); a combined method takes beta, warmup_epochs "
                             f"and its own keys")
+        if parts[-1] == "warmup_epochs" and len(parts) in (2, 3) and parts[0] in ("distill", "combine"):
+            label = parts[1] if parts[0] == "combine" else str(config.distill.name)
+            entry = next((e for e in objective.entries if e.label == label), None)
+            if entry is not None and entry.beta == 0 and entry.warmup_epochs > 0:
+                node = "distill" if parts[0] == "distill" else f"combine.{label}"
+                raise UserError(f"{key}={entry.warmup_epochs} has no effect here: the warm-up ramps the method's "
+                                f"weight {node}.beta, which is 0 (the KD term, distill.alpha, has no warm-up); "
+                                f"drop it, or give {node}.beta a weight")
         if key == "distill.temperature" and not objective.reads_temperature() \
                 and not _interpolated(config.distill, "temperature"):
             setting = f"distill.temperature={_shown(OmegaConf.select(config, key))}"
