@@ -14,7 +14,8 @@ import pytest
 from helpers import run_cli, tiny_overrides
 
 from common.errors import UserError
-from distiller.config.command_line import check_run_dir, preflight
+from distiller.config.command_line import preflight
+from distiller.config.run_record import check_run_dir
 
 EXIT_USER_ERROR = 2
 HAS_PROC = sys.platform.startswith("linux") and Path("/proc/self").is_dir()

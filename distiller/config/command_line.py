@@ -11,7 +11,6 @@ Importing it also fills Hydra's ConfigStore and registers the resolvers (:mod:`d
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import functools
 import json
@@ -20,7 +19,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
@@ -171,8 +169,8 @@ def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             logging.getLogger("distiller").error("%s", err)
             run_record.release()
-            _remove_untaken_run_dir()
-            if _in_multirun():  # this job fails, the sweep goes on; Hydra reports it in one line when it ends
+            run_record.remove_untaken_run_dir()
+            if run_record.in_multirun():  # this job fails, the sweep goes on; Hydra reports it in one line when it ends
                 raise SweepJobError(f"error: {' '.join(str(err).split())}") from None
             fail(str(err))
         except KeyboardInterrupt:
@@ -181,46 +179,6 @@ def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
             run_record.release()
 
     return wrapper
-
-
-# the run directory of this command and those of its parents that did not exist before it (preflight)
-_NEW_FOLDERS: list[Path] = []
-
-
-def _note_new_folders(run_dir: Path) -> None:
-    """Before Hydra makes ``run_dir``: it and the parents that do not exist yet, the run directory first."""
-    new = []
-    for folder in (run_dir.absolute(), *run_dir.absolute().parents):
-        if folder.exists():
-            break
-        new.append(folder)
-    _NEW_FOLDERS[:] = new
-
-
-def _remove_untaken_run_dir() -> None:
-    """A job that stopped before it took its run directory leaves no empty folder: the one Hydra made
-    for it goes, and in a single run the parents this command made for it (a sweep's are shared)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return
-    run_dir = Path(HydraConfig.get().runtime.output_dir).absolute()
-    if _in_multirun():
-        folders = [run_dir]  # a job's own folder (Hydra makes one per job)
-    else:  # what preflight saw missing, if it is this run directory (not one that was there before)
-        folders = _NEW_FOLDERS if _NEW_FOLDERS[:1] == [run_dir] else []
-    for folder in folders:
-        try:
-            folder.rmdir()  # only an empty folder: anything the job wrote keeps it
-        except OSError:
-            return
-
-
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _group_options(group: str) -> list[str]:
@@ -280,35 +238,6 @@ def canonical_model_choices(argv: list[str]) -> list[str]:
     return out
 
 
-def check_run_dir(path: Path) -> None:
-    """Fail now, in one line, where Hydra could not create the run directory or write into it.
-
-    Permission bits do not tell (root passes them everywhere; ``/proc`` or a read-only mount only
-    refuse when written), so the directory is really created and a file opened in it; whatever
-    the check created is removed again, so it writes nothing either way.
-    """
-    if path.exists() and not path.is_dir():
-        raise UserError(f"hydra.run.dir={path} is a file, not a directory; choose another hydra.run.dir")
-    existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"hydra.run.dir={path} cannot be created: {existing} is a file; choose another hydra.run.dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"hydra.run.dir={path} cannot be created or written: {existing} is not writable; "
-                        f"choose another hydra.run.dir")
-    created = [p for p in (path.absolute(), *path.absolute().parents) if not p.exists()]  # deepest first
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        raise UserError(f"hydra.run.dir={path} cannot be created or written ({err.strerror or err}); "
-                        f"choose another hydra.run.dir") from None
-    finally:
-        for folder in created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-
-
 def preflight(config_name: str, argv: list[str]) -> None:
     """Compose and validate the config once with the command-line overrides; a mistake ends here in one line.
 
@@ -318,7 +247,7 @@ def preflight(config_name: str, argv: list[str]) -> None:
     product; a mistake only some combinations make is reported by its job). Hydra's other flags
     (``--cfg``, ``-cn``, ...) are left to Hydra.
     """
-    _NEW_FOLDERS.clear()
+    run_record.forget_new_folders()
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return
@@ -344,8 +273,8 @@ def preflight(config_name: str, argv: list[str]) -> None:
         try:
             cfg = compose(config_name, overrides, return_hydra_config=True)
             _check(cfg, job, set_keys(overrides))
-            check_run_dir(Path(str(cfg.hydra.run.dir)))
-            _note_new_folders(Path(str(cfg.hydra.run.dir)))
+            run_record.check_run_dir(Path(str(cfg.hydra.run.dir)))
+            run_record.note_new_folders(Path(str(cfg.hydra.run.dir)))
         except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
             fail(explain_config_error(err, config_name, overrides))
         return

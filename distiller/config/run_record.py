@@ -6,15 +6,24 @@ run is finished) would overwrite the record of the run that is there. The primar
 (``hydra.output_subdir: null``; the log file opened only when first written); :func:`hold` keeps the
 same record, and the log records, in memory when the task starts, and the job writes them
 (:func:`write_held`) once it has taken the directory. A refused command writes nothing.
+
+The run directory itself, until the job takes it: before Hydra makes it, :func:`check_run_dir` fails in
+one line where it could not be created or written, and :func:`note_new_folders` notes which folders Hydra
+is about to make; a job that stops before taking it removes them again (:func:`remove_untaken_run_dir`),
+so a refused command leaves no empty folder behind.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.errors import UserError
 from common.files import atomic_write
 
 RECORD_DIR = ".hydra"  # where Hydra keeps it: the collector and users look there
@@ -98,3 +107,78 @@ def release() -> None:
     logging.getLogger().removeHandler(held.buffer)
     for handler in held.log_files:
         handler.close()  # never opened (delayed), or opened before the job started: nothing is written
+
+
+def check_run_dir(path: Path) -> None:
+    """Fail now, in one line, where Hydra could not create the run directory or write into it.
+
+    Permission bits do not tell (root passes them everywhere; ``/proc`` or a read-only mount only
+    refuse when written), so the directory is really created and a file opened in it; whatever
+    the check created is removed again, so it writes nothing either way.
+    """
+    if path.exists() and not path.is_dir():
+        raise UserError(f"hydra.run.dir={path} is a file, not a directory; choose another hydra.run.dir")
+    existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"hydra.run.dir={path} cannot be created: {existing} is a file; choose another hydra.run.dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"hydra.run.dir={path} cannot be created or written: {existing} is not writable; "
+                        f"choose another hydra.run.dir")
+    created = [p for p in (path.absolute(), *path.absolute().parents) if not p.exists()]  # deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UserError(f"hydra.run.dir={path} cannot be created or written ({err.strerror or err}); "
+                        f"choose another hydra.run.dir") from None
+    finally:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+# the run directory of this command and those of its parents that did not exist before it (preflight)
+_NEW_FOLDERS: list[Path] = []
+
+
+def note_new_folders(run_dir: Path) -> None:
+    """Before Hydra makes ``run_dir`` (the check before Hydra runs): it and the parents that do not exist yet,
+    the run directory first."""
+    new = []
+    for folder in (run_dir.absolute(), *run_dir.absolute().parents):
+        if folder.exists():
+            break
+        new.append(folder)
+    _NEW_FOLDERS[:] = new
+
+
+def remove_untaken_run_dir() -> None:
+    """A job that stopped before it took its run directory leaves no empty folder: the one Hydra made
+    for it goes, and in a single run the parents this command made for it (a sweep's are shared)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    run_dir = Path(HydraConfig.get().runtime.output_dir).absolute()
+    if in_multirun():
+        folders = [run_dir]  # a job's own folder (Hydra makes one per job)
+    else:  # what preflight saw missing, if it is this run directory (not one that was there before)
+        folders = _NEW_FOLDERS if _NEW_FOLDERS[:1] == [run_dir] else []
+    for folder in folders:
+        try:
+            folder.rmdir()  # only an empty folder: anything the job wrote keeps it
+        except OSError:
+            return
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def forget_new_folders() -> None:
+    """A new command line: no folder noted yet."""
+    _NEW_FOLDERS.clear()
