@@ -7,7 +7,10 @@ The loader turns the ``dataset`` config node into :class:`DataSplits` (decoded, 
 or, for a set too large for memory, :class:`FileSplits` (the image files, decoded batch by
 batch); the facts (classes, image size, channels, mean/std) travel with the splits, and the
 engine, the loaders and the feature probe read them from there, never from CIFAR constants.
-``datasets.loaders.make_loader`` builds the right loader for either.
+``datasets.loaders.make_loader`` builds the right loader for either. ``options=(...)`` names the optional
+keys of the ``dataset`` node the data set reads (any other is refused when set); ``check=`` a function of
+the node that raises :class:`UserError` for settings the data set refuses by themselves, run with the
+config's validation, so a run or a sweep stops on them before it starts.
 """
 from __future__ import annotations
 

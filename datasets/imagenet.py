@@ -35,23 +35,30 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _LAYOUT = "dataset=imagenet reads DIR/train/<wnid>/*.JPEG and DIR/val/<wnid>/*.JPEG"
 
 
-@DATASETS.register("imagenet", facts=DatasetFacts(channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-                   options=("image_size", "eval_resize", "stream", "workers"))
-def load_imagenet(cfg: Mapping[str, Any]) -> FileSplits:
-    """``dataset=imagenet``: the folders at ``dataset.root``, checked once, streamed with the ImageNet recipe."""
-    given = cfg_get(cfg, "root")
-    if given is None or str(given) == "":
-        raise UserError(f"dataset=imagenet needs dataset.root=DIR: {_LAYOUT}")
+def check_imagenet_settings(cfg: Mapping[str, Any]) -> tuple[int, int]:
+    """What ``dataset=imagenet`` refuses in its settings alone, before any file is read (also checked with
+    the config, before a run or a sweep starts); the training crop and the evaluation resize."""
     if stream_setting(cfg_get(cfg, "stream", "auto")) is False:
         raise UserError("dataset=imagenet always streams from its files (RandomResizedCrop reads the whole image "
                         "every epoch): use dataset.stream=auto or true, or dataset=imagefolder dataset.image_size=N "
                         "for a resized copy in memory")
-    root = Path(str(given)).expanduser()
     size = cfg_int(cfg, "image_size", 224, minimum=1)
     resize = cfg_int(cfg, "eval_resize", 256, minimum=1)
     if resize < size:
         raise UserError(f"dataset.eval_resize={resize} is smaller than dataset.image_size={size}: the evaluation "
                         f"crop is taken from the image resized to eval_resize, so it must be at least image_size")
+    return size, resize
+
+
+@DATASETS.register("imagenet", facts=DatasetFacts(channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+                   options=("image_size", "eval_resize", "stream", "workers"), check=check_imagenet_settings)
+def load_imagenet(cfg: Mapping[str, Any]) -> FileSplits:
+    """``dataset=imagenet``: the folders at ``dataset.root``, checked once, streamed with the ImageNet recipe."""
+    given = cfg_get(cfg, "root")
+    if given is None or str(given) == "":
+        raise UserError(f"dataset=imagenet needs dataset.root=DIR: {_LAYOUT}")
+    size, resize = check_imagenet_settings(cfg)
+    root = Path(str(given)).expanduser()
     classes, splits = scan(root, _LAYOUT)
     missing = sorted(set(range(len(classes))) - set(splits["val"].labels))
     if missing:

@@ -24,6 +24,7 @@ DATASET_OPTIONS = ("download", "verify_checksums", "train_size", "test_size", "s
                    "workers", "eval_resize")
 VALUES = {"download": "false", "verify_checksums": "false", "train_size": "200", "test_size": "100", "seed": "1",
           "image_size": "32", "stream": "auto", "workers": "2", "eval_resize": "40"}
+# eval_resize 40 goes with image_size 32 on imagenet, which refuses an eval_resize below its image_size
 
 
 def preflight_line(capsys, name: str, overrides: list[str]) -> str:
@@ -61,6 +62,8 @@ def test_a_key_of_another_data_set_is_refused_and_its_own_accepted(compose, name
     OmegaConf.set_struct(base, False)  # as ++dataset.<key>=VALUE sets a key the file lacks
     for key in DATASET_OPTIONS:
         cfg = OmegaConf.merge(base, {"dataset": {key: yaml.safe_load(VALUES[key])}})
+        if key == "eval_resize" and name == "imagenet":
+            cfg = OmegaConf.merge(cfg, {"dataset": {"image_size": 32}})
         if name in readers(key):
             validate(cfg, "train_student")
             continue
@@ -69,6 +72,18 @@ def test_a_key_of_another_data_set_is_refused_and_its_own_accepted(compose, name
         message = str(err.value)
         assert f"dataset.{key}={VALUES[key]} is a key of" in message and f"not of dataset={name}" in message, message
         assert all(f"dataset={reader}" in message for reader in readers(key)), message
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["dataset=imagenet", "dataset.root=/data/x", "dataset.stream=false"], "dataset=imagenet always streams"),
+    (["dataset=imagenet", "dataset.root=/data/x", "dataset.eval_resize=100"], "eval_resize=100 is smaller than"),
+    (["dataset=synthetic", "dataset.num_classes=7"], "use 100 (the CIFAR-100 stand-in) or 10"),
+    (["-m", "dataset=synthetic", "dataset.num_classes=10,7"], "num_classes=7; nothing was run"),
+])
+def test_a_data_sets_own_refusal_stops_the_command_before_it_runs(capsys, overrides, words):
+    """A data set's refusal of its settings alone (``check=`` where it registers) is part of the config's
+    check: a sweep stops before its first job, not when the job reaches its data."""
+    assert words in preflight_line(capsys, "train_student", overrides)
 
 
 def test_the_issues_train_size_on_cifar100_is_refused_both_ways(capsys):

@@ -52,7 +52,8 @@ def option_error(group: str, node: Mapping[str, Any], key: str, value: Any) -> s
 
 def check_options(config: Mapping[str, Any], given: Mapping[str, Any]) -> None:
     """Every key set (not null) in the ``dataset`` and ``optim`` nodes of ``config`` is read by the entry the
-    node names (:func:`option_error`); ``given``: the same config as written, for the message."""
+    node names (:func:`option_error`), and the entry's own check of its settings passes (``check=`` where it
+    registers); ``given``: the same config as written, for the message."""
     for group in OPTION_READERS:
         node = config.get(group)
         if not isinstance(node, Mapping):
@@ -63,6 +64,10 @@ def check_options(config: Mapping[str, Any], given: Mapping[str, Any]) -> None:
             message = None if value is None else option_error(group, node, str(key), written.get(key, value))
             if message:
                 raise UserError(message)
+        name = node.get("name")
+        check = OPTION_READERS[group].metadata(str(name)).get("check") if name in OPTION_READERS[group] else None
+        if check is not None:  # the entry's own refusal of its settings (datasets/base.py: check=)
+            check(node)
 
 
 def check_added_keys(keys: list[str], job: str) -> None:
