@@ -86,6 +86,24 @@ def test_a_data_sets_own_refusal_stops_the_command_before_it_runs(capsys, overri
     assert words in preflight_line(capsys, "train_student", overrides)
 
 
+@pytest.mark.parametrize("config, overrides", [
+    ("train_student", ["logger.project=mine"]),  # the advice once was: add it with +logger.project
+    ("train_student", ["+logger.project=mine"]),
+    ("train_teacher", ["logger=none", "+logger.mode=online"]),
+    ("train_student", ["logger=tensorboard", "+logger.tags=[a,b]"]),
+])
+def test_a_wandb_setting_without_the_wandb_backend_is_refused(capsys, config, overrides):
+    """W&B's keys mean nothing to TensorBoard: refused, with the choice that reads them, not recorded."""
+    line = preflight_line(capsys, config, overrides)
+    assert "is read only by the wandb backend" in line and "add logger=wandb" in line and "+logger" not in line, line
+
+
+def test_a_wandb_setting_with_the_wandb_backend_is_accepted(compose):
+    job = load_job(compose("train_student", ["logger=wandb", "logger.project=mine", "logger.tags=[a]"]),
+                   "train_student")
+    assert (job.logger.project, job.logger.tags, "wandb" in job.logger.backends) == ("mine", ["a"], True)
+
+
 def test_the_issues_train_size_on_cifar100_is_refused_both_ways(capsys):
     plain = preflight_line(capsys, "train_student", ["dataset.train_size=100"])
     added = preflight_line(capsys, "train_student", ["+dataset.train_size=100"])

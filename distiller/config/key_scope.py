@@ -3,6 +3,9 @@
 * A key only some data sets or optimizers read (``dataset.train_size`` is synthetic's, ``optim.delta``
   DOT's) is refused when set (not null) for another one. Which entry reads which key is declared where
   it registers (``options=(...)``: datasets/, distiller/optim.py); the schema declares that the key exists.
+* A key of the ``logger`` node that only one backend reads (W&B's ``project``, ``mode``, ...: declared where
+  the backend registers, ``options=(...)``, distiller/engine/run_log.py) is refused when set (not null,
+  not an empty list) for a run whose ``logger.backends`` lack that backend.
 * A top-level key added on the command line (``+foo=1``) must be a key of the job. (A preset's own
   top-level table, read by its interpolations, comes from a file and is not refused.)
 * An objective key set on the command line must reach a term (:func:`check_objective_keys`): a combined
@@ -29,6 +32,7 @@ from common.errors import UserError
 from common.registry import Registry
 from datasets import DATASETS
 from distiller.config.schema import SCHEMAS, ExternalModelConfig, ExternalTeacherConfig, ModelConfig, TeacherConfig
+from distiller.engine.run_log import BACKENDS
 from distiller.optim import OPTIMIZERS
 
 # the groups whose entries declare, where they register (options=...), which optional keys of the group they read
@@ -68,6 +72,22 @@ def check_options(config: Mapping[str, Any], given: Mapping[str, Any]) -> None:
         check = OPTION_READERS[group].metadata(str(name)).get("check") if name in OPTION_READERS[group] else None
         if check is not None:  # the entry's own refusal of its settings (datasets/base.py: check=)
             check(node)
+    logger = config.get("logger")
+    if isinstance(logger, Mapping):
+        for key in logger.keys():
+            message = _backend_option_error(logger, str(key), logger[key])
+            if message:
+                raise UserError(message)
+
+
+def _backend_option_error(logger: Mapping[str, Any], key: str, value: Any) -> str | None:
+    """The one-line refusal of ``logger.<key>`` when only backends the run does not use read it."""
+    readers = [n for n in BACKENDS.names() if key in BACKENDS.metadata(n).get("options", ())]
+    used = [str(b) for b in logger.get("backends") or ()]
+    if value is None or (not isinstance(value, str) and not value) or not readers or set(readers) & set(used):
+        return None
+    return (f"logger.{key}={_shown(value)} is read only by the {' and '.join(readers)} backend, which this run does "
+            f"not use (logger.backends: [{', '.join(used)}]); add logger={readers[0]}, or drop it")
 
 
 def check_added_keys(keys: list[str], job: str) -> None:

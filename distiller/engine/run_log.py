@@ -157,7 +157,7 @@ def wandb_mode(settings: Any) -> str:
     return str(settings.mode or os.environ.get(WANDB_MODE_ENV) or DEFAULT_WANDB_MODE)
 
 
-@BACKENDS.register("wandb")
+@BACKENDS.register("wandb", options=("project", "entity", "name", "group", "tags", "mode"))
 class WandbBackend(Backend):
     """A Weights & Biases run in ``<run dir>/wandb`` (offline unless asked; ``wandb sync`` uploads it later).
 
