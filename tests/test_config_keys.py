@@ -302,3 +302,22 @@ def test_a_warm_up_of_a_weighted_method_is_accepted_and_ramps_its_weight(compose
     at = next(e for e in Objective.from_config(job.distill, job.combine).entries if e.label == "at")
     assert at.beta > 0
     assert [at.weight(epoch) for epoch in (1, 2, 5, 9)] == pytest.approx([at.beta * e / 5 for e in (1, 2, 5, 5)])
+
+
+@pytest.mark.parametrize("config, overrides, words", [
+    ("train_student", ["teacher.lr=0.3"], "teacher.lr is not read here"),
+    ("train_student", ["optim.lr=0.1", "student.lr=0.3"], "student.lr has no effect here: optim.lr=0.1 sets"),
+    ("train_teacher", ["optim.lr=0.1", "model.lr=0.3"], "model.lr has no effect here: optim.lr=0.1 sets"),
+])
+def test_a_learning_rate_optim_lr_does_not_follow_is_refused(capsys, config, overrides, words):
+    assert words in preflight_line(capsys, config, overrides)
+
+
+@pytest.mark.parametrize("config, overrides", [
+    ("train_student", ["student.lr=0.3"]),
+    ("train_student", ["optim=dot", "student.lr=0.3"]),
+    ("train_teacher", ["model.lr=0.3"]),
+])
+def test_a_networks_learning_rate_is_the_optimizers_default(compose, config, overrides):
+    preflight(config, overrides)
+    assert load_job(compose(config, overrides), config).optim.lr == 0.3

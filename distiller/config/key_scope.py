@@ -8,12 +8,13 @@
   not an empty list) for a run whose ``logger.backends`` lack that backend.
 * A top-level key added on the command line (``+foo=1``) must be a key of the job. (A preset's own
   top-level table, read by its interpolations, comes from a file and is not refused.)
-* An objective key set on the command line must reach a term (:func:`check_objective_keys`): a combined
-  method's ``gamma`` / ``alpha`` / ``temperature`` (the primary ``distill`` node sets them for the whole
-  objective), or ``distill.temperature`` where no term runs at it (``alpha=0`` and no method reads it,
-  or a method supplies its own, CTKD's learned T), or a warm-up of a method whose ``beta`` is 0. A
-  preset's values are not refused, only what the command line sets: a sweep over a key nobody reads
-  stops before its first run.
+* A key set on the command line must be read (:func:`check_set_keys`): a network's ``lr`` that ``optim.lr``
+  does not follow (the teacher's when distilling; the trained network's once ``optim.lr`` is set); a
+  combined method's ``gamma`` / ``alpha`` / ``temperature`` (the primary ``distill`` node sets them for the
+  whole objective); ``distill.temperature`` where no term runs at it (``alpha=0`` and no method reads it,
+  or a method supplies its own, CTKD's learned T); a warm-up of a method whose ``beta`` is 0. A preset's
+  values are not refused, only what the command line sets: a sweep over a key nobody reads stops before
+  its first run.
 * A path key (declared with ``path=True``) may start with ``~``: it is read as the home folder.
 """
 from __future__ import annotations
@@ -102,9 +103,31 @@ def check_added_keys(keys: list[str], job: str) -> None:
                             f"(valid keys: {', '.join(sorted(known))})")
 
 
-def check_objective_keys(config: DictConfig, objective: Any, set_keys: Collection[str]) -> None:
-    """Each objective key in ``set_keys`` (the keys the command line sets) reaches a term of ``objective``
-    (:class:`distiller.objective.Objective`, built from ``config``, the composed job before resolution)."""
+def check_set_keys(config: DictConfig, objective: Any, set_keys: Collection[str]) -> None:
+    """Each key in ``set_keys`` (the keys the command line sets) that may go unread is read: a learning rate
+    of a network (:func:`_check_learning_rates`), an objective key (a term of ``objective``, the
+    :class:`distiller.objective.Objective` built from ``config``; None for a teacher's job). ``config``: the
+    composed job before resolution."""
+    _check_learning_rates(config, set_keys)
+    if objective is not None:
+        _check_objective_keys(config, objective, set_keys)
+
+
+def _check_learning_rates(config: DictConfig, set_keys: Collection[str]) -> None:
+    """A network's ``lr`` is the default of ``optim.lr`` for the network a job trains: the teacher's is not
+    read when distilling, and neither is the trained network's once ``optim.lr`` is set itself."""
+    if "teacher.lr" in set_keys and "student" in config:
+        raise UserError("teacher.lr is not read here: it is the teacher's own learning rate when it is trained "
+                        "(train_teacher.py model.lr=...); the student's is student.lr or optim.lr")
+    for key in ("student.lr", "model.lr"):
+        written = OmegaConf.to_container(config.optim, resolve=False).get("lr") if "optim" in config else None
+        if key in set_keys and key.split(".")[0] in config and key not in str(written):
+            raise UserError(f"{key} has no effect here: optim.lr={_shown(written)} sets the learning rate, and "
+                            f"{key} is only its default; set optim.lr instead, or drop one of them")
+
+
+def _check_objective_keys(config: DictConfig, objective: Any, set_keys: Collection[str]) -> None:
+    """Each objective key in ``set_keys`` reaches a term of ``objective``."""
     for key in sorted(set_keys):
         parts = key.split(".")
         if len(parts) == 3 and parts[0] == "combine" and parts[2] in ("gamma", "alpha", "temperature"):

@@ -18,7 +18,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
 from common.errors import UserError
-from distiller.config.key_scope import check_objective_keys, check_options, expand_home
+from distiller.config.key_scope import check_options, check_set_keys, expand_home
 from distiller.config.schema import (
     EXTRA,
     NETWORK_GROUPS,
@@ -340,11 +340,10 @@ def check_before_start(cfg: DictConfig | dict, job: str, set_keys: Collection[st
     """What a job refuses in its config before it starts, in one :class:`UserError`: the schema (:func:`load_job`)
     and, for distillation, the objective's own checks (a method's parameters, ``logit_standardize`` where no
     term compares logits, ...: :meth:`distiller.objective.Objective.from_config`); ``set_keys``: the keys the
-    command line sets, each of which must reach a term (:func:`distiller.config.key_scope.check_objective_keys`)."""
+    command line sets, each of which must be read (:func:`distiller.config.key_scope.check_set_keys`)."""
     from distiller.objective import Objective
 
     typed = load_job(cfg, job)
-    if isinstance(typed, StudentJob):
-        objective = Objective.from_config(typed.distill, typed.combine)
-        if set_keys and isinstance(cfg, DictConfig):
-            check_objective_keys(cfg, objective, set_keys)
+    objective = Objective.from_config(typed.distill, typed.combine) if isinstance(typed, StudentJob) else None
+    if set_keys and isinstance(cfg, DictConfig):
+        check_set_keys(cfg, objective, set_keys)
