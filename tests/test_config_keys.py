@@ -321,3 +321,15 @@ def test_a_learning_rate_optim_lr_does_not_follow_is_refused(capsys, config, ove
 def test_a_networks_learning_rate_is_the_optimizers_default(compose, config, overrides):
     preflight(config, overrides)
     assert load_job(compose(config, overrides), config).optim.lr == 0.3
+
+
+@pytest.mark.parametrize("overrides, extra", [
+    (["combine.foo.beta=1"], ""),
+    (["+combine.foo.beta=1"], ""),  # Hydra makes the node: its method is then the missing value
+    (["distill=kd", "+distill@combine.at=at", "combine.ta.beta=1"], "combined here: at; "),
+])
+def test_a_key_of_a_label_no_method_is_combined_under_says_how_to_combine_one(capsys, overrides, extra):
+    label = overrides[-1].split(".")[1]
+    line = preflight_line(capsys, "train_student", overrides)
+    assert line == (f"error: no method is combined under the label '{label}' ({extra}add one with "
+                    f"+distill@combine.{label}=METHOD; then combine.{label}.KEY=VALUE sets its keys)"), line

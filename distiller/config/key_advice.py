@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from distiller.config.compose import compose
-from distiller.config.key_scope import option_error
+from distiller.config.key_scope import combine_label_message, option_error
 from distiller.config.schema import (
     NETWORK_GROUPS,
     RENAMED,
@@ -42,6 +42,9 @@ def unknown_key_message(config_name: str | None, overrides: list[str], key: str)
     if len(parts) > 1 and parts[0] in NETWORK_GROUPS and parts[1] in RENAMED:  # a network's key
         return f"config key '{key}' was renamed; use {'.'.join([parts[0], RENAMED[parts[1]], *parts[2:]])}"
     parent = _node(cfg, parts[:-1])
+    combined = _node(cfg, ["combine"])
+    if len(parts) > 2 and parts[0] == "combine" and isinstance(combined, DictConfig) and parts[1] not in combined:
+        return combine_label_message(parts[1], [str(k) for k in combined.keys()])
     elsewhere = _where_it_applies(config_name, parts)
     if not isinstance(parent, DictConfig):
         return f"config key '{key}' {elsewhere or 'does not exist; check the spelling'}"

@@ -15,6 +15,7 @@
   or a method supplies its own, CTKD's learned T); a warm-up of a method whose ``beta`` is 0. A preset's
   values are not refused, only what the command line sets: a sweep over a key nobody reads stops before
   its first run.
+* ``teacher.cache_dir`` / ``cache_dtype`` only with ``teacher.cache=true`` (:func:`check_cache_settings`).
 * A path key (declared with ``path=True``) may start with ``~``: it is read as the home folder.
 """
 from __future__ import annotations
@@ -163,6 +164,27 @@ def _interpolated(node: DictConfig, key: str) -> bool:
     pattern = re.compile(r"\$\{\." + re.escape(key) + r"\}")
     written = OmegaConf.to_container(node, resolve=False)
     return any(isinstance(v, str) and pattern.search(v) for k, v in written.items() if k != key)
+
+
+def check_cache_settings(typed: DictConfig) -> None:
+    """``teacher.cache_dir`` / ``cache_dtype`` say where and how the cache is kept: without the cache they
+    would be recorded and ignored."""
+    teacher = typed.get("teacher")
+    if not isinstance(teacher, DictConfig) or "cache" not in teacher or teacher.cache:
+        return
+    for key, unset in (("cache_dir", None), ("cache_dtype", "fp32")):
+        if teacher.get(key) != unset:
+            raise UserError(f"teacher.{key}={teacher.get(key)} is read only with teacher.cache=true; add "
+                            f"teacher.cache=true, or drop teacher.{key}")
+
+
+def combine_label_message(label: str, known: list[str] | None = None) -> str:
+    """One line for a key of ``combine.<label>`` where no method is combined under ``label``."""
+    close = difflib.get_close_matches(label, known or [], n=1, cutoff=0.6)
+    here = f"combined here: {', '.join(known)}; " if known else ""
+    hint = f"did you mean combine.{close[0]}? " if close else ""
+    return (f"no method is combined under the label '{label}' ({here}{hint}add one with "
+            f"+distill@combine.{label}=METHOD; then combine.{label}.KEY=VALUE sets its keys)")
 
 
 def expand_home(data: dict[str, Any], schema: type) -> None:

@@ -18,7 +18,13 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
 from common.errors import UserError
-from distiller.config.key_scope import check_options, check_set_keys, expand_home
+from distiller.config.key_scope import (
+    check_cache_settings,
+    check_options,
+    check_set_keys,
+    combine_label_message,
+    expand_home,
+)
 from distiller.config.schema import (
     EXTRA,
     NETWORK_GROUPS,
@@ -58,20 +64,8 @@ def validate(cfg: DictConfig | dict, job: str | None = None) -> DictConfig:
         check_options(typed, data)  # a data set's or optimizer's own keys only for it (key_scope.py)
     except OmegaConfBaseException as err:
         raise UserError(describe_error(err, schema)) from None
-    _check_cache_settings(typed)
+    check_cache_settings(typed)
     return typed
-
-
-def _check_cache_settings(typed: DictConfig) -> None:
-    """``teacher.cache_dir`` / ``cache_dtype`` say where and how the cache is kept: without the cache they
-    would be recorded and ignored."""
-    teacher = typed.get("teacher")
-    if not isinstance(teacher, DictConfig) or "cache" not in teacher or teacher.cache:
-        return
-    for key, unset in (("cache_dir", None), ("cache_dtype", "fp32")):
-        if teacher.get(key) != unset:
-            raise UserError(f"teacher.{key}={teacher.get(key)} is read only with teacher.cache=true; add "
-                            f"teacher.cache=true, or drop teacher.{key}")
 
 
 def check_job(cfg: DictConfig | dict, job: str) -> DictConfig:
@@ -243,6 +237,9 @@ def describe_error(err: BaseException, schema: type | None = None) -> str:
     if isinstance(err, InterpolationResolutionError):
         return f"invalid configuration: {full_key}: {first}" if full_key else f"invalid configuration: {first}"
     if isinstance(err, MissingMandatoryValue):
+        unnamed = re.fullmatch(r"combine\.([^.]+)\.(name|method)", full_key)
+        if unnamed:  # +combine.<label>.<key>=... without the method under that label
+            return combine_label_message(unnamed.group(1))
         return f"config key '{full_key}' has no value; set it with {full_key}=VALUE"
     if isinstance(err, ConfigKeyError):
         missing = re.search(r"Key '([^']+)' not in", first)
