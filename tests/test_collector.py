@@ -192,6 +192,17 @@ def test_cli_prints_markdown_and_rejects_bad_input(runs: Path, tmp_path: Path) -
     assert unknown.returncode == 2 and "unknown table 'crd_table9'" in unknown.stderr
 
 
+def test_a_wrong_table_name_stops_the_collector_before_it_reads_a_run(runs: Path, tmp_path: Path, monkeypatch) -> None:
+    """A typo in --table over a large runs tree is reported at once, not after every run was read."""
+    def no_reading(paths):
+        raise AssertionError("the runs were read before the table name was checked")
+
+    monkeypatch.setattr(tables, "read_runs", no_reading)
+    with pytest.raises(UserError, match="unknown table 'crd_table9'"):
+        tables.collect([str(runs)], tmp_path / "res", tables=["crd_table9"], figure=False)
+    assert not list(tmp_path.glob("res*"))
+
+
 def test_unknown_paper_method_name_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "crd_paper_repdistiller_readme.csv").write_text(
         "table,teacher,student,method,top1\nt,resnet56,resnet20,Hint-KD,70.0\n")

@@ -316,6 +316,8 @@ def collect(inputs: Sequence[str], out: Path, sources: Sequence[str] = DEFAULT_S
     cell whose runs differ in recipe, is a :class:`UserError` raised before anything is written.
     """
     published = load_published(sources)
+    if tables:
+        table_cells(published, tables)  # a table name that is wrong stops here, before any run is read
     runs, skipped = read_runs(find_run_dirs(inputs))
     if not runs:
         why = f" ({len(skipped)} skipped; {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
