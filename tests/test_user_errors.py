@@ -124,8 +124,11 @@ def test_unknown_method_parameter(workspace):
 
 # ---- teacher checkpoints --------------------------------------------------------------------------
 def test_teacher_checkpoint_missing(workspace, tmp_path):
+    """A file named outside the teacher folder is not where the suggested command stores its teacher:
+    the message says where that is (it once said "saved there")."""
     result = student(workspace, "missing", "distill=kd", f"teacher.ckpt={tmp_path / 'nope.pt'}")
-    assert_one_line_error(result, "teacher checkpoint not found", "train_teacher.py model=resnet8")
+    line = assert_one_line_error(result, "teacher checkpoint not found", "train_teacher.py model=resnet8")
+    assert "saved there" not in line and f"it stores the teacher in {workspace / 'teachers'}, where" in line, line
 
 
 def test_the_suggested_teacher_command_stores_where_the_student_looks(tmp_path):
@@ -136,6 +139,7 @@ def test_the_suggested_teacher_command_stores_where_the_student_looks(tmp_path):
                                  "teacher checkpoint not found")
     suggested = line.split("Train it with `")[1].split("`")[0].split()
     assert suggested[:2] == ["python", "train_teacher.py"] and "dataset=synthetic" in suggested, line
+    assert "(saved there)" in line, line
     # as printed, but one epoch (the suggestion keeps the recipe's 240: only the data and folder are the run's)
     stored = run_cli("train_teacher.py", *suggested[2:], "trainer.epochs=1", "trainer.progress=false",
                      f"hydra.run.dir={tmp_path / 't'}")

@@ -164,11 +164,13 @@ def verify_teacher(path: str | Path, arch: str, dataset: str | None = None) -> d
 
 
 def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str | None = None,
-                         verify: bool = True, train_overrides: Sequence[str] = ()) -> dict[str, Any] | None:
+                         verify: bool = True, train_overrides: Sequence[str] = (),
+                         teacher_dir: str | Path | None = None) -> dict[str, Any] | None:
     """Load a teacher file into ``model``, checked against the teacher index first (``verify``).
 
     Returns the index entry (None when the file is not indexed or ``verify`` is off). ``train_overrides``
-    (the run's data set and teacher folder) complete the command a missing file's message suggests.
+    (the run's data set and teacher folder) complete the command a missing file's message suggests;
+    ``teacher_dir``: where that command stores the teacher (a missing file elsewhere is not where it goes).
     """
     from distiller.engine.checkpoints import check_file, load_weights
 
@@ -183,7 +185,10 @@ def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str |
         check_file(path, "teacher checkpoint")  # a directory: says so, and names the checkpoints in it
     if not path.is_file():
         command = " ".join(["python train_teacher.py", label_choice(arch, "model"), *train_overrides])
-        raise UserError(f"teacher checkpoint not found: {path}. Train it with `{command}` (saved there), or pass "
+        there = teacher_dir is None or path.absolute().parent == Path(teacher_dir).absolute()
+        where = ("saved there" if there else
+                 f"it stores the teacher in {teacher_dir}, where this command finds it once teacher.ckpt is dropped")
+        raise UserError(f"teacher checkpoint not found: {path}. Train it with `{command}` ({where}), or pass "
                         f"teacher.ckpt=PATH to a pretrained {arch} file ({{'model': state_dict}})")
     entry = verify_teacher(path, arch, dataset) if verify else None
     if not verify:

@@ -174,7 +174,8 @@ def assemble_distillation(job: Any, run_dir: Path, record: dict[str, Any], runti
     check_features(teacher, "teacher", teacher_arch, needs("teacher"))
     if load_teacher:  # checked against the teacher index of its folder first (teacher.verify)
         load_teacher_weights(teacher, Path(job.teacher.ckpt), teacher_arch, dataset=job.dataset.name,
-                             verify=job.teacher.verify, train_overrides=_same_data_overrides(job))
+                             verify=job.teacher.verify, train_overrides=_same_data_overrides(job),
+                             teacher_dir=job.teacher_dir)
     student = build_network(job.student, data.num_classes, data.image_size, role="student")
     check_features(student, "student", student_arch, needs("student"))
     header = {"kind": "student", "arch": student_arch, "student": student_arch, "teacher": teacher_arch,
