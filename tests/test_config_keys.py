@@ -230,6 +230,8 @@ def test_a_rightly_spelt_key_of_another_context_says_where_it_applies(capsys, co
     (["distill=skd", "distill.temperature=8"], "or set distill.skd_temperature (the method's own)"),
     (["distill=dkd", "distill.dkd_temperature=2", "distill.temperature=3"], "or set distill.dkd_temperature"),
     (["distill=ctkd", "distill.temperature=8"], "CTKD's learned T"),
+    (["distill=ctkd", "+distill@combine.dkd=dkd", "combine.dkd.dkd_temperature=3"], "it replaces dkd's own"),
+    (["distill=dkd", "+distill@combine.ctkd=ctkd", "distill.dkd_temperature=3"], "it replaces dkd's own"),
     (["distill=kd", "+distill@combine.at=at", "combine.at.alpha=0.5"], "combine.at.alpha is not read"),
     (["distill=kd", "+distill@combine.at=at", "combine.at.temperature=2"], "combine.at.temperature is not read"),
     (["-m", "distill=fitnet", "distill.temperature=2,4"], "nothing was run"),
@@ -285,6 +287,7 @@ def test_a_temperature_a_term_runs_at_is_accepted_and_reaches_it(compose, overri
     (["distill=dkd", "distill.temperature=2"], "distill.dkd_temperature"),
     (["distill=mlkd", "distill.temperature=2"], "distill.mlkd_temperature"),
     (["distill=kd", "+distill@combine.dkd=dkd", "combine.dkd.temperature=2"], "combine.dkd.dkd_temperature"),
+    (["distill=kd", "+distill@combine.dkd=dkd", "combine.dkd.dkd_temperature=2"], "combine.dkd.dkd_temperature"),
 ])
 def test_a_temperature_a_methods_own_key_follows_is_accepted(compose, overrides, key):
     """DKD's and MLKD's own temperature follow their node's ``temperature`` unless set (their files say so)."""

@@ -12,9 +12,9 @@
   does not follow (the teacher's when distilling; the trained network's once ``optim.lr`` is set); a
   combined method's ``gamma`` / ``alpha`` / ``temperature`` (the primary ``distill`` node sets them for the
   whole objective); ``distill.temperature`` where no term runs at it (``alpha=0`` and no method reads it,
-  or a method supplies its own, CTKD's learned T); a warm-up of a method whose ``beta`` is 0. A preset's
-  values are not refused, only what the command line sets: a sweep over a key nobody reads stops before
-  its first run.
+  or a method supplies its own, CTKD's learned T, which also replaces DKD's); a warm-up of a method whose
+  ``beta`` is 0. A preset's values are not refused, only what the command line sets: a sweep over a key
+  nobody reads stops before its first run.
 * ``teacher.cache_dir`` / ``cache_dtype`` only with ``teacher.cache=true`` (:func:`check_cache_settings`).
 * A path key (declared with ``path=True``) may start with ``~``: it is read as the home folder.
 """
@@ -131,6 +131,13 @@ def _check_objective_keys(config: DictConfig, objective: Any, set_keys: Collecti
     """Each objective key in ``set_keys`` reaches a term of ``objective``."""
     for key in sorted(set_keys):
         parts = key.split(".")
+        label = parts[1] if parts[0] == "combine" and len(parts) == 3 else str(config.distill.name)
+        entry = next((e for e in objective.entries if e.label == label), None)
+        if parts[-1].endswith("temperature") and len(parts) in (2, 3) and parts[0] in ("distill", "combine") \
+                and entry is not None and entry.method.takes_temperature \
+                and objective.supplied_temperature() is not None:
+            raise UserError(f"{key} has no effect here: a method supplies the temperature of every logit term "
+                            f"(CTKD's learned T), and it replaces {label}'s own; drop it")
         if len(parts) == 3 and parts[0] == "combine" and parts[2] in ("gamma", "alpha", "temperature"):
             label, name = parts[1], parts[2]
             if name == "temperature" and _interpolated(config.combine[label], "temperature"):
@@ -139,8 +146,6 @@ def _check_objective_keys(config: DictConfig, objective: Any, set_keys: Collecti
                             f"the whole objective (distill.{name}); a combined method takes beta, warmup_epochs "
                             f"and its own keys")
         if parts[-1] == "warmup_epochs" and len(parts) in (2, 3) and parts[0] in ("distill", "combine"):
-            label = parts[1] if parts[0] == "combine" else str(config.distill.name)
-            entry = next((e for e in objective.entries if e.label == label), None)
             if entry is not None and entry.beta == 0 and entry.warmup_epochs > 0:
                 node = "distill" if parts[0] == "distill" else f"combine.{label}"
                 raise UserError(f"{key}={entry.warmup_epochs} has no effect here: the warm-up ramps the method's "
