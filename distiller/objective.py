@@ -92,6 +92,10 @@ class Objective(nn.Module):
         """``distill``: the typed primary method node (``name``, ``method``, the weights, ``extra``: the
         method's own keys); each ``combine.<label>`` node adds one more method with its own ``beta``."""
         nodes = [(str(distill.name), distill)] + [(str(k), v) for k, v in (combine or {}).items()]
+        if str(distill.name) in (combine or {}):  # one label, one method: its features and checkpoint keys
+            raise UserError(f"combine.{distill.name} has the primary method's label '{distill.name}'; give the "
+                            f"combined method another label, e.g. +distill@combine.{distill.name}_2="
+                            f"{combine[str(distill.name)].method}")
         entries = [WeightedMethod(label, make_method(node.method, node.extra, key),
                                   float(node.beta), int(node.warmup_epochs))
                    for (label, node), key in zip(nodes, ["distill"] + [f"combine.{k}" for k in combine or {}])]

@@ -336,3 +336,18 @@ def test_a_key_of_a_label_no_method_is_combined_under_says_how_to_combine_one(ca
     line = preflight_line(capsys, "train_student", overrides)
     assert line == (f"error: no method is combined under the label '{label}' ({extra}add one with "
                     f"+distill@combine.{label}=METHOD; then combine.{label}.KEY=VALUE sets its keys)"), line
+
+
+def test_a_combined_method_under_the_primary_methods_label_is_refused(capsys, compose):
+    """Methods are kept by label (features, checkpoint keys): a second one under the same label replaced the
+    first in the objective's modules, so its helpers were neither moved to the device nor checkpointed."""
+    from distiller.objective import Objective
+
+    line = preflight_line(capsys, "train_student", ["distill=crd", "+distill@combine.crd=crd"])
+    assert "combine.crd has the primary method's label 'crd'" in line and "+distill@combine.crd_2=crd" in line
+    overrides = ["distill=crd", "+distill@combine.crd_2=crd"]
+    preflight("train_student", overrides)
+    job = load_job(compose("train_student", overrides), "train_student")
+    objective = Objective.from_config(job.distill, job.combine)
+    assert [e.label for e in objective.entries] == list(objective.methods) == ["crd", "crd_2"]
+    assert objective.methods["crd"] is not objective.methods["crd_2"]
