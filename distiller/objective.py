@@ -101,6 +101,10 @@ class Objective(nn.Module):
                    for (label, node), key in zip(nodes, ["distill"] + [f"combine.{k}" for k in combine or {}])]
         objective = cls(float(distill.gamma), float(distill.alpha), float(distill.temperature), entries,
                         logit_standardize=bool(distill.logit_standardize))
+        suppliers = [m.label for m in objective.active() if m.method.temperature() is not None]
+        if len(suppliers) > 1:  # the first one's would be used and the others' trained for nothing
+            raise UserError(f"{' and '.join(suppliers)} each supply the temperature of every logit term; one "
+                            f"temperature applies to a step: keep one of them")
         objective.check_logit_standardize()
         return objective
 

@@ -351,3 +351,10 @@ def test_a_combined_method_under_the_primary_methods_label_is_refused(capsys, co
     objective = Objective.from_config(job.distill, job.combine)
     assert [e.label for e in objective.entries] == list(objective.methods) == ["crd", "crd_2"]
     assert objective.methods["crd"] is not objective.methods["crd_2"]
+
+
+def test_two_methods_supplying_the_temperature_are_refused(capsys):
+    """The objective runs its logit terms at the first supplied temperature: a second learned T would train
+    for nothing."""
+    line = preflight_line(capsys, "train_student", ["distill=ctkd", "+distill@combine.ctkd_2=ctkd"])
+    assert "ctkd and ctkd_2 each supply the temperature of every logit term" in line, line
