@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distiller.config.command_line import OneLineParser
+
 REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 100
 EXIT_USER_ERROR = 2
@@ -65,7 +67,9 @@ def run(script: str, overrides: list[str]) -> float:
     command = [sys.executable, str(REPO / script), *overrides]
     print("$", " ".join(command[1:]), flush=True)
     start = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True)
+    done = subprocess.run(command, cwd=REPO)
+    if done.returncode:  # the entry point said why in its one line; no traceback of ours after it
+        sys.exit(done.returncode)
     return time.perf_counter() - start
 
 
@@ -147,7 +151,7 @@ def write_real_subset(source: Path, target: Path, per_class: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0, help="seed of the two student runs (the teacher uses 0)")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs of each student run")
     parser.add_argument("--teacher-epochs", type=int, default=None,
@@ -166,6 +170,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", default=[],
                         help="Hydra overrides applied to every run")
     args = parser.parse_args()
+    for flag, value, least in (("--epochs", args.epochs, 1), ("--teacher-epochs", args.teacher_epochs, 1),
+                               ("--seed", args.seed, 0), ("--train-size", args.train_size, NUM_CLASSES)):
+        if value is not None and value < least:
+            parser.error(f"{flag} {value}: use {least} or more" + (" (an image of every class)" if least > 1 else ""))
     teacher_epochs = args.teacher_epochs or TEACHER_EPOCHS_FACTOR * args.epochs
     out = Path(args.out) if Path(args.out).is_absolute() else REPO / args.out
     # one folder per data setting and overrides: rerunning the same demo reuses what is finished

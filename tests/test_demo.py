@@ -42,6 +42,19 @@ def test_demo_prints_teacher_student_and_distilled_accuracy(tmp_path):
         assert re.search(r"test top-1 +\d+\.\d\d$", line), line
 
 
+@pytest.mark.parametrize("args, line", [
+    (["--epochs", "0"], "error: --epochs 0: use 1 or more (see --help)"),
+    (["--train-size", "30"], "error: --train-size 30: use 100 or more (an image of every class) (see --help)"),
+    (["--epochs", "1", "--train-size", "100", "foo=1"], "error: config key 'foo' does not exist; check the spelling"),
+])
+def test_demo_bad_input_is_one_line(tmp_path, args, line):
+    """The demo's own flags are checked before any run; an entry point's refusal is its one line, not a
+    traceback of the demo's after it."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(tmp_path / "demo"),
+                             *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr[-2000:]
+
+
 TEACHER, STUDENT = "resnet20", "resnet8"
 TRAIN_SIZE, TEST_SIZE = 500, 500
 STUDENT_EPOCHS, TEACHER_EPOCHS = 8, 16
