@@ -10,23 +10,27 @@ Prints a table, then the figures as one JSON object.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from common.errors import UserError
 from distiller.bench.loader_speed import measure
+from distiller.config.command_line import OneLineParser, at_least, fail
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=None, help="an ImageNet-layout folder (default: generate one)")
-    parser.add_argument("--images", type=int, default=320, help="training JPEGs to generate")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", type=at_least(2), default=320, help="training JPEGs to generate")
+    parser.add_argument("--workers", type=at_least(1), nargs="+", default=[1, 2])
+    parser.add_argument("--batch-size", type=at_least(1), default=64)
+    parser.add_argument("--rounds", type=at_least(1), default=3)
     args = parser.parse_args(argv)
-    result = measure(args.root, args.images, tuple(args.workers), args.batch_size, args.rounds)
+    try:
+        result = measure(args.root, args.images, tuple(args.workers), args.batch_size, args.rounds)
+    except UserError as err:
+        fail(str(err))
     print(f"{result['folder']}, mean file {result['mean_file_kb']:.0f} KB, {result['cores']} cores")
     for name, rate in result["decoders_per_core"].items():
         print(f"  decode + train transform, 1 core: {name:38s} {rate:7.1f} images/s")

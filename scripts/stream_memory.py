@@ -24,7 +24,6 @@ The tests assert only the structural fact behind the figures (the loader holds n
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -37,6 +36,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from distiller.config.command_line import OneLineParser, at_least
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -160,12 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         load_dataset({"name": "imagenet", "root": args[1]})
         print(json.dumps({}))
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=256, help="N: training JPEGs of the smaller folder")
-    parser.add_argument("--factor", type=int, default=4, help="the larger folder holds factor x N")
-    parser.add_argument("--workers", type=int, nargs="+", default=[2])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=at_least(2), default=256, help="N: training JPEGs of the smaller folder")
+    parser.add_argument("--factor", type=at_least(1), default=4, help="the larger folder holds factor x N")
+    parser.add_argument("--workers", type=at_least(0), nargs="+", default=[2])
+    parser.add_argument("--batch-size", type=at_least(1), default=64)
+    parser.add_argument("--rounds", type=at_least(1), default=3)
     parsed = parser.parse_args(args)
     result = measure(parsed.images, parsed.factor, tuple(parsed.workers), parsed.batch_size, rounds=parsed.rounds)
     print(f"{result['image_size']} JPEGs, batch {result['batch_size']}")

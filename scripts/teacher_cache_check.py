@@ -32,10 +32,12 @@ from typing import Any
 
 import torch
 
+from common.errors import UserError
 from common.files import atomic_write
 from datasets import load_dataset
 from datasets.device_loader import DeviceLoader
 from distiller.bench.gpu_check.cifar_subset import write_cifar_subset
+from distiller.config.command_line import OneLineParser, at_least, fail
 from distiller.config.compose import compose
 from distiller.config.validation import load_job
 from distiller.engine.teacher_cache import DTYPES
@@ -128,19 +130,31 @@ def student_run(args: argparse.Namespace, root: Path, name: str, *extra: str) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", type=Path, default=Path(os.environ.get("KD_DATA_ROOT", "/work/shared/data")))
     p.add_argument("--work", type=Path, default=Path("/tmp/teacher-cache-check"))
     p.add_argument("--per-class", default="3,10", help="TRAIN,TEST images of every class (default 3,10)")
     p.add_argument("--teacher", default="resnet20")
     p.add_argument("--student", default="resnet8")
-    p.add_argument("--teacher-epochs", type=int, default=30)
-    p.add_argument("--epochs", type=int, default=60, help="student epochs (300 images, batch 64: 5 steps each)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-epochs", type=at_least(1), default=30)
+    p.add_argument("--epochs", type=at_least(1), default=60, help="student epochs (300 images, batch 64: 5 steps each)")
+    p.add_argument("--batch", type=at_least(1), default=64)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--dtype-runs", action="store_true", help="also the KD run on fp16 and bf16 caches")
     args = p.parse_args(argv)
-    per_class = tuple(int(n) for n in args.per_class.split(","))
+    pieces = args.per_class.split(",")
+    if len(pieces) != 2 or not all(n.strip().isdigit() and int(n) >= 1 for n in pieces):
+        p.error(f"--per-class {args.per_class}: give TRAIN,TEST, two whole numbers of at least 1")
+    per_class = tuple(int(n) for n in pieces)
+    try:
+        return _check(args, per_class)
+    except UserError as err:
+        fail(str(err))
+    return 2
+
+
+def _check(args: argparse.Namespace, per_class: tuple[int, ...]) -> int:
+    """Train, build the cache, run live and cached, compare, and write the report."""
     report: dict[str, Any] = {"threads": torch.get_num_threads(), "per_class": per_class,
                               "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                               "pair": f"{args.teacher}->{args.student}", "seed": args.seed}

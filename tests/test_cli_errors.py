@@ -130,3 +130,27 @@ def test_overrides_may_follow_a_scripts_options() -> None:
     assert result.stderr.splitlines() == ["error: checkpoint not found: missing.pt"]
     bogus = run_cli("scripts/evaluate.py", "missing.pt", "--jsn")
     assert bogus.stderr.splitlines() == ["error: unrecognized arguments: --jsn (see --help)"]
+
+
+@pytest.mark.parametrize("args, line", [
+    (["scripts/stream_benchmark.py", "--images", "0"], "error: argument --images: 0 is less than 2 (see --help)"),
+    (["scripts/stream_benchmark.py", "--workers", "0"], "error: argument --workers: 0 is less than 1 (see --help)"),
+    (["scripts/stream_memory.py", "--images", "-5"], "error: argument --images: -5 is less than 2 (see --help)"),
+    (["scripts/teacher_cache_check.py", "--epochs", "x"],
+     "error: argument --epochs: 'x' is not a whole number (see --help)"),
+    (["scripts/teacher_cache_check.py", "--per-class", "3"],
+     "error: --per-class 3: give TRAIN,TEST, two whole numbers of at least 1 (see --help)"),
+])
+def test_the_measurement_scripts_refuse_bad_numbers_in_one_line(args: list, line: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2 and result.stderr.splitlines() == [line], result.stderr[-2000:]
+
+
+def test_the_measurement_scripts_refuse_a_missing_folder_in_one_line(tmp_path: Path) -> None:
+    """A folder that is not there is the one line of the data's own check, not a traceback (nor a warning)."""
+    result = run_cli("scripts/stream_benchmark.py", "--root", str(tmp_path / "none"))
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: {tmp_path / 'none' / 'train'} holds no .JPEG files: give an ImageNet-layout folder "
+        "(train/<wnid>/*.JPEG and val/<wnid>/*.JPEG), or leave --root out to generate one"], result.stderr
+    cifar = run_cli("scripts/teacher_cache_check.py", "--source", str(tmp_path / "none"), "--work", str(tmp_path / "w"))
+    assert cifar.returncode == 2 and len(cifar.stderr.splitlines()) == 1 and "no CIFAR-100" in cifar.stderr

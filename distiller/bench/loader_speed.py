@@ -30,6 +30,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from common.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -150,6 +152,9 @@ def measure(root: Path | None = None, images: int = 320, workers: tuple[int, ...
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(root) if root is not None else write_photo_folder(Path(tmp) / "photos", images, size=size)
         files = sorted((folder / "train").rglob("*.JPEG"))
+        if not files:
+            raise UserError(f"{folder / 'train'} holds no .JPEG files: give an ImageNet-layout folder "
+                            f"(train/<wnid>/*.JPEG and val/<wnid>/*.JPEG), or leave --root out to generate one")
         result: dict[str, Any] = {
             "folder": str(folder) if root is not None else f"generated: {len(files)} JPEGs, {size[1]}x{size[0]}, "
                                                            f"quality 90",

@@ -151,6 +151,19 @@ class OneLineParser(argparse.ArgumentParser):
         return parsed
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number of at least ``minimum`` (else the parser's one line)."""
+    def number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+    return number
+
+
 def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a Hydra task function so :class:`UserError` ends the process with one line.
 
