@@ -10,11 +10,11 @@
   top-level table, read by its interpolations, comes from a file and is not refused.)
 * A key set on the command line must be read (:func:`check_set_keys`): a network's ``lr`` that ``optim.lr``
   does not follow (the teacher's when distilling; the trained network's once ``optim.lr`` is set); a
-  combined method's ``gamma`` / ``alpha`` / ``temperature`` (the primary ``distill`` node sets them for the
-  whole objective); ``distill.temperature`` where no term runs at it (``alpha=0`` and no method reads it,
-  or a method supplies its own, CTKD's learned T, which also replaces DKD's); a warm-up of a method whose
-  ``beta`` is 0. A preset's values are not refused, only what the command line sets: a sweep over a key
-  nobody reads stops before its first run.
+  combined method's ``gamma`` / ``alpha`` / ``temperature`` / ``logit_standardize`` (the primary
+  ``distill`` node sets them for the whole objective); ``distill.temperature`` where no term runs at it
+  (``alpha=0`` and no method reads it, or a method supplies its own, CTKD's learned T, which also
+  replaces DKD's); a warm-up of a method whose ``beta`` is 0. A preset's values are not refused, only
+  what the command line sets: a sweep over a key nobody reads stops before its first run.
 * ``teacher.cache_dir`` / ``cache_dtype`` only with ``teacher.cache=true`` (:func:`check_cache_settings`).
 * A path key (declared with ``path=True``) may start with ``~``: it is read as the home folder.
 """
@@ -138,6 +138,9 @@ def _check_objective_keys(config: DictConfig, objective: Any, set_keys: Collecti
                 and objective.supplied_temperature() is not None:
             raise UserError(f"{key} has no effect here: a method supplies the temperature of every logit term "
                             f"(CTKD's learned T), and it replaces {label}'s own; drop it")
+        if len(parts) == 3 and parts[0] == "combine" and parts[2] == "logit_standardize":
+            raise UserError(f"{key} is not read: distill.logit_standardize standardises the logits of every term of "
+                            f"the objective, the combined methods' too; set that one instead")
         if len(parts) == 3 and parts[0] == "combine" and parts[2] in ("gamma", "alpha", "temperature"):
             label, name = parts[1], parts[2]
             if name == "temperature" and _interpolated(config.combine[label], "temperature"):
