@@ -360,3 +360,11 @@ def test_two_methods_supplying_the_temperature_are_refused(capsys):
     for nothing."""
     line = preflight_line(capsys, "train_student", ["distill=ctkd", "+distill@combine.ctkd_2=ctkd"])
     assert "ctkd and ctkd_2 each supply the temperature of every logit term" in line, line
+
+
+@pytest.mark.parametrize("override, held", [("+distill@combine=at", "name=at"), ("+combine.x=1", "x=1")])
+def test_a_method_combined_without_a_label_says_how_to_label_it(capsys, override, held):
+    """``+distill@combine=at`` puts AT's own keys where labels go: one line, not OmegaConf's merge error."""
+    line = preflight_line(capsys, "train_student", [override])
+    assert line == (f"error: combine holds {held}, not a method under a label: combine a method with "
+                    f"+distill@combine.<label>=METHOD"), line

@@ -186,6 +186,15 @@ def check_cache_settings(typed: DictConfig) -> None:
                             f"teacher.cache=true, or drop teacher.{key}")
 
 
+def check_combine_labels(combine: Mapping[str, Any]) -> None:
+    """``combine`` maps labels to method nodes: ``+distill@combine=METHOD`` (no label) put the method's own
+    keys there instead."""
+    unlabelled = [name for name, node in combine.items() if not isinstance(node, Mapping)]
+    if unlabelled:
+        raise UserError(f"combine holds {unlabelled[0]}={combine[unlabelled[0]]}, not a method under a label: "
+                        f"combine a method with +distill@combine.<label>=METHOD")
+
+
 def combine_label_message(label: str, known: list[str] | None = None) -> str:
     """One line for a key of ``combine.<label>`` where no method is combined under ``label``."""
     close = difflib.get_close_matches(label, known or [], n=1, cutoff=0.6)

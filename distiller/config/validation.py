@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, Missi
 from common.errors import UserError
 from distiller.config.key_scope import (
     check_cache_settings,
+    check_combine_labels,
     check_options,
     check_set_keys,
     combine_label_message,
@@ -53,6 +54,7 @@ def validate(cfg: DictConfig | dict, job: str | None = None) -> DictConfig:
     typed = OmegaConf.structured(schema)
     OmegaConf.set_struct(typed, False)  # unknown top-level keys pass; every group node stays closed
     if isinstance(data.get("combine"), dict):
+        check_combine_labels(data["combine"])
         typed.combine = {name: OmegaConf.structured(DistillConfig) for name in data["combine"]}
     external = _type_external_networks(typed, data)
     _open_nodes(typed, schema)
