@@ -235,7 +235,7 @@ def test_a_rightly_spelt_key_of_another_context_says_where_it_applies(capsys, co
     (["distill=kd", "+distill@combine.at=at", "combine.at.alpha=0.5"], "combine.at.alpha is not read"),
     (["distill=kd", "+distill@combine.at=at", "combine.at.temperature=2"], "combine.at.temperature is not read"),
     (["distill=kd", "+distill@combine.dkd=dkd", "combine.dkd.logit_standardize=true"],
-     "combine.dkd.logit_standardize is not read: distill.logit_standardize standardises"),
+     "combine.dkd.logit_standardize is not read: distill.logit_standardize standardises the logits of every logit"),
     (["-m", "distill=fitnet", "distill.temperature=2,4"], "nothing was run"),
     (["distill=kd", "distill.warmup_epochs=20"], "ramps the method's weight distill.beta, which is 0"),
     (["distill=kd", "+distill@combine.at=at", "combine.at.beta=0", "combine.at.warmup_epochs=5"],

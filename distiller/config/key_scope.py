@@ -139,8 +139,8 @@ def _check_objective_keys(config: DictConfig, objective: Any, set_keys: Collecti
             raise UserError(f"{key} has no effect here: a method supplies the temperature of every logit term "
                             f"(CTKD's learned T), and it replaces {label}'s own; drop it")
         if len(parts) == 3 and parts[0] == "combine" and parts[2] == "logit_standardize":
-            raise UserError(f"{key} is not read: distill.logit_standardize standardises the logits of every term of "
-                            f"the objective, the combined methods' too; set that one instead")
+            raise UserError(f"{key} is not read: distill.logit_standardize standardises the logits of every logit "
+                            f"term of the objective, the combined methods' too; set that one instead")
         if len(parts) == 3 and parts[0] == "combine" and parts[2] in ("gamma", "alpha", "temperature"):
             label, name = parts[1], parts[2]
             if name == "temperature" and _interpolated(config.combine[label], "temperature"):
