@@ -48,7 +48,7 @@ def option_error(group: str, node: Mapping[str, Any], key: str, value: Any) -> s
     name = node.get("name") if registry is not None else None
     if name is None or str(name) not in registry or key in registry.metadata(str(name)).get("options", ()):
         return None
-    readers = [f"{group}={n}" for n in registry.names() if key in registry.metadata(n).get("options", ())]
+    readers = [f"{group}={n}" for n in _readers(registry, key)]
     if not readers:
         return None  # a key every entry reads, or none: not an entry's own
     setting = f"{group}.{key}" + ("" if value is None else f"={_shown(value)}")
@@ -56,10 +56,16 @@ def option_error(group: str, node: Mapping[str, Any], key: str, value: Any) -> s
             f"remove it or use {' or '.join(readers)}")
 
 
+def _readers(registry: Registry, key: str) -> list[str]:
+    """The entries of ``registry`` that declare, where they register, that they read ``key`` (``options=``)."""
+    return [n for n in registry.names() if key in registry.metadata(n).get("options", ())]
+
+
 def check_options(config: Mapping[str, Any], given: Mapping[str, Any]) -> None:
     """Every key set (not null) in the ``dataset`` and ``optim`` nodes of ``config`` is read by the entry the
     node names (:func:`option_error`), and the entry's own check of its settings passes (``check=`` where it
-    registers); ``given``: the same config as written, for the message."""
+    registers); every key set in the ``logger`` node is read by one of its backends. ``given``: the same
+    config as written, for the message."""
     for group in OPTION_READERS:
         node = config.get(group)
         if not isinstance(node, Mapping):
@@ -84,7 +90,7 @@ def check_options(config: Mapping[str, Any], given: Mapping[str, Any]) -> None:
 
 def _backend_option_error(logger: Mapping[str, Any], key: str, value: Any) -> str | None:
     """The one-line refusal of ``logger.<key>`` when only backends the run does not use read it."""
-    readers = [n for n in BACKENDS.names() if key in BACKENDS.metadata(n).get("options", ())]
+    readers = _readers(BACKENDS, key)
     used = [str(b) for b in logger.get("backends") or ()]
     if value is None or (not isinstance(value, str) and not value) or not readers or set(readers) & set(used):
         return None
@@ -120,40 +126,40 @@ def _check_learning_rates(config: DictConfig, set_keys: Collection[str]) -> None
     if "teacher.lr" in set_keys and "student" in config:
         raise UserError("teacher.lr is not read here: it is the teacher's own learning rate when it is trained "
                         "(train_teacher.py model.lr=...); the student's is student.lr or optim.lr")
+    written = OmegaConf.to_container(config.optim, resolve=False).get("lr") if "optim" in config else None
     for key in ("student.lr", "model.lr"):
-        written = OmegaConf.to_container(config.optim, resolve=False).get("lr") if "optim" in config else None
         if key in set_keys and key.split(".")[0] in config and key not in str(written):
             raise UserError(f"{key} has no effect here: optim.lr={_shown(written)} sets the learning rate, and "
                             f"{key} is only its default; set optim.lr instead, or drop one of them")
 
 
 def _check_objective_keys(config: DictConfig, objective: Any, set_keys: Collection[str]) -> None:
-    """Each objective key in ``set_keys`` reaches a term of ``objective``."""
+    """Each objective key in ``set_keys`` (``distill.<key>``, ``combine.<label>.<key>``) reaches a term of
+    ``objective``."""
     for key in sorted(set_keys):
         parts = key.split(".")
-        label = parts[1] if parts[0] == "combine" and len(parts) == 3 else str(config.distill.name)
+        combined = parts[0] == "combine" and len(parts) == 3
+        if not (combined or (parts[0] == "distill" and len(parts) == 2)):
+            continue
+        label, name = (parts[1], parts[2]) if combined else (str(config.distill.name), parts[1])
+        node = f"combine.{label}" if combined else "distill"
         entry = next((e for e in objective.entries if e.label == label), None)
-        if parts[-1].endswith("temperature") and len(parts) in (2, 3) and parts[0] in ("distill", "combine") \
-                and entry is not None and entry.method.takes_temperature \
+        if name.endswith("temperature") and entry is not None and entry.method.takes_temperature \
                 and objective.supplied_temperature() is not None:
             raise UserError(f"{key} has no effect here: a method supplies the temperature of every logit term "
                             f"(CTKD's learned T), and it replaces {label}'s own; drop it")
-        if len(parts) == 3 and parts[0] == "combine" and parts[2] == "logit_standardize":
+        if combined and name == "logit_standardize":
             raise UserError(f"{key} is not read: distill.logit_standardize standardises the logits of every logit "
                             f"term of the objective, the combined methods' too; set that one instead")
-        if len(parts) == 3 and parts[0] == "combine" and parts[2] in ("gamma", "alpha", "temperature"):
-            label, name = parts[1], parts[2]
-            if name == "temperature" and _interpolated(config.combine[label], "temperature"):
-                continue
+        if combined and name in ("gamma", "alpha", "temperature") \
+                and not (name == "temperature" and _interpolated(config.combine[label], "temperature")):
             raise UserError(f"{key} is not read: the primary method's node sets gamma, alpha and temperature for "
                             f"the whole objective (distill.{name}); a combined method takes beta, warmup_epochs "
                             f"and its own keys")
-        if parts[-1] == "warmup_epochs" and len(parts) in (2, 3) and parts[0] in ("distill", "combine"):
-            if entry is not None and entry.beta == 0 and entry.warmup_epochs > 0:
-                node = "distill" if parts[0] == "distill" else f"combine.{label}"
-                raise UserError(f"{key}={entry.warmup_epochs} has no effect here: the warm-up ramps the method's "
-                                f"weight {node}.beta, which is 0 (the KD term, distill.alpha, has no warm-up); "
-                                f"drop it, or give {node}.beta a weight")
+        if name == "warmup_epochs" and entry is not None and entry.beta == 0 and entry.warmup_epochs > 0:
+            raise UserError(f"{key}={entry.warmup_epochs} has no effect here: the warm-up ramps the method's "
+                            f"weight {node}.beta, which is 0 (the KD term, distill.alpha, has no warm-up); "
+                            f"drop it, or give {node}.beta a weight")
         if key == "distill.temperature" and not objective.reads_temperature() \
                 and not _interpolated(config.distill, "temperature"):
             setting = f"distill.temperature={_shown(OmegaConf.select(config, key))}"
