@@ -24,6 +24,7 @@ from datasets.base import DataSplits
 from distiller.bench.bench_settings import bench_settings, compose_benchmark
 from distiller.bench.report import fmt
 from distiller.config.compose import compose
+from distiller.config.overrides import override_key
 from distiller.engine.runtime import make_runtime, seed_everything
 from distiller.engine.teacher_cache import DTYPES, CacheKey, TeacherCache, row_index
 from distiller.jobs.cache_build import measure_build
@@ -153,12 +154,12 @@ def measure_cache_speed(argv: list[str]) -> list[dict[str, Any]]:
     :data:`CACHE_PAIRS`), the step with the live teacher and with the cache (:func:`measure_cached_step`;
     ``bench.steps``/``warmup``/``rounds`` of ``argv``) and the teacher's build rate on the same device."""
     bench = bench_settings(compose_benchmark(argv))  # checks every override once, in one line
-    given = {a.split("=", 1)[0].lstrip("+~"): a.split("=", 1)[1] for a in argv if "=" in a}
+    given = {override_key(a): a.split("=", 1)[1] for a in argv if "=" in a}
     if ("teacher" in given) != ("student" in given):
         raise UserError("--teacher-cache times the pairs of its table, or the one pair given: "
                         "pass both teacher= and student=, or neither")
     pairs = [(given["teacher"], given["student"])] if "teacher" in given else list(CACHE_PAIRS)
-    overrides = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in OWN_KEYS
+    overrides = [a for a in argv if override_key(a) not in OWN_KEYS
                  and not a.split("=", 1)[0].startswith("bench.")]
     overrides = [o for o in ("trainer.device=cpu", "trainer.precision=fp32")
                  if o.split("=", 1)[0] not in given] + overrides

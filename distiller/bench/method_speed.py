@@ -22,6 +22,7 @@ from distiller.bench.report import fmt
 from distiller.bench.timed_step import EngineStep, build_engine_step, load_bench_job
 from distiller.bench.timing import device_name, seconds_per_call, synchronize
 from distiller.config.compose import CONFIG_DIR
+from distiller.config.overrides import override_key
 from distiller.engine.runtime import Runtime, make_runtime
 from models.external import network_label
 
@@ -51,7 +52,7 @@ METHODS_DEFAULTS = ("bench.reference_steps=0",)  # methods are compared with KD,
 
 def with_defaults(argv: list[str], defaults: tuple[str, ...]) -> list[str]:
     """``defaults`` for the keys ``argv`` leaves unset (Hydra rejects a key given twice), then ``argv``."""
-    given = {a.split("=", 1)[0].lstrip("+~") for a in argv}
+    given = {override_key(a) for a in argv}
     return [d for d in defaults if d.split("=", 1)[0] not in given] + list(argv)
 
 

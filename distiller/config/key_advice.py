@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from distiller.config.compose import compose
 from distiller.config.key_scope import combine_label_message, option_error
+from distiller.config.overrides import override_key
 from distiller.config.schema import (
     NETWORK_GROUPS,
     RENAMED,
@@ -35,8 +36,8 @@ from distiller.config.validation import check_before_start
 def unknown_key_message(config_name: str | None, overrides: list[str], key: str) -> str:
     """One line for an override of ``key`` that Hydra refused because ``key`` is not in the config
     composed from ``configs/<config_name>.yaml`` with ``overrides`` (all of them, that one included)."""
-    mine = [o for o in overrides if _key_of(o) == key]
-    rest = [o for o in overrides if _key_of(o) != key]
+    mine = [o for o in overrides if override_key(o) == key]
+    rest = [o for o in overrides if override_key(o) != key]
     cfg = _composed(config_name, rest)
     parts = key.split(".")
     if len(parts) > 1 and parts[0] in NETWORK_GROUPS and parts[1] in RENAMED:  # a network's key
@@ -73,10 +74,6 @@ def _add_it(key: str, what: str) -> str:
     return f"config key '{key}' is not set in this config; add it with +{key}=VALUE ({what})"
 
 
-def _key_of(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def _composed(config_name: str | None, overrides: list[str]) -> DictConfig | None:
     if config_name is None:
         return None
@@ -96,7 +93,7 @@ def _refusal_with(config_name: str, overrides: list[str]) -> str | None:
     except UserError as err:
         return str(err)
     except Exception:  # noqa: BLE001 - a composition error: no advice to add it either
-        return f"config key '{_key_of(overrides[-1])}' cannot be set here; check the spelling"
+        return f"config key '{override_key(overrides[-1])}' cannot be set here; check the spelling"
     return None
 
 

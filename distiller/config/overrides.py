@@ -104,6 +104,11 @@ def added_top_level_keys(args: list[str], groups: set[str]) -> list[str]:
     return keys
 
 
+def override_key(override: str) -> str:
+    """The key an override names as typed (``+distill.q=3`` -> ``distill.q``), without Hydra's parser."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def set_keys(args: list[str]) -> set[str]:
     """The config keys that ``args`` set (``key=v``, ``+key=v``, ``++key=v``; a sweep's too); a group choice
     (``distill=kd``) comes out as the group's name, one into a package (``+distill@combine.at=at``) and a

@@ -22,7 +22,7 @@ from torch import nn
 
 from common.errors import UserError
 from datasets import DATASETS, load_dataset
-from distiller.config.overrides import hydra_quoted
+from distiller.config.overrides import hydra_quoted, override_key
 from distiller.config.schema import current_names
 from distiller.engine.checkpoints import check_file, extract_state_dict, guess_architecture, safe_load
 from distiller.engine.evaluation import measure_per_class
@@ -175,7 +175,7 @@ def load_checkpoint(path: str | Path | CheckpointFile, model: NetworkChoice = No
 # ---- the evaluation command (scripts/evaluate.py, scripts/teachers.py add --measure) ---------------
 def _override(overrides: list[str], key: str) -> str | None:
     """The value the command line gives ``key`` (None when it is not overridden)."""
-    values = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key]
+    values = [o.split("=", 1)[1] for o in overrides if override_key(o) == key]
     return values[-1] if values else None
 
 
@@ -221,7 +221,7 @@ def compose_config(overrides: list[str]) -> Any:
 
 def is_model_override(override: str) -> bool:
     """Whether a command-line override chooses or configures the network (``model=``, ``model.name=``)."""
-    key = override.split("=", 1)[0].lstrip("+~")
+    key = override_key(override)
     return key == "model" or key.startswith("model.")
 
 

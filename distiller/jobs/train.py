@@ -20,6 +20,7 @@ from torch import nn
 from common.files import atomic_write
 from datasets import load_dataset
 from datasets.loaders import make_loader
+from distiller.config.overrides import override_key
 from distiller.config.pairs import apply_pair_settings
 from distiller.config.validation import check_job
 from distiller.engine.checkpoints import Checkpointer
@@ -194,9 +195,9 @@ def _same_data_overrides(job: Any) -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     typed = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    keys = lambda o: o.split("=", 1)[0].lstrip("+~")
-    same = [o for o in typed if keys(o) in ("dataset", "teacher_dir") or keys(o).startswith("dataset.")]
-    return same if any(keys(o) == "dataset" for o in same) else [f"dataset={job.dataset.name}", *same]
+    same = [o for o in typed if override_key(o) in ("dataset", "teacher_dir")
+            or override_key(o).startswith("dataset.")]
+    return same if any(override_key(o) == "dataset" for o in same) else [f"dataset={job.dataset.name}", *same]
 
 
 def _warn_below_published(job: Any, teacher_arch: str, num_test: int, measured: float) -> None:
