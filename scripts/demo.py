@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distiller.config.command_line import OneLineParser
+from distiller.config.command_line import OneLineParser, at_least
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 100
@@ -152,13 +152,13 @@ def write_real_subset(source: Path, target: Path, per_class: int) -> None:
 
 def main() -> None:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the two student runs (the teacher uses 0)")
-    parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs of each student run")
-    parser.add_argument("--teacher-epochs", type=int, default=None,
+    parser.add_argument("--seed", type=at_least(0), default=0, help="seed of the two student runs (the teacher uses 0)")
+    parser.add_argument("--epochs", type=at_least(1), default=EPOCHS, help="epochs of each student run")
+    parser.add_argument("--teacher-epochs", type=at_least(1), default=None,
                         help=f"epochs of the teacher (default: {TEACHER_EPOCHS_FACTOR} x --epochs)")
-    parser.add_argument("--train-size", type=int, default=None,
-                        help=f"training images (synthetic default {TRAIN_SIZE}; with --real: a class-balanced "
-                             f"subset, default all 50,000)")
+    parser.add_argument("--train-size", type=at_least(NUM_CLASSES), default=None,
+                        help=f"training images, at least one per class (synthetic default {TRAIN_SIZE}; with "
+                             f"--real: a class-balanced subset, default all 50,000)")
     parser.add_argument("--teacher", default="resnet20")
     parser.add_argument("--student", default="resnet8")
     parser.add_argument("--real", action="store_true", help="real CIFAR-100 instead of the built-in data")
@@ -170,10 +170,6 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", default=[],
                         help="Hydra overrides applied to every run")
     args = parser.parse_args()
-    for flag, value, least in (("--epochs", args.epochs, 1), ("--teacher-epochs", args.teacher_epochs, 1),
-                               ("--seed", args.seed, 0), ("--train-size", args.train_size, NUM_CLASSES)):
-        if value is not None and value < least:
-            parser.error(f"{flag} {value}: use {least} or more" + (" (an image of every class)" if least > 1 else ""))
     teacher_epochs = args.teacher_epochs or TEACHER_EPOCHS_FACTOR * args.epochs
     out = Path(args.out) if Path(args.out).is_absolute() else REPO / args.out
     # one folder per data setting and overrides: rerunning the same demo reuses what is finished

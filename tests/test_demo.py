@@ -43,8 +43,8 @@ def test_demo_prints_teacher_student_and_distilled_accuracy(tmp_path):
 
 
 @pytest.mark.parametrize("args, line", [
-    (["--epochs", "0"], "error: --epochs 0: use 1 or more (see --help)"),
-    (["--train-size", "30"], "error: --train-size 30: use 100 or more (an image of every class) (see --help)"),
+    (["--epochs", "0"], "error: argument --epochs: 0 is less than 1 (see --help)"),
+    (["--train-size", "30"], "error: argument --train-size: 30 is less than 100 (see --help)"),
     (["--epochs", "1", "--train-size", "100", "foo=1"], "error: config key 'foo' does not exist; check the spelling"),
 ])
 def test_demo_bad_input_is_one_line(tmp_path, args, line):
