@@ -296,7 +296,7 @@ def preflight(config_name: str, argv: list[str]) -> None:
 
 def _check(cfg: DictConfig, job: str | None, keys: set[str]) -> None:
     """The checks the job makes before it starts (:func:`distiller.config.validation.check_before_start`),
-    and that each objective key the command line sets (``keys``) is read."""
+    and that each key the command line sets (``keys``) that may go unread is read."""
     if job is None:
         validate(cfg)
     else:
