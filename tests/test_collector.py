@@ -273,6 +273,27 @@ def test_runs_on_two_data_sets_are_summarised_apart(tmp_path: Path, monkeypatch)
     assert titles == ["resnet32x4 → resnet8x4 (cifar100)", "resnet32x4 → resnet8x4 (imagefolder)"]
 
 
+def test_published_numbers_stand_only_beside_runs_on_their_data_set(tmp_path: Path) -> None:
+    """KD resnet32x4 -> resnet8x4 is 73.33 on CIFAR-100 (CRD and DKD papers); a synthetic-data or
+    image-folder run of the same cell has no published number, so no difference to it either."""
+    root = tmp_path / "runs"
+    write_run(root, "resnet32x4", "resnet8x4", "kd", 0, 72.0, 73.0, config_extra=on("cifar100"))
+    write_run(root, "resnet32x4", "resnet8x4", "kd", 1, 2.0, 3.0, config_extra=on("synthetic"))
+    write_run(root, "resnet32x4", "resnet8x4", "kd", 2, 10.0, 12.0, config_extra=on("imagefolder"))
+    write_run(root, "resnet32x4", "resnet8x4", "kd", 3, 70.0, 71.0)  # recorded no data set: compared as before
+    out = tmp_path / "report" / "table"
+    rows, _ = tables.collect([str(root)], out, figure=False)
+    kd = {r.dataset: r for r in rows if r.method == "kd"}
+    assert kd["cifar100"].published == {"crd": 73.33, "dkd": 73.33, "post_dkd": 73.33}
+    assert kd["synthetic"].published == {"crd": None, "dkd": None, "post_dkd": None}
+    assert kd["imagefolder"].published == {"crd": None, "dkd": None, "post_dkd": None}
+    assert kd[""].published["crd"] == 73.33
+    with open(out.with_suffix(".csv"), newline="") as f:
+        summary = {(r["dataset"], r["method"]): r for r in csv.DictReader(f)}
+    assert summary[("synthetic", "kd")]["crd_diff"] == "" and summary[("synthetic", "teacher")]["crd_published"] == ""
+    assert float(summary[("cifar100", "kd")]["crd_diff"]) == pytest.approx(72.0 - 73.33, abs=1e-4)
+
+
 def test_runs_of_one_cell_with_different_recipes_are_refused(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     long = write_run(root, "resnet32x4", "resnet8x4", "kd", 0, 72.0, 73.0, config_extra=on("cifar100"))

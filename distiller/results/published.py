@@ -22,11 +22,16 @@ class Source:
     label: str
     protocol: str  # "last" | "best": the protocol its numbers are compared under
     recipes: bool = False  # the file's rows differ in recipe: show each number's recipe beside it
+    dataset: str = "cifar100"  # the data set (dataset.name) its numbers were measured on
+
+    def dataset_of(self, table: str) -> str:
+        """The data set of one of the file's tables (Tiny-ImageNet runs here as an image folder)."""
+        return TABLE_DATASETS.get(table, self.dataset)
 
 
 SOURCES: dict[str, Source] = {
     # the ImageNet and Tiny-ImageNet tables (per-row protocol; not in the shared notes): --sources imagenet
-    "imagenet": Source("imagenet", "imagenet_tables.csv", "ImageNet papers", "best"),
+    "imagenet": Source("imagenet", "imagenet_tables.csv", "ImageNet papers", "best", dataset="imagenet"),
     "crd": Source("crd", "crd_paper_repdistiller_readme.csv", "CRD paper", "last"),
     "dkd": Source("dkd", "dkd_paper.csv", "DKD paper", "best"),
     "mdistiller": Source("mdistiller", "mdistiller_readme.csv", "mdistiller README", "best"),
@@ -36,6 +41,8 @@ SOURCES: dict[str, Source] = {
     "methods_2025": Source("methods_2025", "methods_2025.csv", "2023-26 papers", "best", recipes=True),
 }
 DEFAULT_SOURCES = ("crd", "dkd", "post_dkd")
+# Tables measured on another data set than their file's: Tiny-ImageNet is trained as dataset=imagefolder.
+TABLE_DATASETS = {"tiny_imagenet_dot": "imagefolder"}
 
 # The papers' method names -> our config names (configs/distill/<name>.yaml). Explicit on purpose:
 # a new spelling in a data file must be added here, not guessed.
@@ -126,13 +133,14 @@ def published_recipe(method: str, teacher: str, student: str, protocol: str, sec
 
 
 # ---- published numbers -----------------------------------------------------------------------------
-PUBLISHED_COLUMNS = ["source", "table", *CELL, "top1", "epochs", "views", "augmentation", "protocol", "recipe",
-                     "preferred", "secondary"]
+PUBLISHED_COLUMNS = ["source", "table", "dataset", *CELL, "top1", "epochs", "views", "augmentation", "protocol",
+                     "recipe", "preferred", "secondary"]
 
 
 def load_published(sources: Sequence[str] = tuple(SOURCES), folder: Path = PAPER_TABLES) -> pd.DataFrame:
     """Published top-1, one row per (source, table, teacher, student, method) in file order, our method names,
-    each with its recipe (``epochs``, ``views``, ``augmentation``, ``protocol``, and all four as ``recipe``)."""
+    the data set it was measured on (``dataset``, as ``dataset.name`` names it), each with its recipe
+    (``epochs``, ``views``, ``augmentation``, ``protocol``, and all four as ``recipe``)."""
     frames = []
     for key in sources:
         if key not in SOURCES:
@@ -153,7 +161,8 @@ def load_published(sources: Sequence[str] = tuple(SOURCES), folder: Path = PAPER
         recipes = [published_recipe(m, t, s, p, bool(x)) for m, t, s, p, x in
                    zip(frame["method"], frame["teacher"], frame["student"], protocols, secondary)]
         frames.append(frame.assign(
-            source=key, epochs=[r.epochs for r in recipes], views=[r.views for r in recipes],
+            source=key, dataset=[source.dataset_of(t) for t in frame["table"]],
+            epochs=[r.epochs for r in recipes], views=[r.views for r in recipes],
             augmentation=[r.augmentation for r in recipes], protocol=[r.protocol for r in recipes],
             recipe=[r.tag() for r in recipes],
             preferred=[OWN_TABLES.get(m) == t for m, t in zip(frame["method"], frame["table"])],

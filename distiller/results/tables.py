@@ -100,8 +100,12 @@ def layout(runs: pd.DataFrame, published: pd.DataFrame, tables: Sequence[str] = 
 
 
 def summarize(runs: pd.DataFrame, published: pd.DataFrame, sources: Sequence[str],
-              tables: Sequence[str] = ()) -> pd.DataFrame:
-    """One row per (teacher, student, method): ours under both protocols and each source's number."""
+              tables: Sequence[str] = (), dataset: str = UNKNOWN_DATASET) -> pd.DataFrame:
+    """One row per (teacher, student, method): ours under both protocols and each source's number.
+
+    With ``dataset``, only numbers measured on that data set stand beside ours (a synthetic run has no
+    published number); runs that recorded no data set are compared with every number, as before.
+    """
     cells = layout(runs, published, tables)
     baseline = cells["method"].isin(BASELINES)
     cells["arch"] = cells["teacher"].where(cells["method"] == "teacher", cells["student"])
@@ -113,7 +117,8 @@ def summarize(runs: pd.DataFrame, published: pd.DataFrame, sources: Sequence[str
     table["our_recipe"] = [r if isinstance(r, str) else "" for r in table["our_recipe"]]
     table["settings"] = [r if isinstance(r, str) else "" for r in table["settings"]]
     # one number per cell and source: the method authors' own table where a cell is in several, else the last
-    chosen = published.sort_values("preferred", kind="stable").drop_duplicates(["source", *CELL], keep="last")
+    comparable = published if dataset == UNKNOWN_DATASET else published[published["dataset"] == dataset]
+    chosen = comparable.sort_values("preferred", kind="stable").drop_duplicates(["source", *CELL], keep="last")
     for key in sources:
         source = SOURCES[key]
         theirs = chosen.loc[chosen["source"] == key].set_index(CELL)
@@ -132,7 +137,7 @@ def summarize(runs: pd.DataFrame, published: pd.DataFrame, sources: Sequence[str
 def summarize_by_dataset(runs: pd.DataFrame, published: pd.DataFrame, sources: Sequence[str],
                          tables: Sequence[str] = ()) -> pd.DataFrame:
     """:func:`summarize` for each data set's runs apart (never averaged together), with a ``dataset`` column."""
-    parts = [summarize(group, published, sources, tables).assign(dataset=dataset)
+    parts = [summarize(group, published, sources, tables, dataset).assign(dataset=dataset)
              for dataset, group in runs.groupby(runs["dataset"].fillna(UNKNOWN_DATASET), sort=True)]
     return pd.concat(parts, ignore_index=True)
 
@@ -215,7 +220,8 @@ def render_markdown(table: pd.DataFrame, runs: pd.DataFrame, sources: Sequence[s
              f"{runs['hours'].sum():.2f} training hours recorded in them. {_datasets_line(runs)}",
              "Ours: mean ± sample std over seeds (n = runs). *last* = top-1 after the last epoch (the CRD "
              "tables' protocol), *best* = best epoch's top-1 (the DKD tables' protocol). Δ = ours − published, "
-             "each source compared under its own protocol. *settings*: "
+             "each source compared under its own protocol, beside runs on the data set it was measured on "
+             "(cifar100; imagenet; imagefolder for Tiny-ImageNet). *settings*: "
              f"{NOT_PUBLISHED_SETTINGS} where our runs departed from the published number's settings.", ""]
     # header -> cells; a list of pairs, since two sources of one protocol share the header "Δ (best)"
     columns = [("method", table["method"]), ("n", table["runs"].astype(str)),
