@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from distiller.config.command_line import OneLineParser, preflight
+from distiller.config.overrides import override_key
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -60,20 +61,25 @@ def entry_point(preset: str) -> str:
     return "train_student.py"
 
 
+def preset_params(preset: str, overrides: Sequence[str] = ()) -> list[str]:
+    """The preset's ``hydra.sweeper.params`` as override lines (``pair=a,b``), composed with the overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from distiller.config.compose import compose
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    cfg = compose(Path(entry_point(preset)).stem, [f"experiment={preset}", *plain], return_hydra_config=True)
+    return [f"{k}={v}" for k, v in (cfg.hydra.sweeper.params or {}).items()]
+
+
 def expand_preset(preset: str, overrides: Sequence[str] = ()) -> list[dict[str, str]]:
     """The jobs of one preset: its ``hydra.sweeper.params`` with the overrides applied, expanded by
     Hydra's own override parser into one {key: value} dict per job (the same product Hydra launches)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from distiller.config.compose import compose
-
-    entry = entry_point(preset)
     parser = OverridesParser.create()
-    parsed = parser.parse_overrides(list(overrides))
-    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
-    cfg = compose(Path(entry).stem, [f"experiment={preset}", *plain], return_hydra_config=True)
-    params = dict(cfg.hydra.sweeper.params or {})
-    lines = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+    lines = preset_params(preset, overrides) + list(overrides)
     axes: dict[str, list[str]] = {}
     for override in parser.parse_overrides(lines):  # later lines replace earlier ones, as in Hydra
         key = override.get_key_element()
@@ -104,6 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     stand_in = ["dataset.root=DATA_ROOT"] if args.dry_run and not given_root else []
     for preset in presets:  # a mistake in the overrides stops here, in one line, before any job runs
         preflight(Path(entry).stem, ["-m", f"experiment={preset}", *args.overrides, *stand_in])
+        if args.overrides:  # then with the preset's own axes (each value with the others at their first), as
+            # Hydra launches them: an override can clash with a cell (teacher=X with pair=...); the presets
+            # alone are checked cell by cell by the test suite
+            given = {override_key(o) for o in [*args.overrides, *stand_in]}
+            axes = [line for line in preset_params(preset, [*args.overrides, *stand_in])
+                    if override_key(line) not in given]
+            preflight(Path(entry).stem, ["-m", f"experiment={preset}", *axes, *args.overrides, *stand_in])
     if args.dry_run:
         total = 0
         for preset, command in zip(presets, commands(args.table, args.overrides)):

@@ -114,6 +114,9 @@ def test_a_missing_argument_is_named_alone(args: list, missing: str) -> None:
     (["dkd", "distill=kdd", "--dry-run"], ["unknown distill 'kdd'", "Did you mean 'kd'?"]),
     (["dkd", "seed=0,l", "--dry-run"], ["seed=l is not a whole number"]),
     (["imagenet"], ["dataset.root", "has no value"]),  # checked before any job would start
+    # an override that clashes with the preset's own cells (its pairs), found before any job starts
+    (["crd_table1", "teacher=resnet8", "--dry-run"], ["pair=wrn_40_2-wrn_16_2 carries the settings published",
+                                                       "distills resnet8 -> wrn_16_2", "nothing was run"]),
 ])
 def test_sweep_table_checks_its_overrides_first_in_one_line(args: list, words: list) -> None:
     result = run_cli("scripts/sweep_table.py", *args)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_overrides
+from helpers import run_cli, tiny_overrides
 
 import distiller.config.pairs as pairs
 from distiller.config.pairs import apply_pair_settings
@@ -182,6 +182,30 @@ def test_the_explicit_pair_preset_agrees_with_the_teacher_and_student(compose) -
     assert apply_pair_settings(explicit) == []  # chosen explicitly: nothing left to fill
     assert (implicit.distill.temperature, implicit.distill.alpha) == (explicit.distill.temperature,
                                                                       explicit.distill.alpha) == (4.0, 12.0)
+
+
+@pytest.mark.parametrize("override", ["teacher=resnet8", "student=resnet8"])
+def test_a_chosen_pair_whose_teacher_or_student_was_replaced_is_refused_in_one_line(override: str, tmp_path: Path,
+                                                                                     compose) -> None:
+    """pair=vgg13-vgg8 with another teacher would give that pair the settings published for vgg13 -> vgg8
+    (DKD's NCKD weight 6, LS's temperature 3, ...): refused before anything starts, and nothing written."""
+    from common.errors import UserError
+    from distiller.config.validation import check_before_start
+
+    cfg = compose("train_student", ["pair=vgg13-vgg8", override, "distill=dkd"])
+    with pytest.raises(UserError, match="pair=vgg13-vgg8 carries the settings published"):
+        check_before_start(cfg, "train_student")
+    with pytest.raises(UserError, match="drop pair="):
+        apply_pair_settings(cfg)
+    result = run_cli("train_student.py", "pair=vgg13-vgg8", override, "distill=dkd", *tiny_overrides(tmp_path),
+                     cwd=tmp_path)
+    (line,) = [x for x in result.stderr.splitlines() if x.strip()]
+    arch = override.split("=")[1]
+    pair = f"{arch} -> vgg8" if override.startswith("teacher") else f"vgg13 -> {arch}"
+    assert result.returncode == 2 and line.startswith("error: pair=vgg13-vgg8") and f"distills {pair}" in line, line
+    assert not (tmp_path / "runs").exists()
+    # the pair's own teacher and student, named again, are its pair
+    check_before_start(compose("train_student", ["pair=vgg13-vgg8", "teacher=vgg13", "distill=dkd"]), "train_student")
 
 
 def test_ttm_takes_the_readme_example_on_its_pair(compose) -> None:

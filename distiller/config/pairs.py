@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from common.errors import UserError
 from models import MODELS
 from models.external import network_label
 
@@ -39,13 +40,33 @@ def _method_nodes(cfg: DictConfig) -> dict[str, Any]:
     return {key: OmegaConf.to_container(node, resolve=True) for key, node in nodes.items()}
 
 
+def _pair_name(teacher: str, student: str) -> str:
+    """The name a pair file of ``teacher`` -> ``student`` has (``configs/pair/<name>.yaml``)."""
+    canonical = [MODELS.canonical(arch) if arch in MODELS else arch for arch in (teacher, student)]
+    return "-".join(canonical)
+
+
+def check_chosen_pair(cfg: DictConfig) -> None:
+    """A ``pair=`` chosen on the command line is the run's teacher and student: ``pair=vgg13-vgg8
+    teacher=resnet8`` would give resnet8 -> vgg8 the settings published for vgg13 -> vgg8, so it is refused."""
+    name = (cfg.get("pair") or {}).get("name")
+    teacher, student = network_label(cfg.teacher), network_label(cfg.student)
+    if name is None or str(name) == _pair_name(teacher, student):
+        return
+    raise UserError(f"pair={name} carries the settings published for its own teacher and student, but this run "
+                    f"distills {teacher} -> {student} (teacher= or student= replaced the pair's): drop pair= (the "
+                    f"per-pair settings then follow teacher= and student=), or drop the teacher=/student= override")
+
+
 def apply_pair_settings(cfg: DictConfig) -> list[str]:
     """Fill ``cfg.pair`` from the teacher/student pair unless one was chosen; return what it changed.
 
     The result names each method key whose value the pair's settings changed, e.g.
-    ``distill.nckd_weight=2.0``; empty when nothing changed.
+    ``distill.nckd_weight=2.0``; empty when nothing changed. A chosen pair must be the run's
+    teacher and student (:func:`check_chosen_pair`).
     """
     if cfg.get("pair") is not None:
+        check_chosen_pair(cfg)
         return []
     # an external network (teacher=timm teacher.name=resnet50) is not the zoo architecture of the same name
     settings = pair_settings(network_label(cfg.teacher), network_label(cfg.student))

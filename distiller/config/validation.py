@@ -26,6 +26,7 @@ from distiller.config.key_scope import (
     combine_label_message,
     expand_home,
 )
+from distiller.config.pairs import check_chosen_pair
 from distiller.config.schema import (
     EXTRA,
     NETWORK_GROUPS,
@@ -344,5 +345,7 @@ def check_before_start(cfg: DictConfig | dict, job: str, set_keys: Collection[st
 
     typed = load_job(cfg, job)
     objective = Objective.from_config(typed.distill, typed.combine) if isinstance(typed, StudentJob) else None
+    if objective is not None and isinstance(cfg, DictConfig):
+        check_chosen_pair(cfg)  # pair= and the teacher/student it names, not another
     if set_keys and isinstance(cfg, DictConfig):
         check_set_keys(cfg, objective, set_keys)
