@@ -87,8 +87,20 @@ def test_bad_value_is_one_line_naming_the_key(compose, entry, overrides, words):
     # a method without a constructor of its own takes no keys (nn.Module's would swallow any)
     (["distill=kd", "+distill.foo=1"], ["distill.foo", "not a parameter of method 'kd'", "its parameters are: none"]),
     (["distill=dkd", "+distill.foo=1"], ["distill.foo", "not a parameter of method 'dkd'", "tckd_weight"]),
+    # a method's own keys have the type its constructor declares: a switch that is no boolean would be
+    # truthy (silently on), a fraction where a count goes would be truncated, inf would train on nan
+    (["distill=cat_kd", "distill.cam_normalize=maybe"], ["distill.cam_normalize=maybe", "a boolean (true or false)"]),
+    (["distill=cat_kd", "distill.cam_student_no_bias=1"], ["distill.cam_student_no_bias=1", "a boolean"]),
+    (["distill=cat_kd", "distill.cam_resolution=2.5"], ["distill.cam_resolution=2.5", "a whole number"]),
+    (["distill=wkd_l", "distill.sinkhorn_iter=true"], ["distill.sinkhorn_iter=True", "a whole number"]),
+    (["distill=skd", "distill.tikhonov=inf"], ["distill.tikhonov=inf", "a finite number"]),
+    (["distill=luminet", "distill.luminet_alpha=abc"], ["distill.luminet_alpha=abc", "a finite number"]),
+    (["distill=luminet", "distill.luminet_alpha=-33"], ["luminet_alpha=-33 >= 0", "the loss weight is its square"]),
+    (["distill=wkd_f", "distill.mean_cov_ratio=-1"], ["mean_cov_ratio=-1 must be >= 0"]),
+    (["distill=eakd", "distill.h_ub=null", "distill.ea_temperature=null"], ["distill.ea_temperature=None",
+                                                                           "null is not allowed"]),
 ])
-def test_a_key_the_method_does_not_take_is_refused_before_the_start(compose, overrides, words):
+def test_a_method_key_it_does_not_take_or_of_another_type_is_refused_before_the_start(compose, overrides, words):
     with pytest.raises(UserError) as caught:
         validation.check_before_start(compose("train_student", overrides), "train_student")
     message = str(caught.value)

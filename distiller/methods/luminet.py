@@ -29,8 +29,9 @@ class LumiNet(DistillMethod):
 
     def __init__(self, luminet_alpha: float = 31.0, luminet_temperature: float = 4.0) -> None:
         super().__init__()
-        if not luminet_temperature > 0:
-            raise ValueError(f"luminet_temperature={luminet_temperature} must be > 0")
+        if not luminet_temperature > 0 or not luminet_alpha >= 0:
+            raise ValueError(f"luminet_temperature={luminet_temperature} must be > 0 and luminet_alpha={luminet_alpha} "
+                             f">= 0 (the loss weight is its square)")
         self.luminet_alpha = float(luminet_alpha)
         self.luminet_temperature = float(luminet_temperature)
 

@@ -31,6 +31,8 @@ class WKDFeature(DistillMethod):
         super().__init__()
         if isinstance(spatial_grid, bool) or int(spatial_grid) != spatial_grid or spatial_grid < 1:
             raise ValueError(f"spatial_grid={spatial_grid} must be a positive integer (cells per side)")
+        if not mean_cov_ratio >= 0:
+            raise ValueError(f"mean_cov_ratio={mean_cov_ratio} must be >= 0 (the weight of the mean term)")
         self.mean_cov_ratio, self.spatial_grid = float(mean_cov_ratio), int(spatial_grid)
         self.cosine_decay_epoch, self.epochs = int(cosine_decay_epoch), 240
 
