@@ -15,12 +15,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import STAGES_PREACT, Features, feature_extractor_parameters
 from distiller.helpers import Resize, log_stage_pairing, pair_stages
 from distiller.methods.base import METHODS, BuildContext, DistillMethod, InitPhase, TermContext, init_phase
+from distiller.methods.key_types import Epochs, NonNegative, Positive
 
 
 class BoundaryConnector(nn.Module):
@@ -66,10 +66,8 @@ class ActivationBoundaries(DistillMethod):
     student_features = frozenset({STAGES_PREACT})
     teacher_features = frozenset({STAGES_PREACT})
 
-    def __init__(self, margin: float = 1.0, init_epochs: int = 30, init_lr: float | None = None) -> None:
+    def __init__(self, margin: NonNegative = 1.0, init_epochs: Epochs = 30, init_lr: Positive | None = None) -> None:
         super().__init__()
-        if init_epochs < 0:
-            raise UserError(f"distill.init_epochs must be >= 0, got {init_epochs}")
         self.margin = float(margin)
         self.init_epochs = int(init_epochs)
         self.init_lr = init_lr

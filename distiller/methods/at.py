@@ -8,6 +8,7 @@ from distiller import functional as F
 from distiller.features import STAGES, Features
 from distiller.helpers import log_stage_pairing, pair_stages
 from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
+from distiller.methods.key_types import Positive
 
 
 @METHODS.register("at", aliases=("attention",))
@@ -22,7 +23,7 @@ class AT(DistillMethod):
     student_features = frozenset({STAGES})
     teacher_features = frozenset({STAGES})
 
-    def __init__(self, p: float = 2.0) -> None:
+    def __init__(self, p: Positive = 2.0) -> None:
         super().__init__()
         self.p = p
 

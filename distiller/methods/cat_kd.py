@@ -10,6 +10,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import CLASSIFIER, POOL_INPUT, Features, classifier_of
 from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
+from distiller.methods.key_types import Count
 
 log = logging.getLogger("distiller")
 
@@ -35,10 +36,9 @@ class CATKD(DistillMethod):
     student_features = frozenset({POOL_INPUT, CLASSIFIER})
     teacher_features = frozenset({POOL_INPUT, CLASSIFIER})
 
-    def __init__(self, cam_resolution: int = 2, cam_normalize: bool = False, cam_student_no_bias: bool = False) -> None:
+    def __init__(self, cam_resolution: Count = 2, cam_normalize: bool = False,
+                 cam_student_no_bias: bool = False) -> None:
         super().__init__()
-        if isinstance(cam_resolution, bool) or int(cam_resolution) != cam_resolution or cam_resolution < 1:
-            raise ValueError(f"cam_resolution={cam_resolution} must be a positive integer (the pooled CAM's side)")
         self.cam_resolution, self.cam_normalize = int(cam_resolution), bool(cam_normalize)
         self.cam_student_no_bias = bool(cam_student_no_bias)
 

@@ -9,6 +9,7 @@ from distiller import functional as F
 from distiller.features import EMBEDDING, Features
 from distiller.helpers import Embed, flat_dim
 from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
+from distiller.methods.key_types import Count, Positive
 
 VARIANTS = ("benchmark", "gram", "rbf")
 
@@ -27,8 +28,8 @@ class CC(DistillMethod):
     student_features = frozenset({EMBEDDING})
     teacher_features = frozenset({EMBEDDING})
 
-    def __init__(self, feat_dim: int = 128, variant: str = "benchmark", rbf_gamma: float = 0.4,
-                 rbf_order: int = 2) -> None:
+    def __init__(self, feat_dim: Count = 128, variant: str = "benchmark", rbf_gamma: Positive = 0.4,
+                 rbf_order: Count = 2) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise UserError(f"unknown CC variant '{variant}'; use distill.variant= one of {', '.join(VARIANTS)}")

@@ -10,6 +10,7 @@ from distiller.contrast import MODES, ContrastMemory, ContrastSampler
 from distiller.features import EMBEDDING, Features
 from distiller.helpers import Embed, flat_dim
 from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
+from distiller.methods.key_types import Count
 
 # Optional side data: a data pipeline that samples its own contrast indices [B, 1 + K]
 # (column 0 the positive) may pass them under this key; otherwise they are drawn here, on the device.
@@ -32,7 +33,7 @@ class CRD(DistillMethod):
     student_features = frozenset({EMBEDDING})
     teacher_features = frozenset({EMBEDDING})
 
-    def __init__(self, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07, nce_m: float = 0.5,
+    def __init__(self, feat_dim: Count = 128, nce_k: int = 16384, nce_t: float = 0.07, nce_m: float = 0.5,
                  mode: str = "exact") -> None:
         super().__init__()
         if mode not in MODES:

@@ -8,6 +8,7 @@ from distiller import functional as F
 from distiller.features import Features
 from distiller.gather import gather_batch
 from distiller.methods.base import METHODS, DistillMethod, TermContext
+from distiller.methods.key_types import NonNegative, Positive
 
 
 @METHODS.register("dist")
@@ -25,7 +26,8 @@ class DIST(DistillMethod):
     # a logit term: with distill.logit_standardize the objective hands it standardised logits
     logit_terms = True
 
-    def __init__(self, inter_weight: float = 1.0, intra_weight: float = 1.0, dist_temperature: float = 4.0) -> None:
+    def __init__(self, inter_weight: NonNegative = 1.0, intra_weight: NonNegative = 1.0,
+                 dist_temperature: Positive = 4.0) -> None:
         super().__init__()
         self.inter_weight = float(inter_weight)
         self.intra_weight = float(intra_weight)

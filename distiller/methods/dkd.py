@@ -7,6 +7,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import Features
 from distiller.methods.base import METHODS, DistillMethod, TermContext
+from distiller.methods.key_types import NonNegative, Positive
 
 
 @METHODS.register("dkd")
@@ -27,7 +28,8 @@ class DKD(DistillMethod):
     takes_temperature = True
     weights_own_terms = True
 
-    def __init__(self, tckd_weight: float = 1.0, nckd_weight: float = 8.0, dkd_temperature: float = 4.0) -> None:
+    def __init__(self, tckd_weight: NonNegative = 1.0, nckd_weight: NonNegative = 8.0,
+                 dkd_temperature: Positive = 4.0) -> None:
         super().__init__()
         self.tckd_weight = tckd_weight
         self.nckd_weight = nckd_weight

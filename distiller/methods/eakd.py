@@ -7,6 +7,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import Features
 from distiller.methods.base import METHODS, DistillMethod, TermContext
+from distiller.methods.key_types import NonNegative
 
 
 def _check(temperature: float, entropy_temperature: float, h_ub: float | None) -> None:
@@ -54,7 +55,7 @@ class EADKD(DistillMethod):
 
     weights_own_terms = True
 
-    def __init__(self, tckd_weight: float = 1.0, nckd_weight: float = 8.0, ea_temperature: float = 4.0,
+    def __init__(self, tckd_weight: NonNegative = 1.0, nckd_weight: NonNegative = 8.0, ea_temperature: float = 4.0,
                  entropy_temperature: float = 3.0, h_ub: float | None = 100.0) -> None:
         super().__init__()
         _check(ea_temperature, entropy_temperature, h_ub)

@@ -17,6 +17,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import STAGES, STEM, Features, feature_extractor_parameters
 from distiller.methods.base import METHODS, BuildContext, DistillMethod, InitPhase, TermContext, init_phase
+from distiller.methods.key_types import Epochs, Positive
 
 
 def _levels(features: Features) -> list:
@@ -39,10 +40,8 @@ class FSP(DistillMethod):
     student_features = frozenset({STEM, STAGES})
     teacher_features = frozenset({STEM, STAGES})
 
-    def __init__(self, init_epochs: int = 30, init_lr: float | None = None) -> None:
+    def __init__(self, init_epochs: Epochs = 30, init_lr: Positive | None = None) -> None:
         super().__init__()
-        if init_epochs < 0:
-            raise UserError(f"distill.init_epochs must be >= 0, got {init_epochs}")
         self.init_epochs = int(init_epochs)
         self.init_lr = init_lr
         self.num_levels = 0

@@ -17,6 +17,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import STAGES, Features
 from distiller.methods.base import METHODS, BuildContext, DistillMethod, InitPhase, TermContext, init_phase
+from distiller.methods.key_types import Epochs, Positive
 
 
 def _conv_block(c_in: int, c_out: int, use_bn: bool, transposed: bool = False) -> list[nn.Module]:
@@ -77,13 +78,9 @@ class FactorTransfer(DistillMethod):
     student_features = frozenset({STAGES})
     teacher_features = frozenset({STAGES})
 
-    def __init__(self, k: float = 0.5, p1: float = 2, p2: float = 1, init_epochs: int = 30,
-                 init_lr: float | None = 0.01, paraphraser_bn: bool = False) -> None:
+    def __init__(self, k: Positive = 0.5, p1: Positive = 2, p2: Positive = 1, init_epochs: Epochs = 30,
+                 init_lr: Positive | None = 0.01, paraphraser_bn: bool = False) -> None:
         super().__init__()
-        if init_epochs < 0:
-            raise UserError(f"distill.init_epochs must be >= 0, got {init_epochs}")
-        if not 0 < k:
-            raise UserError(f"distill.k (factor rate) must be positive, got {k}")
         self.k = float(k)
         self.p1, self.p2 = p1, p2
         self.init_epochs = int(init_epochs)

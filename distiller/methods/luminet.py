@@ -8,6 +8,7 @@ from distiller import functional as F
 from distiller.features import Features
 from distiller.gather import gather_batch
 from distiller.methods.base import METHODS, DistillMethod, TermContext
+from distiller.methods.key_types import NonNegative
 
 
 @METHODS.register("luminet")
@@ -27,11 +28,10 @@ class LumiNet(DistillMethod):
 
     weights_own_terms = True
 
-    def __init__(self, luminet_alpha: float = 31.0, luminet_temperature: float = 4.0) -> None:
+    def __init__(self, luminet_alpha: NonNegative = 31.0, luminet_temperature: float = 4.0) -> None:
         super().__init__()
-        if not luminet_temperature > 0 or not luminet_alpha >= 0:
-            raise ValueError(f"luminet_temperature={luminet_temperature} must be > 0 and luminet_alpha={luminet_alpha} "
-                             f">= 0 (the loss weight is its square)")
+        if not luminet_temperature > 0:
+            raise ValueError(f"luminet_temperature={luminet_temperature} must be > 0")
         self.luminet_alpha = float(luminet_alpha)
         self.luminet_temperature = float(luminet_temperature)
 

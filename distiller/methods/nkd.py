@@ -7,6 +7,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import Features
 from distiller.methods.base import METHODS, DistillMethod, TermContext
+from distiller.methods.key_types import NonNegative, Positive
 
 
 @METHODS.register("nkd")
@@ -23,7 +24,7 @@ class NKD(DistillMethod):
     # a logit term: with distill.logit_standardize the objective hands it standardised logits
     logit_terms = True
 
-    def __init__(self, nkd_temperature: float = 1.0, nontarget_weight: float = 1.5) -> None:
+    def __init__(self, nkd_temperature: Positive = 1.0, nontarget_weight: NonNegative = 1.5) -> None:
         super().__init__()
         if not nkd_temperature > 0:
             raise ValueError(f"nkd_temperature={nkd_temperature} must be > 0")

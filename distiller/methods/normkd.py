@@ -7,6 +7,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import Features
 from distiller.methods.base import METHODS, DistillMethod, TermContext
+from distiller.methods.key_types import NonNegative
 
 
 def _check(t_norm: float) -> float:
@@ -47,7 +48,7 @@ class NormKDDKD(DistillMethod):
 
     weights_own_terms = True
 
-    def __init__(self, tckd_weight: float = 1.0, nckd_weight: float = 8.0, t_norm: float = 2.0) -> None:
+    def __init__(self, tckd_weight: NonNegative = 1.0, nckd_weight: NonNegative = 8.0, t_norm: float = 2.0) -> None:
         super().__init__()
         self.tckd_weight, self.nckd_weight = float(tckd_weight), float(nckd_weight)
         self.t_norm = _check(t_norm)

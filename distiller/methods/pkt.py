@@ -7,6 +7,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import EMBEDDING, Features
 from distiller.methods.base import METHODS, DistillMethod, TermContext
+from distiller.methods.key_types import Positive
 
 
 @METHODS.register("pkt")
@@ -19,7 +20,7 @@ class PKT(DistillMethod):
     student_features = frozenset({EMBEDDING})
     teacher_features = frozenset({EMBEDDING})
 
-    def __init__(self, eps: float = 1e-7) -> None:
+    def __init__(self, eps: Positive = 1e-7) -> None:
         super().__init__()
         self.eps = eps
 

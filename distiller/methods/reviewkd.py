@@ -17,6 +17,7 @@ from distiller import functional as F
 from distiller.features import EMBEDDING, STAGES, STAGES_PREACT, Features
 from distiller.helpers import log_stage_pairing
 from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
+from distiller.methods.key_types import Count
 
 
 class ABF(nn.Module):
@@ -69,7 +70,7 @@ class ReviewKD(DistillMethod):
     student_features = frozenset({STAGES, EMBEDDING})
     teacher_features = frozenset({STAGES_PREACT, EMBEDDING})
 
-    def __init__(self, max_mid_channels: int = 512) -> None:
+    def __init__(self, max_mid_channels: Count = 512) -> None:
         super().__init__()
         self.max_mid_channels = int(max_mid_channels)
         self.abfs = nn.ModuleList()  # deepest (embedding) first

@@ -7,6 +7,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import EMBEDDING, Features
 from distiller.methods.base import METHODS, DistillMethod, TermContext
+from distiller.methods.key_types import NonNegative
 
 
 @METHODS.register("rkd")
@@ -20,7 +21,7 @@ class RKD(DistillMethod):
     student_features = frozenset({EMBEDDING})
     teacher_features = frozenset({EMBEDDING})
 
-    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
+    def __init__(self, distance_weight: NonNegative = 25.0, angle_weight: NonNegative = 50.0) -> None:
         super().__init__()
         self.distance_weight = distance_weight
         self.angle_weight = angle_weight

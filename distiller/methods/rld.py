@@ -7,6 +7,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import Features
 from distiller.methods.base import METHODS, DistillMethod, TermContext
+from distiller.methods.key_types import NonNegative
 
 
 @METHODS.register("rld")
@@ -24,7 +25,7 @@ class RLD(DistillMethod):
     logit_terms = True
     weights_own_terms = True
 
-    def __init__(self, rld_alpha: float = 1.0, rld_beta: float = 8.0, rld_temperature: float = 4.0,
+    def __init__(self, rld_alpha: NonNegative = 1.0, rld_beta: NonNegative = 8.0, rld_temperature: float = 4.0,
                  scd_temperature: float | None = None) -> None:
         super().__init__()
         if not rld_temperature > 0 or (scd_temperature is not None and not scd_temperature > 0):

@@ -10,6 +10,7 @@ from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import CLASSIFIER, POOL_INPUT, Features
 from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
+from distiller.methods.key_types import NonNegative
 
 
 class _ScaleDecoupled(DistillMethod):
@@ -79,8 +80,8 @@ class SDDDKD(_ScaleDecoupled):
 
     weights_own_terms = True
 
-    def __init__(self, tckd_weight: float = 1.0, nckd_weight: float = 8.0, sdd_scales: Sequence[int] = (1, 2, 4),
-                 sdd_temperature: float = 4.0) -> None:
+    def __init__(self, tckd_weight: NonNegative = 1.0, nckd_weight: NonNegative = 8.0,
+                 sdd_scales: Sequence[int] = (1, 2, 4), sdd_temperature: float = 4.0) -> None:
         super().__init__(sdd_scales, sdd_temperature)
         self.tckd_weight, self.nckd_weight = float(tckd_weight), float(nckd_weight)
 
@@ -105,7 +106,7 @@ class SDDNKD(_ScaleDecoupled):
 
     weights_own_terms = True
 
-    def __init__(self, nontarget_weight: float = 8.0, sdd_scales: Sequence[int] = (1, 2, 4),
+    def __init__(self, nontarget_weight: NonNegative = 8.0, sdd_scales: Sequence[int] = (1, 2, 4),
                  sdd_temperature: float = 4.0) -> None:
         super().__init__(sdd_scales, sdd_temperature)
         self.nontarget_weight = float(nontarget_weight)

@@ -12,6 +12,7 @@ from distiller import functional as F
 from distiller.features import STAGES, Features
 from distiller.helpers import log_stage_pairing, pair_stages
 from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
+from distiller.methods.key_types import Positive
 
 
 def _conv1x1(c_in: int, c_out: int) -> nn.Conv2d:
@@ -53,7 +54,7 @@ class VID(DistillMethod):
     student_features = frozenset({STAGES})
     teacher_features = frozenset({STAGES})
 
-    def __init__(self, init_pred_var: float = 5.0, eps: float = 1e-5) -> None:
+    def __init__(self, init_pred_var: Positive = 5.0, eps: Positive = 1e-5) -> None:
         super().__init__()
         self.init_pred_var = init_pred_var
         self.eps = eps

@@ -9,6 +9,7 @@ from distiller import functional as F
 from distiller.features import STAGES, Features
 from distiller.helpers import ConvRegressor
 from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
+from distiller.methods.key_types import Count, Epochs, NonNegative
 from distiller.methods.wkd_l import cosine_decay
 
 
@@ -27,12 +28,9 @@ class WKDFeature(DistillMethod):
     student_features = frozenset({STAGES})
     teacher_features = frozenset({STAGES})
 
-    def __init__(self, mean_cov_ratio: float = 4.0, spatial_grid: int = 1, cosine_decay_epoch: int = 150) -> None:
+    def __init__(self, mean_cov_ratio: NonNegative = 4.0, spatial_grid: Count = 1,
+                 cosine_decay_epoch: Epochs = 150) -> None:
         super().__init__()
-        if isinstance(spatial_grid, bool) or int(spatial_grid) != spatial_grid or spatial_grid < 1:
-            raise ValueError(f"spatial_grid={spatial_grid} must be a positive integer (cells per side)")
-        if not mean_cov_ratio >= 0:
-            raise ValueError(f"mean_cov_ratio={mean_cov_ratio} must be >= 0 (the weight of the mean term)")
         self.mean_cov_ratio, self.spatial_grid = float(mean_cov_ratio), int(spatial_grid)
         self.cosine_decay_epoch, self.epochs = int(cosine_decay_epoch), 240
 

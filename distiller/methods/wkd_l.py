@@ -15,6 +15,7 @@ from distiller import functional as F
 from distiller.features import STAGES, Features
 from distiller.gather import gather_batch
 from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
+from distiller.methods.key_types import Epochs, NonNegative, Positive
 
 log = logging.getLogger("distiller")
 
@@ -94,9 +95,9 @@ class WKDLogit(DistillMethod):
     weights_own_terms = True
     calibration_features = frozenset({STAGES})
 
-    def __init__(self, wkd_weight: float = 600.0, wkd_temperature: float = 8.0, sinkhorn_lambda: float = 0.05,
-                 sinkhorn_iter: int = 10, cost_matrix: str | None = None, cost_sharpen: float = 1.0,
-                 cosine_decay_epoch: int = 150) -> None:
+    def __init__(self, wkd_weight: NonNegative = 600.0, wkd_temperature: float = 8.0, sinkhorn_lambda: float = 0.05,
+                 sinkhorn_iter: int = 10, cost_matrix: str | None = None, cost_sharpen: Positive = 1.0,
+                 cosine_decay_epoch: Epochs = 150) -> None:
         super().__init__()
         if not wkd_temperature > 0 or not sinkhorn_lambda > 0 or int(sinkhorn_iter) != sinkhorn_iter \
                 or sinkhorn_iter < 1:
