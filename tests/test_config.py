@@ -102,6 +102,8 @@ def test_bad_value_is_one_line_naming_the_key(compose, entry, overrides, words):
     (["distill=rkd", "distill.angle_weight=-50"], ["distill.angle_weight=-50 must be >= 0"]),
     (["distill=ft", "distill.init_lr=0"], ["distill.init_lr=0 must be > 0"]),
     (["distill=cc", "distill.feat_dim=0"], ["distill.feat_dim=0 must be >= 1"]),
+    # a key that may also be a name (FitNet's hint layer: 2 or 'stage2') is left to the method's own check
+    (["distill=fitnet", "distill.hint_layer=abc"], ["distill.hint_layer='abc' is not a feature name"]),
     (["distill=wkd_l", "distill.cosine_decay_epoch=-1"], ["distill.cosine_decay_epoch=-1 must be >= 0"]),
     (["distill=eakd", "distill.h_ub=null", "distill.ea_temperature=null"], ["distill.ea_temperature=None",
                                                                            "null is not allowed"]),

@@ -47,8 +47,11 @@ def _parts(hint: Any) -> tuple[set[Any], AtLeast | None]:
 
 def refusal(value: Any, hint: Any) -> str | None:
     """Why ``value`` does not fit a parameter annotated ``hint`` (``"must be > 0"``, ``"is not a whole
-    number"``), or None when it fits or the parameter is of another type (lists, strings: the method checks)."""
+    number"``), or None when it fits or the parameter may be of another type (``int | str``, lists: the
+    method checks those)."""
     allowed, bound = _parts(hint)
+    if not allowed <= {bool, int, float, type(None)}:  # a name or a list allowed too: the method checks
+        return None
     if value is None:
         return None if type(None) in allowed or hint is None else "must have a value (null is not allowed here)"
     if bool in allowed:
@@ -59,8 +62,6 @@ def refusal(value: Any, hint: Any) -> str | None:
     elif float in allowed:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return "is not a finite number"
-    else:
-        return None
     return None if bound is None or bound.holds(value) else f"must be {bound}"
 
 
