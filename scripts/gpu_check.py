@@ -54,13 +54,14 @@ from distiller.bench.gpu_check.cifar_subset import (
     write_cifar_subset,
 )
 from distiller.bench.gpu_check.concurrency import concurrency_worker
+from distiller.config.command_line import OneLineParser, at_least
 
 EXIT_USER_ERROR = 2
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="scripts/gpu_check.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = OneLineParser(prog="scripts/gpu_check.py", description=__doc__.split("\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--dry-run", action="store_true", help="every step with tiny settings on the CPU")
     p.add_argument("--only", default=",".join(STEPS), help=f"comma-separated steps (default: all of {','.join(STEPS)})")
     p.add_argument("--out", default=str(REPO / "runs" / "gpu_check"), help="folder of the table and JSON file")
@@ -74,8 +75,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cpu-precision-check", action="store_true",
                    help="fp32 vs bf16 on this CPU, same seed, on the subset (--model, --epochs)")
     p.add_argument("--model", default="resnet8", help="network of --cpu-precision-check")
-    p.add_argument("--epochs", type=int, default=3, help="epochs of --cpu-precision-check")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=at_least(1), default=3, help="epochs of --cpu-precision-check")
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one concurrent run (as the concurrency step's)
     return p.parse_args(argv)
 

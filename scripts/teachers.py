@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from common.errors import UserError
 from common.files import file_sha256
-from distiller.config.command_line import OneLineParser, canonical_model_choices, fail
+from distiller.config.command_line import OneLineParser, at_least, canonical_model_choices, fail
 from distiller.jobs.cache_build import cache_teacher_file
 from distiller.jobs.teachers import (
     INDEX_NAME,
@@ -102,12 +102,6 @@ def add(path: Path, overrides: list[str], measure: bool) -> dict[str, Any]:
                        source="added (measured)" if measure else "added")
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="stored dtype (default fp32)")
     sub.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                      help="the forwards' precision: fp32, or bf16 autocast (default fp32)")
-    sub.add_argument("--batch-size", type=_positive, default=256, help="forwards per batch (default 256)")
+    sub.add_argument("--batch-size", type=at_least(1), default=256, help="forwards per batch (default 256)")
     sub.add_argument("--cache-dir", default=None, help="where the cache goes (default: the teacher's folder)")
     sub.add_argument("--rebuild", action="store_true", help="compute it again, replacing a cache with another key")
     sub.add_argument("--json", action="store_true", help="print the cache's path, size and key as JSON")

@@ -143,6 +143,11 @@ def test_overrides_may_follow_a_scripts_options() -> None:
      "error: argument --epochs: 'x' is not a whole number (see --help)"),
     (["scripts/teacher_cache_check.py", "--per-class", "3"],
      "error: --per-class 3: give TRAIN,TEST, two whole numbers of at least 1 (see --help)"),
+    (["scripts/gpu_check.py", "--cpu-precision-check", "--epochs", "0"],
+     "error: argument --epochs: 0 is less than 1 (see --help)"),
+    (["scripts/gpu_check.py", "--nope"], "error: unrecognized arguments: --nope (see --help)"),
+    (["scripts/teachers.py", "cache", "x.pt", "--batch-size", "0"],
+     "error: argument --batch-size: 0 is less than 1 (see --help)"),
 ])
 def test_the_measurement_scripts_refuse_bad_numbers_in_one_line(args: list, line: str) -> None:
     result = run_cli(*args)
