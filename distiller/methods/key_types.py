@@ -53,7 +53,7 @@ def refusal(value: Any, hint: Any) -> str | None:
     if not allowed <= {bool, int, float, type(None)}:  # a name or a list allowed too: the method checks
         return None
     if value is None:
-        return None if type(None) in allowed or hint is None else "must have a value (null is not allowed here)"
+        return None if type(None) in allowed else "must have a value (null is not allowed here)"
     if bool in allowed:
         return None if isinstance(value, bool) else "is not a boolean (true or false)"
     if int in allowed and float not in allowed:
