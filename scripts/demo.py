@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from distiller.config.command_line import OneLineParser, at_least
+from distiller.engine.plan import published_milestones
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 100
@@ -90,8 +91,7 @@ def train_seconds(metrics: dict[str, Any]) -> float:
 
 def milestones(epochs: int) -> str:
     """The published lr decays at 150/180/210 of 240 epochs; keep that shape for a short run."""
-    points = sorted({max(1, int(epochs * f)) for f in (0.625, 0.75, 0.875)})
-    return f"schedule.milestones=[{','.join(str(p) for p in points)}]"
+    return f"schedule.milestones=[{','.join(str(p) for p in published_milestones(epochs))}]"
 
 
 def real_data_root(args: argparse.Namespace) -> Path:

@@ -37,8 +37,10 @@ def naive_top1(model: torch.nn.Module, data_dir: Path) -> float:
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("train")
-    result = train_tiny_teacher(tmp, "trainer.epochs=2")
+    # a drop after epoch 1, and one after epoch 5 that a 2-epoch run never reaches (the run says so)
+    result = train_tiny_teacher(tmp, "trainer.epochs=2", "schedule.milestones=[1,5]", "schedule.gamma=0.1")
     assert "final test top-1" in result.stdout
+    (tmp / "teacher_output.txt").write_text(result.stdout + result.stderr)
     return tmp
 
 
@@ -50,15 +52,30 @@ def test_teacher_run_directory(teacher_run):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "finished"
     assert len(metrics["epochs"]) == 2
-    for record in metrics["epochs"]:
+    for record, lr in zip(metrics["epochs"], (0.05, 0.005)):  # the zoo's lr, then x0.1 after milestone 1
         assert PINNED_EPOCH_KEYS <= set(record)
         assert 0.0 <= record["test_top1"] <= record["test_top5"] <= 100.0
-        assert record["lr"] == pytest.approx(0.05)
+        assert record["lr"] == pytest.approx(lr)
     assert metrics["final_top1"] == metrics["epochs"][-1]["test_top1"]
     assert metrics["final_top5"] == metrics["epochs"][-1]["test_top5"]
     assert metrics["best_top1"] == max(r["test_top1"] for r in metrics["epochs"])
     config = (run / "config.yaml").read_text()
     assert "resnet8" in config and "synthetic" in config
+
+
+def test_a_milestone_the_run_never_reaches_is_named_once(teacher_run):
+    """schedule.milestones=[1,5] with 2 epochs: the drop after epoch 5 cannot happen; the run says so, once."""
+    said = [line for line in (teacher_run / "teacher_output.txt").read_text().splitlines() if "milestones" in line]
+    assert len(said) == 1 and "the drop after epoch 5 never happens" in said[0], said
+
+
+def test_the_240_epoch_milestones_in_a_shorter_run_are_named_with_the_published_shape():
+    from distiller.engine.plan import unreached_milestones
+
+    assert unreached_milestones([150, 180, 210], 240) is None  # the published recipe: every drop happens
+    assert "the drop after epoch 210 never happens" in unreached_milestones([150, 180, 210], 200)
+    short = unreached_milestones([150, 180, 210], 100)  # 150/180/210 of 240 -> 62.5/75/87.5 of 100
+    assert "the lr never drops" in short and short.endswith("schedule.milestones=[62,75,87]")
 
 
 def test_final_accuracy_matches_an_independent_evaluation(teacher_run):

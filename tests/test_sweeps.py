@@ -202,6 +202,8 @@ def test_every_table_cell_composes_with_the_published_settings(table: str) -> No
                 cell = [f"experiment={preset}", *(f"{k}={v}" for k, v in job.items())]
                 cfg = compose(entry.removesuffix(".py"), cell)
                 assert OmegaConf.select(cfg, "trainer.precision") == "fp32", (name, preset, job)
+                epochs = OmegaConf.select(cfg, "trainer.epochs")  # every lr drop of the recipe happens
+                assert all(m < epochs for m in OmegaConf.select(cfg, "schedule.milestones")), (name, preset, job)
 
 
 # ---- table presets train in fp32, as the papers did -------------------------------------------------------

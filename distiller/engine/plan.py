@@ -85,3 +85,28 @@ def plan_phases(objective: Objective, student: nn.Module, epochs: int, lr: float
 def lr_at(base_lr: float, epoch: int, milestones: Iterable[int], decay: float) -> float:
     """Step schedule of the published recipe: ``base * decay ** #(milestones < epoch)``, epochs from 1."""
     return base_lr * decay ** sum(1 for m in milestones if epoch > m)
+
+
+PUBLISHED_SHAPE = (0.625, 0.75, 0.875)  # the published recipe drops the lr after epochs 150/180/210 of 240
+
+
+def published_milestones(epochs: int) -> list[int]:
+    """The published schedule's shape for a run of ``epochs`` epochs (drops after 150/180/210 of 240)."""
+    return sorted({max(1, int(epochs * share)) for share in PUBLISHED_SHAPE})
+
+
+def unreached_milestones(milestones: Iterable[int], epochs: int) -> str | None:
+    """Why some lr drops of the schedule never happen (a milestone at or past the last epoch), or None.
+
+    The classic trap: ``trainer.epochs=100`` with the 240-epoch milestones trains at the first lr throughout.
+    """
+    milestones = list(milestones)
+    late = [m for m in milestones if m >= epochs]
+    if not late:
+        return None
+    effect = ("the lr never drops" if len(late) == len(milestones)
+              else f"the drop after epoch {', '.join(str(m) for m in late)} never happens")
+    hint = (f"; for the published shape over {epochs} epochs use schedule.milestones="
+            f"[{','.join(str(m) for m in published_milestones(epochs))}]" if epochs >= 8 else "")
+    return (f"schedule.milestones=[{','.join(str(m) for m in milestones)}] with trainer.epochs={epochs}: {effect} "
+            f"(a drop applies from the epoch after its milestone){hint}")

@@ -25,7 +25,7 @@ from distiller.config.pairs import apply_pair_settings
 from distiller.config.validation import check_job
 from distiller.engine.checkpoints import Checkpointer
 from distiller.engine.loop import Trainer
-from distiller.engine.plan import plan_phases
+from distiller.engine.plan import plan_phases, unreached_milestones
 from distiller.engine.run_log import RunLogger
 from distiller.engine.runtime import Runtime, make_runtime, seed_everything
 from distiller.engine.step import build_step
@@ -72,6 +72,8 @@ def assemble(job: Any, run_dir: Path, record: dict[str, Any], runtime: Runtime, 
     """Everything a run executes, built from the typed job: the step, the loaders, the plan, the
     checkpointer and the run log, handed to a :class:`Trainer`. ``teacher_cache``: the teacher's logits
     the step reads instead of its forward (:mod:`distiller.jobs.run_cache`)."""
+    if runtime.is_main and (late := unreached_milestones(job.schedule.milestones, job.trainer.epochs)):
+        log.warning(late)
     step = build_step(student, teacher, objective, data, runtime, job.trainer.epochs, teacher_cache)
     views = objective.views()
     shard = dict(device=runtime.device, rank=runtime.rank, world_size=runtime.world_size,
