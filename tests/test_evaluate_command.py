@@ -131,6 +131,27 @@ def test_every_layout_matches_a_naive_per_image_loop(files, reference, layout):
     assert result["published"] is None  # no published number for resnet8, and not CIFAR-100 anyway
 
 
+@pytest.mark.parametrize("asked", [[], ["trainer.precision=bf16"], ["trainer.eval_precision=bf16"],
+                                   ["trainer.precision=bf16", "trainer.eval_precision=fp32"]])
+def test_the_forward_runs_in_the_precision_asked_for(files, reference, asked):
+    """fp32 by default; trainer.precision=bf16 (README) or trainer.eval_precision=bf16 evaluate under bf16
+    autocast, as the classifier's output dtype shows; an explicit eval_precision wins."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    wanted = "fp32" if not asked or asked[-1].endswith("fp32") else "bf16"
+    seen: set[torch.dtype] = set()
+    handle = register_module_forward_hook(
+        lambda module, args, out: seen.add(out.dtype) if isinstance(module, torch.nn.Linear) else None)
+    try:
+        result = evaluate_checkpoint(files["paths"]["state-dict"], [*data_overrides(files["root"]), *asked])
+    finally:
+        handle.remove()
+    assert result["precision"] == wanted
+    assert seen == {torch.float32 if wanted == "fp32" else torch.bfloat16}
+    # bf16 rounds the logits to 8 significant bits: the mean loss stays within a few hundredths of fp32's
+    assert result["test_loss"] == pytest.approx(reference["loss"], abs=1e-4 if wanted == "fp32" else 0.05)
+
+
 def test_json_output_parses_and_holds_the_numbers(files, reference):
     run = run_cli("scripts/evaluate.py", str(files["paths"]["state-dict"]), "model=resnet8",
                   *data_overrides(files["root"]), "--json")

@@ -26,7 +26,7 @@ from distiller.config.overrides import hydra_quoted, override_key
 from distiller.config.schema import current_names
 from distiller.engine.checkpoints import check_file, extract_state_dict, guess_architecture, safe_load
 from distiller.engine.evaluation import measure_per_class
-from distiller.engine.runtime import Runtime, resolve_device
+from distiller.engine.runtime import Runtime, resolve_device, resolve_eval_precision
 from models import MODELS, build_model
 from models.external import build_network, network_label
 
@@ -284,9 +284,12 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict
 
     path = Path(path)
     overrides, cfg, data, data_from, loaded = load_on_data(path, overrides)
+    device = resolve_device(str(cfg.trainer.device))
     precision = _override(overrides, "trainer.precision")
     precision = "fp32" if precision in (None, "auto") else precision
-    runtime = Runtime(resolve_device(str(cfg.trainer.device)), precision, channels_last=False, compile=False)
+    # the forward passes run in trainer.eval_precision when it is given, else in trainer.precision (fp32 by default)
+    precision = resolve_eval_precision(_override(overrides, "trainer.eval_precision") or "same", precision, device)
+    runtime = Runtime(device, precision, channels_last=False, compile=False, eval_precision=precision)
     result = measure_per_class(loaded.model, data, runtime, int(cfg.dataset.eval_batch_size))
     entry = read_index(path.parent).get(path.name)
     index = None
