@@ -106,7 +106,16 @@ class Objective(nn.Module):
             raise UserError(f"{' and '.join(suppliers)} each supply the temperature of every logit term; one "
                             f"temperature applies to a step: keep one of them")
         objective.check_logit_standardize()
+        objective.check_something_trains()
         return objective
+
+    def check_something_trains(self) -> None:
+        """At least one term with a positive weight in the main phase (else the loss has no gradient: one line)."""
+        if self.gamma > 0 or self.alpha > 0 or self.active():
+            return
+        methods = ", ".join(f"{m.label} beta {m.beta:g}" for m in self.entries) or "none"
+        raise UserError(f"the objective has no term to train: distill.gamma=0 (cross-entropy), distill.alpha=0 (KD) "
+                        f"and no method with beta > 0 ({methods}); give one of them a positive weight")
 
     def check_logit_standardize(self) -> None:
         """``logit_standardize`` only where a term compares logits: the KD term or a method's (else one line)."""

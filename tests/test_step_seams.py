@@ -164,3 +164,29 @@ def test_a_learnable_scalar_trains_supplies_the_temperature_and_is_checkpointed(
     assert [r["learned_t_toy/schedule"] for r in state.history] == [1.0, 2.0]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [e["learned_t_toy/schedule"] for e in metrics["epochs"]] == [1.0, 2.0]
+
+
+# ---- a method switched off ----------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["fitnet", "at"])
+def test_a_feature_method_at_beta_0_builds_and_trains_on_cross_entropy_alone(tmp_path: Path, method: str) -> None:
+    """beta=0 leaves the method built from both networks' shapes (it used to fail: 'the teacher has 0 stages'),
+    the teacher never runs, and the step's loss is the student's cross-entropy, computed here apart."""
+    trainer = make_trainer(tmp_path, {"name": method, "gamma": 1.0, "alpha": 0.0, "beta": 0.0})
+    assert trainer.step.teacher is None
+    phase = trainer.plan[-1]
+    optimizer = trainer.prepare_phase(phase)
+    batch = next(iter(trainer.train_loader.epoch(1)))
+    want = nnf.cross_entropy(copy.deepcopy(trainer.student)(batch.images), batch.labels)
+    out = trainer.train_step(batch, phase, 1, optimizer)
+    torch.testing.assert_close(out.total, want, rtol=1e-5, atol=1e-6)
+    trainer.step.remove_hooks()
+
+
+def test_an_objective_with_no_positive_weight_is_refused_in_one_line() -> None:
+    from helpers import objective_of
+
+    from common.errors import UserError
+
+    with pytest.raises(UserError, match="the objective has no term to train: distill.gamma=0"):
+        objective_of({"name": "kd", "gamma": 0.0, "alpha": 0.0, "temperature": 4.0})
+    objective_of({"name": "kd", "gamma": 0.0, "alpha": 0.5, "temperature": 4.0})  # KD alone trains

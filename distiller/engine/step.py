@@ -147,7 +147,9 @@ def build_step(student: nn.Module, teacher: nn.Module | None, objective: Objecti
     """
     device, fmt = runtime.device, runtime.memory_format()
     student = student.to(device=device, memory_format=fmt)
-    if teacher is not None and objective.needs_teacher():
+    reads_teacher = teacher is not None and objective.needs_teacher()
+    # a method switched off (beta 0) is still built from both networks' feature shapes, as when it is on
+    if teacher is not None and (reads_teacher or objective.entries):
         teacher = teacher.to(device=device, memory_format=fmt).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -162,6 +164,8 @@ def build_step(student: nn.Module, teacher: nn.Module | None, objective: Objecti
                            train_labels=data.train_labels.to(device), device=device, student=student,
                            teacher=teacher, epochs=epochs, image_shape=data.image_shape)
         objective.build(student_hooks, teacher_hooks, ctx, fmt)
+    if not reads_teacher:  # probed for the shapes only: no step runs it
+        teacher = None
     compile_networks(runtime, student, teacher)  # in place: names, identity and hooks kept
     return DistillStep(student, objective, student_hooks, teacher, teacher_hooks,
                        teacher_cache if teacher is not None else None)
