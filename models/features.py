@@ -190,10 +190,11 @@ def probe_features(model: nn.Module, paths: dict[str, tuple[str, bool]], where: 
         model.eval()
         with torch.no_grad():
             logits = model(torch.zeros(*input_size, device=device, dtype=dtype))
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+    except Exception as err:  # noqa: BLE001 - whatever the network's own code raises (timm's size check is an AssertionError)
         first_line = next((s for s in str(err).splitlines() if s.strip()), type(err).__name__)
         raise UserError(f"{label} cannot run on {input_size[-2]}x{input_size[-1]} images ({first_line}); "
-                        "check its arguments, or cifar_stem for small images") from None
+                        "check its arguments (further keys of its node go to its constructor, e.g. a ViT's "
+                        "img_size), or cifar_stem for small images") from None
     finally:
         for handle in handles:
             handle.remove()

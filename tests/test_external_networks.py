@@ -310,6 +310,16 @@ class NeedsGPU(nn.Module):
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         raise RuntimeError("this network needs a GPU")
+
+
+class Needs224(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, num_classes)
+
+    def forward(self, x):
+        assert x.shape[-1] == 224, f"Input width ({x.shape[-1]}) doesn't match model (224)."
+        return self.fc(x.mean((2, 3)))
 """
 
 
@@ -327,6 +337,9 @@ def test_a_network_whose_own_code_raises_is_one_line_naming_where(tmp_path: Path
         ("user_typo.Net", rf"importing user_typo failed \(SyntaxError: .*, at "
                           rf"{re.escape(str(tmp_path / 'user_typo.py'))}:1\)"),
     ]
+    # its forward's own size check (as timm's ViTs assert their image size) on the data's 32 px images
+    cases.append(("user_nets.Needs224", r"Needs224 cannot run on 32x32 images \(Input width \(32\) doesn't match "
+                                        r"model \(224\).\); check its arguments"))
     for target, message in cases:
         with pytest.raises(UserError, match=message) as err:
             build_network({"source": "module", "name": target, "_target_": target}, NUM_CLASSES, role="teacher")
