@@ -162,3 +162,29 @@ def test_the_measurement_scripts_refuse_a_missing_folder_in_one_line(tmp_path: P
         "(train/<wnid>/*.JPEG and val/<wnid>/*.JPEG), or leave --root out to generate one"], result.stderr
     cifar = run_cli("scripts/teacher_cache_check.py", "--source", str(tmp_path / "none"), "--work", str(tmp_path / "w"))
     assert cifar.returncode == 2 and len(cifar.stderr.splitlines()) == 1 and "no CIFAR-100" in cifar.stderr
+
+
+# ---- table presets (experiment=) run as their sweep, with their own entry point -----------------------------
+@pytest.mark.parametrize("script, args, words", [
+    # without -m Hydra ignores a preset's sweep and would run the defaults as one job
+    ("train_student.py", ["experiment=crd_table1"],
+     ["experiment=crd_table1 is a sweep over pair, distill, seed", "add -m", "pair=... distill=..."]),
+    ("train_teacher.py", ["experiment=table_teachers"], ["experiment=table_teachers is a sweep over model", "add -m"]),
+    # the other entry point's preset: Hydra's own report was four lines advising +model=...
+    ("train_student.py", ["-m", "experiment=table_teachers"],
+     ["sweeps model, which train_student.py has not", "python train_teacher.py -m experiment=table_teachers"]),
+    ("train_teacher.py", ["-m", "experiment=crd_table1"],
+     ["sweeps pair, which train_teacher.py has not", "python train_student.py -m experiment=crd_table1"]),
+])
+def test_a_table_preset_outside_its_sweep_is_one_line_and_writes_nothing(tmp_path, script, args, words) -> None:
+    result = run_cli(script, *args, f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}",
+                     cwd=tmp_path)
+    line = _one_line(result.stderr)
+    assert result.returncode == EXIT_USER_ERROR and all(w in line for w in words), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_one_cell_of_a_table_preset_runs_without_m() -> None:
+    """Every swept key but the seed (0 unless given) chosen: one job, as the preset's cell."""
+    preflight("train_student", ["experiment=mlkd_paper", "pair=resnet56-resnet20", "distill=mlkd"])
+    preflight("train_student", ["experiment=imagenet/r34_r18/dkd", "dataset.root=."])  # a one-job preset

@@ -11,6 +11,7 @@ Importing it also fills Hydra's ConfigStore and registers the resolvers (:mod:`d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import functools
 import json
@@ -35,7 +36,13 @@ from distiller.config import run_record
 from distiller.config.compose import CONFIG_DIR, compose
 from distiller.config.key_advice import unknown_key_message
 from distiller.config.key_scope import check_added_keys
-from distiller.config.overrides import added_top_level_keys, readable_overrides, set_keys, sweep_axes
+from distiller.config.overrides import (
+    added_top_level_keys,
+    override_key,
+    readable_overrides,
+    set_keys,
+    sweep_axes,
+)
 from distiller.config.schema import SCHEMAS
 from distiller.config.store import group_options
 from distiller.config.validation import check_before_start, describe_error, validate
@@ -285,6 +292,7 @@ def preflight(config_name: str, argv: list[str]) -> None:
     if not multirun:
         try:
             cfg = compose(config_name, overrides, return_hydra_config=True)
+            check_preset_cell(cfg, overrides)
             _check(cfg, job, set_keys(overrides))
             run_record.check_run_dir(Path(str(cfg.hydra.run.dir)))
             run_record.note_new_folders(Path(str(cfg.hydra.run.dir)))
@@ -303,9 +311,50 @@ def _check(cfg: DictConfig, job: str | None, keys: set[str]) -> None:
         check_before_start(cfg, job, keys)
 
 
+def preset_sweep(cfg: DictConfig) -> dict[str, str]:
+    """What a preset (``experiment=``) sweeps when run with ``-m``: its ``hydra.sweeper.params``, key -> values."""
+    params = cfg.hydra.sweeper.get("params") if "hydra" in cfg and "sweeper" in cfg.hydra else None
+    return {str(k): str(v) for k, v in (params or {}).items()}
+
+
+def check_preset_cell(cfg: DictConfig, overrides: list[str]) -> None:
+    """A sweep preset without ``-m`` runs one job: only when the command line chooses its cell (every key the
+    preset sweeps but the seed), else one line, where Hydra would silently run the defaults as a single job."""
+    _, axes = sweep_axes([f"{k}={v}" for k, v in preset_sweep(cfg).items()])
+    swept = [key for key, values in axes.items() if len(values) > 1]  # one value: the preset's one job
+    unset = [key for key in swept if key not in set_keys(overrides) and key != "seed"]  # seed: 0 unless given
+    if unset:
+        preset = next((o.split("=", 1)[1] for o in overrides if override_key(o) == "experiment"), "this preset")
+        raise UserError(f"experiment={preset} is a sweep over {', '.join(swept)}: add -m to run its jobs, or choose "
+                        f"one of them with {' '.join(f'{key}=...' for key in unset)}")
+
+
+def _preset_axes(config_name: str, plain: list[str], axes: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The keys a preset on the command line sweeps that the command line does not, at their first value: what
+    Hydra's sweeper adds to every job (a preset of the other entry point fails here, in one line)."""
+    if not any(override_key(o) == "experiment" for o in plain):
+        return {}
+    try:
+        cfg = compose(config_name, plain + [f"{k}={v[0]}" for k, v in axes.items() if v], return_hydra_config=True)
+    except Exception:  # noqa: BLE001 - the checks below report a composition failure in one line
+        return {}
+    given = set_keys(plain) | set(axes)
+    _, preset_axes = sweep_axes([f"{k}={v}" for k, v in preset_sweep(cfg).items() if k not in given])
+    return {key: values[:1] for key, values in preset_axes.items()}
+
+
 def _check_sweep(config_name: str, job: str | None, overrides: list[str]) -> None:
-    """Every value of every swept key composes and validates (with the other keys at their first value)."""
+    """Every value of every swept key composes and validates (with the other keys at their first value); a
+    preset's own swept keys at their first value."""
     plain, axes = sweep_axes(overrides)
+    for key, values in _preset_axes(config_name, plain, axes).items():
+        known = {f.name for f in dataclasses.fields(SCHEMAS[config_name])} if config_name in SCHEMAS else None
+        if known is not None and key.split(".")[0] not in known:
+            other = next(name for name in SCHEMAS if name != config_name)
+            preset = next(o.split("=", 1)[1] for o in plain if override_key(o) == "experiment")
+            fail(f"experiment={preset} sweeps {key}, which {config_name}.py has not: it is a preset of {other}.py "
+                 f"(python {other}.py -m experiment={preset})")
+        axes[key] = values
     first = [f"{key}={values[0]}" for key, values in axes.items() if values]
     trials = [first] + [[f"{k}={v[0]}" for k, v in axes.items() if k != key and v] + [f"{key}={value}"]
                         for key, values in axes.items() for value in values[1:]]
