@@ -271,6 +271,18 @@ PRESET_CELLS = {
 }
 
 
+def test_the_paper_and_standard_presets_never_share_a_run_directory(compose) -> None:
+    """The same cell under the two recipes (lr, epochs differ) is two runs: the second was refused as 'a different
+    run' in the first's directory. The paper's runs go under runs/paper/, as the other paper presets'."""
+    dirs = {}
+    for preset in ("mlkd_standard", "mlkd_paper"):
+        cfg = compose("train_student", [f"experiment={preset}", "pair=resnet56-resnet20", "distill=mlkd"],
+                      return_hydra_config=True)
+        dirs[preset] = (cfg.hydra.run.dir, cfg.hydra.sweep.dir)
+    assert dirs["mlkd_standard"][0] != dirs["mlkd_paper"][0] and dirs["mlkd_standard"][1] != dirs["mlkd_paper"][1]
+    assert dirs["mlkd_paper"] == ("runs/paper/resnet56-resnet20/mlkd/seed0", "runs/paper")
+
+
 def test_presets_resolve_the_published_recipe_per_pair(compose) -> None:
     for (preset, pair, method), (lr, epochs) in PRESET_CELLS.items():
         cfg = OmegaConf.to_container(compose("train_student", [f"experiment={preset}", f"pair={pair}",
