@@ -188,3 +188,14 @@ def test_one_cell_of_a_table_preset_runs_without_m() -> None:
     """Every swept key but the seed (0 unless given) chosen: one job, as the preset's cell."""
     preflight("train_student", ["experiment=mlkd_paper", "pair=resnet56-resnet20", "distill=mlkd"])
     preflight("train_student", ["experiment=imagenet/r34_r18/dkd", "dataset.root=."])  # a one-job preset
+
+
+@pytest.mark.parametrize("script", ["train_teacher.py", "train_student.py"])
+@pytest.mark.parametrize("variable, key", [("KD_TEACHER_DIR", "teacher_dir"), ("KD_DATA_ROOT", "dataset.root")])
+def test_an_empty_path_variable_is_one_line_for_both_entry_points(tmp_path, script, variable, key) -> None:
+    """Set but empty: the teacher job stored into the working folder while the student looked in '/'."""
+    result = run_cli(script, "dataset=synthetic", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                     env={variable: ""})
+    line = _one_line(result.stderr)
+    assert result.returncode == EXIT_USER_ERROR and line.startswith(f"error: {key} is empty") and variable in line
+    assert list(tmp_path.iterdir()) == []

@@ -211,6 +211,9 @@ def _check_value(path: str, value: Any, checks: Any, given: Any) -> None:
     if value is None:
         return
     shown = show(given)
+    if checks.get("path") and isinstance(value, str) and not value.strip():
+        raise UserError(f"{path} is empty: give a folder or file path (an environment variable it reads, such as "
+                        f"KD_TEACHER_DIR or KD_DATA_ROOT, is set but empty: unset it or give it a path)")
     if "pattern" in checks:
         if not re.fullmatch(checks["pattern"], str(value)):
             raise UserError(f"{path}={shown} is not valid; use {either(checks['choices'])}")
