@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from distiller.config.command_line import OneLineParser, preflight
+from common.errors import UserError
+from distiller.config.command_line import OneLineParser, fail, preflight
 from distiller.config.overrides import override_key
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,24 +77,63 @@ def preset_params(preset: str, overrides: Sequence[str] = ()) -> list[str]:
 def expand_preset(preset: str, overrides: Sequence[str] = ()) -> list[dict[str, str]]:
     """The jobs of one preset: its ``hydra.sweeper.params`` with the overrides applied, expanded by
     Hydra's own override parser into one {key: value} dict per job (the same product Hydra launches)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    lines = preset_params(preset, overrides) + list(overrides)
-    axes: dict[str, list[str]] = {}
-    for override in parser.parse_overrides(lines):  # later lines replace earlier ones, as in Hydra
-        key = override.get_key_element()
-        if override.is_sweep_override():
-            axes[key] = list(override.sweep_string_iterator())
-        else:
-            axes[key] = [override.get_value_element_as_str()]
+    axes = expand_axes(preset_params(preset, overrides) + list(overrides))
     keys = list(axes)
     return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
 
 
-def commands(table: str, overrides: Sequence[str]) -> list[list[str]]:
-    entry, presets = TABLES[table]
-    return [[sys.executable, str(REPO / entry), "-m", f"experiment={preset}", *overrides] for preset in presets]
+def expand_axes(lines: Sequence[str]) -> dict[str, list[str]]:
+    """Each key of override ``lines`` with its values (one for a plain override); later lines replace earlier
+    ones, as in Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    axes: dict[str, list[str]] = {}
+    for override in OverridesParser.create().parse_overrides(list(lines)):
+        key = override.get_key_element()
+        axes[key] = (list(override.sweep_string_iterator()) if override.is_sweep_override()
+                     else [override.get_value_element_as_str()])
+    return axes
+
+
+CELL_KEYS = ("pair", "distill", "model")  # what tells a table's cells apart
+
+
+def selected_presets(table: str, overrides: Sequence[str]) -> dict[str, list[str]]:
+    """The table's presets that hold a cell the overrides choose, each with the overrides it runs under.
+
+    An override of a cell key (``distill=kd,fsp``) is narrowed, per preset, to the values that preset sweeps,
+    and a preset with none of them is left out: CRD Table 1's FSP preset would otherwise run KD on its pairs
+    a second time, and its main preset FSP on a pair FSP cannot take. One line when no preset is left, or
+    when the overrides name another preset (``experiment=``).
+    """
+    _, presets = TABLES[table]
+    if any(override_key(o) == "experiment" for o in overrides):
+        raise UserError(f"experiment= is not an override of a table: {table} runs its own presets "
+                        f"({', '.join(presets)}); run another one with python {TABLES[table][0]} -m experiment=NAME")
+    chosen = {key: values for key, values in expand_axes(overrides).items() if key in CELL_KEYS}
+    kept: dict[str, list[str]] = {}
+    for preset in presets:
+        own = expand_axes(preset_params(preset))
+        narrowed, holds = list(overrides), True
+        for key, values in chosen.items():
+            if key in own:
+                keep = [v for v in values if v in own[key]]
+                holds = holds and bool(keep)
+                narrowed = [o for o in narrowed if override_key(o) != key] + [f"{key}={','.join(keep)}"]
+        if holds:
+            kept[preset] = narrowed
+    if not kept:
+        asked = " ".join(f"{k}={','.join(v)}" for k, v in chosen.items())
+        raise UserError(f"no cell of the {table} table has {asked}: its presets sweep other values; to run such "
+                        f"cells with a preset's recipe: python {TABLES[table][0]} -m experiment={presets[0]} {asked}")
+    return kept
+
+
+def commands(table: str, overrides: Sequence[str], presets: dict[str, list[str]] | None = None) -> list[list[str]]:
+    """The multirun command of each preset (``presets``: :func:`selected_presets`' answer, else found here)."""
+    entry, _ = TABLES[table]
+    chosen = selected_presets(table, overrides) if presets is None else presets
+    return [[sys.executable, str(REPO / entry), "-m", f"experiment={preset}", *own] for preset, own in chosen.items()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,23 +144,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="Hydra overrides for every preset (launcher, seeds, ...)")
     parser.add_argument("--dry-run", action="store_true", help="print the cells and the commands; run nothing")
     args = parser.parse_args(argv)
-    entry, presets = TABLES[args.table]
+    entry, every_preset = TABLES[args.table]
+    try:  # the presets holding the cells the overrides choose (all of them without a cell key), each's overrides
+        presets, none_chosen = selected_presets(args.table, args.overrides), None
+    except UserError as err:  # reported after the checks below, which name a misspelt value better
+        presets, none_chosen = {preset: list(args.overrides) for preset in every_preset}, err
     # a dry run lists the cells of a table whose data is elsewhere (ImageNet) without its folder
     given_root = any(o.lstrip("+").split("=")[0] == "dataset.root" for o in args.overrides)
     stand_in = ["dataset.root=DATA_ROOT"] if args.dry_run and not given_root else []
-    for preset in presets:  # a mistake in the overrides stops here, in one line, before any job runs
-        preflight(Path(entry).stem, ["-m", f"experiment={preset}", *args.overrides, *stand_in])
-        if args.overrides:  # then with the preset's own axes (each value with the others at their first), as
+    for preset, own in presets.items():  # a mistake in the overrides stops here, in one line, before any job runs
+        preflight(Path(entry).stem, ["-m", f"experiment={preset}", *own, *stand_in])
+        if own:  # then with the preset's own axes (each value with the others at their first), as
             # Hydra launches them: an override can clash with a cell (teacher=X with pair=...); the presets
             # alone are checked cell by cell by the test suite
-            given = {override_key(o) for o in [*args.overrides, *stand_in]}
-            axes = [line for line in preset_params(preset, [*args.overrides, *stand_in])
-                    if override_key(line) not in given]
-            preflight(Path(entry).stem, ["-m", f"experiment={preset}", *axes, *args.overrides, *stand_in])
+            given = {override_key(o) for o in [*own, *stand_in]}
+            axes = [line for line in preset_params(preset, [*own, *stand_in]) if override_key(line) not in given]
+            preflight(Path(entry).stem, ["-m", f"experiment={preset}", *axes, *own, *stand_in])
+    if none_chosen is not None:
+        fail(str(none_chosen))
     if args.dry_run:
         total = 0
-        for preset, command in zip(presets, commands(args.table, args.overrides)):
-            jobs = expand_preset(preset, args.overrides)
+        for (preset, own), command in zip(presets.items(), commands(args.table, args.overrides, presets)):
+            jobs = expand_preset(preset, own)
             total += len(jobs)
             print(f"# experiment={preset}: {len(jobs)} runs")
             for job in jobs:
@@ -129,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"# {args.table}: {total} runs in all")
         return 0
     status = 0
-    for command in commands(args.table, args.overrides):
+    for command in commands(args.table, args.overrides, presets):
         print("$ " + " ".join(command[1:]), flush=True)
         # one preset failing (a failed cell ends its multirun) must not keep the next preset from running
         result = subprocess.run(command, cwd=REPO, env=os.environ.copy())

@@ -117,6 +117,10 @@ def test_a_missing_argument_is_named_alone(args: list, missing: str) -> None:
     # an override that clashes with the preset's own cells (its pairs), found before any job starts
     (["crd_table1", "teacher=resnet8", "--dry-run"], ["pair=wrn_40_2-wrn_16_2 carries the settings published",
                                                        "distills resnet8 -> wrn_16_2", "nothing was run"]),
+    # another preset in the overrides would run under this table's name
+    (["crd_table1", "experiment=dkd_tables", "--dry-run"], ["experiment= is not an override of a table"]),
+    (["crd_table1", "distill=dkd", "--dry-run"], ["no cell of the crd_table1 table has distill=dkd",
+                                                   "python train_student.py -m experiment=crd_table1 distill=dkd"]),
 ])
 def test_sweep_table_checks_its_overrides_first_in_one_line(args: list, words: list) -> None:
     result = run_cli("scripts/sweep_table.py", *args)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -269,6 +270,20 @@ def test_teacher_presets(compose) -> None:
     assert set(baselines["model"]) == students and baselines["seed"] == SEEDS
     cfg = compose("train_teacher", ["experiment=table_baselines", "model=ShuffleV2"])
     assert cfg.save_teacher is False and cfg.optim.lr == 0.01
+
+
+@pytest.mark.parametrize("method, presets, runs", [
+    ("kd", ["crd_table1"], 7),  # KD on the 7 pairs; the FSP preset holds no KD cell (it ran KD on 6 pairs again)
+    ("fsp", ["crd_table1_fsp"], 6),  # FSP's own 6 pairs
+    ("kd,fsp", ["crd_table1", "crd_table1_fsp"], 7 + 6),
+])
+def test_a_method_override_keeps_the_presets_that_hold_it(capsys, method: str, presets: list, runs: int) -> None:
+    from scripts import sweep_table
+
+    assert sweep_table.main(["crd_table1", f"distill={method}", "seed=0", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert re.findall(r"^# experiment=(\S+):", out, re.M) == presets
+    assert out.rstrip().endswith(f"# crd_table1: {runs} runs in all")
 
 
 def test_sweep_table_dry_run_lists_the_cells(capsys) -> None:
