@@ -6,15 +6,18 @@
     python scripts/collect_results.py runs/student --out results/new --sources post_dkd --table lskd_same_arch
 
 Reads any set of run directories (a multirun folder, a glob, single runs) into one tidy table, one
-row per run, and groups it per data set (never averaged across): student runs by (teacher, student,
-method), plain cross-entropy runs (``train_teacher.py``) by architecture; the runs of one group must
-share one recipe (epochs, lr, schedule), else it is refused in one line. Both evaluation protocols
-are reported: top-1 of the last epoch (the CRD tables) and of the best epoch (the DKD tables), mean
+row per run, and groups it per data set (never averaged across; each image folder is its own): student
+runs by (teacher, student, method), plain cross-entropy runs (``train_teacher.py``) by architecture. The
+runs of one group must differ only in their seed and in keys that change nothing trained (paths, device,
+workers, logging, ...: ``NOT_TRAINING_KEYS`` in distiller/results/runs.py), and must not repeat a seed;
+else it is refused in one line naming the keys and values, or the seed, and the runs. Both evaluation
+protocols are reported: top-1 of the last epoch (the CRD tables) and of the best epoch (the DKD tables), mean
 ± sample std over finished seeds and the number of runs. Each published source is placed beside the
 protocol it used, with the difference ours - published. A pair's ``teacher`` and ``student`` rows
 are the plain cross-entropy runs of those architectures, when they are among the inputs. Runs that
 are not finished (still training, stopped, failed) are counted and listed, never silently dropped; a
-directory that cannot be read (a sweep job that died on a typo) is skipped with a warning naming it.
+directory that cannot be read (a sweep job that died on a typo, a run without its config.yaml) is skipped
+with a warning naming it.
 
 The post-DKD methods (DIST, LS, CTKD, MLKD, DOT, WTTM/TTM, NKD; source ``post_dkd``) were published
 under different recipes, so each of their published numbers carries its recipe: epochs, views per
@@ -29,7 +32,8 @@ gamma and beta are not known, so every cell but TTM vgg13 -> vgg8 with the READM
 
 Writes ``<out>.md`` (Markdown, also printed), ``<out>.csv`` (the summary, one row per table cell),
 ``<out>_runs.csv`` (the tidy per-run table: ``pandas.read_csv`` it for your own analysis) and
-``<out>.png`` (per pair: our accuracy vs published, per method).
+``<out>.png`` (per pair: our accuracy vs published, per method); ``--out results/t.md`` (or .csv, .png)
+is ``--out results/t``.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from typing import Sequence
 from common.errors import UserError
 from distiller.config.command_line import OneLineParser
 from distiller.results.published import DEFAULT_SOURCES, SOURCES
-from distiller.results.tables import collect, runs_csv_path
+from distiller.results.tables import collect, output_paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,8 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="run directories, multirun folders or glob patterns")
     parser.add_argument("--out", default="results/results",
-                        help="output path without suffix: writes OUT.md, OUT.csv, OUT_runs.csv, OUT.png "
-                             "(default results/results)")
+                        help="output path: writes OUT.md, OUT.csv, OUT_runs.csv, OUT.png; a suffix .md, .csv or .png "
+                             "is stripped once first (results/t.md and results/t write the same files), any other "
+                             "is kept (default results/results)")
     parser.add_argument("--sources", default=",".join(DEFAULT_SOURCES),
                         help=f"published sources to show, comma-separated, from {', '.join(SOURCES)} "
                              f"(default {','.join(DEFAULT_SOURCES)})")
@@ -61,15 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--title", default="Results")
     args = parser.parse_args(argv)
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
-    out = Path(args.out)
+    files = output_paths(Path(args.out))
     try:
-        collect(args.inputs, out, sources, args.table, not args.no_figure, args.title)
+        collect(args.inputs, files.stem, sources, args.table, not args.no_figure, args.title)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(out.with_suffix(".md").read_text())
-    written = [out.with_suffix(".md"), out.with_suffix(".csv"), runs_csv_path(out)]
-    written += [] if args.no_figure else [out.with_suffix(".png")]
+    print(files.markdown.read_text())
+    written = [files.markdown, files.summary, files.runs] + ([] if args.no_figure else [files.figure])
     print("wrote " + ", ".join(str(p) for p in written if p.exists()), file=sys.stderr)
     return 0
 

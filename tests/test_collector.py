@@ -367,3 +367,162 @@ def test_a_table_of_a_source_not_loaded_says_which_source_to_add(runs: Path, tmp
     (line,) = result.stderr.splitlines()
     assert f"table '{table}' is in the published source imagenet" in line and "--sources crd,dkd,post_dkd,imagenet" \
         in line, line
+
+
+# ---- runs that are not one sample of seeds, half-written runs, image folders, output names --------------
+def kd_settings(temperature: float = 4.0, alpha: float = 0.9, gamma: float = 0.1) -> dict:
+    """configs/distill/kd.yaml's keys as a run records them (defaults: T 4, alpha 0.9, gamma 0.1)."""
+    return {"name": "kd", "method": "kd", "gamma": gamma, "alpha": alpha, "beta": 0.0, "temperature": temperature}
+
+
+def test_runs_of_one_cell_that_differ_in_a_training_setting_are_refused_naming_it(tmp_path: Path) -> None:
+    """The tester's three KD runs: seed 0 as configured, seed 1 with T 1 / alpha 0.1 / gamma 0.9, seed 2 with
+    batch 32 instead of 64. Not one cell of three seeds: one line names the keys, each setting and a run of it."""
+    root = tmp_path / "runs"
+    data = {"name": "cifar100", "batch_size": 64}
+    plain = write_run(root, "resnet32x4", "resnet8x4", "kd", 0, 70.0, 71.0,
+                      config_extra={"distill": kd_settings(), "dataset": data})
+    soft = write_run(root, "resnet32x4", "resnet8x4", "kd", 1, 60.0, 61.0,
+                     config_extra={"distill": kd_settings(temperature=1.0, alpha=0.1, gamma=0.9), "dataset": data})
+    small = write_run(root, "resnet32x4", "resnet8x4", "kd", 2, 72.0, 73.0,
+                      config_extra={"distill": kd_settings(), "dataset": {**data, "batch_size": 32}})
+    out = tmp_path / "report" / "table"
+    result = run_cli("scripts/collect_results.py", str(root), "--out", str(out), "--no-figure")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "error: the runs of kd on resnet32x4 → resnet8x4 on cifar100 differ in dataset.batch_size, distill.alpha, "
+        "distill.gamma, distill.temperature and cannot be averaged: "
+        f"dataset.batch_size 32, distill.alpha 0.9, distill.gamma 0.1, distill.temperature 4 (1 run, e.g. {small}); "
+        f"dataset.batch_size 64, distill.alpha 0.1, distill.gamma 0.9, distill.temperature 1 (1 run, e.g. {soft}); "
+        f"dataset.batch_size 64, distill.alpha 0.9, distill.gamma 0.1, distill.temperature 4 (1 run, e.g. {plain}); "
+        "collect one setting at a time (name its run directories or a glob)"]
+    assert not out.parent.exists()  # nothing written
+    with pytest.raises(UserError, match=r"differ in dataset.batch_size and cannot be averaged: dataset.batch_size 32 "):
+        tables.collect([str(plain), str(small)], out, figure=False)  # the batch size alone is enough
+    rows, _ = tables.collect([str(plain)], out, figure=False)  # one setting at a time
+    assert [(r.method, r.last.n, r.last.mean) for r in rows if r.last.n] == [("kd", 1, 70.0)]
+
+
+def test_runs_that_differ_only_where_nothing_trained_changes_are_averaged(tmp_path: Path) -> None:
+    """Paths, device, threads, workers, logging, progress bars, checkpointing frequency, evaluation batch, memory
+    layout and the method's config name (kd_dot through its preset, or distill=kd optim=dot: both kd_dot) change
+    nothing trained: seeds 0 and 1 are one cell, last 72 and 74 (mean 73, sample std sqrt(2))."""
+    root = tmp_path / "runs"
+    recipe = on("cifar100")
+    first = {**recipe, "teacher": {"name": "resnet32x4", "ckpt": "/home/a/teachers/resnet32x4.pt", "verify": True},
+             "teacher_dir": "/home/a/teachers", "distill": {**kd_settings(), "name": "kd_dot"},
+             "optim": {**recipe["optim"], "name": "dot"},
+             "dataset": {"name": "cifar100", "root": "/home/a/data", "batch_size": 64, "eval_batch_size": 1024,
+                         "workers": 2},
+             "trainer": {"epochs": 240, "device": "cpu", "num_threads": 2, "progress": True, "log_interval": 50,
+                         "checkpoint_every_steps": 0, "channels_last": "auto", "compile": "auto"},
+             "logger": {"backends": ["tensorboard"]}}
+    second = {**first, "teacher": {"name": "resnet32x4", "ckpt": "/scratch/b/resnet32x4.pt", "verify": False},
+              "teacher_dir": "/scratch/b", "distill": kd_settings(),
+              "dataset": {**first["dataset"], "root": "/scratch/b/data", "eval_batch_size": 256, "workers": 8},
+              "trainer": {**first["trainer"], "device": "cuda", "num_threads": 16, "progress": False,
+                          "log_interval": 10, "checkpoint_every_steps": 500, "channels_last": True, "compile": True},
+              "logger": {"backends": ["wandb"], "project": "kd"}}
+    write_run(root, "resnet32x4", "resnet8x4", "kd_dot", 0, 72.0, 73.0, config_extra=first)
+    write_run(root, "resnet32x4", "resnet8x4", "kd", 1, 74.0, 75.0, config_extra=second)
+    rows, runs = tables.collect([str(root)], tmp_path / "report" / "table", figure=False)
+    assert sorted(r.method for r in runs) == ["kd_dot", "kd_dot"]
+    (kd_dot,) = [r for r in rows if r.last.n]
+    assert (kd_dot.method, kd_dot.seeds, kd_dot.last.n, kd_dot.last.mean) == ("kd_dot", [0, 1], 2, 73.0)
+    assert kd_dot.last.std == pytest.approx(math.sqrt(2.0))
+
+
+def test_a_seed_repeated_in_one_cell_is_refused_naming_the_seed_and_its_runs(tmp_path: Path) -> None:
+    """Three finished seed-0 runs of one cell are one seed three times, not three seeds: refused in one line
+    naming the seed and every directory. A seed repeated by a run that did not finish is averaged nowhere: fine."""
+    root = tmp_path / "runs"
+    first = write_run(root / "first", "resnet32x4", "resnet8x4", "kd", 0, 70.0, 71.0)
+    write_run(root / "first", "resnet32x4", "resnet8x4", "kd", 1, 72.0, 73.0)
+    second = write_run(root / "second", "resnet32x4", "resnet8x4", "kd", 0, 70.5, 71.5)
+    third = write_run(root / "third", "resnet32x4", "resnet8x4", "kd", 0, 69.5, 70.5)
+    failed = write_run(root / "retry", "resnet32x4", "resnet8x4", "kd", 1, 10.0, 10.0, status="failed")
+    out = tmp_path / "report" / "table"
+    with pytest.raises(UserError) as err:
+        tables.collect([str(root)], out, figure=False)
+    assert str(err.value) == (
+        f"the runs of kd on resnet32x4 → resnet8x4 repeat seed 0 ({first}, {second}, {third}) and cannot be "
+        f"averaged: runs of one seed are not independent; collect one run per seed (name its run directories or a "
+        f"glob)")
+    assert not out.parent.exists()
+    rows, _ = tables.collect([str(root / "first"), str(failed)], out, figure=False)
+    kd = next(r for r in rows if r.method == "kd")
+    assert (kd.seeds, kd.last.n, kd.last.mean, kd.unfinished) == ([0, 1], 2, 71.0, 1)  # (70 + 72) / 2
+
+
+def test_a_run_without_a_readable_config_yaml_is_skipped_with_a_warning(tmp_path: Path, capsys) -> None:
+    """A run whose config.yaml was deleted (only Hydra's copy left, whose lr is an unresolved ${...}) or is
+    damaged is skipped with a warning naming it, not read from Hydra's copy or refused as another recipe."""
+    root = tmp_path / "runs"
+    write_run(root, "resnet32x4", "resnet8x4", "kd", 0, 70.0, 71.0, config_extra=on("cifar100"))
+    write_run(root, "resnet32x4", "resnet8x4", "kd", 1, 72.0, 73.0, config_extra=on("cifar100"))
+    deleted = write_run(root, "resnet32x4", "resnet8x4", "kd", 2, 10.0, 11.0, config_extra=on("cifar100"))
+    (deleted / "config.yaml").unlink()
+    hydra_copy = yaml.safe_load((deleted / ".hydra" / "config.yaml").read_text())
+    hydra_copy["optim"]["lr"] = "${student.lr}"
+    (deleted / ".hydra" / "config.yaml").write_text(yaml.safe_dump(hydra_copy))
+    damaged = write_run(root, "resnet32x4", "resnet8x4", "kd", 3, 10.0, 11.0, config_extra=on("cifar100"))
+    (damaged / "config.yaml").write_text("teacher: {name: resnet32x4\nseed: [3\n")
+    rows, found = tables.collect([str(root)], tmp_path / "report" / "table", figure=False)
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 2
+    assert f"warning: skipped {deleted.resolve()}: it has metrics.json but no config.yaml (a half-written or " \
+           f"damaged run)" in warnings
+    assert any(w.startswith(f"warning: skipped {damaged.resolve()}: config.yaml is unreadable (") for w in warnings)
+    assert sorted(r.seed for r in found) == [0, 1]
+    kd = next(r for r in rows if r.method == "kd")
+    assert (kd.last.n, kd.last.mean, kd.unfinished) == (2, 71.0, 0)  # (70 + 72) / 2; the skipped ones not counted
+
+
+def test_runs_on_different_image_folders_are_different_data_sets(tmp_path: Path) -> None:
+    """Plain training of resnet8 on three image folders, two of them named 'data': three sections, each headed by
+    the folder's shortest path that tells it apart; one folder spelt with a trailing slash is still one folder."""
+    folder_a, folder_b, folder_ok = tmp_path / "A" / "data", tmp_path / "B" / "data", tmp_path / "ok"
+    root = tmp_path / "runs"
+
+    def on_folder(folder: str) -> dict:
+        return {**on("imagefolder"), "dataset": {"name": "imagefolder", "root": folder, "batch_size": 64}}
+
+    write_run(root / "a", None, "resnet8", "ce", 0, 40.0, 41.0, config_extra=on_folder(str(folder_a)))
+    write_run(root / "a", None, "resnet8", "ce", 1, 44.0, 45.0, config_extra=on_folder(f"{folder_a}/"))
+    write_run(root / "b", None, "resnet8", "ce", 0, 90.0, 91.0, config_extra=on_folder(str(folder_b)))
+    write_run(root / "ok", None, "resnet8", "ce", 0, 60.0, 61.0, config_extra=on_folder(str(folder_ok)))
+    out = tmp_path / "report" / "table"
+    rows, _ = tables.collect([str(root)], out, figure=False)
+    by_folder = {r.data_folder: r for r in rows}
+    assert set(by_folder) == {str(folder_a), str(folder_b), str(folder_ok)}
+    assert {r.dataset for r in rows} == {"imagefolder"}
+    assert (by_folder[str(folder_a)].last.n, by_folder[str(folder_a)].last.mean) == (2, 42.0)  # (40 + 44) / 2
+    assert (by_folder[str(folder_b)].last.n, by_folder[str(folder_b)].last.mean) == (1, 90.0)
+    assert (by_folder[str(folder_ok)].last.n, by_folder[str(folder_ok)].last.mean) == (1, 60.0)
+    markdown = out.with_suffix(".md").read_text()
+    assert "Data sets (each summarised apart): imagefolder (A/data) (2 runs), imagefolder (B/data) (1 run), " \
+           "imagefolder (ok) (1 run)." in markdown
+    for heading in ("## resnet8 (imagefolder (A/data))", "## resnet8 (imagefolder (B/data))",
+                    "## resnet8 (imagefolder (ok))"):
+        assert heading in markdown
+    with open(out.with_suffix(".csv"), newline="") as f:
+        summary = {r["data_folder"]: r for r in csv.DictReader(f)}
+    assert summary[str(folder_b)]["dataset"] == "imagefolder" and summary[str(folder_b)]["runs"] == "1"
+
+
+@pytest.mark.parametrize("given", ["res", "res.md", "res.csv", "res.png"])
+def test_out_with_or_without_a_known_suffix_names_the_same_files(runs: Path, tmp_path: Path, given: str) -> None:
+    """--out res.md is --out res: res.md, res.csv, res_runs.csv (not res.md_runs.csv), and the line saying so."""
+    result = run_cli("scripts/collect_results.py", str(runs / "student"), "--out", str(tmp_path / given),
+                     "--no-figure")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["res.csv", "res.md", "res_runs.csv"]
+    assert result.stderr.splitlines()[-1] == (f"wrote {tmp_path / 'res.md'}, {tmp_path / 'res.csv'}, "
+                                              f"{tmp_path / 'res_runs.csv'}")
+
+
+def test_out_with_another_suffix_keeps_it_in_every_name(runs: Path, tmp_path: Path) -> None:
+    """A dot that is not a known suffix is part of the name: v1.2 writes v1.2.md, v1.2.csv, v1.2_runs.csv, v1.2.png."""
+    tables.collect([str(runs / "student" / "resnet56-resnet20")], tmp_path / "v1.2")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
+        "v1.2.csv", "v1.2.md", "v1.2.png", "v1.2_runs.csv"]

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from helpers import run_cli
 
+from common.errors import UserError
 from distiller.results import tables
 from distiller.results.published import load_published
 
@@ -190,9 +191,13 @@ def test_cells_run_with_settings_other_than_the_published_ones_are_flagged(tmp_p
     assert "| our recipe | settings |" in markdown
     assert markdown.count("NOT_PUBLISHED_SETTINGS: ") == 3
 
-    # one run of the README cell with another beta flags that cell too, naming the published values
-    write_run(root, "vgg13", "vgg8", "ttm", 2, 73.0, 73.5, **{**readme, "beta": 30.0})
-    tables.collect([str(root)], out, sources=["post_dkd"], figure=False)
+    # a run of the README cell with another beta trained something else: never averaged with the README's runs,
+    # and collected alone it is flagged, naming the published values
+    other_beta = write_run(root, "vgg13", "vgg8", "ttm", 2, 73.0, 73.5, **{**readme, "beta": 30.0})
+    with pytest.raises(UserError, match="the runs of ttm on vgg13 → vgg8 differ in distill.beta and cannot be "
+                                        "averaged: distill.beta 30 \\(1 run, "):
+        tables.collect([str(root)], out, sources=["post_dkd"], figure=False)
+    tables.collect([str(other_beta)], out, sources=["post_dkd"], figure=False)
     ttm = rows_by_key(out.with_suffix(".csv"))[("vgg13", "vgg8", "ttm")]
     assert ttm["settings"] == ("NOT_PUBLISHED_SETTINGS: ttm: ran power 0.1, beta 30.0, gamma 1.0, alpha 0.0, "
                                "published power 0.1, beta 45, gamma 1, alpha 0")

@@ -78,9 +78,11 @@ TABLE_ALIASES = {
 FINISHED = "finished"
 CELL = ["teacher", "student", "method"]
 MISSING = "–"
-SUMMARY_COLUMNS = ["dataset", "teacher", "student", "method", "runs", "last_top1_mean", "last_top1_std",
-                   "best_top1_mean", "best_top1_std", "not_finished", "hours_per_run", "seeds", "our_recipe",
-                   "settings"]  # settings: NOT_PUBLISHED_SETTINGS and why, when our runs departed (results.settings)
+# data_folder: an image folder's root (another folder is another data set); settings: NOT_PUBLISHED_SETTINGS and
+# why, when our runs departed (results.settings)
+SUMMARY_COLUMNS = ["dataset", "data_folder", "teacher", "student", "method", "runs", "last_top1_mean",
+                   "last_top1_std", "best_top1_mean", "best_top1_std", "not_finished", "hours_per_run", "seeds",
+                   "our_recipe", "settings"]
 
 
 # ---- published recipes ------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Run directories read into one tidy table, one row per run: what ran (teacher, student, method, data set,
-recipe), how far it got and its top-1 at the last and best epoch. A directory that cannot be read is named
-and skipped, never a traceback over the whole tree."""
+recipe), how far it got and its top-1 at the last and best epoch, and the settings it trained with (compared
+across the runs of a cell before they are averaged). A directory that cannot be read is named and skipped,
+never a traceback over the whole tree."""
 from __future__ import annotations
 
 import glob
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -14,7 +15,20 @@ import pandas as pd
 
 from common.errors import UserError
 from common.lookup import dotted_get
+from datasets import DATASETS
+from distiller.jobs.run_dir import run_identity
 from distiller.results.settings import unpublished_settings
+
+# Keys that change nothing a run trains, so the runs of one cell may differ in them and still be averaged: the
+# seed, these, and those a resumed run may change (run_dir.VOLATILE_KEYS: paths, device, threads, logging,
+# progress bars, checkpointing frequency, evaluation's batch and precision). Here: the config's name for the
+# method (the cell's label says what ran), saving the teacher, loading the data (decoding workers, download,
+# checksums), memory layout, the non-finite check, DDP's unused-parameter search, the exact teacher cache and
+# the teacher's expected top-1. dataset.root is volatile too: where the folder *is* the data set (an image
+# folder), it is part of the cell instead (:func:`data_folder`).
+NOT_TRAINING_KEYS = ("seed", "distill.name", "method_label", "save_teacher", "dataset.workers", "dataset.download",
+                     "dataset.verify_checksums", "trainer.channels_last", "trainer.nonfinite_check",
+                     "trainer.find_unused_parameters", "teacher.cache", "teacher.published_top1")
 
 
 @dataclass
@@ -39,19 +53,71 @@ class Run:
     error: str | None = None  # the engine's message for a failed run
     recipe: str | None = None  # how it was trained: epochs, lr and its schedule (:func:`recipe_of_run`)
     unpublished: str | None = None  # why its settings are not its cell's published ones (results.settings)
+    data_folder: str | None = None  # the folder that is its data set (an image folder's root), as recorded
+    # what decides what it trained (:func:`training_settings`); not a column of the tidy table
+    settings: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 class UnreadableRun(ValueError):
     """A run directory the collector cannot read (a job that failed on a typo, a damaged file): skipped."""
 
 
-def _load_yaml(path: Path) -> dict[str, Any] | None:
+def _load_yaml(run_dir: Path, name: str) -> Any:
     from omegaconf import OmegaConf
 
     try:
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception:  # noqa: BLE001 - a damaged file makes the run "unreadable", reported below
+        return OmegaConf.to_container(OmegaConf.load(run_dir / name), resolve=False)
+    except Exception as err:  # noqa: BLE001 - a damaged file makes the run unreadable, named
+        why = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        raise UnreadableRun(f"{name} is unreadable ({why})") from None  # one line: the warning's
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The config a run recorded: the engine's ``config.yaml``; for a run that never wrote its metrics (a job
+    that died before the engine started), Hydra's ``.hydra/config.yaml``. A run with metrics but without its
+    ``config.yaml`` is half-written or damaged: unreadable (its identity would be guessed from Hydra's copy,
+    whose interpolations are not resolved)."""
+    if (path / "config.yaml").is_file():
+        config = _load_yaml(path, "config.yaml")
+    elif (path / "metrics.json").is_file():
+        raise UnreadableRun("it has metrics.json but no config.yaml (a half-written or damaged run)")
+    elif (path / ".hydra" / "config.yaml").is_file():
+        config = _load_yaml(path, ".hydra/config.yaml")
+    else:
+        config = {}
+    if config is not None and not isinstance(config, dict):
+        raise UnreadableRun(f"its config is a {type(config).__name__}, not a mapping")
+    return config or {}
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted key -> leaf value (a list is a leaf)."""
+    if not isinstance(node, dict) or not node:
+        return {prefix[:-1]: node} if prefix else {}
+    return {key: leaf for name, child in node.items() for key, leaf in _flatten(child, f"{prefix}{name}.").items()}
+
+
+def training_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What decides what a run trained, as dotted key -> value: its config less the keys that change nothing
+    trained (:data:`NOT_TRAINING_KEYS`, the seed among them). Runs averaged into one cell must agree on all."""
+    return {key: value for key, value in _flatten(run_identity(config)).items() if key not in NOT_TRAINING_KEYS}
+
+
+def shown_setting(settings: dict[str, Any], key: str) -> str:
+    """One of a run's :func:`training_settings` as a message shows it (``unset`` where the run lacks it)."""
+    if key not in settings:
+        return "unset"
+    value = settings[key]
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else _short(value)
+
+
+def data_folder(config: dict[str, Any]) -> str | None:
+    """The folder a run's data set *is* (the root of an image folder: another folder is another data set),
+    normalised as recorded; None for a data set the root only locates (CIFAR-100 wherever its files lie)."""
+    name, root = dotted_get(config, "dataset.name"), dotted_get(config, "dataset.root")
+    if root is None or name not in DATASETS or not DATASETS.metadata(name).get("teachers_per_root"):
         return None
+    return os.path.normpath(os.path.expanduser(str(root)))
 
 
 def is_run_dir(path: Path) -> bool:
@@ -127,17 +193,8 @@ def recipe_of_run(config: dict[str, Any]) -> str | None:
 
 
 def read_run(path: Path) -> Run:
-    """Identity from the run's config (``config.yaml``, else Hydra's ``.hydra/config.yaml``), results
-    from ``metrics.json``. Raises :class:`UnreadableRun` naming what is wrong (then it is skipped)."""
-    config = None
-    for candidate in (path / "config.yaml", path / ".hydra" / "config.yaml"):
-        if candidate.is_file():
-            config = _load_yaml(candidate)
-            if config is not None:
-                break
-    if config is not None and not isinstance(config, dict):
-        raise UnreadableRun(f"its config is a {type(config).__name__}, not a mapping")
-    config = config or {}
+    """Identity from the run's config (:func:`read_config`), results from ``metrics.json``. Raises
+    :class:`UnreadableRun` naming what is wrong (then it is skipped)."""
     metrics: dict[str, Any] = {}
     metrics_file = path / "metrics.json"
     status = "no metrics"
@@ -149,6 +206,7 @@ def read_run(path: Path) -> Run:
         if not isinstance(metrics, dict):
             raise UnreadableRun("metrics.json is not a JSON object")
         status = str(metrics.get("status", "running"))
+    config = read_config(path)
     if dotted_get(config, "teacher.name") is not None or metrics.get("kind") == "student":
         kind = "student"
         teacher = dotted_get(config, "teacher.name") or metrics.get("teacher")
@@ -183,7 +241,8 @@ def read_run(path: Path) -> Run:
         epochs_done=len(history), epochs_planned=planned if isinstance(planned, int) else None,
         hours=sum(_numeric(e.get("time_s") or 0.0, "time_s") for e in history) / 3600.0, error=metrics.get("error"),
         recipe=recipe_of_run(config),
-        unpublished=unpublished_settings(str(method), teacher, str(student), config) if kind == "student" else None)
+        unpublished=unpublished_settings(str(method), teacher, str(student), config) if kind == "student" else None,
+        data_folder=data_folder(config), settings=training_settings(config))
 
 
 def read_runs(paths: Iterable[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
@@ -198,9 +257,9 @@ def read_runs(paths: Iterable[Path]) -> tuple[list[Run], list[tuple[Path, str]]]
 
 
 def runs_frame(runs: Sequence[Run]) -> pd.DataFrame:
-    """The tidy table: one row per run directory."""
-    columns = [f.name for f in fields(Run)]
-    frame = pd.DataFrame([asdict(r) for r in runs], columns=columns)
+    """The tidy table: one row per run directory (its settings stay on the :class:`Run`)."""
+    columns = [f.name for f in fields(Run) if f.name != "settings"]
+    frame = pd.DataFrame([{k: v for k, v in asdict(r).items() if k in columns} for r in runs], columns=columns)
     frame["run_dir"] = frame["run_dir"].astype(str)
     return frame.astype({"seed": "Int64", "epochs_planned": "Int64", "epochs_done": int, "hours": float,
                          "final_top1": float, "best_top1": float, "final_top5": float, "best_top5": float})

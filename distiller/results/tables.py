@@ -7,7 +7,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
@@ -24,7 +24,7 @@ from distiller.results.published import (
     load_published,
     table_cells,
 )
-from distiller.results.runs import Run, find_run_dirs, read_runs, runs_frame
+from distiller.results.runs import Run, find_run_dirs, read_runs, runs_frame, shown_setting
 from distiller.results.settings import NOT_PUBLISHED_SETTINGS
 
 
@@ -38,7 +38,7 @@ STATS = {
     "last_top1_std": ("final_top1", "std"), "best_runs": ("best_top1", "count"),
     "best_top1_mean": ("best_top1", "mean"), "best_top1_std": ("best_top1", "std"),
     "hours_per_run": ("hours", lambda h: h[h > 0].mean()), "seeds": ("seed", _seed_list),
-    "our_recipe": ("recipe", lambda r: r.dropna().iloc[0] if r.notna().any() else ""),  # one per cell: check_recipes
+    "our_recipe": ("recipe", lambda r: r.dropna().iloc[0] if r.notna().any() else ""),  # one per cell: check_cells
     # the flag of a cell any of whose finished runs departs from the published settings (results.settings)
     "settings": ("unpublished", lambda u: f"{NOT_PUBLISHED_SETTINGS}: " + "; ".join(sorted(set(u.dropna())))
                  if u.notna().any() else ""),
@@ -46,20 +46,68 @@ STATS = {
 UNKNOWN_DATASET = ""  # runs whose config names no data set form a group of their own
 
 
-def check_recipes(runs: pd.DataFrame) -> None:
-    """Refuse, in one line, a cell whose finished runs were trained with different recipes (never averaged)."""
-    finished = runs[runs["status"] == FINISHED]
-    keys = ["dataset", "kind", "teacher", "student", "method"]
-    for (dataset, kind, teacher, student, method), group in finished.groupby(keys, dropna=False, sort=True):
-        recipes = group.groupby(group["recipe"].fillna("unrecorded"), sort=True)["run_dir"]
-        if recipes.ngroups < 2:
-            continue
-        cell = f"plain training of {student}" if kind == "teacher" else f"{method} on {teacher} → {student}"
-        where = f" on {dataset}" if isinstance(dataset, str) and dataset else ""
-        found = "; ".join(f"{recipe} ({len(dirs)} run{'s' * (len(dirs) > 1)}, e.g. {sorted(dirs)[0]})"
-                          for recipe, dirs in recipes)
-        raise UserError(f"the runs of {cell}{where} differ in recipe and cannot be averaged: {found}; collect one "
-                        f"recipe at a time (name its run directories or a glob)")
+# what :func:`~distiller.results.runs.recipe_of_run` shows: runs that differ only in these differ "in recipe"
+RECIPE_KEYS = ("trainer.epochs", "optim.lr", "schedule.name", "schedule.milestones", "schedule.gamma")
+
+
+def _data_set(dataset: Any, folder: Any) -> str:
+    """A data set as headings and messages name it: ``imagefolder (<folder>)`` where the folder is the data."""
+    name = dataset if isinstance(dataset, str) else UNKNOWN_DATASET
+    return f"{name} ({folder})" if isinstance(folder, str) and folder else name
+
+
+def _cell_of(run: Run) -> str:
+    """A cell as messages name it: ``kd on resnet32x4 → resnet8x4 on cifar100``."""
+    pair = f"{run.method} on {run.teacher} → {run.student}" if run.kind == "student" else \
+        f"plain training of {run.student}"
+    where = _data_set(run.dataset, run.data_folder)
+    return f"{pair} on {where}" if where else pair
+
+
+def _check_settings(cell: list[Run]) -> None:
+    """Refuse runs of one cell that differ in anything that changes what is trained (their seed aside)."""
+    keys = sorted(set().union(*(run.settings for run in cell)))
+    differing = [key for key in keys if len({shown_setting(run.settings, key) for run in cell}) > 1]
+    if not differing:
+        return
+    in_recipe = set(differing) <= set(RECIPE_KEYS)  # then each group is named by its recipe, as the table shows it
+    groups: dict[str, list[str]] = {}
+    for run in cell:
+        label = (run.recipe or "unrecorded") if in_recipe else \
+            ", ".join(f"{key} {shown_setting(run.settings, key)}" for key in differing)
+        groups.setdefault(label, []).append(str(run.run_dir))
+    found = "; ".join(f"{label} ({len(dirs)} run{'s' * (len(dirs) > 1)}, e.g. {sorted(dirs)[0]})"
+                      for label, dirs in sorted(groups.items()))
+    raise UserError(f"the runs of {_cell_of(cell[0])} differ in {'recipe' if in_recipe else ', '.join(differing)} "
+                    f"and cannot be averaged: {found}; collect one {'recipe' if in_recipe else 'setting'} at a time "
+                    f"(name its run directories or a glob)")
+
+
+def _check_seeds(cell: list[Run]) -> None:
+    """Refuse runs of one cell that repeat a seed: they are not independent runs, so no sample of seeds."""
+    by_seed: dict[int, list[str]] = {}
+    for run in cell:
+        if run.seed is not None:
+            by_seed.setdefault(run.seed, []).append(str(run.run_dir))
+    repeated = ", ".join(f"seed {seed} ({', '.join(sorted(dirs))})" for seed, dirs in sorted(by_seed.items())
+                         if len(dirs) > 1)
+    if repeated:
+        raise UserError(f"the runs of {_cell_of(cell[0])} repeat {repeated} and cannot be averaged: runs of one seed "
+                        f"are not independent; collect one run per seed (name its run directories or a glob)")
+
+
+def check_cells(runs: Sequence[Run]) -> None:
+    """Refuse, in one line, a cell whose finished runs cannot be averaged: runs that differ in a setting other
+    than those that change nothing trained (:data:`~distiller.results.runs.NOT_TRAINING_KEYS`), or that
+    repeat a seed. A cell: data set (and image folder), kind, teacher, student, method."""
+    cells: dict[tuple[str, ...], list[Run]] = {}
+    for run in runs:
+        if run.status == FINISHED:
+            key = (run.dataset, run.data_folder, run.kind, run.teacher, run.student, run.method)
+            cells.setdefault(tuple("" if part is None else str(part) for part in key), []).append(run)
+    for key in sorted(cells):
+        _check_settings(cells[key])
+        _check_seeds(cells[key])
 
 
 def _ours(runs: pd.DataFrame, by: str | list[str]) -> pd.DataFrame:
@@ -136,9 +184,11 @@ def summarize(runs: pd.DataFrame, published: pd.DataFrame, sources: Sequence[str
 
 def summarize_by_dataset(runs: pd.DataFrame, published: pd.DataFrame, sources: Sequence[str],
                          tables: Sequence[str] = ()) -> pd.DataFrame:
-    """:func:`summarize` for each data set's runs apart (never averaged together), with a ``dataset`` column."""
-    parts = [summarize(group, published, sources, tables, dataset).assign(dataset=dataset)
-             for dataset, group in runs.groupby(runs["dataset"].fillna(UNKNOWN_DATASET), sort=True)]
+    """:func:`summarize` for each data set's runs apart (never averaged together; each image folder is a data
+    set of its own), with ``dataset`` and ``data_folder`` columns."""
+    data_sets = [runs["dataset"].fillna(UNKNOWN_DATASET), runs["data_folder"].fillna("")]
+    parts = [summarize(group, published, sources, tables, dataset).assign(dataset=dataset, data_folder=folder)
+             for (dataset, folder), group in runs.groupby(data_sets, sort=True)]
     return pd.concat(parts, ignore_index=True)
 
 
@@ -167,6 +217,7 @@ class Row:
     seeds: list[int]
     recipes: dict[str, str] = field(default_factory=dict)  # source -> the published number's recipe
     dataset: str = UNKNOWN_DATASET  # the data set of our runs in this cell
+    data_folder: str = ""  # its folder, where the folder is the data set (an image folder's root, as recorded)
     our_recipe: str = ""  # how our runs of this cell were trained (one recipe per cell)
     settings: str = ""  # NOT_PUBLISHED_SETTINGS and why, when our runs departed from the published settings
 
@@ -184,7 +235,7 @@ def rows_of(table: pd.DataFrame, sources: Sequence[str]) -> list[Row]:
                 published={key: _value(getattr(r, f"{key}_published")) for key in sources},
                 seeds=[int(s) for s in r.seeds.split()],
                 recipes={key: getattr(r, f"{key}_recipe") for key in sources if getattr(r, f"{key}_recipe")},
-                dataset=r.dataset, our_recipe=r.our_recipe, settings=r.settings)
+                dataset=r.dataset, data_folder=r.data_folder, our_recipe=r.our_recipe, settings=r.settings)
             for r in table.itertuples(index=False)]
 
 
@@ -204,8 +255,30 @@ def _pair_title(teacher: str, student: str, dataset: str = UNKNOWN_DATASET) -> s
     return f"{pair} ({dataset})" if dataset else pair
 
 
+def short_folder_names(folders: Iterable[str]) -> dict[str, str]:
+    """Each folder by its shortest trailing path that no other of ``folders`` ends with (``/x/ok`` -> ``ok``;
+    ``/x/A/data``, ``/x/B/data`` -> ``A/data``, ``B/data``): short headings that still tell folders apart."""
+    parts = {folder: Path(folder).parts for folder in set(folders)}
+    names = {}
+    for folder, mine in parts.items():
+        others = [theirs for other, theirs in parts.items() if other != folder]
+        length = next((n for n in range(1, len(mine)) if all(theirs[-n:] != mine[-n:] for theirs in others)),
+                      len(mine))
+        names[folder] = str(Path(*mine[-length:]))
+    return names
+
+
+def data_set_titles(frame: pd.DataFrame, unknown: str = UNKNOWN_DATASET) -> pd.Series:
+    """Per row of ``frame`` (runs or summary), its data set as headings name it: ``imagefolder (<folder>)`` with
+    the folder shortened (:func:`short_folder_names`); ``unknown`` where the run recorded no data set."""
+    folders = frame["data_folder"].where(frame["data_folder"].notna(), "")
+    short = short_folder_names(f for f in folders if f)
+    return pd.Series([_data_set(d if isinstance(d, str) and d else unknown, short.get(f, ""))
+                      for d, f in zip(frame["dataset"], folders)], index=frame.index)
+
+
 def _datasets_line(runs: pd.DataFrame) -> str:
-    counts = runs["dataset"].fillna("not recorded").value_counts().sort_index()
+    counts = data_set_titles(runs, "not recorded").value_counts().sort_index()
     if len(counts) == 1:
         return f"Data set: {counts.index[0]}."
     return ("Data sets (each summarised apart): "
@@ -238,7 +311,7 @@ def render_markdown(table: pd.DataFrame, runs: pd.DataFrame, sources: Sequence[s
     columns.append(("settings", list(table["settings"])))
     shown = pd.DataFrame(dict(enumerate(cells for _, cells in columns)), index=table.index)
     header = [name for name, _ in columns]
-    sections = shown.groupby([table["dataset"], table["teacher"], table["student"]], sort=False, dropna=False)
+    sections = shown.groupby([data_set_titles(table), table["teacher"], table["student"]], sort=False, dropna=False)
     for (dataset, teacher, student), group in sections:
         lines += [f"## {_pair_title(teacher, student, dataset)}", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
@@ -271,7 +344,7 @@ def plot(table: pd.DataFrame, sources: Sequence[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = table.groupby(["dataset", "teacher", "student"], sort=False, dropna=False)
+    pairs = table.groupby([data_set_titles(table), table["teacher"], table["student"]], sort=False, dropna=False)
     cols = min(3, max(1, pairs.ngroups))
     nrows = math.ceil(pairs.ngroups / cols) if pairs.ngroups else 1
     fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 3.6 * nrows), squeeze=False)
@@ -309,18 +382,39 @@ def plot(table: pd.DataFrame, sources: Sequence[str], path: Path) -> None:
     plt.close(fig)
 
 
-def runs_csv_path(out: Path) -> Path:
-    """Where the tidy per-run table goes: ``<out>_runs.csv``."""
-    return out.with_name(out.name + "_runs.csv")
+OUTPUT_SUFFIXES = (".md", ".csv", ".png")  # the suffixes of what --out names, stripped once from it
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The files one collection writes, all named from one stem."""
+
+    stem: Path
+    markdown: Path
+    summary: Path
+    runs: Path  # the tidy per-run table
+    figure: Path
+
+
+def output_paths(out: Path) -> Outputs:
+    """``<stem>.md``, ``<stem>.csv``, ``<stem>_runs.csv``, ``<stem>.png``, the stem being ``out`` less one of
+    :data:`OUTPUT_SUFFIXES` (``results/t.md`` and ``results/t`` write the same files; ``results/v1.2`` keeps
+    its ``.2``)."""
+    stem = out.with_suffix("") if out.suffix in OUTPUT_SUFFIXES else out
+    return Outputs(stem=stem, markdown=stem.with_name(f"{stem.name}.md"), summary=stem.with_name(f"{stem.name}.csv"),
+                   runs=stem.with_name(f"{stem.name}_runs.csv"), figure=stem.with_name(f"{stem.name}.png"))
 
 
 def collect(inputs: Sequence[str], out: Path, sources: Sequence[str] = DEFAULT_SOURCES,
             tables: Sequence[str] = (), figure: bool = True, title: str = "Results") -> tuple[list[Row], list[Run]]:
-    """Read the runs, write ``out``.md/.csv/.png and ``out``_runs.csv; return the rows and runs.
+    """Read the runs, write the files of :func:`output_paths` (``out``.md/.csv/.png and ``out``_runs.csv);
+    return the rows and runs.
 
-    A run directory that cannot be read is skipped with a warning naming it. No readable run, or a
-    cell whose runs differ in recipe, is a :class:`UserError` raised before anything is written.
+    A run directory that cannot be read is skipped with a warning naming it. No readable run, or a cell
+    whose runs cannot be averaged (:func:`check_cells`), is a :class:`UserError` raised before anything is
+    written.
     """
+    files = output_paths(out)
     published = load_published(sources)
     if tables:
         table_cells(published, tables)  # a table name that is wrong stops here, before any run is read
@@ -328,17 +422,17 @@ def collect(inputs: Sequence[str], out: Path, sources: Sequence[str] = DEFAULT_S
     if not runs:
         why = f" ({len(skipped)} skipped; {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
         raise UserError(f"no {'readable ' if skipped else ''}run directories under {' '.join(inputs)}{why}: nothing "
-                        f"was written (earlier results at {out} are kept); give run directories, multirun "
+                        f"was written (earlier results at {files.stem} are kept); give run directories, multirun "
                         f"folders or globs")
     for path, why in skipped:
         print(f"warning: skipped {path}: {why}", file=sys.stderr)
+    check_cells(runs)
     frame = runs_frame(runs)
-    check_recipes(frame)
     table = summarize_by_dataset(frame, published, sources, tables)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(render_markdown(table, frame, sources, title) + "\n")
-    write_summary_csv(table, sources, out.with_suffix(".csv"))
-    frame.to_csv(runs_csv_path(out), index=False)
+    files.stem.parent.mkdir(parents=True, exist_ok=True)
+    files.markdown.write_text(render_markdown(table, frame, sources, title) + "\n")
+    write_summary_csv(table, sources, files.summary)
+    frame.to_csv(files.runs, index=False)
     if figure and len(table):
-        plot(table, sources, out.with_suffix(".png"))
+        plot(table, sources, files.figure)
     return rows_of(table, sources), runs
