@@ -368,3 +368,20 @@ def test_a_method_combined_without_a_label_says_how_to_label_it(capsys, override
     line = preflight_line(capsys, "train_student", [override])
     assert line == (f"error: combine holds {held}, not a method under a label: combine a method with "
                     f"+distill@combine.<label>=METHOD"), line
+
+
+@pytest.mark.parametrize("overrides, words", [
+    # GROUP@PACKAGE without the + that adds it
+    (["distill=crd", "distill@combine.at=at"], ["write +distill@combine.at=at"]),
+    # a pair preset's own key without a pair preset: it exists only there
+    (["teacher=resnet56", "student=resnet20", "distill=dkd", "pair.dkd_nckd_weight=3"],
+     ["'pair.dkd_nckd_weight' exists only with a pair preset", "pair=TEACHER-STUDENT"]),
+    (["pair.no_such_key=3"], ["'pair.no_such_key' does not exist; check the spelling"]),  # no pair sets it
+])
+def test_a_key_of_a_form_hydra_refuses_gets_the_form_that_works(capsys, overrides, words) -> None:
+    line = preflight_line(capsys, "train_student", overrides)
+    assert all(w in line for w in words), line
+
+
+def test_a_pair_key_is_read_with_its_pair_preset(compose) -> None:
+    preflight("train_student", ["pair=resnet56-resnet20", "distill=dkd", "pair.dkd_nckd_weight=3"])

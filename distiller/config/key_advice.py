@@ -16,9 +16,9 @@ import inspect
 import typing
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from distiller.config.compose import compose
+from distiller.config.compose import CONFIG_DIR, compose
 from distiller.config.key_scope import combine_label_message, option_error
 from distiller.config.overrides import override_key
 from distiller.config.schema import (
@@ -38,6 +38,12 @@ def unknown_key_message(config_name: str | None, overrides: list[str], key: str)
     composed from ``configs/<config_name>.yaml`` with ``overrides`` (all of them, that one included)."""
     mine = [o for o in overrides if override_key(o) == key]
     rest = [o for o in overrides if override_key(o) != key]
+    if "@" in key:  # GROUP@PACKAGE=OPTION puts a config file into a package: only as an addition
+        return f"'{key}' puts a {key.split('@')[0]} file into {key.split('@')[1]}, which adds it: write +{mine[-1]}" \
+            if mine else f"config key '{key}' does not exist; a GROUP@PACKAGE override is written with a leading +"
+    if key.startswith("pair.") and not any(override_key(o) == "pair" for o in overrides) and _pair_key(key):
+        return (f"config key '{key}' exists only with a pair preset: choose one with pair=TEACHER-STUDENT "
+                f"(python train_student.py pair=resnet56-resnet20 {mine[-1] if mine else key + '=...'})")
     cfg = _composed(config_name, rest)
     parts = key.split(".")
     if len(parts) > 1 and parts[0] in NETWORK_GROUPS and parts[1] in RENAMED:  # a network's key
@@ -95,6 +101,11 @@ def _refusal_with(config_name: str, overrides: list[str]) -> str | None:
     except Exception:  # noqa: BLE001 - a composition error: no advice to add it either
         return f"config key '{override_key(overrides[-1])}' cannot be set here; check the spelling"
     return None
+
+
+def _pair_key(key: str) -> bool:
+    """Whether a pair preset (``configs/pair/*.yaml``) sets ``key`` (``pair.dkd_nckd_weight``)."""
+    return any(OmegaConf.select(OmegaConf.load(path), key) is not None for path in (CONFIG_DIR / "pair").glob("*.yaml"))
 
 
 def _where_it_applies(config_name: str | None, parts: list[str]) -> str | None:
