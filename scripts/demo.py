@@ -43,7 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distiller.config.command_line import OneLineParser, at_least
+from distiller.config.command_line import OneLineParser, at_least, preflight
+from distiller.config.overrides import override_key
 from distiller.engine.plan import published_milestones
 
 REPO = Path(__file__).resolve().parent.parent
@@ -170,6 +171,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", default=[],
                         help="Hydra overrides applied to every run")
     args = parser.parse_args()
+    if any(override_key(o) == "dataset" for o in args.overrides):
+        parser.error("the demo chooses its data set itself: the built-in data, or --real for CIFAR-100 "
+                     "(dataset.* keys may be set, not dataset=)")
     teacher_epochs = args.teacher_epochs or TEACHER_EPOCHS_FACTOR * args.epochs
     out = Path(args.out) if Path(args.out).is_absolute() else REPO / args.out
     # one folder per data setting and overrides: rerunning the same demo reuses what is finished
@@ -199,23 +203,27 @@ def main() -> None:
     shared = [*data, f"teacher_dir={teacher_store}", *args.overrides]
     student = [f"trainer.epochs={args.epochs}", milestones(args.epochs), f"seed={args.seed}", *shared]
 
+    jobs = {  # name: (run directory, entry point, its overrides)
+        "teacher": (teacher_run, "train_teacher.py", [f"model={args.teacher}", f"hydra.run.dir={teacher_run}", "seed=0",
+                                                      f"trainer.epochs={teacher_epochs}", milestones(teacher_epochs),
+                                                      *shared]),
+        "alone": (alone_run, "train_teacher.py", [f"model={args.student}", "save_teacher=false",
+                                                  f"hydra.run.dir={alone_run}", *student]),
+        "kd": (kd_run, "train_student.py", [f"teacher={args.teacher}", f"student={args.student}", "distill=kd",
+                                            *distill, f"hydra.run.dir={kd_run}", *student]),
+    }
+    reused = {name for name, (run_dir, _, _) in jobs.items() if finished(run_dir)}
+    if not (teacher_store / f"{args.teacher}.pt").is_file():  # the teacher is reused only where it is stored
+        reused.discard("teacher")
+    for name, (_, script, overrides) in jobs.items():  # every mistake is found before the first run starts
+        if name not in reused:
+            preflight(Path(script).stem, overrides)
     start = time.perf_counter()
-    reused = set()
-    if finished(teacher_run) and (teacher_store / f"{args.teacher}.pt").is_file():
-        print(f"reusing the cached teacher in {teacher_run}", flush=True)
-        reused.add("teacher")
-    else:
-        run("train_teacher.py", [f"model={args.teacher}", f"hydra.run.dir={teacher_run}", "seed=0",
-                                 f"trainer.epochs={teacher_epochs}", milestones(teacher_epochs), *shared])
-    for name, run_dir, script, choice in (
-            ("alone", alone_run, "train_teacher.py", [f"model={args.student}", "save_teacher=false"]),
-            ("kd", kd_run, "train_student.py", [f"teacher={args.teacher}", f"student={args.student}", "distill=kd",
-                                                *distill])):
-        if finished(run_dir):
-            print(f"reusing the finished run in {run_dir}", flush=True)
-            reused.add(name)
+    for name, (run_dir, script, overrides) in jobs.items():
+        if name in reused:
+            print(f"reusing the finished {'teacher' if name == 'teacher' else 'run'} in {run_dir}", flush=True)
         else:
-            run(script, [*choice, f"hydra.run.dir={run_dir}", *student])
+            run(script, overrides)
     wall = time.perf_counter() - start
 
     results = {name: finished(run_dir) for name, run_dir in

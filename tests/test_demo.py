@@ -46,13 +46,18 @@ def test_demo_prints_teacher_student_and_distilled_accuracy(tmp_path):
     (["--epochs", "0"], "error: argument --epochs: 0 is less than 1 (see --help)"),
     (["--train-size", "30"], "error: argument --train-size: 30 is less than 100 (see --help)"),
     (["--epochs", "1", "--train-size", "100", "foo=1"], "error: config key 'foo' does not exist; check the spelling"),
+    # the distilled run's overrides are checked before the teacher trains, not after two runs
+    (["--epochs", "1", "--train-size", "100", "--distill", "distill.alpha=-1"], "error: distill.alpha=-1 must be >= 0"),
+    (["--", "dataset=cifar10"], "error: the demo chooses its data set itself: the built-in data, or --real for "
+                                "CIFAR-100 (dataset.* keys may be set, not dataset=) (see --help)"),
 ])
 def test_demo_bad_input_is_one_line(tmp_path, args, line):
-    """The demo's own flags are checked before any run; an entry point's refusal is its one line, not a
-    traceback of the demo's after it."""
+    """The demo's own flags and every run's overrides are checked before any run; an entry point's refusal is
+    its one line, not a traceback of the demo's after it, and nothing is written."""
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(tmp_path / "demo"),
                              *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr[-2000:]
+    assert not (tmp_path / "demo").exists()
 
 
 TEACHER, STUDENT = "resnet20", "resnet8"
