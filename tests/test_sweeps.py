@@ -458,7 +458,8 @@ def test_a_job_that_stops_on_a_user_error_is_reported_in_one_line_when_the_sweep
         assert list((tmp_path / "sweep").glob(".job_reports*")) == [running]
     # the refused job wrote nothing, and the folder Hydra made for it before it started is gone
     assert not [p for p in (tmp_path / "sweep").glob("synthetic/resnet20-resnet8/**/*") if p.is_file()]
-    assert not (tmp_path / "sweep" / "synthetic" / "resnet20-resnet8" / "kd" / "seed0").exists()
+    assert not (tmp_path / "sweep" / "synthetic" / "resnet20-resnet8").exists()  # nor the parents made for it
+    assert (tmp_path / "sweep" / "synthetic" / "resnet8-resnet8").is_dir()  # those a finished job uses stay
 
 
 def test_collector_on_the_sweep(sweep) -> None:

@@ -155,14 +155,16 @@ def note_new_folders(run_dir: Path) -> None:
 
 def remove_untaken_run_dir() -> None:
     """A job that stopped before it took its run directory leaves no empty folder: the one Hydra made
-    for it goes, and in a single run the parents this command made for it (a sweep's are shared)."""
+    for it goes, and the parents made for it: in a single run those this command made, in a sweep those
+    below the sweep's folder that no other job uses (only an empty folder is removed)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return
     run_dir = Path(HydraConfig.get().runtime.output_dir).absolute()
-    if in_multirun():
-        folders = [run_dir]  # a job's own folder (Hydra makes one per job)
+    if in_multirun():  # the job's own folder, then its parents up to the sweep's folder, while they are empty
+        sweep_dir = Path(str(HydraConfig.get().sweep.dir)).absolute()
+        folders = [run_dir, *[p for p in run_dir.parents if sweep_dir in p.parents]]
     else:  # what preflight saw missing, if it is this run directory (not one that was there before)
         folders = _NEW_FOLDERS if _NEW_FOLDERS[:1] == [run_dir] else []
     for folder in folders:
