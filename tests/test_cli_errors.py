@@ -203,3 +203,18 @@ def test_an_empty_path_variable_is_one_line_for_both_entry_points(tmp_path, scri
     line = _one_line(result.stderr)
     assert result.returncode == EXIT_USER_ERROR and line.startswith(f"error: {key} is empty") and variable in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweep_whose_jobs_would_share_a_run_directory_is_one_line_before_any_runs(capsys) -> None:
+    """distill.temperature is not in the run folder's name: job #1 was refused as 'a different run' after job #0
+    trained (and trainer.force=true, the advice then, moved #0's results aside)."""
+    with pytest.raises(SystemExit) as caught:
+        preflight("train_student", ["-m", "distill.temperature=2,3"])
+    line = _one_line(capsys.readouterr().err)
+    assert caught.value.code == EXIT_USER_ERROR
+    assert ("jobs with distill.temperature=2 and distill.temperature=3 would share one run directory "
+            "(resnet32x4-resnet8x4/kd/seed0)") in line, line
+    # what the line advises: the key in the folder name, and the sweep is accepted
+    subdir = line.split("hydra.sweep.subdir=")[1].split(" (in shell quotes)")[0].strip("'")
+    preflight("train_student", ["-m", "distill.temperature=2,3", f"hydra.sweep.subdir={subdir}"])
+    preflight("train_student", ["-m", "distill=kd,dkd", "seed=0,1"])  # keys the folder names hold

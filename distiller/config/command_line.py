@@ -358,9 +358,44 @@ def _check_sweep(config_name: str, job: str | None, overrides: list[str]) -> Non
     first = [f"{key}={values[0]}" for key, values in axes.items() if values]
     trials = [first] + [[f"{k}={v[0]}" for k, v in axes.items() if k != key and v] + [f"{key}={value}"]
                         for key, values in axes.items() for value in values[1:]]
+    folders: dict[str, list[str]] = {}  # each trial's run folder below the sweep's -> the trials that use it
     for trial in trials:
         try:
-            _check(compose(config_name, plain + trial), job, set_keys(plain + trial))
+            cfg = compose(config_name, plain + trial, return_hydra_config=True)
+            _check(cfg, job, set_keys(plain + trial))
         except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
             where = f" (in the sweep's job with {' '.join(trial)}; nothing was run)" if axes else ""
             fail(explain_config_error(err, config_name, plain + trial) + where)
+        folder = _job_folder(cfg)
+        if folder is not None:
+            folders.setdefault(folder, []).append(trial)
+    shared = next(((folder, jobs) for folder, jobs in folders.items() if len(jobs) > 1), None)
+    if shared is not None:  # the second job would be refused as 'a different run' after the first trained
+        folder, (one, other) = shared[0], shared[1][:2]
+        differ = [t for t in one + other if t not in set(one) & set(other)]
+        key = override_key(differ[0])
+        fail(f"the sweep's jobs with {' '.join(t for t in one if t in differ)} and "
+             f"{' '.join(t for t in other if t in differ)} would share one run directory ({folder}), whose name "
+             f"does not hold {key}: add it to hydra.sweep.subdir, e.g. hydra.sweep.subdir="
+             f"'{_raw_subdir(cfg)}/{key}=${{{key}}}' (in shell quotes), or run one value per command")
+
+
+def _job_folder(cfg: DictConfig) -> str | None:
+    """A sweep job's run folder below the sweep's (``hydra.sweep.subdir`` resolved), or None when it names
+    Hydra's job number or cannot be resolved before the job runs."""
+    from omegaconf import OmegaConf
+
+    raw = _raw_subdir(cfg)
+    if raw is None or "hydra." in raw:
+        return None
+    try:
+        return str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
+    except Exception:  # noqa: BLE001 - a folder name only a running job can resolve: not checked here
+        return None
+
+
+def _raw_subdir(cfg: DictConfig) -> str | None:
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(cfg.hydra.sweep, resolve=False) if "hydra" in cfg else {}
+    return None if node.get("subdir") is None else str(node["subdir"])
