@@ -215,6 +215,6 @@ def test_a_sweep_whose_jobs_would_share_a_run_directory_is_one_line_before_any_r
     assert ("jobs with distill.temperature=2 and distill.temperature=3 would share one run directory "
             "(resnet32x4-resnet8x4/kd/seed0)") in line, line
     # what the line advises: the key in the folder name, and the sweep is accepted
-    subdir = line.split("hydra.sweep.subdir=")[1].split(" (in shell quotes)")[0].strip("'")
+    subdir = line.split("hydra.sweep.subdir=")[1].split(" (in shell quotes)")[0]  # quoted for Hydra
     preflight("train_student", ["-m", "distill.temperature=2,3", f"hydra.sweep.subdir={subdir}"])
     preflight("train_student", ["-m", "distill=kd,dkd", "seed=0,1"])  # keys the folder names hold
