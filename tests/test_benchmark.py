@@ -82,6 +82,10 @@ def test_benchmark_runs_and_reports_json(tmp_path) -> None:
     ("distill=kdd", "distill"),
     ("bench.phase=init", "phase"),
     ("steps", "unexpected argument"),
+    # the generated images replaced a chosen data set in silence
+    ("dataset=synthetic", "dataset=synthetic is not read with bench.data=random"),
+    # a key of another data set: named as such (it said 'read by train_teacher.py, not by this command')
+    ("dataset.train_size=200", "dataset.train_size is a key of dataset=synthetic, not of dataset=cifar100"),
 ])
 def test_benchmark_user_errors_are_one_line(override: str, words: str) -> None:
     tiny = ["teacher=resnet8", "student=resnet8", "trainer.device=cpu", "bench.train_size=128",

@@ -16,6 +16,7 @@ from common.errors import UserError
 from datasets import DATASETS, DataSplits
 from distiller.config.command_line import explain_config_error
 from distiller.config.compose import compose
+from distiller.config.overrides import override_key
 
 CONFIG_NAME = "benchmark"
 RANDOM_DATASET = "benchmark_random"  # bench.data=random: generated images, registered for the run (random_data_set)
@@ -30,9 +31,14 @@ def compose_benchmark(argv: list[str]) -> DictConfig:
         raise UserError(f"unexpected argument '{stray[0]}': pass Hydra-style overrides key=value, "
                         "e.g. distill=crd bench.steps=50 (see python scripts/benchmark.py --help)")
     try:
-        return compose(CONFIG_NAME, argv)
+        cfg = compose(CONFIG_NAME, argv)
     except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
-        raise UserError(explain_config_error(err)) from None
+        raise UserError(explain_config_error(err, CONFIG_NAME, list(argv))) from None
+    chosen = [a for a in argv if override_key(a) == "dataset"]
+    if chosen and cfg.bench.data == "random":  # it would be replaced by the generated images in silence
+        raise UserError(f"{chosen[-1]} is not read with bench.data=random (the default: generated images of "
+                        f"CIFAR's shape, bench.train_size of them): add bench.data=dataset to time the step on it")
+    return cfg
 
 
 @dataclasses.dataclass(frozen=True)

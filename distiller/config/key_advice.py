@@ -118,6 +118,8 @@ def _where_it_applies(config_name: str | None, parts: list[str]) -> str | None:
                                                                                              ModelConfig)
         if _declared(outside, parts[1:]) and not _declared(zoo, parts[1:]):
             return f"applies only to a network from outside the zoo ({parts[0]}=torchvision, timm or module)"
+    if config_name not in SCHEMAS:  # a config of its own (benchmark.yaml) builds on an entry point's: not this
+        return None
     for other, schema in SCHEMAS.items():
         if other != config_name and _declared(schema, parts):
             return f"is read by {other}.py, not by this command"
