@@ -5,11 +5,12 @@
     python scripts/evaluate.py weights.pth model=resnet20 dataset=synthetic --per-class
 
 Any checkpoint: ours (final.pt, best.pt, last.pt, a stored teacher), the older frameworks'
-``{'model': state_dict}`` files, plain state dicts. The architecture comes from our file's header,
-else from ``model=ARCH``, else from the parameter shapes. Overrides are those of training
-(``dataset=``, ``dataset.*``, ``trainer.device``, ``trainer.precision``); without ``dataset=`` a
-checkpoint of ours is evaluated on the data set it was trained on (its stored config), any other
-on CIFAR-100. Evaluation runs in fp32 unless ``trainer.precision=`` says otherwise. For the
+``{'model': state_dict}`` files, plain state dicts. The architecture comes from ``model=ARCH`` when
+given (a file it does not fit is one line), else from our file's header, else from the parameter
+shapes. Overrides are those of training (``dataset=``, ``dataset.*``, ``trainer.device``,
+``trainer.precision``, ``trainer.eval_precision``); without ``dataset=`` a checkpoint of ours is
+evaluated on the data set it was trained on (its stored config), any other on CIFAR-100.
+Evaluation runs in fp32 unless ``trainer.eval_precision=`` or ``trainer.precision=`` says otherwise. For the
 widely shared teachers on CIFAR-100, and torchvision's ResNet18/34/50 weights on ImageNet's val
 split (``model=torchvision model.name=resnet34 dataset=imagenet dataset.root=DIR``), the measured
 top-1 is compared with the published one; a file in an indexed teacher folder is checked against
