@@ -175,6 +175,18 @@ def test_mistakes_are_one_line_with_status_2(files):
     assert "pass model=resnet8" in lines[0]
 
 
+@pytest.mark.parametrize("override", ["optim.lr=0.3", "trainer.epochs=5", "seed=3", "logger=wandb",
+                                      "hydra.run.dir=/tmp/elsewhere", "distill=kd"])
+def test_a_key_evaluation_does_not_read_is_one_line(files, override):
+    """Training's keys exist in the composed config, so they were accepted and ignored; only the data set, the
+    network, the device and the precision are read."""
+    done = run_cli("scripts/evaluate.py", str(files["paths"]["ours"]), override)
+    (line,) = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and line == (
+        f"error: config key '{override.split('=')[0]}' is not read by scripts/evaluate.py: it reads model=, model.*, "
+        f"dataset=, dataset.*, trainer.device, trainer.precision, trainer.eval_precision; drop {override}")
+
+
 def test_a_class_count_the_data_set_lacks_is_refused(files, tmp_path):
     small = tmp_path / "ten.pth"
     model = build_model("resnet8", num_classes=10)

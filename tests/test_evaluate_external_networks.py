@@ -27,7 +27,8 @@ AMBIGUOUS_GAP = 1e-3
 
 
 def data_overrides(tmp: Path) -> list[str]:
-    return [*tiny_overrides(tmp, train_size=TRAIN, test_size=TEST), f"dataset.num_classes={CLASSES}"]
+    tiny = tiny_overrides(tmp, train_size=TRAIN, test_size=TEST)  # the data set and device: what evaluation reads
+    return [*(o for o in tiny if o.startswith(("dataset", "trainer.device"))), f"dataset.num_classes={CLASSES}"]
 
 
 def reference_network(name: str, cifar_stem: bool) -> torch.nn.Module:
@@ -68,7 +69,8 @@ def teacher_run(tmp_path_factory) -> dict:
     """A torchvision resnet18 (CIFAR stem) trained for one epoch by ``train_teacher``'s own job."""
     tmp = tmp_path_factory.mktemp("external-teacher")
     cfg = compose_config("train_teacher", ["model=torchvision", "model.name=resnet18", "model.cifar_stem=true",
-                                           *data_overrides(tmp), f"seed={seed(7)}"])
+                                           *tiny_overrides(tmp, train_size=TRAIN, test_size=TEST),
+                                           f"dataset.num_classes={CLASSES}", f"seed={seed(7)}"])
     train_network(cfg, tmp / "run")
     return {"tmp": tmp, "final": tmp / "run" / "final.pt"}
 

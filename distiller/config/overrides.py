@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import Any, Sequence
 
 from common.errors import UserError
 
@@ -107,6 +107,17 @@ def added_top_level_keys(args: list[str], groups: set[str]) -> list[str]:
 def override_key(override: str) -> str:
     """The key an override names as typed (``+distill.q=3`` -> ``distill.q``), without Hydra's parser."""
     return override.split("=", 1)[0].lstrip("+~")
+
+
+def refuse_unread(overrides: Sequence[str], reads: Sequence[str], command: str) -> None:
+    """One line for the first override ``command`` does not read: ``reads`` are keys (``trainer.device``) and
+    groups (``dataset``: the choice and every ``dataset.*`` key). A training key given to a command that only
+    measures (``optim.lr=0.3`` to evaluate.py) would otherwise be accepted and ignored."""
+    for override in overrides:
+        key = override_key(override)
+        if not any(key == read or key.startswith(f"{read}.") for read in reads):
+            shown = ", ".join(f"{read}=, {read}.*" if "." not in read else read for read in reads)
+            raise UserError(f"config key '{key}' is not read by {command}: it reads {shown}; drop {override}")
 
 
 def set_keys(args: list[str]) -> set[str]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from common.errors import UserError
 from datasets import DATASETS, load_dataset
-from distiller.config.overrides import hydra_quoted, override_key
+from distiller.config.overrides import hydra_quoted, override_key, refuse_unread
 from distiller.config.schema import current_names
 from distiller.engine.checkpoints import check_file, extract_state_dict, guess_architecture, safe_load
 from distiller.engine.evaluation import measure_per_class
@@ -254,9 +254,14 @@ class CheckpointOnData(NamedTuple):
     loaded: LoadedCheckpoint
 
 
-def load_on_data(path: str | Path, overrides: Sequence[str] = (), what: str = "checkpoint") -> CheckpointOnData:
+EVALUATE_READS = ("model", "dataset", "trainer.device", "trainer.precision", "trainer.eval_precision")
+
+
+def load_on_data(path: str | Path, overrides: Sequence[str] = (), what: str = "checkpoint",
+                 reads: Sequence[str] = EVALUATE_READS, command: str = "scripts/evaluate.py") -> CheckpointOnData:
     """Read ``path`` (``what`` names it in errors), compose its data set (the one it recorded unless ``dataset=``
-    says otherwise) and load it into its network; a class count the data set does not have is one line."""
+    says otherwise) and load it into its network; a class count the data set does not have is one line, and
+    so is an override ``command`` does not read (``reads``: :func:`distiller.config.overrides.refuse_unread`)."""
     from distiller.config.command_line import canonical_model_choices
 
     path = Path(path)
@@ -264,6 +269,7 @@ def load_on_data(path: str | Path, overrides: Sequence[str] = (), what: str = "c
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise UserError(f"'{bad[0]}' is not an override; write KEY=VALUE (e.g. model=resnet56, dataset=synthetic)")
+    refuse_unread(overrides, reads, command)
     check_file(path, what)
     file = read_checkpoint(path)
     extra, data_from = data_overrides(file.header, overrides)
