@@ -14,6 +14,7 @@ config's validation, so a run or a sweep stops on them before it starts.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from datasets.sample_transforms import SampleTransform
 
 DATA_ROOT_ENV = "KD_DATA_ROOT"
+# hex digits of the resolved root's sha256 in an image folder's teacher folder: 32 bits, so two folders of
+# one machine collide with odds of about 1 in 4 billion
+ROOT_HASH_CHARS = 8
 
 Loader = Callable[[Mapping[str, Any]], "DataSplits | FileSplits"]
 DATASETS: Registry[Loader] = Registry("dataset")
@@ -207,16 +211,29 @@ def cfg_floats(cfg: Mapping[str, Any], key: str, count: int, positive: bool = Fa
     return tuple(float(v) for v in items)
 
 
+def teachers_data_root(name: str, root: str | None) -> str | None:
+    """The resolved ``root`` where it *is* the data (a data set registered with ``teachers_per_root=True``:
+    an image folder), else None: what tells one image folder's teachers from another's."""
+    if name in DATASETS and DATASETS.metadata(name).get("teachers_per_root"):
+        if root is None or str(root) == "":
+            raise UserError(f"dataset={name} needs dataset.root=DIR, the folder of the data (its teachers are "
+                            f"kept per folder)")
+        return str(Path(str(root)).expanduser().resolve())
+    return None
+
+
 def teacher_folder(name: str, root: str) -> str:
     """The folder of this data's teachers under ``checkpoints/teachers/`` (``teacher_dir``'s default).
 
-    The data set's name, except where the root *is* the data (registered with
-    ``teachers_per_root=True``: an image folder): then the name plus the root's folder name, so
-    two folders' teachers (``imagefolder-tiny-imagenet-200``, ``imagefolder-flowers``) never
-    replace each other.
+    The data set's name, except where the root *is* the data (:func:`teachers_data_root`): then the
+    name, the root's folder name and a short hash of its resolved path
+    (``imagefolder-flowers-1a2b3c4d``), so two folders' teachers never replace each other, not even
+    when the folders share a name (``/a/data``, ``/b/data``).
     """
-    if name in DATASETS and DATASETS.metadata(name).get("teachers_per_root"):
-        return f"{DATASETS.canonical(name)}-{Path(str(root)).expanduser().resolve().name}"
+    resolved = teachers_data_root(name, root)
+    if resolved is not None:
+        digest = hashlib.sha256(resolved.encode()).hexdigest()[:ROOT_HASH_CHARS]
+        return f"{DATASETS.canonical(name)}-{Path(resolved).name}-{digest}"
     return str(name)
 
 

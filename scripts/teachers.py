@@ -9,7 +9,12 @@
 
 ``train_teacher.py`` indexes the teachers it stores; ``add`` indexes a file it did not make (a
 downloaded pretrained teacher, or a file you changed on purpose), after checking that the weights
-fit ``model=``. ``train_student.py`` then checks the file before using it (``teacher.verify``).
+fit ``model=`` and that their class count is the data set's. A file whose content is indexed
+already keeps that entry (who made it, how, its accuracy); ``add`` only fills in what it lacks.
+``add`` reads ``model=``/``model.*`` and ``dataset=``/``dataset.*`` (with ``--measure`` what
+``scripts/evaluate.py`` reads: also ``trainer.device``, ``trainer.precision``,
+``trainer.eval_precision``); any other key is refused in one line.
+``train_student.py`` then checks the file before using it (``teacher.verify``).
 ``cache`` computes the teacher's logits for every crop and flip of the training split
 (:mod:`distiller.jobs.cache_build`), beside the teacher unless ``--cache-dir`` says otherwise.
 """
@@ -22,9 +27,19 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from omegaconf import OmegaConf
+
 from common.errors import UserError
 from common.files import file_sha256
-from distiller.config.command_line import OneLineParser, at_least, canonical_model_choices, fail
+from datasets.base import teachers_data_root
+from distiller.config.command_line import (
+    OneLineParser,
+    at_least,
+    canonical_model_choices,
+    explain_config_error,
+    fail,
+)
+from distiller.config.overrides import refuse_unread
 from distiller.jobs.cache_build import cache_teacher_file
 from distiller.jobs.teachers import (
     INDEX_NAME,
@@ -36,6 +51,7 @@ from distiller.jobs.teachers import (
 )
 
 DEFAULT_ROOT = Path(os.environ.get("KD_TEACHER_DIR") or "checkpoints/teachers")
+ADD_READS = ("model", "dataset")  # what ``add`` reads (the choices and their keys); with --measure, evaluate.py's
 
 
 def folders(root: Path) -> list[Path]:
@@ -82,24 +98,49 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header, *body])
 
 
-def add(path: Path, overrides: list[str], measure: bool) -> dict[str, Any]:
-    """Index ``path`` (its weights must fit ``model=`` or its header's architecture)."""
+def add(path: Path, overrides: list[str], measure: bool) -> tuple[dict[str, Any], bool]:
+    """Index ``path`` (its weights must fit ``model=`` or its header's architecture, and the data set's class
+    count); returns its entry and whether it is new (False: the index knew the content, its entry is kept)."""
+    from distiller.config.compose import compose
     from distiller.engine.checkpoints import check_file
-    from distiller.jobs.evaluate import _override, evaluate_checkpoint, load_checkpoint, model_choice
+    from distiller.jobs.evaluate import (
+        EVALUATE_READS,
+        _override,
+        data_overrides,
+        evaluate_checkpoint,
+        load_checkpoint,
+        model_choice,
+        read_checkpoint,
+    )
 
     overrides = canonical_model_choices(overrides)
+    refuse_unread(overrides, EVALUATE_READS if measure else ADD_READS, "scripts/teachers.py add")  # as evaluate.py
     check_file(path, "teacher file")
-    loaded = load_checkpoint(path, model_choice(overrides))
+    file = read_checkpoint(path)
+    recorded, _ = data_overrides(file.header, overrides)  # the data set the file's own config names
+    composed = [*recorded, *overrides]
+    try:  # the data set's node, unvalidated: add needs no data (an ImageNet teacher is indexed without dataset.root)
+        data_node = compose("train_teacher", composed).dataset
+    except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
+        raise UserError(explain_config_error(err, "train_teacher", composed)) from None
+    loaded = load_checkpoint(file, model_choice(overrides))
     config = loaded.header.get("config") if isinstance(loaded.header.get("config"), dict) else {}
-    dataset = _override(overrides, "dataset") or (config.get("dataset") or {}).get("name")
+    known = bool(recorded) or _override(overrides, "dataset") is not None  # else the data set is unknown
+    dataset = str(data_node.name) if known else None
+    classes = data_node.get("num_classes") if known else None  # None: the data's folders say (--measure checks)
+    if isinstance(classes, int) and not isinstance(classes, bool) and classes != loaded.num_classes:
+        raise UserError(f"{path} holds a {loaded.num_classes}-class {loaded.arch}, but the {dataset} data set has "
+                        f"{classes} classes: name the data set it was trained on with dataset=NAME (and "
+                        f"dataset.num_classes=N where the data set takes it)")
     metrics = None
     if measure:
         result = evaluate_checkpoint(path, overrides)
         metrics, dataset = {k: result[k] for k in ("test_top1", "test_top5")}, result["dataset"]
     elif isinstance(loaded.header.get("accuracy"), (int, float)):
         metrics = {"test_top1": float(loaded.header["accuracy"])}  # as the file records it
+    data_root = None if dataset is None else teachers_data_root(dataset, OmegaConf.select(data_node, "root"))
     return add_teacher(path, loaded.arch, dataset, loaded.num_classes, metrics, recipe_of(config),
-                       source="added (measured)" if measure else "added")
+                       source="added (measured)" if measure else "added", data_root=data_root)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -141,10 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"({'built now' if built.built else 'already there'})")
             return 0
         if args.command == "add":
-            entry = add(Path(args.file), list(args.overrides), args.measure)
-            print(json.dumps(entry) if args.json else
-                  f"indexed {args.file} as {entry['arch']} ({_fmt(entry['dataset'])}, test top-1 "
-                  f"{_fmt(entry['test_top1'])}, sha256 {entry['sha256'][:12]}...)")
+            entry, new = add(Path(args.file), list(args.overrides), args.measure)
+            facts = (f"{entry['arch']} ({_fmt(entry['dataset'])}, test top-1 {_fmt(entry['test_top1'])}, "
+                     f"sha256 {entry['sha256'][:12]}...)")
+            print(json.dumps(entry) if args.json else f"indexed {args.file} as {facts}" if new else
+                  f"the content of {args.file} is indexed already (by {entry.get('source')}): kept that entry, "
+                  f"{facts}")
             return 0
         rows = entries(Path(args.folder), check=args.command == "check")
         print(json.dumps(rows) if args.json else table(rows) if rows else f"no indexed teachers under {args.folder}")

@@ -597,21 +597,66 @@ def test_torchvision_is_imported_only_when_an_archive_is_checked() -> None:
 
 
 def test_each_image_folder_keeps_its_own_teachers(compose, monkeypatch, tmp_path: Path) -> None:
-    """teacher_dir's default: one folder per data set, and per image folder (named after the folder), so
-    training a teacher on a second folder never replaces the first folder's teacher."""
+    """teacher_dir's default: one folder per data set, and per image folder (its name and the first 8 hex digits of
+    the sha256 of its resolved path), so training a teacher on a second folder, even one of the same name, never
+    replaces the first folder's teacher; two spellings of one folder share its teachers."""
+    import hashlib
+
+    def expected(root: Path) -> str:
+        resolved = root.resolve()
+        digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+        return f"checkpoints/teachers/imagefolder-{resolved.name}-{digest}"
+
     monkeypatch.delenv("KD_TEACHER_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a" / "flowers").mkdir(parents=True)
     dirs = {}
-    for root in ("data/tiny-imagenet-200", f"{tmp_path}/flowers/", "flowers"):
+    for root in ("data/tiny-imagenet-200", f"{tmp_path}/flowers/", "flowers", "a/flowers", "a/../flowers"):
         cfg = compose("train_student", ["dataset=imagefolder", f"dataset.root={root}", "teacher=vgg13"])
         dirs[root] = cfg.teacher_dir
         assert cfg.teacher.ckpt == f"{cfg.teacher_dir}/vgg13.pt"
-    assert dirs["data/tiny-imagenet-200"] == "checkpoints/teachers/imagefolder-tiny-imagenet-200"
-    assert dirs[f"{tmp_path}/flowers/"] == dirs["flowers"] == "checkpoints/teachers/imagefolder-flowers"
+    assert dirs["data/tiny-imagenet-200"] == expected(tmp_path / "data" / "tiny-imagenet-200")
+    # one folder, three spellings; another folder of the same name elsewhere (this assertion changed: the two
+    # folders named "flowers" shared "imagefolder-flowers", so one's teacher replaced the other's)
+    assert dirs[f"{tmp_path}/flowers/"] == dirs["flowers"] == dirs["a/../flowers"] == expected(tmp_path / "flowers")
+    assert dirs["a/flowers"] == expected(tmp_path / "a" / "flowers") != dirs["flowers"]
     assert compose("train_teacher", ["dataset=imagefolder", "dataset.root=x/y"]).teacher_dir == \
-        "checkpoints/teachers/imagefolder-y"
+        expected(tmp_path / "x" / "y")
     assert compose("train_teacher", ["dataset=cifar100"]).teacher_dir == "checkpoints/teachers/cifar100"
     monkeypatch.setenv("KD_TEACHER_DIR", str(tmp_path / "mine"))
     assert compose("train_teacher", ["dataset=imagefolder", "dataset.root=x/y"]).teacher_dir == str(tmp_path / "mine")
+
+
+def test_two_image_folders_of_one_name_keep_their_own_teachers(monkeypatch, tmp_path: Path) -> None:
+    """Teachers trained on /a/data and /b/data (other classes) by the default teacher_dir: two folders, no .bak, each
+    entry naming its folder; a student on folder A given B's teacher is warned that the folders differ."""
+    import hashlib
+
+    monkeypatch.delenv("KD_TEACHER_DIR", raising=False)
+    roots = {"a": tmp_path / "a" / "data", "b": tmp_path / "b" / "data"}
+    write_folder(roots["a"], {"cat": (8, 4), "dog": (8, 4)}, size=32, base=11)
+    write_folder(roots["b"], {"car": (8, 4), "bus": (8, 4)}, size=32, base=12)
+    settings = [s for s in cli_overrides(tmp_path) if not s.startswith("teacher_dir=")]
+    folders = {}
+    for name, root in roots.items():
+        result = run_cli("train_teacher.py", "model=resnet8", "dataset=imagefolder", f"dataset.root={root}",
+                         f"hydra.run.dir={tmp_path / ('teacher_' + name)}", *settings, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        resolved = root.resolve()
+        digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+        folders[name] = tmp_path / "checkpoints" / "teachers" / f"imagefolder-data-{digest}"
+        entry = json.loads((folders[name] / "index.json").read_text())["teachers"]["resnet8.pt"]
+        assert entry["data_root"] == str(resolved) and entry["dataset"] == "imagefolder"
+    assert folders["a"] != folders["b"]
+    for folder in folders.values():
+        assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["index.json", "resnet8.pt"]
+    student = tmp_path / "student"
+    result = run_cli("train_student.py", "teacher=resnet8", "student=resnet8", "dataset=imagefolder",
+                     f"dataset.root={roots['a']}", f"teacher_dir={folders['b']}", f"hydra.run.dir={student}",
+                     *settings, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"teacher {folders['b'] / 'resnet8.pt'} was trained on the imagefolder data at {roots['b'].resolve()}, "
+            f"this run uses {roots['a'].resolve()}") in (student / "train_student.log").read_text()
 
 
 def test_an_image_folder_without_root_is_one_line(capsys) -> None:

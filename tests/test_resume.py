@@ -1,7 +1,9 @@
 """Crash safety: a run killed at any moment resumes to the same result as an uninterrupted run."""
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -13,10 +15,15 @@ from helpers import (
     compose_config,
     kill_when,
     run_cli,
+    seed,
     start_command,
     tiny_overrides,
     train_tiny_teacher,
 )
+
+from distiller.engine.checkpoints import slim_checkpoint
+from distiller.jobs.teacher_store import store_teacher
+from models import build_model
 
 pytestmark = pytest.mark.numeric
 
@@ -105,3 +112,123 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(teacher, monkey
     assert checkpoint["run"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
+
+
+# ---- a resumed student keeps its teacher file --------------------------------------------------------------
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder`` (Hydra's record and the log included)."""
+    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def student_command(teacher: Path, run: Path, teachers: Path) -> list[str]:
+    """A two-epoch KD run of a resnet8 student on the module's data, its teacher from ``teachers``."""
+    return ["teacher=resnet8", "student=resnet8", "distill=kd", f"hydra.run.dir={run}",
+            *[o for o in tiny_overrides(teacher) if not o.startswith("teacher_dir=")], f"teacher_dir={teachers}",
+            "trainer.epochs=2", "trainer.precision=fp32"]
+
+
+@pytest.fixture(scope="module")
+def student_runs(teacher) -> dict[str, Path]:
+    """The student run uninterrupted (``reference``), and stopped by an exception after its first epoch's
+    checkpoint (``stopped``: its last.pt is what a kill -9 at that moment leaves)."""
+    from distiller.engine.loop import Trainer
+
+    runs = {"reference": teacher / "sha_reference", "stopped": teacher / "sha_stopped"}
+    result = run_cli("train_student.py", *student_command(teacher, runs["reference"], teacher / "teachers"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_epoch = Trainer._run_epoch
+
+    def stop_at_epoch_2(self, phase, epoch, *args):
+        if epoch == 2:
+            raise RuntimeError("stopped for the test")
+        return run_epoch(self, phase, epoch, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "_run_epoch", stop_at_epoch_2)
+        stopped = run_cli("train_student.py", *student_command(teacher, runs["stopped"], teacher / "teachers"))
+    assert stopped.returncode == 1 and "stopped for the test" in stopped.stderr
+    assert torch.load(runs["stopped"] / "last.pt", weights_only=True)["run"]["epoch"] == 1
+    return runs
+
+
+def stopped_copy(teacher: Path, student_runs: dict[str, Path], tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """A copy of the stopped run, a private copy of its teacher folder, and the command that resumes the copy
+    with that folder."""
+    run, teachers = tmp_path / "run", tmp_path / "teachers"
+    shutil.copytree(student_runs["stopped"], run)
+    shutil.copytree(teacher / "teachers", teachers)
+    return run, teachers, student_command(teacher, run, teachers)
+
+
+def retrain_teacher(teachers: Path, tmp_path: Path) -> Path:
+    """Another resnet8 stored in the teacher's place as train_teacher.py stores one; returns the kept old file."""
+    final = tmp_path / "retrained" / "final.pt"
+    final.parent.mkdir()
+    torch.manual_seed(seed(5))
+    torch.save(slim_checkpoint(build_model("resnet8").state_dict(), "resnet8", 100, 1, 1.0, {}), final)
+    store_teacher(final, teachers, "resnet8", "synthetic", {"test_top1": 1.0}, {}, final.parent)
+    (backup,) = teachers.glob("resnet8.pt.*.bak")
+    return backup
+
+
+def test_a_student_records_its_teacher_file(teacher, student_runs):
+    expected = sha256(teacher / "teachers" / "resnet8.pt")
+    run = student_runs["reference"]
+    for name in ("last.pt", "final.pt", "best.pt"):
+        assert torch.load(run / name, weights_only=True)["teacher_sha256"] == expected, name
+    assert torch.load(student_runs["stopped"] / "last.pt", weights_only=True)["teacher_sha256"] == expected
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["teacher_sha256"] == expected
+    assert metrics["teacher_file"] == str(teacher / "teachers" / "resnet8.pt")
+
+
+def test_a_resumed_student_refuses_another_teacher_file(teacher, student_runs, tmp_path):
+    """The teacher retrained while the student was stopped: its resumption is refused in one line naming both
+    hashes, the file and the ways out, and writes nothing; the kept file resumes it (to the uninterrupted run's
+    result), trainer.force starts it over with the new teacher."""
+    run, teachers, command = stopped_copy(teacher, student_runs, tmp_path)
+    old_sha = sha256(teachers / "resnet8.pt")
+    backup = retrain_teacher(teachers, tmp_path)
+    new_sha = sha256(teachers / "resnet8.pt")
+    before = snapshot(run)
+    refused = run_cli("train_student.py", *command)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr
+    for part in (str(teachers / "resnet8.pt"), new_sha[:12], old_sha[:12], f"teacher.ckpt={backup}",
+                 "trainer.force=true"):
+        assert part in lines[0], (part, lines[0])
+    assert snapshot(run) == before  # nothing written: not even Hydra's record or the log
+
+    aside = tmp_path / "run_before_force"
+    shutil.copytree(run, aside)
+    resumed = run_cli("train_student.py", *command, f"teacher.ckpt={backup}")  # the file it started with
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(student_runs["reference"] / "final.pt", run / "final.pt")
+    assert comparable_metrics(student_runs["reference"]) == comparable_metrics(run)
+
+    shutil.rmtree(run)
+    shutil.copytree(aside, run)
+    again = run_cli("train_student.py", *command, "trainer.force=true")  # start over with the new teacher
+    assert again.returncode == 0, again.stderr[-3000:]
+    (replaced,) = run.glob("replaced-*")
+    assert snapshot(replaced) == before  # the stopped run, whole
+    assert torch.load(run / "last.pt", weights_only=True)["teacher_sha256"] == new_sha
+    assert json.loads((run / "metrics.json").read_text())["completed_epochs"] == 2
+
+
+def test_a_last_pt_without_teacher_hash_still_resumes(teacher, student_runs, tmp_path):
+    """A checkpoint written before runs recorded their teacher's hash resumes (to the uninterrupted run's result),
+    saying at info level that the teacher file cannot be checked."""
+    run, _, command = stopped_copy(teacher, student_runs, tmp_path)
+    last = torch.load(run / "last.pt", weights_only=True)
+    del last["teacher_sha256"]
+    torch.save(last, run / "last.pt")
+    resumed = run_cli("train_student.py", *command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "records no sha256 of its teacher file" in (run / "train_student.log").read_text()
+    assert_same_weights(student_runs["reference"] / "final.pt", run / "final.pt")

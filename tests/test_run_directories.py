@@ -16,6 +16,13 @@ from models import build_model
 EXIT_USER_ERROR = 2
 
 
+def image_folder(root: str) -> str:
+    """An image folder's name in run and teacher directories, as documented: ``imagefolder-<name>-<first 8 hex
+    digits of the sha256 of its resolved path>``."""
+    resolved = Path(root).resolve()
+    return f"imagefolder-{resolved.name}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
+
+
 def run_dir(compose, name: str, *overrides: str) -> tuple[str, str]:
     cfg = compose(name, list(overrides), return_hydra_config=True)
     return str(cfg.hydra.run.dir), str(cfg.hydra.sweep.subdir)
@@ -28,8 +35,13 @@ def run_dir(compose, name: str, *overrides: str) -> tuple[str, str]:
     (["optim=dot"], "resnet32x4-resnet8x4/kd_dot/seed0"),  # the README's distill=kd optim=dot
     (["dataset=cifar10"], "cifar10/resnet32x4-resnet8x4/kd/seed0"),
     (["dataset=cifar10", "optim=dot", "+distill@combine.at=at"], "cifar10/resnet32x4-resnet8x4/kd_dot+at/seed0"),
-    (["dataset=imagefolder", "dataset.root=/data/flowers"], "imagefolder-flowers/resnet32x4-resnet8x4/kd/seed0"),
-    (["dataset=imagefolder", "dataset.root=/data/birds"], "imagefolder-birds/resnet32x4-resnet8x4/kd/seed0"),
+    (["dataset=imagefolder", "dataset.root=/data/flowers"],
+     f"{image_folder('/data/flowers')}/resnet32x4-resnet8x4/kd/seed0"),
+    (["dataset=imagefolder", "dataset.root=/data/birds"],
+     f"{image_folder('/data/birds')}/resnet32x4-resnet8x4/kd/seed0"),
+    # two folders of one name: two directories (the student of one never finds the other's run finished)
+    (["dataset=imagefolder", "dataset.root=/elsewhere/flowers"],
+     f"{image_folder('/elsewhere/flowers')}/resnet32x4-resnet8x4/kd/seed0"),
     # the DOT preset labels its runs kd_dot already: the label is not doubled, its runs stay where they were
     (["experiment=new_methods_table_dot", "pair=resnet32x4-resnet8x4"], "resnet32x4-resnet8x4/kd_dot/seed0"),
 ])

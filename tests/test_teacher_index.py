@@ -192,3 +192,77 @@ def test_a_teacher_for_another_class_count_is_named_as_such(tmp_path):
     torch.save({"model": build_model("resnet8x4", num_classes=100).state_dict()}, path)
     with pytest.raises(UserError, match=r"holds a resnet8x4 model, not resnet8"):
         load_teacher_weights(build_model("resnet8", num_classes=100), path, "resnet8")
+
+
+def test_add_refuses_a_class_count_the_data_set_lacks(teachers, capsys):
+    """A 100-class teacher added as a CIFAR-10 one: one line, nothing indexed (the index as it was)."""
+    before = (teachers / INDEX_NAME).read_bytes()
+    downloaded = teachers / "resnet8_vanilla.pth"
+    torch.save({"model": torch.load(teachers / "resnet8.pt", weights_only=True)["model"]}, downloaded)
+    for file in (downloaded, teachers / "resnet8.pt"):
+        with pytest.raises(SystemExit) as stop:
+            teachers_cmd.main(["add", str(file), "model=resnet8", "dataset=cifar10"])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "100-class resnet8" in err and "cifar10 data set has 10 classes" in err
+    assert (teachers / INDEX_NAME).read_bytes() == before
+
+
+def test_adding_an_indexed_file_again_keeps_its_entry(teachers, capsys):
+    """Re-adding the file train_teacher.py stored keeps what only the run knew (run_dir, source, top-5, date, recipe);
+    a copy of it gets the same facts; facts that contradict the entry are refused in one line."""
+    stored = read_index(teachers)["resnet8.pt"]
+    assert teachers_cmd.main(["add", str(teachers / "resnet8.pt"), "model=resnet8"]) == 0
+    assert "indexed already" in capsys.readouterr().out
+    assert read_index(teachers)["resnet8.pt"] == stored
+    shutil.copy(teachers / "resnet8.pt", teachers / "resnet8_copy.pt")
+    assert teachers_cmd.main(["add", str(teachers / "resnet8_copy.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == stored == read_index(teachers)["resnet8_copy.pt"]
+    before = (teachers / INDEX_NAME).read_bytes()
+    with pytest.raises(SystemExit) as stop:  # the file was trained on synthetic data, not CIFAR-100
+        teachers_cmd.main(["add", str(teachers / "resnet8.pt"), "model=resnet8", "dataset=cifar100"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "already indexed" in err and "synthetic (indexed) vs cifar100" in err
+    assert (teachers / INDEX_NAME).read_bytes() == before
+
+
+@pytest.mark.parametrize("override, says", [
+    ("distill=kd", "config key 'distill' is not read by scripts/teachers.py add: it reads model=, model.*, "
+                   "dataset=, dataset.*; drop distill=kd"),
+    ("optim.lr=0.1", "config key 'optim.lr' is not read by scripts/teachers.py add"),
+    ("trainer.device=cpu", "config key 'trainer.device' is not read by scripts/teachers.py add"),  # --measure reads it
+])
+def test_add_refuses_keys_it_does_not_read(teachers, capsys, override, says):
+    before = (teachers / INDEX_NAME).read_bytes()
+    downloaded = teachers / "resnet8_vanilla.pth"
+    torch.save({"model": torch.load(teachers / "resnet8.pt", weights_only=True)["model"]}, downloaded)
+    with pytest.raises(SystemExit) as stop:
+        teachers_cmd.main(["add", str(downloaded), "model=resnet8", "dataset=cifar100", override])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and says in err, err
+    assert (teachers / INDEX_NAME).read_bytes() == before
+
+
+def test_an_image_folder_teacher_records_its_folder_and_warns_on_another(tmp_path, caplog):
+    """The entry of a teacher trained on an image folder records the folder (resolved); a student on another folder
+    (same data set name, same classes) is warned, one on the same folder (spelt otherwise) is not."""
+    folder_a, folder_b = tmp_path / "a" / "data", tmp_path / "b" / "data"
+    for folder in (folder_a, folder_b):
+        folder.mkdir(parents=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": build_model("resnet8", num_classes=3).state_dict(), "arch": "resnet8", "num_classes": 3},
+               run / "final.pt")
+    config = {"dataset": {"name": "imagefolder", "root": str(tmp_path / "a" / ".." / "a" / "data")}}
+    target = store_teacher(run / "final.pt", tmp_path / "teachers", "resnet8", "imagefolder", {"test_top1": 50.0},
+                           config, run)
+    assert read_index(target.parent)["resnet8.pt"]["data_root"] == str(folder_a.resolve())
+    with caplog.at_level(logging.WARNING, logger="distiller"):
+        verify_teacher(target, "resnet8", "imagefolder", data_root=str(folder_a.resolve()))
+        assert not caplog.records
+        verify_teacher(target, "resnet8", "imagefolder", data_root=str(folder_b.resolve()))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"teacher {target} was trained on the imagefolder data at {folder_a.resolve()}, this run uses "
+        f"{folder_b.resolve()}"]

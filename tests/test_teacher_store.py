@@ -211,3 +211,39 @@ def test_the_check_command_reports_an_interrupted_store(scene, capsys):
     assert stop.value.code == 2
     captured = capsys.readouterr()
     assert "store interrupted" in captured.out and str(scene["teachers"] / f"{ARCH}.pt") in captured.err
+
+
+def test_a_finished_run_rerun_with_another_teacher_dir_stores_its_teacher_there(trained, tmp_path, capsys):
+    """The run stored its teacher in one folder; its command rerun with another teacher_dir stores it there too
+    (the command a student's "teacher checkpoint not found" message suggests), trains nothing, and says so."""
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    first = json.loads((run / RECEIPT_NAME).read_text())
+    other = tmp_path / "other_teachers"
+    cfg = compose(overrides(tmp_path, trained["data"], other))
+    assert train_network(cfg, run) is None
+    out = capsys.readouterr().out
+    assert f"stored the finished run's teacher as {other / f'{ARCH}.pt'}" in out and "already finished" in out
+    entries = check_consistent(other)
+    assert list(entries) == [f"{ARCH}.pt"] and entries[f"{ARCH}.pt"]["sha256"] == sha256(run / "final.pt")
+    assert entries[f"{ARCH}.pt"]["run_dir"] == str(run) and entries[f"{ARCH}.pt"]["source"] == "train_teacher.py"
+    assert same(student_load(other / f"{ARCH}.pt"), weights(run / "final.pt"))
+    assert json.loads((run / RECEIPT_NAME).read_text()) == first  # the receipt still names the first store
+    # once there, a further rerun changes nothing, in either folder
+    before = {p: p.stat().st_mtime_ns for folder in (other, trained["tmp"] / "teachers") for p in folder.iterdir()}
+    for teacher_dir in (other, trained["tmp"] / "teachers"):
+        assert train_network(compose(overrides(tmp_path, trained["data"], teacher_dir)), run) is None
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert "stored" not in capsys.readouterr().out
+
+
+def test_a_finished_run_is_not_stored_again_where_its_file_is_indexed(trained, tmp_path):
+    """Another teacher_dir that already holds the run's file (indexed under any name) gets no second copy."""
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    other = tmp_path / "other_teachers"
+    other.mkdir()
+    shutil.copy(run / "final.pt", other / "kept.pt")
+    add_teacher(other / "kept.pt", ARCH, "synthetic", 100)
+    assert train_network(compose(overrides(tmp_path, trained["data"], other)), run) is None
+    assert sorted(p.name for p in other.glob("*.pt*")) == ["kept.pt"]

@@ -204,13 +204,19 @@ def slim_from_last(last: dict[str, Any]) -> dict[str, Any]:
 
 
 class Checkpointer:
-    """Writes (rank 0 only, atomically) and reads the checkpoints of one run directory."""
+    """Writes (rank 0 only, atomically) and reads the checkpoints of one run directory.
+
+    ``teacher_sha256``: the sha256 of the teacher file a student distils from, recorded in every
+    checkpoint, so that a resumed run can tell that its teacher file is still the same
+    (:func:`distiller.jobs.teachers.resumed_teacher_change`).
+    """
 
     def __init__(self, run_dir: Path, is_main: bool, student: nn.Module, objective: nn.Module,
-                 student_arch: str, teacher_arch: str | None, num_classes: int, config: dict[str, Any]) -> None:
+                 student_arch: str, teacher_arch: str | None, num_classes: int, config: dict[str, Any],
+                 teacher_sha256: str | None = None) -> None:
         self.run_dir, self.is_main = Path(run_dir), is_main
         self.student, self.objective = student, objective
-        self.student_arch, self.teacher_arch = student_arch, teacher_arch
+        self.student_arch, self.teacher_arch, self.teacher_sha256 = student_arch, teacher_arch, teacher_sha256
         self.num_classes, self.config = num_classes, config
 
     def save_last(self, state: RunState, optimizer: torch.optim.Optimizer,
@@ -219,16 +225,19 @@ class Checkpointer:
         if self.is_main:
             atomic_write({
                 "format": CHECKPOINT_FORMAT, "arch": self.student_arch, "num_classes": self.num_classes,
-                "teacher_arch": self.teacher_arch, "model": self.student.state_dict(),
+                "teacher_arch": self.teacher_arch, "teacher_sha256": self.teacher_sha256,
+                "model": self.student.state_dict(),
                 "objective": self.objective.state_dict(), "optimizer": optimizer.state_dict(),
                 "run": asdict(state), "accumulators": meter_state, "rng": rng_state(), "config": self.config,
             }, self.run_dir / "last.pt")
         barrier()
 
     def slim(self, epochs: int, top1: float | None) -> dict[str, Any]:
-        """What a user of the trained network needs (loads like the older frameworks' files)."""
-        return slim_checkpoint(self.student.state_dict(), self.student_arch, self.num_classes, epochs, top1,
+        """What a user of the trained network needs (loads like the older frameworks' files), and which
+        teacher file a student learnt from."""
+        slim = slim_checkpoint(self.student.state_dict(), self.student_arch, self.num_classes, epochs, top1,
                                self.config)
+        return slim if self.teacher_sha256 is None else {**slim, "teacher_sha256": self.teacher_sha256}
 
     def save_best(self, epochs: int, top1: float) -> None:
         if self.is_main:

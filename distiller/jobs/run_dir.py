@@ -3,7 +3,9 @@
 A run directory holds one run: its resolved config (``config.yaml``), checkpoints and metrics. A
 second command on the same directory resumes it when its config is the same (up to the keys that
 may change between a run and its resumption, :data:`VOLATILE_KEYS`), and is refused otherwise,
-unless ``trainer.force=true`` moves the old files aside first. Hydra's record of the command
+unless ``trainer.force=true`` moves the old files aside first. A student resumes only with the
+teacher file it started with (its sha256, recorded in ``last.pt``): another one is refused the same way,
+before anything is written. Hydra's record of the command
 (``.hydra/``, the job's log) is written only once the run starts here (:func:`write_config`), so a
 command that is refused, or finds its run finished, changes nothing in the directory.
 """
@@ -25,6 +27,7 @@ from distiller.config import run_record
 from distiller.config.schema import NETWORK_GROUPS, SCHEMAS, current_names
 from distiller.engine.checkpoints import safe_load
 from distiller.engine.runtime import Runtime, barrier
+from distiller.jobs.teachers import resumed_teacher_change
 
 log = logging.getLogger("distiller")
 
@@ -71,12 +74,27 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]} {old} -> {new}"]
 
 
-def prepare_run_dir(run_dir: Path, config: dict[str, Any], trainer: Any, runtime: Runtime) -> dict | None | str:
+def _move_aside(run_dir: Path, runtime: Runtime) -> None:
+    """``trainer.force=true``: move every file of the previous run (``.hydra/`` and the log too: its record)
+    into ``replaced-<date>/``; all ranks wait until it is done."""
+    if runtime.is_main:
+        aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        for path in list(run_dir.iterdir()):
+            if not path.name.startswith("replaced-") and path != aside:
+                shutil.move(str(path), aside / path.name)
+        log.warning("moved the previous run's files to %s", aside)
+    barrier()
+
+
+def prepare_run_dir(run_dir: Path, config: dict[str, Any], trainer: Any, runtime: Runtime,
+                    teacher_file: Path | None = None) -> dict | None | str:
     """Decide how this run starts: fresh (None), from ``last.pt`` (its contents) or already ``"finished"``.
 
-    ``config`` is the run's resolved config, ``trainer`` its ``trainer`` node (force, resume, auto_resume).
-    Never overwrites another run: a run directory holding a different config is
-    refused unless ``trainer.force=true``, which moves the old files aside first.
+    ``config`` is the run's resolved config, ``trainer`` its ``trainer`` node (force, resume, auto_resume),
+    ``teacher_file`` a student's teacher (a resumed run must find the file it started with).
+    Never overwrites another run: a run directory holding a different config, or a run that started
+    with another teacher file, is refused unless ``trainer.force=true``, which moves the old files aside first.
     """
     config_file = run_dir / "config.yaml"
     last = run_dir / "last.pt"
@@ -92,14 +110,7 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], trainer: Any, runtime
                     f"run directory {run_dir} holds a different run ({'; '.join(diff[:3])}"
                     f"{'; ...' if len(diff) > 3 else ''}); choose another hydra.run.dir, or pass "
                     f"trainer.force=true to start afresh (the old files are moved aside, not deleted)")
-            if runtime.is_main:
-                aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-                aside.mkdir()
-                for path in list(run_dir.iterdir()):  # .hydra/ and the log too: the old run's record
-                    if not path.name.startswith("replaced-") and path != aside:
-                        shutil.move(str(path), aside / path.name)
-                log.warning("moved the previous run's files to %s", aside)
-            barrier()
+            _move_aside(run_dir, runtime)
             return None
     if last.exists():
         if not (trainer.resume or trainer.auto_resume):
@@ -108,6 +119,14 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], trainer: Any, runtime
         checkpoint = safe_load(last, "checkpoint")
         if checkpoint.get("run", {}).get("finished"):
             return "finished"
+        changed = resumed_teacher_change(checkpoint, teacher_file) if teacher_file is not None else None
+        if changed is not None:
+            if not trainer.force:
+                raise UserError(changed)
+            log.warning("trainer.force=true: the run started with another teacher file than %s; starting "
+                        "it over", teacher_file)
+            _move_aside(run_dir, runtime)
+            return None
         return checkpoint
     if trainer.resume:
         raise UserError(f"trainer.resume=true but {run_dir} holds no last.pt to resume from; "

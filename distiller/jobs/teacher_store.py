@@ -17,11 +17,14 @@ from typing import Any, Callable, Mapping
 
 from common.errors import UserError
 from common.files import atomic_copy, atomic_write, file_sha256, fsync_dir, replace_durably
+from common.lookup import dotted_get
+from datasets.base import teachers_data_root
 from distiller.jobs.teachers import (
     INDEX_FORMAT,
     INDEX_NAME,
     JOURNAL_FORMAT,
     index_path,
+    indexed_name,
     journal_path,
     locked_index,
     make_entry,
@@ -120,7 +123,9 @@ def _recover(folder: Path, target: Path) -> bool:
 
 
 def _store_locked(source: Path, folder: Path, arch: str, dataset: str, metrics: Mapping[str, Any],
-                  config: Mapping[str, Any], run_dir: str | Path, step: Callable[[str], None]) -> Path:
+                  config: Mapping[str, Any], run_dir: str | Path, step: Callable[[str], None],
+                  receipt: bool = True) -> Path:
+    """The store (the lock is held); ``receipt``: write the run's receipt (not for a further copy of a stored run)."""
     from distiller.engine.checkpoints import safe_load
 
     target = folder / f"{arch}.pt"
@@ -135,13 +140,19 @@ def _store_locked(source: Path, folder: Path, arch: str, dataset: str, metrics: 
     journal = {"format": JOURNAL_FORMAT, "target": target.name, "new": new.name,
                "backup": None if backup is None else backup.name, "old_entry": entries.get(target.name),
                "entry": make_entry(new, arch, dataset, header.get("num_classes"), metrics, recipe_of(config),
-                                   "train_teacher.py", str(run_dir)),
-               "receipt": str(Path(run_dir) / RECEIPT_NAME)}
+                                   "train_teacher.py", str(run_dir), data_root=_data_root(dataset, config)),
+               "receipt": str(Path(run_dir) / RECEIPT_NAME) if receipt else None}
     atomic_write(journal, journal_path(target), "json")
     step("intent")
     if backup is not None:
         log.warning("keeping the previous %s as %s", target, backup)
     return _apply(folder, journal, step)
+
+
+def _data_root(dataset: str, config: Mapping[str, Any]) -> str | None:
+    """The resolved image folder a run's config trained on (None for a data set not kept per root)."""
+    root = dotted_get(config, "dataset.root")
+    return None if root is None else teachers_data_root(dataset, str(root))
 
 
 def store_teacher(source: str | Path, folder: str | Path, arch: str, dataset: str, metrics: Mapping[str, Any],
@@ -185,39 +196,57 @@ def check_teacher_dir(folder: Path, arch: str) -> None:
     read_index(folder)  # an unreadable index is a one-line error now, not after training
 
 
+def _receipt_folder(run_dir: Path) -> Path | None:
+    """The folder the run's receipt says its teacher was stored in (None: no readable receipt)."""
+    try:
+        return Path(json.loads((run_dir / RECEIPT_NAME).read_text())["teacher"]).resolve().parent
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _stored_in(run_dir: Path, folder: Path) -> bool:
+    """Whether the run's receipt says its teacher was stored in ``folder``."""
+    return _receipt_folder(run_dir) == folder.resolve()
+
+
 def prepare_store(folder: str | Path, run_dir: str | Path, arch: str, dataset: str, config: Mapping[str, Any],
                   finished: bool) -> None:
     """Before a teacher run (``save_teacher``): check ``teacher_dir``; complete a ``finished`` run's store.
 
-    "Finished" means trained, stored and indexed: a run whose store was interrupted (killed) has no
-    receipt, so its rerun completes the journalled store, or stores its ``final.pt`` (rebuilt from
-    ``last.pt`` if the kill came before it was written). A run stored by a version that wrote no
-    receipt is recognised by its file's sha256 in the index, and not stored again.
+    "Finished" means trained, stored and indexed in ``teacher_dir``: a run whose store was interrupted
+    (killed) has no receipt, so its rerun completes the journalled store, or stores its ``final.pt``
+    (rebuilt from ``last.pt`` if the kill came before it was written). A run stored by a version that
+    wrote no receipt is recognised by its file's sha256 in the index, and not stored again. A run stored
+    in another folder (its rerun names another ``teacher_dir``) is stored in this one too, unless this
+    folder's index already holds its file; its receipt keeps naming the first store.
     """
     folder, run_dir = Path(folder), Path(run_dir)
     check_teacher_dir(folder, arch)
     target = folder / f"{arch}.pt"
-    if not finished or ((run_dir / RECEIPT_NAME).is_file() and not journal_path(target).exists()):
+    if not finished or (_stored_in(run_dir, folder) and not journal_path(target).exists()):
         return
     from distiller.engine.checkpoints import safe_load, slim_from_last
 
     with locked_index(folder):
         if _recover(folder, target):
             print(f"completed the interrupted store of {target}")
-        if (run_dir / RECEIPT_NAME).is_file():  # stored (now, or before)
+        if _stored_in(run_dir, folder):  # stored (now, or before)
             return
+        earlier = _receipt_folder(run_dir)
         last = safe_load(run_dir / "last.pt", "checkpoint")
         final = run_dir / "final.pt"
         if not final.is_file():  # killed between the last epoch and final.pt
             atomic_write(slim_from_last(last), final)
         sha = file_sha256(final)
-        stored = next((name for name, e in read_index(folder).items()
-                       if e.get("sha256") == sha and (folder / name).is_file()), None)
+        stored = indexed_name(folder, sha)
         if stored is not None:
-            atomic_write({"teacher": str(folder / stored), "sha256": sha, "index": str(index_path(folder)),
-                          "previous": None, "date": None}, run_dir / RECEIPT_NAME, "json")
+            if earlier is None:  # stored before receipts existed
+                atomic_write({"teacher": str(folder / stored), "sha256": sha, "index": str(index_path(folder)),
+                              "previous": None, "date": None}, run_dir / RECEIPT_NAME, "json")
             return
         history = last["run"]["history"]
         _store_locked(final, folder, arch, dataset, history[-1] if history else {}, config, run_dir,
-                      lambda name: None)
-    print(f"stored the finished run's teacher as {target} (its earlier store was interrupted)")
+                      lambda name: None, receipt=earlier is None)
+    print(f"stored the finished run's teacher as {target} " +
+          ("(its earlier store was interrupted)" if earlier is None else
+           f"(it was stored in {earlier} before; teacher_dir={folder} did not hold it)"))

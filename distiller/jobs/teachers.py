@@ -1,13 +1,15 @@
 """The teacher index: what each stored teacher is, checked before a student learns from it.
 
 ``train_teacher.py`` stores a finished teacher as ``<teacher_dir>/<arch>.pt`` and records it in
-``<teacher_dir>/index.json``: architecture, data set, sha256 of the file, the test accuracy
-measured when it was stored, the recipe (epochs, lr, batch, seed, ...), the date and the run
-directory. ``train_student.py`` checks a teacher file against the index of its folder before
-loading it: a file that changed since it was indexed, or that was indexed as another
-architecture, is a one-line error saying how to fix it; a file the index does not know (a
-downloaded pretrained teacher) loads as before, with a log line. ``scripts/teachers.py`` lists
-the index and adds downloaded files to it.
+``<teacher_dir>/index.json``: architecture, data set (and, for an image folder, its resolved
+``data_root``), sha256 of the file, the test accuracy measured when it was stored, the recipe
+(epochs, lr, batch, seed, ...), the date and the run directory. ``train_student.py`` checks a
+teacher file against the index of its folder before loading it: a file that changed since it was
+indexed, or that was indexed as another architecture, is a one-line error saying how to fix it;
+a file the index does not know (a downloaded pretrained teacher) loads as before, with a log
+line. A student records the sha256 of its teacher file in its checkpoints and resumes only with
+that file (:func:`resumed_teacher_change`). ``scripts/teachers.py`` lists the index and adds
+downloaded files to it.
 
 Why a sha256 and not the accuracy: re-evaluating a teacher costs a pass over the test set, while
 hashing a 30 MB file costs a fraction of a second and catches any change, including a swapped
@@ -95,15 +97,22 @@ def recipe_of(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def make_entry(path: Path, arch: str, dataset: str | None, num_classes: int | None,
                metrics: Mapping[str, Any] | None, recipe: Mapping[str, Any] | None, source: str,
-               run_dir: str | None = None) -> dict[str, Any]:
-    """One index entry for the file at ``path`` (hashed now)."""
+               run_dir: str | None = None, data_root: str | None = None) -> dict[str, Any]:
+    """One index entry for the file at ``path`` (hashed now). ``data_root``: the resolved root of a data set
+    whose root *is* the data (an image folder, :func:`datasets.base.teachers_data_root`); recorded only there."""
     metrics = metrics or {}
     return {
         "arch": arch, "dataset": dataset, "num_classes": num_classes, "sha256": file_sha256(path),
         "bytes": path.stat().st_size, "test_top1": metrics.get("test_top1"), "test_top5": metrics.get("test_top5"),
         "recipe": dict(recipe or {}), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": source, "run_dir": run_dir,
+        "source": source, "run_dir": run_dir, **({"data_root": data_root} if data_root is not None else {}),
     }
+
+
+def indexed_name(folder: Path, sha: str) -> str | None:
+    """The name of a file in ``folder`` that its index records with this sha256 and that is there (else None)."""
+    return next((name for name, entry in read_index(folder).items()
+                 if entry.get("sha256") == sha and (folder / name).is_file()), None)
 
 
 # ---- a store under way or interrupted (the store itself: distiller/jobs/teacher_store.py) -----
@@ -132,11 +141,13 @@ def pending_store(path: str | Path) -> dict[str, Any] | None:
 
 
 # ---- loading --------------------------------------------------------------------------------------
-def verify_teacher(path: str | Path, arch: str, dataset: str | None = None) -> dict[str, Any] | None:
+def verify_teacher(path: str | Path, arch: str, dataset: str | None = None,
+                   data_root: str | None = None) -> dict[str, Any] | None:
     """Check ``path`` against its folder's index; returns its entry (None: not indexed, loaded unchecked).
 
     Raises a one-line :class:`UserError` when the file changed since it was indexed (sha256) or was
-    indexed as another architecture.
+    indexed as another architecture; warns when it was trained on another data set, or (``data_root``:
+    this run's resolved image folder) on another image folder.
     """
     path = Path(path)
     entry = read_index(path.parent).get(path.name)
@@ -158,6 +169,9 @@ def verify_teacher(path: str | Path, arch: str, dataset: str | None = None) -> d
                         f"intended, or pass teacher.verify=false to load it unchecked")
     if dataset is not None and entry.get("dataset") not in (None, dataset):
         log.warning("teacher %s was trained on %s, this run uses %s", path, entry["dataset"], dataset)
+    elif data_root is not None and entry.get("data_root") not in (None, data_root):
+        log.warning("teacher %s was trained on the %s data at %s, this run uses %s", path, entry.get("dataset"),
+                    entry["data_root"], data_root)
     log.info("teacher %s matches its index entry (%s, %s, test top-1 %s, stored %s)", path, entry.get("arch"),
              entry.get("dataset"), entry.get("test_top1"), entry.get("date"))
     return entry
@@ -165,10 +179,11 @@ def verify_teacher(path: str | Path, arch: str, dataset: str | None = None) -> d
 
 def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str | None = None,
                          verify: bool = True, train_overrides: Sequence[str] = (),
-                         teacher_dir: str | Path | None = None) -> dict[str, Any] | None:
+                         teacher_dir: str | Path | None = None, data_root: str | None = None) -> dict[str, Any] | None:
     """Load a teacher file into ``model``, checked against the teacher index first (``verify``).
 
-    Returns the index entry (None when the file is not indexed or ``verify`` is off). ``train_overrides``
+    Returns the index entry (None when the file is not indexed or ``verify`` is off). ``dataset`` and
+    ``data_root``: this run's data, compared with the entry's (:func:`verify_teacher`). ``train_overrides``
     (the run's data set and teacher folder) complete the command a missing file's message suggests;
     ``teacher_dir``: where that command stores the teacher (a missing file elsewhere is not where it goes).
     """
@@ -190,7 +205,7 @@ def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str |
                  f"it stores the teacher in {teacher_dir}, where this command finds it once teacher.ckpt is dropped")
         raise UserError(f"teacher checkpoint not found: {path}. Train it with `{command}` ({where}), or pass "
                         f"teacher.ckpt=PATH to a pretrained {arch} file ({{'model': state_dict}})")
-    entry = verify_teacher(path, arch, dataset) if verify else None
+    entry = verify_teacher(path, arch, dataset, data_root) if verify else None
     if not verify:
         log.warning("teacher.verify=false: %s is loaded without checking it against the teacher index", path)
     load_weights(model, path, arch, what="teacher checkpoint")
@@ -199,13 +214,74 @@ def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str |
 
 def add_teacher(path: str | Path, arch: str, dataset: str | None = None, num_classes: int | None = None,
                 metrics: Mapping[str, Any] | None = None, recipe: Mapping[str, Any] | None = None,
-                source: str = "added") -> dict[str, Any]:
-    """Index (or re-index) an existing teacher file in its folder's index; returns the new entry."""
+                source: str = "added", data_root: str | None = None) -> tuple[dict[str, Any], bool]:
+    """Index an existing teacher file in its folder's index; returns its entry and whether it is a new one.
+
+    A file whose content the index already knows (this name's entry, or another file's: a copy) keeps
+    that entry's facts (run directory, source, accuracies, recipe, date): they describe how the content
+    was made, which a later ``add`` cannot know; only facts the entry lacks are filled in. Facts that
+    contradict the entry's (another architecture, data set, class count or image folder) are a one-line
+    error. A file that changed since it was indexed gets a new entry (re-indexing it on purpose).
+    """
     path = Path(path)
     check_name_hash(path)  # a damaged download is refused, never indexed (and so blessed)
-    entry = make_entry(path, arch, dataset, num_classes, metrics, recipe, source)
-    update_index(path.parent, lambda entries: entries.__setitem__(path.name, entry))
-    return entry
+    fresh = make_entry(path, arch, dataset, num_classes, metrics, recipe, source, data_root=data_root)
+    result: dict[str, Any] = {}
+
+    def change(entries: dict[str, dict[str, Any]]) -> None:
+        own = entries.get(path.name)
+        known = own if own is not None and own.get("sha256") == fresh["sha256"] else next(
+            (e for name, e in entries.items() if e.get("sha256") == fresh["sha256"] and (path.parent / name).is_file()),
+            None)
+        if known is None:
+            entries[path.name] = result["entry"] = fresh
+            return
+        _check_same_facts(path, known, fresh)
+        kept = {**known, **{k: v for k, v in fresh.items() if known.get(k) is None and v is not None}}
+        entries[path.name] = result["entry"] = kept
+        result["kept"] = True
+
+    update_index(path.parent, change)
+    return result["entry"], not result.get("kept", False)
+
+
+def _check_same_facts(path: Path, known: Mapping[str, Any], fresh: Mapping[str, Any]) -> None:
+    """One line when ``fresh`` (what ``add`` was told) contradicts ``known`` (the entry of the same content)."""
+    fold = lambda key, value: str(value).lower() if key == "arch" else value  # architectures: any case
+    differ = [f"{key} {known[key]} (indexed) vs {fresh[key]}" for key in ("arch", "dataset", "num_classes", "data_root")
+              if known.get(key) is not None and fresh.get(key) is not None
+              and fold(key, known[key]) != fold(key, fresh[key])]
+    if differ:
+        made = f"source: {known.get('source')}" + (f", run {known['run_dir']}" if known.get("run_dir") else "")
+        raise UserError(f"{path} is already indexed with this content ({made}), and its entry says otherwise: "
+                        f"{'; '.join(differ)}. The entry is kept; drop the contradicting overrides, or, if the "
+                        f"entry is wrong, delete it from {index_path(path.parent)} and add the file again")
+
+
+# ---- resuming a student ---------------------------------------------------------------------------
+def resumed_teacher_change(checkpoint: Mapping[str, Any], path: str | Path) -> str | None:
+    """Why a student run may not resume from ``checkpoint`` (its ``last.pt``) with the teacher file at ``path``:
+    the file's sha256 differs from the one the run recorded (one line, with the ways out); None when it is
+    the same file, or when no check is possible (``last.pt`` from before teacher hashes were recorded; a
+    missing file or an interrupted store, which loading the teacher then reports)."""
+    path = Path(path)
+    recorded = checkpoint.get("teacher_sha256")
+    if recorded is None:
+        log.info("last.pt records no sha256 of its teacher file (written before runs recorded it): %s is not "
+                 "checked against the teacher this run started with", path)
+        return None
+    if not path.is_file() or pending_store(path) is not None:
+        return None
+    actual = file_sha256(path)
+    if actual == recorded:
+        return None
+    kept = indexed_name(path.parent, recorded)
+    restore = (f"pass teacher.ckpt={path.parent / kept} to resume with the file it started with (kept there)"
+               if kept is not None else f"restore the file it started with (a retrained teacher keeps its "
+                                        f"predecessor beside it as {path.name}.<date>.bak) and rerun")
+    return (f"teacher checkpoint {path} is not the file this run started with (sha256 {actual[:12]}..., its "
+            f"last.pt records {recorded[:12]}...): {restore}, or pass trainer.force=true to start the run over "
+            f"with this teacher (the old files are moved aside, not deleted)")
 
 
 # ---- accuracy against the published numbers -------------------------------------------------------

@@ -17,8 +17,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from common.files import atomic_write
+from common.files import atomic_write, file_sha256
 from datasets import load_dataset
+from datasets.base import teachers_data_root
 from datasets.loaders import make_loader
 from distiller.config.overrides import override_key
 from distiller.config.pairs import apply_pair_settings
@@ -88,7 +89,7 @@ def assemble(job: Any, run_dir: Path, record: dict[str, Any], runtime: Runtime, 
                             if calibrates else None),
         plan=plan_phases(objective, step.student, job.trainer.epochs, base_lr(job, runtime)),
         checkpointer=Checkpointer(run_dir, runtime.is_main, step.student, objective, header["arch"],
-                                  header["teacher"], data.num_classes, record),
+                                  header["teacher"], data.num_classes, record, header.get("teacher_sha256")),
         logger=RunLogger(run_dir, runtime.is_main, header, record, job.logger),
         optimizer=partial(make_optimizer, optim=job.optim, device=runtime.device))
 
@@ -134,7 +135,8 @@ def distill(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     runtime = make_runtime(job.trainer)
     base_lr(job, runtime)
     objective = Objective.from_config(job.distill, job.combine)  # a bad method setting fails before any I/O
-    start = prepare_run_dir(run_dir, record, job.trainer, runtime)
+    # resumed only with the teacher file the run started with (its sha256 in last.pt)
+    start = prepare_run_dir(run_dir, record, job.trainer, runtime, teacher_file=Path(job.teacher.ckpt))
     if start == "finished":
         report_finished(run_dir)
         return None
@@ -175,14 +177,20 @@ def assemble_distillation(job: Any, run_dir: Path, record: dict[str, Any], runti
     teacher = build_network(job.teacher, data.num_classes, data.image_size, role="teacher")
     # every feature the methods need exists (checked before any I/O)
     check_features(teacher, "teacher", teacher_arch, needs("teacher"))
+    teacher_sha256 = None
     if load_teacher:  # checked against the teacher index of its folder first (teacher.verify)
-        load_teacher_weights(teacher, Path(job.teacher.ckpt), teacher_arch, dataset=job.dataset.name,
-                             verify=job.teacher.verify, train_overrides=_same_data_overrides(job),
-                             teacher_dir=job.teacher_dir)
+        teacher_file = Path(job.teacher.ckpt)
+        entry = load_teacher_weights(teacher, teacher_file, teacher_arch, dataset=job.dataset.name,
+                                     verify=job.teacher.verify, train_overrides=_same_data_overrides(job),
+                                     teacher_dir=job.teacher_dir,
+                                     data_root=teachers_data_root(job.dataset.name, str(job.dataset.root)))
+        # recorded in the checkpoints and metrics.json: a resumed run must find the same file
+        teacher_sha256 = entry["sha256"] if entry is not None else file_sha256(teacher_file)
     student = build_network(job.student, data.num_classes, data.image_size, role="student")
     check_features(student, "student", student_arch, needs("student"))
     header = {"kind": "student", "arch": student_arch, "student": student_arch, "teacher": teacher_arch,
-              "method": job.method_label, "seed": job.seed, "dataset": job.dataset.name}
+              "method": job.method_label, "seed": job.seed, "dataset": job.dataset.name,
+              **({"teacher_file": job.teacher.ckpt, "teacher_sha256": teacher_sha256} if load_teacher else {})}
     # teacher.cache=true: the teacher's logits from the cache (built now if missing), or one line and live
     cache = open_run_cache(job.teacher, objective, data, teacher, Path(job.teacher.ckpt) if load_teacher else None,
                            job.dataset.name, runtime, progress=job.trainer.progress)
