@@ -490,3 +490,20 @@ def test_the_stored_teacher_message_gives_the_command_line_that_uses_it() -> Non
     assert label_choice("torchvision-resnet18", "model") == "model=torchvision model.name=resnet18"
     assert label_choice("module-pkg.nets.Net") == "teacher=module teacher._target_=pkg.nets.Net"
     assert label_choice("resnet56", "model") == "model=resnet56"
+
+
+def test_a_file_of_the_same_network_built_otherwise_names_the_build_not_two_equal_names(tmp_path: Path) -> None:
+    """A CIFAR-stem torchvision-resnet18 file loaded into the ImageNet-stem one: both go by one name, so the
+    line said 'holds a torchvision-resnet18 model, not torchvision-resnet18'."""
+    from distiller.engine.checkpoints import load_weights
+    from models.external import network_label
+
+    stem = {"source": "torchvision", "name": "resnet18", "cifar_stem": True}
+    trained = build_network(stem, NUM_CLASSES, role="teacher")
+    assert network_label(stem) == network_label({**stem, "cifar_stem": False})  # one name for both builds
+    torch.save({"model": trained.state_dict(), "arch": network_label(stem)}, tmp_path / "t.pt")
+    plain = build_network({**stem, "cifar_stem": False}, NUM_CLASSES, role="teacher")
+    with pytest.raises(UserError, match=r"holds a torchvision-resnet18 built with other settings than this one "
+                                        r"\(its parameter shapes differ, e.g. cifar_stem") as err:
+        load_weights(plain, tmp_path / "t.pt", network_label(stem), what="teacher checkpoint")
+    assert "not torchvision-resnet18" not in str(err.value)

@@ -115,6 +115,10 @@ def load_weights(model: nn.Module, path: str | Path, arch: str, what: str = "che
             raise UserError(f"{what} {path} holds a {classes[0]}-class {saved_arch or arch}, but the {arch} built here "
                             f"has {classes[1]} classes (the data set's): use a checkpoint trained on this data set, "
                             f"or choose the checkpoint's data set with dataset=NAME")
+        if saved_arch is not None and str(saved_arch) == arch:  # one name, another build (cifar_stem, width, ...)
+            raise UserError(f"{what} {path} holds a {arch} built with other settings than this one (its parameter "
+                            f"shapes differ, e.g. cifar_stem or a constructor argument): build it as it was "
+                            f"trained (the keys of its run's config.yaml), or pick another checkpoint")
         described = f"a {saved_arch} model" if saved_arch else "another architecture"
         guess = guess_architecture(state)
         if not saved_arch and guess:
