@@ -26,7 +26,7 @@ PLAIN_DATASET, PLAIN_OPTIMIZER = "cifar100", "sgd"
 
 def dataset_folder(name: str, root: Any) -> str:
     """``${dataset_folder:NAME,ROOT}``: nothing on CIFAR-100, else the data set's folder and a ``/``, e.g.
-    ``cifar10/`` or, for an image folder, ``imagefolder-flowers/`` (named as its teachers' folder is)."""
+    ``cifar10/`` or, for an image folder, ``imagefolder-flowers-1a2b3c4d/`` (named as its teachers' folder is)."""
     return "" if str(name) == PLAIN_DATASET else f"{teacher_folder(str(name), str(root))}/"
 
 
