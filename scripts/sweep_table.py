@@ -129,6 +129,15 @@ def selected_presets(table: str, overrides: Sequence[str]) -> dict[str, list[str
     return kept
 
 
+def all_known(overrides: Sequence[str]) -> bool:
+    """Whether every value the overrides give a cell key is a name of its config group (a file of configs/<key>/,
+    or an architecture of the zoo for ``model``)."""
+    from models import MODELS
+
+    return all(value in MODELS if key == "model" else (CONFIGS / key / f"{value}.yaml").is_file()
+               for key, values in expand_axes(overrides).items() if key in CELL_KEYS for value in values)
+
+
 def commands(table: str, overrides: Sequence[str], presets: dict[str, list[str]] | None = None) -> list[list[str]]:
     """The multirun command of each preset (``presets``: :func:`selected_presets`' answer, else found here)."""
     entry, _ = TABLES[table]
@@ -147,7 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     entry, every_preset = TABLES[args.table]
     try:  # the presets holding the cells the overrides choose (all of them without a cell key), each's overrides
         presets, none_chosen = selected_presets(args.table, args.overrides), None
-    except UserError as err:  # reported after the checks below, which name a misspelt value better
+    except UserError as err:
+        if any(override_key(o) == "experiment" for o in args.overrides) or all_known(args.overrides):
+            fail(str(err))
+        # a misspelt value (distill=kdd): the checks below name it better
         presets, none_chosen = {preset: list(args.overrides) for preset in every_preset}, err
     # a dry run lists the cells of a table whose data is elsewhere (ImageNet) without its folder
     given_root = any(o.lstrip("+").split("=")[0] == "dataset.root" for o in args.overrides)
