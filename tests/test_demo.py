@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, seed
+from helpers import REPO, run_cli, seed
 
 
 def test_demo_prints_teacher_student_and_distilled_accuracy(tmp_path):
@@ -54,8 +54,7 @@ def test_demo_prints_teacher_student_and_distilled_accuracy(tmp_path):
 def test_demo_bad_input_is_one_line(tmp_path, args, line):
     """The demo's own flags and every run's overrides are checked before any run; an entry point's refusal is
     its one line, not a traceback of the demo's after it, and nothing is written."""
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(tmp_path / "demo"),
-                             *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_cli("scripts/demo.py", "--out", str(tmp_path / "demo"), *args)  # in this process: no run starts
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr[-2000:]
     assert not (tmp_path / "demo").exists()
 

@@ -274,8 +274,7 @@ def test_teacher_presets(compose) -> None:
 
 @pytest.mark.parametrize("method, presets, runs", [
     ("kd", ["crd_table1"], 7),  # KD on the 7 pairs; the FSP preset holds no KD cell (it ran KD on 6 pairs again)
-    ("fsp", ["crd_table1_fsp"], 6),  # FSP's own 6 pairs
-    ("kd,fsp", ["crd_table1", "crd_table1_fsp"], 7 + 6),
+    ("kd,fsp", ["crd_table1", "crd_table1_fsp"], 7 + 6),  # each preset its own method: FSP on its own 6 pairs
 ])
 def test_a_method_override_keeps_the_presets_that_hold_it(capsys, method: str, presets: list, runs: int) -> None:
     from scripts import sweep_table
