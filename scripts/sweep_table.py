@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Sequence
 
 from common.errors import UserError
-from distiller.config.command_line import OneLineParser, fail, preflight
-from distiller.config.overrides import override_key
+from distiller.config.command_line import OneLineParser, fail, preflight, preset_sweep
+from distiller.config.overrides import override_key, sweep_axes
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -64,14 +64,11 @@ def entry_point(preset: str) -> str:
 
 def preset_params(preset: str, overrides: Sequence[str] = ()) -> list[str]:
     """The preset's ``hydra.sweeper.params`` as override lines (``pair=a,b``), composed with the overrides."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     from distiller.config.compose import compose
 
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
-    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    plain, _ = sweep_axes(list(overrides))
     cfg = compose(Path(entry_point(preset)).stem, [f"experiment={preset}", *plain], return_hydra_config=True)
-    return [f"{k}={v}" for k, v in (cfg.hydra.sweeper.params or {}).items()]
+    return [f"{k}={v}" for k, v in preset_sweep(cfg).items()]
 
 
 def expand_preset(preset: str, overrides: Sequence[str] = ()) -> list[dict[str, str]]:
