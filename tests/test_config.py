@@ -214,6 +214,28 @@ def test_every_model_has_its_model_teacher_and_student_node(compose):
                                              "resnet32x4": 79.42, "vgg13": 74.64, "ResNet50": 79.34}
 
 
+def test_composing_shares_the_store_and_leaves_its_nodes_as_they_were(compose):
+    """Hydra deep-copies its repository, which holds the ConfigStore, at every composition; ours is shared
+    instead of copied (``store.share_store_on_copy``): a composition that sets a node's keys must still leave
+    the stored node, and so the next composition, as they were."""
+    import copy
+
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    store = ConfigStore.instance()
+    assert copy.deepcopy(store) is store and copy.deepcopy({"s": store})["s"] is store
+    stored = lambda: OmegaConf.to_container(store.repo["teacher"]["resnet8.yaml"].node)
+    before = stored()
+    assert before["lr"] == 0.05 and before["ckpt"] == "${teacher_dir}/resnet8.pt"
+    changed = compose("train_student", ["teacher=resnet8", "student=resnet8", "teacher.lr=0.7", "teacher.ckpt=/q.pt",
+                                        "teacher_dir=/shared-store-test"])
+    assert (changed.teacher.lr, changed.teacher.ckpt) == (0.7, "/q.pt")
+    assert stored() == before
+    again = compose("train_student", ["teacher=resnet8", "student=resnet8", "teacher_dir=/shared-store-test"])
+    assert (again.teacher.lr, again.teacher.ckpt) == (0.05, "/shared-store-test/resnet8.pt")
+
+
 def test_model_names_any_case(compose):
     cfg = compose("train_student", ["teacher=mobilenetv2", "student=mobile_half", "teacher.ckpt=/x.pt"])
     assert cfg.teacher.name == cfg.student.name == "MobileNetV2" and cfg.teacher.ckpt == "/x.pt"
