@@ -141,7 +141,22 @@ def timm_declaration(model: nn.Module, input_size: Sequence[int]) -> FeatureDecl
         stem = "stem"
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     path = next((n for n, m in model.named_modules() if m is classifier and n), last_linear(model))
+    embedding = f"{path}{INPUT_SUFFIX}" if path else None
+    stages = tuple(str(e["module"]) for e in entries)
+    tokens = _token_outputs(model, (stem,) * (stem is not None) + stages, input_size)
+    if tokens:  # a transformer's blocks: the logit methods need none of its features, map methods cannot use them
+        why = f"timm's feature_info of {type(model).__name__} gives {tokens} token sequences, not [B, C, H, W] maps"
+        return with_pool_input(FeatureDeclaration(embedding=embedding, gaps={"stem": why, "stages": why,
+                                                                             "preact": why}), model)
     why = "timm's feature_info names no pre-activation maps"
-    return with_pool_input(FeatureDeclaration(stem=stem, stages=tuple(str(e["module"]) for e in entries),
-                                              embedding=f"{path}{INPUT_SUFFIX}" if path else None,
+    return with_pool_input(FeatureDeclaration(stem=stem, stages=stages, embedding=embedding,
                                               gaps={"stem": "timm's feature_info names no stem", "preact": why}), model)
+
+
+def _token_outputs(model: nn.Module, paths: Sequence[str], input_size: Sequence[int]) -> str | None:
+    """The shape (as ``[B, N, C]``) of the first of ``paths`` whose output is not a 4-d map, if one is not."""
+    seen, _ = probe_features(model, {p: (p, False) for p in paths}, "features", type(model).__name__, input_size)
+    for entry in seen.values():
+        if entry.tensor is not None and entry.tensor.dim() != 4:
+            return "[B, N, C]" if entry.tensor.dim() == 3 else f"{entry.tensor.dim()}-d"
+    return None

@@ -458,6 +458,29 @@ def test_timm_network_features_follow_its_feature_info() -> None:
     assert torch.equal(logits, model.forward_head(last))
 
 
+def test_a_timm_vision_transformer_is_a_student_for_the_methods_that_read_no_maps() -> None:
+    """A ViT's feature_info names its blocks, which give [B, N, C] token sequences: they are not taken as
+    stages (KD, which reads only logits, and CRD, which reads the embedding, accept the network; AT, which
+    reads stage maps, is refused in one line that says why); its embedding is timm's pre-logits vector."""
+    pytest.importorskip("timm")
+    from models.features import check_features
+
+    torch.manual_seed(seed(4))
+    node = {"source": "timm", "name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "depth": 2}
+    model = build_network(node, NUM_CLASSES, role="student").eval()
+    assert [i.name for i in model.feature_info] == ["embedding"]
+    check_features(model, "student", "timm-vit", {"kd": set(), "crd": {EMBEDDING}})
+    with pytest.raises(UserError, match=r"method 'at' needs the student's stages features, but student timm-vit "
+                                        r"has none \(timm's feature_info of VisionTransformer gives \[B, N, C\] token "
+                                        r"sequences, not \[B, C, H, W\] maps\)"):
+        check_features(model, "student", "timm-vit", {"at": {STAGES}})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats, logits = forward_features(model, x)
+        embedding = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert torch.equal(feats[-1], embedding) and torch.equal(logits, model(x))
+
+
 # --------------------------------------------------------------------------- the command line
 def test_cli_distils_a_torchvision_teacher_into_a_zoo_student(tmp_path: Path) -> None:
     """The issue's command line, with a saved random resnet18 as the teacher checkpoint (speed does not
