@@ -29,6 +29,9 @@ def test_dkd_takes_the_published_nckd_weight_of_the_pair(compose, teacher: str, 
     assert cfg.distill.nckd_weight == DKD_NCKD[(teacher, student)]
     expected_change = DKD_NCKD[(teacher, student)] != 8.0  # 8.0 is the config's own default
     assert changed == ([f"distill.nckd_weight={DKD_NCKD[(teacher, student)]}"] if expected_change else [])
+    explicit = compose("train_student", [f"pair={teacher}-{student}", "distill=dkd"])
+    assert apply_pair_settings(explicit) == changed  # pair= chosen: the run reports what it changed the same way
+    assert explicit.distill.nckd_weight == DKD_NCKD[(teacher, student)]
 
 
 @pytest.mark.parametrize(("teacher", "student"), list(REVIEWKD_WEIGHT))
@@ -177,9 +180,10 @@ def test_an_explicit_value_wins_over_the_ls_settings_of_the_pair(compose) -> Non
 
 def test_the_explicit_pair_preset_agrees_with_the_teacher_and_student(compose) -> None:
     implicit = compose("train_student", ["teacher=resnet110", "student=resnet20", "distill=kd", LS_ON])
-    apply_pair_settings(implicit)
+    changed = apply_pair_settings(implicit)
     explicit = compose("train_student", ["pair=resnet110-resnet20", "distill=kd", LS_ON])
-    assert apply_pair_settings(explicit) == []  # chosen explicitly: nothing left to fill
+    # chosen explicitly: nothing left to fill, and the same report of what the pair's settings changed
+    assert apply_pair_settings(explicit) == changed == ["distill.alpha=12.0", "distill.temperature=4.0"]
     assert (implicit.distill.temperature, implicit.distill.alpha) == (explicit.distill.temperature,
                                                                       explicit.distill.alpha) == (4.0, 12.0)
 

@@ -65,9 +65,15 @@ def apply_pair_settings(cfg: DictConfig) -> list[str]:
     ``distill.nckd_weight=2.0``; empty when nothing changed. A chosen pair must be the run's
     teacher and student (:func:`check_chosen_pair`).
     """
-    if cfg.get("pair") is not None:
+    chosen = cfg.get("pair")
+    if chosen is not None:
         check_chosen_pair(cfg)
-        return []
+        with open_dict(cfg):
+            cfg.pair = None
+        before = _method_nodes(cfg)
+        with open_dict(cfg):
+            cfg.pair = chosen
+        return _changed(before, _method_nodes(cfg))
     # an external network (teacher=timm teacher.name=resnet50) is not the zoo architecture of the same name
     settings = pair_settings(network_label(cfg.teacher), network_label(cfg.student))
     if not settings:
@@ -75,10 +81,14 @@ def apply_pair_settings(cfg: DictConfig) -> list[str]:
     before = _method_nodes(cfg)
     with open_dict(cfg):
         cfg.pair = settings
-    after = _method_nodes(cfg)
-    changed = [f"{key}.{name}={value}" for key, node in after.items() for name, value in node.items()
-               if before[key].get(name) != value]
+    changed = _changed(before, _method_nodes(cfg))
     if not changed:  # nothing this objective reads: leave the config as the user composed it
         with open_dict(cfg):
             cfg.pair = None
     return changed
+
+
+def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """``key.name=value`` for each method key whose value differs between two :func:`_method_nodes`."""
+    return [f"{key}.{name}={value}" for key, node in after.items() for name, value in node.items()
+            if before[key].get(name) != value]
