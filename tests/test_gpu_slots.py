@@ -92,6 +92,28 @@ def test_launcher_config_defaults_n_jobs_to_every_slot(compose) -> None:
         slots.on_multirun_start(OmegaConf.merge(cfg, {"hydra": {"launcher": {"n_jobs": 7}}}))
 
 
+def test_a_sweep_on_a_machine_without_a_gpu_says_so(monkeypatch, caplog) -> None:
+    """No GPU listed (no CUDA_VISIBLE_DEVICES, nvidia-smi lists none): the plan assumes GPU 0, and the sweep
+    says so once instead of reporting GPU slots as if there were a GPU; a listed GPU gives no such line."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv(launcher.PLAN_DEVICES_ENV, "")  # (not delenv: the callback sets it, and it must not leak)
+    monkeypatch.setattr(launcher, "gpu_memory_mib", lambda: {})
+    config = OmegaConf.create({"hydra": {"launcher": {"n_jobs": 2}}})
+    plan = plan_slots(jobs_per_gpu=2)
+    assert plan.devices == ("0",) and not plan.found
+    with caplog.at_level("INFO", logger=launcher.__name__):
+        GpuSlots(lock_dir="/nonexistent", jobs_per_gpu=2).on_multirun_start(config)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("no GPU found") and "2 at once" in warnings[0]
+    caplog.clear()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    monkeypatch.setenv(launcher.PLAN_DEVICES_ENV, "")
+    assert plan_slots(jobs_per_gpu=2).found and plan_slots(devices=[0], jobs_per_gpu=1).found
+    with caplog.at_level("INFO", logger=launcher.__name__):
+        GpuSlots(lock_dir="/nonexistent", jobs_per_gpu=2).on_multirun_start(config)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 # ---- real processes on the lock files -------------------------------------------------------------------
 def _job(slots: list[tuple[str, int]], lock_dir: str, hold_s: float, out: str) -> None:
     device, k = launcher.acquire_slot(slots, Path(lock_dir), poll_s=0.02)

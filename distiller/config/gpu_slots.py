@@ -63,6 +63,7 @@ class SlotPlan:
 
     devices: tuple[str, ...]
     jobs_per_gpu: int
+    found: bool = True  # False: no GPU was listed or visible, and ``devices`` is the assumed ``0 .. gpus-1``
 
     @property
     def num_slots(self) -> int:
@@ -116,6 +117,13 @@ def _listed(value: Sequence[Any] | str | int) -> list[str]:
     return [str(d).strip() for d in value]
 
 
+def gpus_listed() -> bool:
+    """Whether the launching shell sees a GPU: ``CUDA_VISIBLE_DEVICES`` (or the plan's ids) is set, or
+    ``nvidia-smi`` lists one."""
+    env = (os.environ.get(PLAN_DEVICES_ENV) or os.environ.get("CUDA_VISIBLE_DEVICES", "")).strip()
+    return bool(_listed(env) if env else gpu_memory_mib())
+
+
 def resolve_devices(devices: Sequence[Any] | str | int | None, gpus: int | None) -> list[str]:
     """The physical GPU ids jobs may use: ``devices`` when given; else the visible GPUs
     (``CUDA_VISIBLE_DEVICES`` of the launching shell, else those ``nvidia-smi`` lists, else ``0``),
@@ -161,7 +169,7 @@ def plan_slots(devices: Sequence[Any] | str | int | None = None, gpus: int | Non
         raise UserError(f"hydra.callbacks.gpu_slots.jobs_per_gpu={jobs_per_gpu} must be auto or a whole number >= 1")
     else:
         per_gpu = jobs_per_gpu
-    return SlotPlan(tuple(ids), per_gpu)
+    return SlotPlan(tuple(ids), per_gpu, found=devices is not None or gpus_listed())
 
 
 def _plan_from_node(node: Any) -> SlotPlan:
@@ -243,6 +251,10 @@ class GpuSlots(Callback):
         # registered when this module is imported, i.e. after Hydra resolved this callback's arguments.
         self._check_jobs(int(config.hydra.launcher.n_jobs))
         os.environ[PLAN_DEVICES_ENV] = ",".join(self.plan.devices)  # inherited by the workers started next
+        if not self.plan.found:
+            log.warning("no GPU found (nvidia-smi lists none and CUDA_VISIBLE_DEVICES is unset): the plan assumes GPU "
+                        "%s; on a machine without one the jobs run on the CPU, %d at once (hydra/launcher=joblib "
+                        "is the launcher for CPU sweeps)", ",".join(self.plan.devices), self.num_slots)
         log.info("GPU slots: %d GPU(s) %s x %d job(s) per GPU; %d job(s) at once", len(self.plan.devices),
                  ",".join(self.plan.devices), self.plan.jobs_per_gpu, self.num_slots)
 
@@ -250,5 +262,5 @@ class GpuSlots(Callback):
         device, k = acquire_slot(self.plan.slots(), Path(self.lock_dir), self.poll_s)
         # read by CUDA when it initialises in this process: the job's "cuda" is this GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = device
-        log.info("job %s runs on GPU %s, slot %d (process %d)", config.hydra.job.get("num", "-"), device, k,
-                 os.getpid())
+        where = f"GPU {device}" if self.plan.found else f"GPU {device} if there is one (none was found)"
+        log.info("job %s runs on %s, slot %d (process %d)", config.hydra.job.get("num", "-"), where, k, os.getpid())
