@@ -58,6 +58,7 @@ def test_train_teacher_writes_the_index(trained):
     recipe = entry["recipe"]
     assert (recipe["epochs"], recipe["lr"], recipe["batch_size"], recipe["seed"]) == (1, 0.04, 32, 3)
     assert (recipe["train_size"], recipe["test_size"], recipe["optimizer"]) == (200, 100, "sgd")
+    assert recipe["data_seed"] == 0 and entry["image_size"] == [32, 32]  # synthetic.yaml's seed, CIFAR's size
     stored = dt.datetime.fromisoformat(entry["date"])
     assert abs((dt.datetime.now(dt.timezone.utc) - stored).total_seconds()) < 24 * 3600
     assert entry["run_dir"] == str(trained / "run")
@@ -266,3 +267,29 @@ def test_an_image_folder_teacher_records_its_folder_and_warns_on_another(tmp_pat
     assert [r.getMessage() for r in caplog.records] == [
         f"teacher {target} was trained on the imagefolder data at {folder_a.resolve()}, this run uses "
         f"{folder_b.resolve()}"]
+
+
+def test_a_student_on_images_of_another_size_or_another_generated_set_is_warned(teachers, caplog):
+    """The entry records the size of the images the teacher learnt from and the generated set's seed; a run whose
+    images are another size (dataset.image_size) or whose synthetic classes come from another dataset.seed is
+    warned (the teacher's predictions are for other inputs); the same size and seed give no warning."""
+    path = teachers / "resnet8.pt"
+    with caplog.at_level(logging.WARNING, logger="distiller"):
+        verify_teacher(path, "resnet8", "synthetic", data_facts={"image_size": [32, 32], "data_seed": 0})
+        assert not caplog.records
+        verify_teacher(path, "resnet8", "synthetic", data_facts={"image_size": [48, 48], "data_seed": 0})
+        verify_teacher(path, "resnet8", "synthetic", data_facts={"image_size": [32, 32], "data_seed": 5})
+    assert [r.getMessage() for r in caplog.records] == [
+        f"teacher {path} was trained on 32x32 images, this run's are 48x48: its predictions are for another input "
+        "size (dataset.image_size)",
+        f"teacher {path} was trained on the synthetic set generated with dataset.seed=0, this run's has "
+        "dataset.seed=5: other classes, so its predictions are for another data set"]
+
+
+def test_train_student_warns_about_a_teacher_of_another_generated_set(trained, tmp_path) -> None:
+    """The command line: the tiny teacher (dataset.seed 0) distilled on the set of dataset.seed=1."""
+    result = run_cli("train_student.py", "teacher=resnet8", "student=resnet8", "distill=kd",
+                     *tiny_overrides(tmp_path), f"teacher_dir={trained / 'teachers'}", "dataset.seed=1",
+                     f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dataset.seed=1: other classes, so its predictions are for another data set" in result.stdout + result.stderr

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from common.errors import UserError
 from common.files import atomic_copy, atomic_write, file_sha256, fsync_dir, replace_durably
@@ -124,8 +124,9 @@ def _recover(folder: Path, target: Path) -> bool:
 
 def _store_locked(source: Path, folder: Path, arch: str, dataset: str, metrics: Mapping[str, Any],
                   config: Mapping[str, Any], run_dir: str | Path, step: Callable[[str], None],
-                  receipt: bool = True) -> Path:
-    """The store (the lock is held); ``receipt``: write the run's receipt (not for a further copy of a stored run)."""
+                  receipt: bool = True, image_size: Sequence[int] | None = None) -> Path:
+    """The store (the lock is held); ``receipt``: write the run's receipt (not for a further copy of a stored run);
+    ``image_size``: the (height, width) the network was trained on, when known."""
     from distiller.engine.checkpoints import safe_load
 
     target = folder / f"{arch}.pt"
@@ -140,7 +141,8 @@ def _store_locked(source: Path, folder: Path, arch: str, dataset: str, metrics: 
     journal = {"format": JOURNAL_FORMAT, "target": target.name, "new": new.name,
                "backup": None if backup is None else backup.name, "old_entry": entries.get(target.name),
                "entry": make_entry(new, arch, dataset, header.get("num_classes"), metrics, recipe_of(config),
-                                   "train_teacher.py", str(run_dir), data_root=_data_root(dataset, config)),
+                                   "train_teacher.py", str(run_dir), data_root=_data_root(dataset, config),
+                                   image_size=image_size),
                "receipt": str(Path(run_dir) / RECEIPT_NAME) if receipt else None}
     atomic_write(journal, journal_path(target), "json")
     step("intent")
@@ -157,8 +159,11 @@ def _data_root(dataset: str, config: Mapping[str, Any]) -> str | None:
 
 def store_teacher(source: str | Path, folder: str | Path, arch: str, dataset: str, metrics: Mapping[str, Any],
                   config: Mapping[str, Any], run_dir: str | Path,
-                  on_step: Callable[[str], None] | None = None) -> Path:
+                  on_step: Callable[[str], None] | None = None, image_size: Sequence[int] | None = None) -> Path:
     """Store the trained network at ``source`` (its ``final.pt``) as ``<folder>/<arch>.pt`` and index it.
+
+    ``image_size``: the (height, width) of the images it was trained on, recorded so that a student run on
+    images of another size is warned (:func:`distiller.jobs.teachers.verify_teacher`).
 
     A previous file is kept as ``<arch>.pt.<date>.bak`` and its index entry moves with it. The store
     is journalled (:data:`STORE_STEPS`; ``on_step(name)`` runs after each, for tests) and ends by
@@ -167,7 +172,7 @@ def store_teacher(source: str | Path, folder: str | Path, arch: str, dataset: st
     folder = Path(folder)
     with locked_index(folder):  # one store at a time per folder: the file and its entry change together
         target = _store_locked(Path(source), folder, arch, dataset, metrics, config, run_dir,
-                               on_step or (lambda name: None))
+                               on_step or (lambda name: None), image_size=image_size)
     node = config.get("model") if isinstance(config.get("model"), Mapping) else {"name": arch}
     log.info("stored the trained model as %s (used by %s), indexed in %s", target, command_line_choice(node),
              index_path(folder))

@@ -91,21 +91,27 @@ def recipe_of(config: Mapping[str, Any]) -> dict[str, Any]:
     keys = {"epochs": "trainer.epochs", "optimizer": "optim.name", "lr": "optim.lr", "momentum": "optim.momentum",
             "weight_decay": "optim.weight_decay", "batch_size": "dataset.batch_size",
             "milestones": "schedule.milestones", "lr_decay": "schedule.gamma", "seed": "seed",
-            "precision": "trainer.precision", "train_size": "dataset.train_size", "test_size": "dataset.test_size"}
+            "precision": "trainer.precision", "train_size": "dataset.train_size", "test_size": "dataset.test_size",
+            "data_seed": "dataset.seed"}
     return {name: dotted_get(config, path) for name, path in keys.items() if dotted_get(config, path) is not None}
 
 
 def make_entry(path: Path, arch: str, dataset: str | None, num_classes: int | None,
                metrics: Mapping[str, Any] | None, recipe: Mapping[str, Any] | None, source: str,
-               run_dir: str | None = None, data_root: str | None = None) -> dict[str, Any]:
+               run_dir: str | None = None, data_root: str | None = None,
+               image_size: Sequence[int] | None = None) -> dict[str, Any]:
     """One index entry for the file at ``path`` (hashed now). ``data_root``: the resolved root of a data set
-    whose root *is* the data (an image folder, :func:`datasets.base.teachers_data_root`); recorded only there."""
+    whose root *is* the data (an image folder, :func:`datasets.base.teachers_data_root`); recorded only there.
+    ``image_size``: the (height, width) of the training images, when known."""
     metrics = metrics or {}
+    facts = {"data_root": data_root} if data_root is not None else {}
+    if image_size is not None:
+        facts["image_size"] = [int(s) for s in image_size]
     return {
         "arch": arch, "dataset": dataset, "num_classes": num_classes, "sha256": file_sha256(path),
         "bytes": path.stat().st_size, "test_top1": metrics.get("test_top1"), "test_top5": metrics.get("test_top5"),
         "recipe": dict(recipe or {}), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": source, "run_dir": run_dir, **({"data_root": data_root} if data_root is not None else {}),
+        "source": source, "run_dir": run_dir, **facts,
     }
 
 
@@ -142,12 +148,14 @@ def pending_store(path: str | Path) -> dict[str, Any] | None:
 
 # ---- loading --------------------------------------------------------------------------------------
 def verify_teacher(path: str | Path, arch: str, dataset: str | None = None,
-                   data_root: str | None = None) -> dict[str, Any] | None:
+                   data_root: str | None = None, data_facts: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """Check ``path`` against its folder's index; returns its entry (None: not indexed, loaded unchecked).
 
     Raises a one-line :class:`UserError` when the file changed since it was indexed (sha256) or was
     indexed as another architecture; warns when it was trained on another data set, or (``data_root``:
-    this run's resolved image folder) on another image folder.
+    this run's resolved image folder) on another image folder, or (``data_facts``: this run's
+    ``image_size`` [H, W] and ``data_seed``, the generated set's seed) on images of another size or
+    another generated set, where its entry records them.
     """
     path = Path(path)
     entry = read_index(path.parent).get(path.name)
@@ -172,19 +180,34 @@ def verify_teacher(path: str | Path, arch: str, dataset: str | None = None,
     elif data_root is not None and entry.get("data_root") not in (None, data_root):
         log.warning("teacher %s was trained on the %s data at %s, this run uses %s", path, entry.get("dataset"),
                     entry["data_root"], data_root)
+    _warn_other_data(path, entry, data_facts or {})
     log.info("teacher %s matches its index entry (%s, %s, test top-1 %s, stored %s)", path, entry.get("arch"),
              entry.get("dataset"), entry.get("test_top1"), entry.get("date"))
     return entry
 
 
+def _warn_other_data(path: Path, entry: Mapping[str, Any], facts: Mapping[str, Any]) -> None:
+    """Warn where the entry records an image size or generated set (``data_seed``) other than this run's."""
+    size, trained_size = facts.get("image_size"), entry.get("image_size")
+    if size is not None and trained_size is not None and list(trained_size) != list(size):
+        log.warning("teacher %s was trained on %sx%s images, this run's are %sx%s: its predictions are for another "
+                    "input size (dataset.image_size)", path, *trained_size, *size)
+    seed, trained_seed = facts.get("data_seed"), (entry.get("recipe") or {}).get("data_seed")
+    if seed is not None and trained_seed is not None and trained_seed != seed:
+        log.warning("teacher %s was trained on the %s set generated with dataset.seed=%s, this run's has "
+                    "dataset.seed=%s: other classes, so its predictions are for another data set", path,
+                    entry.get("dataset"), trained_seed, seed)
+
+
 def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str | None = None,
                          verify: bool = True, train_overrides: Sequence[str] = (),
-                         teacher_dir: str | Path | None = None, data_root: str | None = None) -> dict[str, Any] | None:
+                         teacher_dir: str | Path | None = None, data_root: str | None = None,
+                         data_facts: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """Load a teacher file into ``model``, checked against the teacher index first (``verify``).
 
-    Returns the index entry (None when the file is not indexed or ``verify`` is off). ``dataset`` and
-    ``data_root``: this run's data, compared with the entry's (:func:`verify_teacher`). ``train_overrides``
-    (the run's data set and teacher folder) complete the command a missing file's message suggests;
+    Returns the index entry (None when the file is not indexed or ``verify`` is off). ``dataset``,
+    ``data_root`` and ``data_facts``: this run's data, compared with the entry's (:func:`verify_teacher`).
+    ``train_overrides`` (the run's data set and teacher folder) complete the command a missing file's message suggests;
     ``teacher_dir``: where that command stores the teacher (a missing file elsewhere is not where it goes).
     """
     from distiller.engine.checkpoints import check_file, load_weights
@@ -205,7 +228,7 @@ def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str |
                  f"it stores the teacher in {teacher_dir}, where this command finds it once teacher.ckpt is dropped")
         raise UserError(f"teacher checkpoint not found: {path}. Train it with `{command}` ({where}), or pass "
                         f"teacher.ckpt=PATH to a pretrained {arch} file ({{'model': state_dict}})")
-    entry = verify_teacher(path, arch, dataset, data_root) if verify else None
+    entry = verify_teacher(path, arch, dataset, data_root, data_facts) if verify else None
     if not verify:
         log.warning("teacher.verify=false: %s is loaded without checking it against the teacher index", path)
     load_weights(model, path, arch, what="teacher checkpoint")

@@ -121,7 +121,8 @@ def train_network(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     if runtime.is_main:
         atomic_write(trainer.checkpointer.slim(len(state.history), final["test_top1"]), run_dir / "final.pt")
         if job.save_teacher:  # <teacher_dir>/<arch>.pt, indexed (jobs/teachers.py); a previous file -> .bak
-            store_teacher(run_dir / "final.pt", Path(job.teacher_dir), arch, job.dataset.name, final, record, run_dir)
+            store_teacher(run_dir / "final.pt", Path(job.teacher_dir), arch, job.dataset.name, final, record, run_dir,
+                          image_size=data.image_size)
         print(f"{arch}: final test top-1 {final['test_top1']:.2f}  best {state.best_top1:.2f}  ({run_dir})")
     return final
 
@@ -183,7 +184,8 @@ def assemble_distillation(job: Any, run_dir: Path, record: dict[str, Any], runti
         entry = load_teacher_weights(teacher, teacher_file, teacher_arch, dataset=job.dataset.name,
                                      verify=job.teacher.verify, train_overrides=_same_data_overrides(job),
                                      teacher_dir=job.teacher_dir,
-                                     data_root=teachers_data_root(job.dataset.name, str(job.dataset.root)))
+                                     data_root=teachers_data_root(job.dataset.name, str(job.dataset.root)),
+                                     data_facts={"image_size": list(data.image_size), "data_seed": job.dataset.seed})
         # recorded in the checkpoints and metrics.json: a resumed run must find the same file
         teacher_sha256 = entry["sha256"] if entry is not None else file_sha256(teacher_file)
     student = build_network(job.student, data.num_classes, data.image_size, role="student")
