@@ -139,7 +139,9 @@ def test_a_sweep_of_three_logit_methods_builds_the_cache_once_and_every_run_uses
 @pytest.mark.parametrize("extra, load_teacher, why", [
     (("distill=crd", "distill.nce_k=8"), True, "crd reads the teacher's embedding, not only its logits"),
     (("distill=fitnet",), True, "fitnet reads the teacher's stages, stem, not only its logits"),
-    (("distill=kd", "dataset.stream=true", "dataset.workers=0"), True, "streamed from files"),
+    (("distill=kd", "dataset.stream=true", "dataset.workers=0"), True,
+     "the data set is streamed from files, and the cache is built over a data set decoded into memory: "
+     "dataset.stream=false decodes it (if it fits)"),
     (("distill=kd",), False, "the teacher is not loaded from a stored file"),
     (("distill=kd", "distill.alpha=0"), True, "the objective never runs the teacher"),
 ])

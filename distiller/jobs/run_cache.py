@@ -16,8 +16,9 @@ finite set of inputs: the teacher runs live on them while the batch's own (weak)
 their logits from the cache, which saves one of MLKD's two teacher forwards per step.
 
 Where the cache cannot apply, one line says why and the run goes on with the live teacher: an
-objective as above that reads more than logits, a streamed data set (its random resized crops are not
-enumerable), a teacher that is not a stored file (its sha256 is part of the key). A cache whose key
+objective as above that reads more than logits, a streamed data set (the cache covers sets decoded into
+memory; ImageNet's random resized crops are not even enumerable), a teacher that is not a stored file
+(its sha256 is part of the key). A cache whose key
 differs from the run's (the teacher retrained, the data changed) stops the run in one line that says
 how to rebuild it: it is never silently replaced, nor silently ignored.
 
@@ -35,6 +36,7 @@ from typing import Any
 from torch import nn
 
 from datasets.base import DataSplits
+from datasets.sample_transforms import InceptionCrop
 from distiller.config.schema import TeacherConfig
 from distiller.engine.runtime import Runtime
 from distiller.engine.teacher_cache import TeacherCache
@@ -61,8 +63,11 @@ def cache_refusal(objective: Objective, data: Any, teacher_file: Path | None) ->
         if method.phases():
             return f"{label} has an initialisation phase that trains on the teacher's features"
     if not isinstance(data, DataSplits):
-        return ("the data set is streamed from files and its training augmentation (random resized crops) has "
-                "no finite set of inputs to cache")
+        if isinstance(getattr(data, "transform", None), InceptionCrop):
+            return ("the data set is streamed from files and its training augmentation (random resized crops) has "
+                    "no finite set of inputs to cache")
+        return ("the data set is streamed from files, and the cache is built over a data set decoded into memory: "
+                "dataset.stream=false decodes it (if it fits)")
     if teacher_file is None or not teacher_file.is_file():
         return "the teacher is not loaded from a stored file (the file's sha256 keys the cache)"
     return None
