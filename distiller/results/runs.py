@@ -97,10 +97,19 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {key: leaf for name, child in node.items() for key, leaf in _flatten(child, f"{prefix}{name}.").items()}
 
 
+# lists whose order trains nothing differently: the lr drops after each milestone, in whatever order they are written
+UNORDERED_KEYS = ("schedule.milestones",)
+
+
 def training_settings(config: dict[str, Any]) -> dict[str, Any]:
     """What decides what a run trained, as dotted key -> value: its config less the keys that change nothing
-    trained (:data:`NOT_TRAINING_KEYS`, the seed among them). Runs averaged into one cell must agree on all."""
-    return {key: value for key, value in _flatten(run_identity(config)).items() if key not in NOT_TRAINING_KEYS}
+    trained (:data:`NOT_TRAINING_KEYS`, the seed among them), the lists of :data:`UNORDERED_KEYS` sorted. Runs
+    averaged into one cell must agree on all."""
+    settings = {key: value for key, value in _flatten(run_identity(config)).items() if key not in NOT_TRAINING_KEYS}
+    for key in UNORDERED_KEYS:
+        if isinstance(settings.get(key), list):
+            settings[key] = sorted(settings[key])
+    return settings
 
 
 def shown_setting(settings: dict[str, Any], key: str) -> str:
