@@ -111,6 +111,22 @@ def test_rerunning_a_finished_run_writes_nothing(finished):
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize("extra", [[], ["trainer.force=true"]])
+def test_the_same_run_with_auto_resume_off_says_how_to_continue_or_start_over(finished, extra):
+    """With trainer.auto_resume=false the same command over its own last.pt is refused; the line offers what works
+    (force starts afresh only over another run's config, so it is not offered), and nothing is written."""
+    tmp, command = finished
+    run = tmp / "runs/student/synthetic/resnet8-resnet8/kd/seed0"
+    before = snapshot(run)
+    result = run_cli("train_student.py", *command, "trainer.auto_resume=false", *extra, cwd=tmp)
+    assert result.returncode == EXIT_USER_ERROR, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: run directory {run} already holds this run (last.pt) and trainer.auto_resume=false: pass "
+        "trainer.resume=true to continue it, or another hydra.run.dir to start it over (trainer.force=true starts "
+        "afresh only over another run)"]
+    assert snapshot(run) == before
+
+
 def test_the_readmes_dot_run_after_a_kd_run_gets_its_own_directory(finished):
     tmp, command = finished
     kd = tmp / "runs/student/synthetic/resnet8-resnet8/kd/seed0"

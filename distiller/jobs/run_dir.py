@@ -114,8 +114,9 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], trainer: Any, runtime
             return None
     if last.exists():
         if not (trainer.resume or trainer.auto_resume):
-            raise UserError(f"run directory {run_dir} already holds a run (last.pt); pass trainer.resume=true "
-                            f"to continue it, or trainer.force=true to start afresh")
+            raise UserError(f"run directory {run_dir} already holds this run (last.pt) and trainer.auto_resume=false: "
+                            "pass trainer.resume=true to continue it, or another hydra.run.dir to start it over "
+                            "(trainer.force=true starts afresh only over another run)")
         checkpoint = safe_load(last, "checkpoint")
         if checkpoint.get("run", {}).get("finished"):
             return "finished"
