@@ -131,6 +131,18 @@ def test_the_mode_is_offline_unless_asked(monkeypatch):
     assert wandb_mode(Settings) == "disabled"
 
 
+def test_a_wandb_mode_wandb_refuses_is_one_line_before_anything_is_written(tmp_path, monkeypatch):
+    """WANDB_MODE=bogus was passed to W&B at the first scalar, after the run had written its config and
+    TensorBoard files; it is refused when the backend is made, in one line, and logger.mode still wins."""
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    with pytest.raises(UserError) as err:
+        make_backends(tmp_path, LoggerConfig(backends=["tensorboard", "wandb"]), {})
+    assert str(err.value) == ("WANDB_MODE=bogus is not a Weights & Biases mode: set it to online, offline or disabled, "
+                              "or unset it, or pass logger.mode=online|offline|disabled")
+    assert not list(tmp_path.iterdir())  # nothing written
+    make_backends(tmp_path, LoggerConfig(backends=["wandb"], mode="disabled"), {})  # the config's mode wins
+
+
 def test_logger_group_choices(compose, tmp_path):
     for choice, names in (("tensorboard", ["tensorboard"]), ("wandb", ["tensorboard", "wandb"]), ("none", [])):
         cfg = compose("train_teacher", [f"logger={choice}"])

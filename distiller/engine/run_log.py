@@ -152,9 +152,19 @@ def import_wandb() -> Any:
                         "(or choose logger=tensorboard)") from None
 
 
+# the modes W&B's own settings accept (logger.mode offers the first three)
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
+
+
 def wandb_mode(settings: Any) -> str:
-    """``logger.mode`` when set; else ``WANDB_MODE`` from the environment; else offline."""
-    return str(settings.mode or os.environ.get(WANDB_MODE_ENV) or DEFAULT_WANDB_MODE)
+    """``logger.mode`` when set; else ``WANDB_MODE`` from the environment (one W&B accepts); else offline."""
+    if settings.mode:
+        return str(settings.mode)
+    env = os.environ.get(WANDB_MODE_ENV, "").strip()
+    if env and env not in WANDB_MODES:
+        raise UserError(f"{WANDB_MODE_ENV}={env} is not a Weights & Biases mode: set it to online, offline or "
+                        "disabled, or unset it, or pass logger.mode=online|offline|disabled")
+    return env or DEFAULT_WANDB_MODE
 
 
 @BACKENDS.register("wandb", options=("project", "entity", "name", "group", "tags", "mode"))
@@ -169,6 +179,7 @@ class WandbBackend(Backend):
     def __init__(self, run_dir: Path, settings: Any, config: dict[str, Any]) -> None:
         super().__init__(run_dir, settings, config)
         self._wandb = import_wandb()  # now: a missing package fails before the run starts
+        wandb_mode(settings)  # and so does a WANDB_MODE that W&B would refuse
         self._run = None
         self._axes: set[str] = set()
 
