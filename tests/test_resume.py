@@ -232,3 +232,19 @@ def test_a_last_pt_without_teacher_hash_still_resumes(teacher, student_runs, tmp
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "records no sha256 of its teacher file" in (run / "train_student.log").read_text()
     assert_same_weights(student_runs["reference"] / "final.pt", run / "final.pt")
+
+
+def test_resuming_with_another_eval_precision_says_the_evaluations_change(teacher, student_runs, tmp_path):
+    """trainer.eval_precision may change when a run resumes (it trains nothing differently), but the accuracies the
+    run reports from then on come from the new precision: the resumption says so (config.yaml keeps fp32)."""
+    run, _, command = stopped_copy(teacher, student_runs, tmp_path)
+    resumed = run_cli("train_student.py", *command, "trainer.eval_precision=bf16")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log_text = (run / "train_student.log").read_text()
+    assert (f"trainer.eval_precision=bf16, but the run in {run} has been evaluated with fp32 so far (config.yaml keeps "
+            "the value it started with): its evaluations from here on use bf16") in log_text
+    assert "eval_precision: fp32" in (run / "config.yaml").read_text()
+    again = tmp_path / "same"
+    run2, _, command2 = stopped_copy(teacher, student_runs, again)
+    assert run_cli("train_student.py", *command2).returncode == 0
+    assert "has been evaluated with" not in (run2 / "train_student.log").read_text()  # unchanged: no line

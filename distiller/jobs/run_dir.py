@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.errors import UserError
 from common.files import atomic_write
+from common.lookup import dotted_get
 from distiller.config import run_record
 from distiller.config.schema import NETWORK_GROUPS, SCHEMAS, current_names
 from distiller.engine.checkpoints import safe_load
@@ -63,6 +64,20 @@ def run_identity(config: dict[str, Any]) -> dict[str, Any]:
                                                               or node[leaf] == NEUTRAL_DEFAULTS[key]):
             del node[leaf]
     return OmegaConf.to_container(identity)
+
+
+# volatile keys that change the numbers a run reports (not what it trains): a change is said when it resumes
+REPORTED_KEYS = ("trainer.eval_precision",)
+
+
+def _note_reported_changes(old: dict[str, Any], new: dict[str, Any], run_dir: Path) -> None:
+    """Warn when this command changes a :data:`REPORTED_KEYS` key of the run it continues (``old``: the config
+    its ``last.pt`` records; ``config.yaml`` keeps the value the run started with)."""
+    for key in REPORTED_KEYS:
+        before, after = dotted_get(old, key), dotted_get(new, key)
+        if before is not None and before != after:
+            log.warning("%s=%s, but the run in %s has been evaluated with %s so far (config.yaml keeps the value it "
+                        "started with): its evaluations from here on use %s", key, after, run_dir, before, after)
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -120,6 +135,7 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], trainer: Any, runtime
         checkpoint = safe_load(last, "checkpoint")
         if checkpoint.get("run", {}).get("finished"):
             return "finished"
+        _note_reported_changes(checkpoint.get("config") or {}, config, run_dir)
         changed = resumed_teacher_change(checkpoint, teacher_file) if teacher_file is not None else None
         if changed is not None:
             if not trainer.force:
