@@ -167,3 +167,22 @@ def test_teacher_cache_timing_needs_both_networks_of_a_pair() -> None:
     result = run_cli("scripts/benchmark.py", "--teacher-cache", "teacher=resnet8", "bench.steps=1")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "teacher= and student=" in result.stderr
+
+
+@pytest.mark.parametrize("native, says", [(True, "convolutions (oneDNN) run faster than torch.mm"),
+                                          (False, "matmul kernels of this precision are emulated here")])
+def test_an_mfu_over_100_percent_is_explained_by_what_this_cpu_has(monkeypatch, native: bool, says: str) -> None:
+    """bf16 on a CPU with native bf16 is not emulated: there the convolutions outrun torch.mm's measured peak."""
+    from distiller.bench import step_speed
+
+    monkeypatch.setattr(step_speed, "cpu_has_native_bf16", lambda: native)
+    report = {"teacher": "resnet32x4", "student": "resnet8x4", "method": "kd", "phase": "main", "batch_size": 64,
+              "device": "cpu", "device_name": "cpu", "threads": 2, "torch": torch.__version__, "precision": "bf16",
+              "channels_last": False, "compile": False, "steps": 3, "warmup": 1, "warmup_s": 0.1, "rounds": 1,
+              "images_per_sec": 100.0, "reference_images_per_sec": None, "ms_per_step": 640.0,
+              "reference_ms_per_step": None, "speedup": None, "peak_memory_kind": "cpu_peak_rss",
+              "peak_memory_bytes": 2**30, "flops_per_image": 2e9, "achieved_flops": 2e11, "peak_flops": 1.5e11,
+              "mfu": 2e11 / 1.5e11, "mfu_nominal": None}
+    notes = [line for line in step_speed.step_speed_table(report).splitlines() if line.startswith("note:")]
+    assert len([n for n in notes if "MFU > 100 %" in n]) == 1 and says in notes[0]
+    assert any("no native bf16" in n for n in notes) is not native
