@@ -21,14 +21,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from common.errors import UserError
-from distiller.config.command_line import OneLineParser, fail, preflight, preset_sweep
-from distiller.config.overrides import override_key, sweep_axes
+from distiller.config.command_line import OneLineParser, canonical_model_choices, fail, preflight, preset_sweep
+from distiller.config.overrides import override_key, readable_overrides, sweep_axes
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -151,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the cells and the commands; run nothing")
     args = parser.parse_args(argv)
     entry, every_preset = TABLES[args.table]
+    try:  # as the entry points read them: quoted where Hydra needs it, names as registered (distill=hint: fitnet)
+        args.overrides = canonical_model_choices(readable_overrides(list(args.overrides), multirun=True))
+    except UserError as err:
+        fail(str(err))
     try:  # the presets holding the cells the overrides choose (all of them without a cell key), each's overrides
         presets, none_chosen = selected_presets(args.table, args.overrides), None
     except UserError as err:
@@ -179,12 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"# experiment={preset}: {len(jobs)} runs")
             for job in jobs:
                 print("  " + " ".join(f"{k}={v}" for k, v in job.items()))
-            print("$ " + " ".join(command[1:]))
+            print("$ " + shlex.join(command[1:]))
         print(f"# {args.table}: {total} runs in all")
         return 0
     status = 0
     for command in commands(args.table, args.overrides, presets):
-        print("$ " + " ".join(command[1:]), flush=True)
+        print("$ " + shlex.join(command[1:]), flush=True)
         # one preset failing (a failed cell ends its multirun) must not keep the next preset from running
         result = subprocess.run(command, cwd=REPO, env=os.environ.copy())
         status = status or result.returncode

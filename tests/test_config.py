@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import sys
 
 import pytest
 from helpers import CONFIGS, run_cli, tiny_overrides
@@ -236,6 +237,19 @@ def test_composing_shares_the_store_and_leaves_its_nodes_as_they_were(compose):
     assert (again.teacher.lr, again.teacher.ckpt) == (0.05, "/shared-store-test/resnet8.pt")
 
 
+def test_the_method_aliases_of_the_readme_choose_their_method(compose):
+    """The README's methods table gives aliases (``hint`` for FitNet, ``attention`` for AT, ...); Hydra only knows
+    ``configs/distill/<name>.yaml``, so the command line spells an alias as its method's config."""
+    readme = {"hint": "fitnet", "attention": "at", "similarity": "sp", "correlation": "cc", "abound": "ab",
+              "factor": "ft"}  # the README's methods table
+    for alias, method in readme.items():
+        (override,) = canonical_model_choices([f"distill={alias}"])
+        assert compose("train_student", [override]).distill.method == method
+    assert canonical_model_choices(["distill=hint,kd", "+distill@combine.at=attention", "distill=crd_kd",
+                                    "distill=nope"]) == ["distill=fitnet,kd", "+distill@combine.at=at",
+                                                         "distill=crd_kd", "distill=nope"]
+
+
 def test_model_names_any_case(compose):
     cfg = compose("train_student", ["teacher=mobilenetv2", "student=mobile_half", "teacher.ckpt=/x.pt"])
     assert cfg.teacher.name == cfg.student.name == "MobileNetV2" and cfg.teacher.ckpt == "/x.pt"
@@ -374,3 +388,20 @@ def test_a_pair_file_that_gains_another_methods_settings_does_not_change_its_run
     assert run_identity(old) == run_identity(new)
     changed = {**new, "distill": {**new["distill"], "nckd_weight": 6.0}}
     assert run_identity(changed) != run_identity(new)
+
+
+def test_a_registered_data_set_without_its_yaml_says_the_file_is_missing(capsys, monkeypatch, tmp_path):
+    """A data set registered in datasets/ (the README's mydata.py) is a choice of dataset= only with its
+    configs/dataset/<name>.yaml; without it the line says so instead of listing the choices."""
+    from datasets import DATASETS
+
+    monkeypatch.setattr(sys, "argv", ["train_teacher.py"])
+    DATASETS.add("mydata_probe", lambda cfg: None)
+    try:
+        line = _preflight(capsys, "train_teacher", ["dataset=mydata_probe", f"hydra.run.dir={tmp_path / 'run'}"])
+    finally:
+        DATASETS.remove("mydata_probe")
+    assert line == ("error: dataset=mydata_probe is registered (dataset 'mydata_probe') but has no "
+                    "configs/dataset/mydata_probe.yaml, which makes it a choice of dataset=: add that file with its "
+                    "keys (see configs/dataset/ for examples; README: Adding a data set, docs/extending.md)")
+    assert "unknown dataset 'nothing_here'" in _preflight(capsys, "train_teacher", ["dataset=nothing_here"])

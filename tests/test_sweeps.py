@@ -272,17 +272,22 @@ def test_teacher_presets(compose) -> None:
     assert cfg.save_teacher is False and cfg.optim.lr == 0.01
 
 
-@pytest.mark.parametrize("method, presets, runs", [
-    ("kd", ["crd_table1"], 7),  # KD on the 7 pairs; the FSP preset holds no KD cell (it ran KD on 6 pairs again)
-    ("kd,fsp", ["crd_table1", "crd_table1_fsp"], 7 + 6),  # each preset its own method: FSP on its own 6 pairs
+@pytest.mark.parametrize("method, presets, runs, command", [
+    # KD on the 7 pairs; the FSP preset holds no KD cell (it ran KD on 6 pairs again)
+    ("kd", ["crd_table1"], 7, "experiment=crd_table1 seed=0 distill=kd"),
+    # each preset its own method: FSP on its own 6 pairs
+    ("kd,fsp", ["crd_table1", "crd_table1_fsp"], 7 + 6, "experiment=crd_table1_fsp seed=0 distill=fsp"),
+    ("hint", ["crd_table1"], 7, "experiment=crd_table1 seed=0 distill=fitnet"),  # the README's alias of FitNet
 ])
-def test_a_method_override_keeps_the_presets_that_hold_it(capsys, method: str, presets: list, runs: int) -> None:
+def test_a_method_override_keeps_the_presets_that_hold_it(capsys, method: str, presets: list, runs: int,
+                                                          command: str) -> None:
     from scripts import sweep_table
 
     assert sweep_table.main(["crd_table1", f"distill={method}", "seed=0", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert re.findall(r"^# experiment=(\S+):", out, re.M) == presets
     assert out.rstrip().endswith(f"# crd_table1: {runs} runs in all")
+    assert f"train_student.py -m {command}\n" in out
 
 
 def test_sweep_table_dry_run_lists_the_cells(capsys) -> None:

@@ -32,6 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from common.errors import UserError
 from common.files import atomic_write
+from datasets import DATASETS
 from distiller.config import run_record
 from distiller.config.compose import CONFIG_DIR, compose
 from distiller.config.key_advice import unknown_key_message
@@ -46,6 +47,7 @@ from distiller.config.overrides import (
 from distiller.config.schema import SCHEMAS
 from distiller.config.store import group_options
 from distiller.config.validation import check_before_start, describe_error, validate
+from distiller.methods import METHODS
 from models import MODELS
 
 EXIT_USER_ERROR = 2
@@ -222,6 +224,11 @@ def explain_config_error(err: BaseException, config_name: str | None = None, ove
         group, option = missing.groups()
         group = group.split("@")[0].lstrip("/")
         options = _group_options(group)
+        registry = {"dataset": DATASETS, "distill": METHODS}.get(group)
+        if registry is not None and option in registry and registry.canonical(option) == option:
+            return (f"{group}={option} is registered ({registry.kind} '{option}') but has no "
+                    f"configs/{group}/{option}.yaml, which makes it a choice of {group}=: add that file with its keys "
+                    f"(see configs/{group}/ for examples; README: Adding a data set, docs/extending.md)")
         close = difflib.get_close_matches(option, options, n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         return f"unknown {group} '{option}'.{hint} Valid {group} options: {', '.join(options)}"
@@ -246,14 +253,26 @@ def explain_config_error(err: BaseException, config_name: str | None = None, ove
     return f"invalid configuration: {first}"
 
 
+def _method_config(name: str) -> str:
+    """The ``configs/distill`` file a method name chooses: its own, or, for an alias without a file of its own
+    (``hint``, ``attention``, ...), the file of the method it names."""
+    if (CONFIG_DIR / "distill" / f"{name}.yaml").is_file() or name not in METHODS:
+        return name
+    return METHODS.canonical(name)
+
+
 def canonical_model_choices(argv: list[str]) -> list[str]:
-    """``model=``, ``teacher=`` and ``student=`` choices spelled as registered (names are case-insensitive)."""
+    """``model=``, ``teacher=`` and ``student=`` choices spelled as registered (names are case-insensitive), and
+    ``distill=`` (or ``+distill@combine.<key>=``) method aliases as the method's config (``distill=hint``: fitnet)."""
     out = []
     for arg in argv:
         choice = re.fullmatch(r"(model|teacher|student)=(.+)", arg)
+        method = re.fullmatch(r"(\+?distill(?:@combine\.\w+)?)=(.+)", arg)
         if choice:
             names = [MODELS.canonical(n) if n in MODELS else n for n in choice.group(2).split(",")]
             arg = f"{choice.group(1)}={','.join(names)}"
+        elif method:
+            arg = f"{method.group(1)}={','.join(_method_config(n) for n in method.group(2).split(','))}"
         out.append(arg)
     return out
 
@@ -270,6 +289,8 @@ def preflight(config_name: str, argv: list[str]) -> None:
     run_record.forget_new_folders()
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        if sys.argv[1:] == argv:  # Hydra's own flags (--cfg job, ...): only the names spelled as registered
+            sys.argv[1:] = canonical_model_choices(argv)
         return
     flags = [a for a in argv if a in ("-m", "--multirun")]
     try:
