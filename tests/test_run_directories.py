@@ -44,6 +44,11 @@ def run_dir(compose, name: str, *overrides: str) -> tuple[str, str]:
      f"{image_folder('/elsewhere/flowers')}/resnet32x4-resnet8x4/kd/seed0"),
     # the DOT preset labels its runs kd_dot already: the label is not doubled, its runs stay where they were
     (["experiment=new_methods_table_dot", "pair=resnet32x4-resnet8x4"], "resnet32x4-resnet8x4/kd_dot/seed0"),
+    # logit standardization by its switch is KD+LS, as its preset is (not the plain KD run's folder)
+    (["distill.logit_standardize=true"], "resnet32x4-resnet8x4/kd_ls/seed0"),
+    (["distill=kd_ls"], "resnet32x4-resnet8x4/kd_ls/seed0"),
+    (["distill=dkd", "distill.logit_standardize=true", "+distill@combine.at=at"],
+     "resnet32x4-resnet8x4/dkd_ls+at/seed0"),
 ])
 def test_student_run_directory_names_data_set_and_optimizer_only_where_not_the_default(compose, overrides,
                                                                                       expected):

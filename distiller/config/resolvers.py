@@ -13,10 +13,17 @@ from omegaconf.nodes import BooleanNode
 
 from datasets import teacher_folder
 
+LS_SUFFIX = "_ls"  # the label of a method with logit standardization on (configs/distill/*_ls.yaml are named so)
 
-def method_label(name: str, combine: Any = None) -> str:
-    """Label of a run's objective: the method's name, plus ``+label`` for every combined method."""
-    return "+".join([str(name), *sorted(str(k) for k in (combine or {}))])
+
+def method_label(name: str, combine: Any = None, standardize: Any = False) -> str:
+    """Label of a run's objective: the method's name (``_ls`` added where ``distill.logit_standardize`` turns
+    logit standardization on and the name does not say so: ``distill=kd distill.logit_standardize=true`` is
+    ``kd_ls``, as ``distill=kd_ls`` is), plus ``+label`` for every combined method."""
+    name = str(name)
+    if str(standardize).lower() == "true" and not name.endswith(LS_SUFFIX):
+        name += LS_SUFFIX
+    return "+".join([name, *sorted(str(k) for k in (combine or {}))])
 
 
 # Runs on CIFAR-100 with SGD keep the run directories they always had; another data set or optimizer is
