@@ -149,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, what in (("list", "list the indexed teachers"), ("check", "re-hash every indexed teacher file")):
         sub = commands.add_parser(name, help=what)
-        sub.add_argument("folder", nargs="?", default=str(DEFAULT_ROOT), help=f"default: {DEFAULT_ROOT}")
+        sub.add_argument("folder", nargs="?", default=str(DEFAULT_ROOT),
+                         help=f"a teacher folder, or teacher_dir=FOLDER as the entry points take it (default: "
+                              f"{DEFAULT_ROOT})")
         sub.add_argument("--json", action="store_true", help="print JSON")
     sub = commands.add_parser("add", help="index a teacher file (a downloaded one, or one changed on purpose)")
     sub.add_argument("file")
@@ -189,7 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"the content of {args.file} is indexed already (by {entry.get('source')}): kept that entry, "
                   f"{facts}")
             return 0
-        rows = entries(Path(args.folder), check=args.command == "check")
+        folder = args.folder.removeprefix("teacher_dir=")  # the entry points' key for the same folder
+        if "=" in folder and not Path(folder).exists():
+            raise UserError(f"{args.command} takes a teacher folder (or teacher_dir=FOLDER), not the override "
+                            f"{args.folder}")
+        args.folder = folder
+        rows = entries(Path(folder), check=args.command == "check")
         print(json.dumps(rows) if args.json else table(rows) if rows else f"no indexed teachers under {args.folder}")
         changed = [r["file"] for r in rows if r.get("status") not in (None, "ok")]
         if changed:

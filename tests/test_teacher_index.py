@@ -144,6 +144,12 @@ def test_the_command_lists_checks_and_adds(teachers, tmp_path, capsys):
     assert teachers_cmd.main(["list", str(teachers.parent)]) == 0
     out = capsys.readouterr().out
     assert str(teachers / "resnet8.pt") in out and sha256(teachers / "resnet8.pt")[:12] in out
+    assert teachers_cmd.main(["list", f"teacher_dir={teachers}"]) == 0  # the folder as the entry points take it
+    assert str(teachers / "resnet8.pt") in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        teachers_cmd.main(["list", "dataset=cifar100"])
+    assert capsys.readouterr().err.strip() == ("error: list takes a teacher folder (or teacher_dir=FOLDER), not the "
+                                               "override dataset=cifar100")
     # a downloaded file of the older frameworks, indexed with add, then checked with check
     downloaded = teachers / "resnet8_vanilla.pth"
     torch.save({"model": torch.load(teachers / "resnet8.pt", weights_only=True)["model"]}, downloaded)
