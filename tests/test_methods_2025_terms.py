@@ -17,6 +17,7 @@ import torch.nn.functional as nnf
 from helpers import distill_node, generator, objective_of, tiny_trainer
 from torch import nn
 
+from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import Features, classifier_of
@@ -216,6 +217,18 @@ def test_wkd_l_term_weights_only_the_wasserstein_part_by_the_cosine_decay() -> N
     assert z_t.grad is None
     method.on_epoch_start(195)
     assert method.scalars() == {"wd_weight": pytest.approx(300.0)}
+
+
+@pytest.mark.parametrize("grid, side, fix", [
+    (2, 2, "lower distill.spatial_grid"),  # a 2x2 grid of a 2x2 map: 1 pixel per cell; grid 1 fits
+    (1, 1, "no grid fits: give the teacher larger maps"),  # grid 1 already: lowering it is no advice
+])
+def test_wkd_f_on_a_teacher_map_too_small_says_what_can_fix_it(grid: int, side: int, fix: str) -> None:
+    method = objective_of({**distill_node("wkd_f"), "spatial_grid": grid}).entries[0].method
+    with pytest.raises(UserError, match=f"the teacher's last map is {side}x{side}, too small for a {grid}x{grid} "
+                                        f"grid .*; {fix}"):
+        method.build(Features(stages=[torch.Size([B, 4, 8, 8])]), Features(stages=[torch.Size([B, 5, side, side])]),
+                     context(epochs=240))
 
 
 def test_wkd_f_weight_decays_by_a_cosine_after_epoch_150_and_the_term_is_the_pinned_function() -> None:

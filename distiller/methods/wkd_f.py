@@ -41,8 +41,11 @@ class WKDFeature(DistillMethod):
         g, (h, w) = self.spatial_grid, (int(t_shape[-2]), int(t_shape[-1]))
         side = lambda n: min(-(-(i + 1) * n // g) - i * n // g for i in range(g))  # the smallest cell's side
         if h < g or w < g or side(h) * side(w) < 2:
+            fix = ("lower distill.spatial_grid" if g > 1 and h * w >= 2 else
+                   "no grid fits: give the teacher larger maps (a CIFAR stem, teacher.cifar_stem=true, or larger "
+                   "images) or choose another method")
             raise UserError(f"wkd_f: the teacher's last map is {h}x{w}, too small for a {g}x{g} grid (every cell needs "
-                            f"2 pixels for its variance); lower distill.spatial_grid")
+                            f"2 pixels for its variance); {fix}")
         self.regressor = ConvRegressor(student.stages[-1], t_shape)
         self.epochs = ctx.epochs
         self.to(ctx.device)
