@@ -313,6 +313,9 @@ def test_a_warm_up_of_a_weighted_method_is_accepted_and_ramps_its_weight(compose
     ("train_student", ["teacher.lr=0.3"], "teacher.lr is not read here"),
     ("train_student", ["optim.lr=0.1", "student.lr=0.3"], "student.lr has no effect here: optim.lr=0.1 sets"),
     ("train_teacher", ["optim.lr=0.1", "model.lr=0.3"], "model.lr has no effect here: optim.lr=0.1 sets"),
+    # the teacher's checkpoint replaces every tensor library weights would have given it
+    ("train_student", ["teacher=torchvision", "teacher.name=resnet18", "teacher.weights=/w/resnet18.pth"],
+     "teacher.weights is not read here: a student run loads the whole teacher from teacher.ckpt"),
 ])
 def test_a_learning_rate_optim_lr_does_not_follow_is_refused(capsys, config, overrides, words):
     assert words in preflight_line(capsys, config, overrides)

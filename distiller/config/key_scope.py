@@ -116,6 +116,10 @@ def check_set_keys(config: DictConfig, objective: Any, set_keys: Collection[str]
     :class:`distiller.objective.Objective` built from ``config``; None for a teacher's job). ``config``: the
     composed job before resolution."""
     _check_learning_rates(config, set_keys)
+    if "teacher.weights" in set_keys and "student" in config:
+        raise UserError("teacher.weights is not read here: a student run loads the whole teacher from teacher.ckpt "
+                        "(library weights initialise a network before it trains: train_teacher.py model.weights=..., "
+                        "or student.weights=...); drop it")
     if objective is not None:
         _check_objective_keys(config, objective, set_keys)
 
