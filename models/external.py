@@ -61,7 +61,8 @@ def network_label(node: Mapping[str, Any]) -> str:
 
 
 def command_line_choice(node: Mapping[str, Any], group: str = "teacher") -> str:
-    """How the command line chooses this network: ``teacher=resnet56``, ``teacher=torchvision teacher.name=NAME``."""
+    """How the command line chooses this network: ``teacher=resnet56``, ``teacher=torchvision teacher.name=NAME``,
+    with its CIFAR stem and constructor arguments (``+teacher.width=2``) where the node has them."""
     source = node.get("source")
     if source is None:
         return f"{group}={node['name']}"
@@ -69,7 +70,20 @@ def command_line_choice(node: Mapping[str, Any], group: str = "teacher") -> str:
     words = [f"{group}={source}", f"{group}.{key}={node.get(key, node['name'])}"]
     if node.get("cifar_stem"):
         words.append(f"{group}.cifar_stem=true")
+    args = {**(_plain(node.get("extra")) or {}), **constructor_args(node)}
+    words += [f"+{group}.{name}={_override_value(value)}" for name, value in sorted(args.items())]
     return " ".join(words)
+
+
+def _override_value(value: Any) -> str:
+    """A value as a command-line override writes it (``true``, ``[1,2]``, ``null``)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return f"[{','.join(_override_value(v) for v in value)}]"
+    return str(value)
 
 
 def label_choice(label: str, group: str = "teacher") -> str:

@@ -509,6 +509,15 @@ def test_the_stored_teacher_message_gives_the_command_line_that_uses_it() -> Non
         "student=timm student.name=resnet10t"
     assert command_line_choice({"source": "module", "name": "pkg.nets.Net", "_target_": "pkg.nets.Net"}) == \
         "teacher=module teacher._target_=pkg.nets.Net"
+    # constructor arguments, beside the declared keys or kept in a converted node's extra: without them the
+    # suggested command builds another network than the stored one
+    assert command_line_choice({"source": "module", "name": "pkg.Net", "_target_": "pkg.Net", "width": 2,
+                                "lr": 0.05, "weights": None, "features": {"stem": None}}) == \
+        "teacher=module teacher._target_=pkg.Net +teacher.width=2"
+    assert command_line_choice({"source": "timm", "name": "vit_tiny_patch16_224", "cifar_stem": False,
+                                "extra": {"img_size": 32, "patch_size": 4, "dynamic": True, "sizes": [1, 2]}}) == \
+        ("teacher=timm teacher.name=vit_tiny_patch16_224 +teacher.dynamic=true +teacher.img_size=32 "
+         "+teacher.patch_size=4 +teacher.sizes=[1,2]")
     # from the name in files and messages, where the CIFAR stem is not recorded
     assert label_choice("torchvision-resnet18", "model") == "model=torchvision model.name=resnet18"
     assert label_choice("module-pkg.nets.Net") == "teacher=module teacher._target_=pkg.nets.Net"
@@ -530,3 +539,13 @@ def test_a_file_of_the_same_network_built_otherwise_names_the_build_not_two_equa
                                         r"\(its parameter shapes differ, e.g. cifar_stem") as err:
         load_weights(plain, tmp_path / "t.pt", network_label(stem), what="teacher checkpoint")
     assert "not torchvision-resnet18" not in str(err.value)
+
+
+def test_a_missing_teacher_of_its_own_build_is_trained_by_the_command_the_message_gives(tmp_path: Path) -> None:
+    """The teacher's constructor arguments are part of the command that trains it: without +model.width=4 it
+    would store a network of other shapes, which the student then refuses."""
+    result = run_cli("train_student.py", "teacher=module", f"teacher._target_={TINY}", "+teacher.width=4",
+                     "student=resnet8", f"hydra.run.dir={tmp_path / 'run'}", *tiny_overrides(tmp_path))
+    assert result.returncode == 2
+    assert (f"Train it with `python train_teacher.py model=module model._target_={TINY} +model.width=4 "
+            "dataset=synthetic") in result.stderr, result.stderr

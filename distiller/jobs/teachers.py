@@ -202,13 +202,15 @@ def _warn_other_data(path: Path, entry: Mapping[str, Any], facts: Mapping[str, A
 def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str | None = None,
                          verify: bool = True, train_overrides: Sequence[str] = (),
                          teacher_dir: str | Path | None = None, data_root: str | None = None,
-                         data_facts: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+                         data_facts: Mapping[str, Any] | None = None,
+                         model_choice: str | None = None) -> dict[str, Any] | None:
     """Load a teacher file into ``model``, checked against the teacher index first (``verify``).
 
     Returns the index entry (None when the file is not indexed or ``verify`` is off). ``dataset``,
     ``data_root`` and ``data_facts``: this run's data, compared with the entry's (:func:`verify_teacher`).
     ``train_overrides`` (the run's data set and teacher folder) complete the command a missing file's message suggests;
-    ``teacher_dir``: where that command stores the teacher (a missing file elsewhere is not where it goes).
+    ``teacher_dir``: where that command stores the teacher (a missing file elsewhere is not where it goes);
+    ``model_choice``: how that command chooses the network (default: from ``arch``, without constructor arguments).
     """
     from distiller.engine.checkpoints import check_file, load_weights
 
@@ -222,7 +224,7 @@ def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str |
     if path.is_dir():
         check_file(path, "teacher checkpoint")  # a directory: says so, and names the checkpoints in it
     if not path.is_file():
-        command = " ".join(["python train_teacher.py", label_choice(arch, "model"), *train_overrides])
+        command = " ".join(["python train_teacher.py", model_choice or label_choice(arch, "model"), *train_overrides])
         there = teacher_dir is None or path.absolute().parent == Path(teacher_dir).absolute()
         where = ("saved there" if there else
                  f"it stores the teacher in {teacher_dir}, where this command finds it once teacher.ckpt is dropped")

@@ -37,7 +37,7 @@ from distiller.jobs.teacher_store import prepare_store, store_teacher
 from distiller.jobs.teachers import load_teacher_weights, published_check
 from distiller.objective import Objective
 from distiller.optim import check_optimizer, make_optimizer
-from models.external import build_network, network_label
+from models.external import build_network, command_line_choice, network_label
 from models.features import check_features
 
 log = logging.getLogger("distiller")
@@ -185,7 +185,8 @@ def assemble_distillation(job: Any, run_dir: Path, record: dict[str, Any], runti
                                      verify=job.teacher.verify, train_overrides=_same_data_overrides(job),
                                      teacher_dir=job.teacher_dir,
                                      data_root=teachers_data_root(job.dataset.name, str(job.dataset.root)),
-                                     data_facts={"image_size": list(data.image_size), "data_seed": job.dataset.seed})
+                                     data_facts={"image_size": list(data.image_size), "data_seed": job.dataset.seed},
+                                     model_choice=command_line_choice(vars(job.teacher), "model"))
         # recorded in the checkpoints and metrics.json: a resumed run must find the same file
         teacher_sha256 = entry["sha256"] if entry is not None else file_sha256(teacher_file)
     student = build_network(job.student, data.num_classes, data.image_size, role="student")
