@@ -50,6 +50,10 @@ def cifar_stem_conv(model: nn.Module, input_size: Sequence[int], label: str) -> 
 
     The new convolution is He-initialised (fan-out). Returns its path.
     """
+    if any(name.rsplit(".", 1)[-1] == "pos_embed" for name, _ in model.named_parameters()):
+        raise UserError(f"cifar_stem does not apply to {label}: its first convolution embeds patches, and its position "
+                        "embedding is made for their count; drop cifar_stem and set the patch and image size instead "
+                        "(a timm ViT: +student.img_size=32 +student.patch_size=4)")
     order = _forward_order(model, input_size)
     convs = [n for n in order if isinstance(model.get_submodule(n), nn.Conv2d)]
     if not convs:

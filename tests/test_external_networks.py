@@ -479,6 +479,10 @@ def test_a_timm_vision_transformer_is_a_student_for_the_methods_that_read_no_map
         feats, logits = forward_features(model, x)
         embedding = model.forward_head(model.forward_features(x), pre_logits=True)
     assert torch.equal(feats[-1], embedding) and torch.equal(logits, model(x))
+    # a CIFAR stem would change the number of patches its position embedding is made for
+    with pytest.raises(UserError, match=r"^cifar_stem does not apply to timm-vit_tiny_patch16_224: its first "
+                                        r"convolution embeds patches"):
+        build_network({**node, "cifar_stem": True}, NUM_CLASSES, role="student")
 
 
 # --------------------------------------------------------------------------- the command line
