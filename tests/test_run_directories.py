@@ -49,6 +49,11 @@ def run_dir(compose, name: str, *overrides: str) -> tuple[str, str]:
     (["distill=kd_ls"], "resnet32x4-resnet8x4/kd_ls/seed0"),
     (["distill=dkd", "distill.logit_standardize=true", "+distill@combine.at=at"],
      "resnet32x4-resnet8x4/dkd_ls+at/seed0"),
+    # networks from outside the zoo by source and name, as their files: two sources' resnet18 never share a folder
+    (["teacher=torchvision", "teacher.name=resnet18", "student=timm", "student.name=resnet18"],
+     "torchvision-resnet18-timm-resnet18/kd/seed0"),
+    (["teacher=timm", "teacher.name=resnet18", "student=module", "student._target_=pkg.Net"],
+     "timm-resnet18-module-pkg.Net/kd/seed0"),
 ])
 def test_student_run_directory_names_data_set_and_optimizer_only_where_not_the_default(compose, overrides,
                                                                                       expected):
@@ -60,6 +65,8 @@ def test_student_run_directory_names_data_set_and_optimizer_only_where_not_the_d
     (["model=resnet56"], "resnet56/seed0"),
     (["model=resnet56", "optim=dot"], "resnet56_dot/seed0"),
     (["model=resnet56", "dataset=synthetic", "seed=2"], "synthetic/resnet56/seed2"),
+    (["model=torchvision", "model.name=resnet18", "optim=dot"], "torchvision-resnet18_dot/seed0"),
+    (["model=module", "model._target_=pkg.Net"], "module-pkg.Net/seed0"),
 ])
 def test_teacher_run_directory_names_data_set_and_optimizer_only_where_not_the_default(compose, overrides,
                                                                                       expected):

@@ -48,6 +48,14 @@ def optimizer_label(label: str, optimizer: str) -> str:
     return "+".join([first, *combined])
 
 
+def network_folder(source: Any, name: Any) -> str:
+    """``${network_folder:SOURCE,NAME}``: a network's name in run directories, as in its files and messages
+    (:func:`models.external.network_label`): ``resnet56`` from the zoo, ``torchvision-resnet18`` /
+    ``timm-resnet18`` / ``module-pkg.Net`` from outside it, so two sources' networks of one name never share
+    a run directory."""
+    return str(name) if source is None or str(source) in ("", "None", "null") else f"{source}-{name}"
+
+
 def if_switch(flag: Any, then: Any, otherwise: Any) -> Any:
     """``${if:FLAG,A,B}``: A when FLAG is true, else B. A method default that follows a switch, e.g.
     KD's temperature under ``logit_standardize`` (the pair's LS value) and without it (4). FLAG is read
@@ -69,6 +77,7 @@ def register_resolvers() -> None:
     # run directories: the data set and the optimizer where they are not CIFAR-100 and SGD
     OmegaConf.register_new_resolver("dataset_folder", dataset_folder, replace=True)
     OmegaConf.register_new_resolver("optimizer_label", optimizer_label, replace=True)
+    OmegaConf.register_new_resolver("network_folder", network_folder, replace=True)
 
 
 register_resolvers()
