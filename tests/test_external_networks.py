@@ -553,3 +553,22 @@ def test_a_missing_teacher_of_its_own_build_is_trained_by_the_command_the_messag
     assert result.returncode == 2
     assert (f"Train it with `python train_teacher.py model=module model._target_={TINY} +model.width=4 "
             "dataset=synthetic") in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("saved_stem, built_stem, says", [
+    (True, False, "is 3x3 where this build's is 7x7: it was trained with a CIFAR stem; set cifar_stem=true"),
+    (False, True, "is 7x7 where this build's is 3x3: it was trained without a CIFAR stem; set cifar_stem=false"),
+])
+def test_a_file_of_the_same_network_with_the_other_stem_names_cifar_stem(tmp_path: Path, saved_stem: bool,
+                                                                        built_stem: bool, says: str) -> None:
+    """A bare state dict of torchvision's resnet18 trained with (or without) the CIFAR stem, loaded into the other
+    build: not 'another architecture', but the one switch that differs."""
+    from distiller.engine.checkpoints import load_weights
+
+    node = {"source": "torchvision", "name": "resnet18"}
+    torch.save(build_network({**node, "cifar_stem": saved_stem}, NUM_CLASSES).state_dict(), tmp_path / "sd.pth")
+    with pytest.raises(UserError) as err:
+        load_weights(build_network({**node, "cifar_stem": built_stem}, NUM_CLASSES), tmp_path / "sd.pth",
+                     "torchvision-resnet18", "teacher checkpoint")
+    assert str(err.value).startswith(f"teacher checkpoint {tmp_path / 'sd.pth'} holds a torchvision-resnet18 whose "
+                                     "first convolution (conv1.weight) ") and says in str(err.value)

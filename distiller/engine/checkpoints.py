@@ -115,6 +115,9 @@ def load_weights(model: nn.Module, path: str | Path, arch: str, what: str = "che
             raise UserError(f"{what} {path} holds a {classes[0]}-class {saved_arch or arch}, but the {arch} built here "
                             f"has {classes[1]} classes (the data set's): use a checkpoint trained on this data set, "
                             f"or choose the checkpoint's data set with dataset=NAME")
+        stem = stem_mismatch(state, expected)
+        if stem is not None:
+            raise UserError(f"{what} {path} holds a {saved_arch or arch} {stem}")
         if saved_arch is not None and str(saved_arch) == arch:  # one name, another build (cifar_stem, width, ...)
             raise UserError(f"{what} {path} holds a {arch} built with other settings than this one (its parameter "
                             f"shapes differ, e.g. cifar_stem or a constructor argument): build it as it was "
@@ -127,6 +130,21 @@ def load_weights(model: nn.Module, path: str | Path, arch: str, what: str = "che
                         f"Pick the matching architecture or another checkpoint")
     model.load_state_dict(state, strict=True)
     return {k: v for k, v in obj.items() if k not in ("model", "state_dict")} if isinstance(obj, Mapping) else {}
+
+
+def stem_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``state`` does not fit ``expected`` when only the first convolution's kernel differs (a CIFAR stem on one
+    side: ``cifar_stem``), as the end of a sentence naming the file's network; else None."""
+    if set(state) != set(expected):
+        return None
+    differ = [k for k in expected if state[k].shape != expected[k].shape]
+    if len(differ) != 1 or state[differ[0]].dim() != 4 or state[differ[0]].shape[:2] != expected[differ[0]].shape[:2]:
+        return None
+    saved, built = (tuple(t.shape[-2:]) for t in (state[differ[0]], expected[differ[0]]))
+    cifar = saved == (3, 3)
+    return (f"whose first convolution ({differ[0]}) is {saved[0]}x{saved[1]} where this build's is "
+            f"{built[0]}x{built[1]}: it was trained {'with' if cifar else 'without'} a CIFAR stem; set "
+            f"cifar_stem={'true' if cifar else 'false'} on its node (teacher.cifar_stem, model.cifar_stem, ...)")
 
 
 def class_counts(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:

@@ -24,7 +24,13 @@ from common.errors import UserError
 from datasets import DATASETS, load_dataset
 from distiller.config.overrides import hydra_quoted, override_key, refuse_unread
 from distiller.config.schema import current_names
-from distiller.engine.checkpoints import check_file, extract_state_dict, guess_architecture, safe_load
+from distiller.engine.checkpoints import (
+    check_file,
+    extract_state_dict,
+    guess_architecture,
+    safe_load,
+    stem_mismatch,
+)
 from distiller.engine.evaluation import measure_per_class
 from distiller.engine.runtime import Runtime, resolve_device, resolve_eval_precision
 from models import MODELS, build_model
@@ -163,6 +169,9 @@ def load_checkpoint(path: str | Path | CheckpointFile, model: NetworkChoice = No
     num_classes = int(header.get("num_classes") or classifier_classes(state, arch, build) or 100)
     network = build(num_classes)
     mismatch = describe_mismatch(state, network.state_dict())
+    stem = stem_mismatch(state, network.state_dict())
+    if stem is not None:
+        raise UserError(f"checkpoint {path} holds a {arch} {stem}")
     if mismatch:
         guess = guess_architecture(state)
         hint = f"; its weights are those of a {guess}: pass model={guess}" if guess and guess != arch else \
