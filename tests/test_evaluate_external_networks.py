@@ -154,3 +154,22 @@ def test_the_recorded_node_is_the_one_the_header_names() -> None:
     assert recorded_network({"arch": "torchvision-resnet18", "config": {"model": teacher}}) == teacher
     assert recorded_network({"arch": "resnet8", "config": {"student": {"name": "resnet8"}, "teacher": teacher}}) is None
     assert recorded_network({"arch": "torchvision-resnet18"}) is None  # no config recorded: model= must say it
+
+
+def test_a_bare_file_in_a_teacher_folder_is_known_by_its_index_entry(tmp_path: Path) -> None:
+    """No header, but the folder's teacher index names the file's architecture: a zoo one is built from it (as
+    the index says, not guessed); an outside one, which the index cannot rebuild, is named in the refusal with
+    the command line that chooses it."""
+    from distiller.jobs.teachers import add_teacher
+    from models import build_model
+    from tests.external_nets import TinyNet
+
+    torch.save(build_model("resnet8", num_classes=10).state_dict(), tmp_path / "r8.pth")
+    add_teacher(tmp_path / "r8.pth", "resnet8", num_classes=10)
+    loaded = load_checkpoint(tmp_path / "r8.pth")
+    assert (loaded.arch, loaded.arch_from, loaded.num_classes) == ("resnet8", "teacher index", 10)
+    torch.save(TinyNet(num_classes=10).state_dict(), tmp_path / "tiny.pth")
+    add_teacher(tmp_path / "tiny.pth", "module-tests.external_nets.TinyNet", num_classes=10)
+    with pytest.raises(UserError, match=r"its folder's teacher index names it module-tests.external_nets.TinyNet: "
+                                        r"pass model=module model._target_=tests.external_nets.TinyNet with the keys"):
+        load_checkpoint(tmp_path / "tiny.pth")

@@ -34,7 +34,7 @@ from distiller.engine.checkpoints import (
 from distiller.engine.evaluation import measure_per_class
 from distiller.engine.runtime import Runtime, resolve_device, resolve_eval_precision
 from models import MODELS, build_model
-from models.external import build_network, network_label
+from models.external import build_network, label_choice, network_label
 
 SHOWN_KEYS = 3  # keys named per kind of mismatch in an error line
 # data-defining keys of a checkpoint's own dataset node that carry over (the rest: this machine's choice);
@@ -131,6 +131,17 @@ def recorded_network(header: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _indexed_arch(path: Path) -> str | None:
+    """The architecture the teacher index of ``path``'s folder records for it (None: not indexed)."""
+    from distiller.jobs.teachers import read_index
+
+    try:
+        entry = read_index(path.parent).get(path.name) or {}
+    except (OSError, ValueError, UserError):
+        return None
+    return str(entry["arch"]) if entry.get("arch") else None
+
+
 def load_checkpoint(path: str | Path | CheckpointFile, model: NetworkChoice = None,
                     image_size: Sequence[int] = (32, 32)) -> LoadedCheckpoint:
     """Build the network of a checkpoint and load its weights (strict).
@@ -157,11 +168,17 @@ def load_checkpoint(path: str | Path | CheckpointFile, model: NetworkChoice = No
         def build(n: int) -> nn.Module:
             return build_network(node, n, image_size, role="model")
     else:
-        arch = model if isinstance(model, str) else header.get("arch") or guess_architecture(state)
+        indexed = None if model is not None or header.get("arch") else _indexed_arch(path)
+        if indexed is not None and indexed in MODELS:
+            arch_from = "teacher index"
+        arch = model if isinstance(model, str) else header.get("arch") or (
+            indexed if indexed in MODELS else guess_architecture(state))
         if arch is None:
+            named = (f"; its folder's teacher index names it {indexed}: pass {label_choice(indexed, 'model')} with the "
+                     "keys it was built with (cifar_stem, +model.<argument>=...)" if indexed else "")
             raise UserError(f"cannot tell the architecture of {path} (no 'arch' entry, and its parameters match "
                             f"no model of the zoo); pass model=ARCH, or model=torchvision|timm|module with its "
-                            f"name for a network from outside the zoo")
+                            f"name for a network from outside the zoo{named}")
         arch = MODELS.canonical(str(arch))
 
         def build(n: int) -> nn.Module:
