@@ -530,7 +530,8 @@ def test_the_stored_teacher_message_gives_the_command_line_that_uses_it() -> Non
 
 def test_a_file_of_the_same_network_built_otherwise_names_the_build_not_two_equal_names(tmp_path: Path) -> None:
     """A CIFAR-stem torchvision-resnet18 file loaded into the ImageNet-stem one: both go by one name, so the
-    line said 'holds a torchvision-resnet18 model, not torchvision-resnet18'."""
+    line said 'holds a torchvision-resnet18 model, not torchvision-resnet18'. The stem alone differs: the line
+    names it; a constructor argument (TinyNet's width) changes many shapes: the line names the build."""
     from distiller.engine.checkpoints import load_weights
     from models.external import network_label
 
@@ -539,10 +540,18 @@ def test_a_file_of_the_same_network_built_otherwise_names_the_build_not_two_equa
     assert network_label(stem) == network_label({**stem, "cifar_stem": False})  # one name for both builds
     torch.save({"model": trained.state_dict(), "arch": network_label(stem)}, tmp_path / "t.pt")
     plain = build_network({**stem, "cifar_stem": False}, NUM_CLASSES, role="teacher")
-    with pytest.raises(UserError, match=r"holds a torchvision-resnet18 built with other settings than this one "
-                                        r"\(its parameter shapes differ, e.g. cifar_stem") as err:
+    with pytest.raises(UserError, match=r"holds a torchvision-resnet18 whose first convolution \(conv1.weight\) is "
+                                        r"3x3 where this build's is 7x7: .* set cifar_stem=true") as err:
         load_weights(plain, tmp_path / "t.pt", network_label(stem), what="teacher checkpoint")
     assert "not torchvision-resnet18" not in str(err.value)
+    wide = {"source": "module", "name": TINY, "_target_": TINY, "width": 4}
+    torch.save({"model": build_network(wide, NUM_CLASSES).state_dict(), "arch": network_label(wide)},
+               tmp_path / "w.pt")
+    with pytest.raises(UserError, match=rf"holds a module-{TINY} built with other settings than this one "
+                                        r"\(its parameter shapes differ, e.g. cifar_stem") as err:
+        load_weights(build_network({**wide, "width": 8}, NUM_CLASSES), tmp_path / "w.pt", network_label(wide),
+                     what="teacher checkpoint")
+    assert f"not module-{TINY}" not in str(err.value)
 
 
 def test_a_missing_teacher_of_its_own_build_is_trained_by_the_command_the_message_gives(tmp_path: Path) -> None:
