@@ -250,3 +250,19 @@ def test_wkd_f_weight_decays_by_a_cosine_after_epoch_150_and_the_term_is_the_pin
     short = objective_of(distill_node("wkd_f"))
     short.entries[0].method.build(Features(stages=[s_map.shape]), Features(stages=[t_map.shape]), context(epochs=2))
     assert short.entries[0].weight(2) == 0.08
+
+
+@pytest.mark.parametrize("name, label", [("sdd_kd", "SDDKD"), ("cat_kd", "cat_kd")])
+def test_a_classifier_that_does_not_take_the_pre_pool_map_is_one_line_naming_both(name: str, label: str) -> None:
+    """timm's MobileNetV3 pools 288 channels into a 1x1 conv head of 1024 before its classifier: its regions cannot
+    be classified; SDD and CAT-KD give the same line, which says which key to declare."""
+    method = objective_of(distill_node(name)).entries[0].method
+    good = Features(pool_input=torch.Size([B, 16, 4, 4]), classifier=(torch.Size([100, 16]), torch.Size([100])))
+    bad = Features(pool_input=torch.Size([B, 288, 1, 1]), classifier=(torch.Size([100, 1024]), torch.Size([100])))
+    with pytest.raises(UserError) as err:
+        method.build(bad, good, context())
+    assert str(err.value) == (
+        f"{label}: the student's classifier takes 1024 inputs but its pre-pool map has 288 channels (a layer between "
+        "them, such as a conv head), so the classifier cannot be applied to its regions: declare "
+        "student.features.pool_input=PATH at a map of 1024 channels that the global pool averages, or choose "
+        "another method")

@@ -17,6 +17,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from common.errors import UserError
 from common.registry import Registry
 from datasets.batch import Batch
 from distiller.features import Features
@@ -163,3 +164,17 @@ class DistillMethod(nn.Module):
 
 
 METHODS: Registry[type[DistillMethod]] = Registry("method")
+
+
+def check_classifier_on_map(method: str, role: str, features: Features[torch.Size]) -> None:
+    """A method that applies a network's classifier to each cell of its pre-pool map (SDD, CAT-KD) needs that map
+    [B, D, H, W] with D the classifier's inputs; else one line naming both and what to declare."""
+    pool, weight = features.pool_input, features.classifier[0] if features.classifier else None
+    if pool is None or len(pool) != 4:
+        raise UserError(f"{method} needs the {role}'s pre-pool feature map [B, D, H, W]; its pool_input is "
+                        f"{None if pool is None else list(pool)}")
+    if weight is not None and weight[1] != pool[1]:
+        raise UserError(f"{method}: the {role}'s classifier takes {weight[1]} inputs but its pre-pool map has "
+                        f"{pool[1]} channels (a layer between them, such as a conv head), so the classifier cannot be "
+                        f"applied to its regions: declare {role}.features.pool_input=PATH at a map of {weight[1]} "
+                        "channels that the global pool averages, or choose another method")

@@ -5,11 +5,10 @@ import logging
 
 import torch
 
-from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import CLASSIFIER, POOL_INPUT, Features, classifier_of
-from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext, check_classifier_on_map
 from distiller.methods.key_types import Count
 
 log = logging.getLogger("distiller")
@@ -44,9 +43,7 @@ class CATKD(DistillMethod):
 
     def build(self, student: Features[torch.Size], teacher: Features[torch.Size], ctx: BuildContext) -> None:
         for role, f in (("student", student), ("teacher", teacher)):
-            if f.pool_input is None or len(f.pool_input) != 4 or f.classifier[0][1] != f.pool_input[1]:
-                raise UserError(f"cat_kd needs the {role}'s pre-pool map [B, D, H, W] with as many channels as its "
-                                f"classifier's inputs; got map {f.pool_input} and classifier {f.classifier[0]}")
+            check_classifier_on_map("cat_kd", role, f)
         if self.cam_student_no_bias:
             bias = classifier_of(ctx.student).bias
             if bias is not None:

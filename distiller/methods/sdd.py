@@ -5,11 +5,10 @@ from collections.abc import Sequence
 
 import torch
 
-from common.errors import UserError
 from datasets.batch import Batch
 from distiller import functional as F
 from distiller.features import CLASSIFIER, POOL_INPUT, Features
-from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext
+from distiller.methods.base import METHODS, BuildContext, DistillMethod, TermContext, check_classifier_on_map
 from distiller.methods.key_types import NonNegative
 
 
@@ -38,13 +37,7 @@ class _ScaleDecoupled(DistillMethod):
 
     def build(self, student: Features[torch.Size], teacher: Features[torch.Size], ctx: BuildContext) -> None:
         for role, f in (("student", student), ("teacher", teacher)):
-            if f.pool_input is None or len(f.pool_input) != 4:
-                raise UserError(f"{type(self).__name__} needs the {role}'s pre-pool feature map [B, D, H, W]; "
-                                f"its pool_input is {None if f.pool_input is None else tuple(f.pool_input)}")
-            if f.classifier[0][1] != f.pool_input[1]:
-                raise UserError(f"{type(self).__name__}: the {role}'s classifier takes {f.classifier[0][1]} inputs "
-                                f"but its pre-pool map has {f.pool_input[1]} channels, so the classifier cannot "
-                                "be applied to its regions")
+            check_classifier_on_map(type(self).__name__, role, f)
 
     def regions(self, student: Features[torch.Tensor],
                 teacher: Features[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
