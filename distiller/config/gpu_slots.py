@@ -117,11 +117,11 @@ def _listed(value: Sequence[Any] | str | int) -> list[str]:
     return [str(d).strip() for d in value]
 
 
-def gpus_listed() -> bool:
-    """Whether the launching shell sees a GPU: ``CUDA_VISIBLE_DEVICES`` (or the plan's ids) is set, or
-    ``nvidia-smi`` lists one."""
+def visible_gpus() -> list[str]:
+    """The GPU ids the launching shell sees: ``CUDA_VISIBLE_DEVICES`` (or the plan's ids, in a job), else those
+    ``nvidia-smi`` lists; empty when neither lists one."""
     env = (os.environ.get(PLAN_DEVICES_ENV) or os.environ.get("CUDA_VISIBLE_DEVICES", "")).strip()
-    return bool(_listed(env) if env else gpu_memory_mib())
+    return _listed(env) if env else sorted(gpu_memory_mib(), key=int)
 
 
 def resolve_devices(devices: Sequence[Any] | str | int | None, gpus: int | None) -> list[str]:
@@ -133,8 +133,7 @@ def resolve_devices(devices: Sequence[Any] | str | int | None, gpus: int | None)
         if not found:
             raise UserError("hydra.callbacks.gpu_slots.devices is empty; list GPU ids, e.g. [0,1], or set it to null")
         return found
-    env = (os.environ.get(PLAN_DEVICES_ENV) or os.environ.get("CUDA_VISIBLE_DEVICES", "")).strip()
-    visible = _listed(env) if env else sorted(gpu_memory_mib(), key=int)
+    visible = visible_gpus()
     if gpus is None:
         return visible or ["0"]
     if isinstance(gpus, bool) or int(gpus) < 1:
@@ -169,7 +168,7 @@ def plan_slots(devices: Sequence[Any] | str | int | None = None, gpus: int | Non
         raise UserError(f"hydra.callbacks.gpu_slots.jobs_per_gpu={jobs_per_gpu} must be auto or a whole number >= 1")
     else:
         per_gpu = jobs_per_gpu
-    return SlotPlan(tuple(ids), per_gpu, found=devices is not None or gpus_listed())
+    return SlotPlan(tuple(ids), per_gpu, found=devices is not None or bool(visible_gpus()))
 
 
 def _plan_from_node(node: Any) -> SlotPlan:

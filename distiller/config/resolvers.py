@@ -12,6 +12,7 @@ from omegaconf.errors import ValidationError
 from omegaconf.nodes import BooleanNode
 
 from datasets import teacher_folder
+from models.external import network_label
 
 LS_SUFFIX = "_ls"  # the label of a method with logit standardization on (configs/distill/*_ls.yaml are named so)
 
@@ -53,7 +54,7 @@ def network_folder(source: Any, name: Any) -> str:
     (:func:`models.external.network_label`): ``resnet56`` from the zoo, ``torchvision-resnet18`` /
     ``timm-resnet18`` / ``module-pkg.Net`` from outside it, so two sources' networks of one name never share
     a run directory."""
-    return str(name) if source is None or str(source) in ("", "None", "null") else f"{source}-{name}"
+    return network_label({"source": None if str(source) in ("", "None", "null") else source, "name": name})
 
 
 def if_switch(flag: Any, then: Any, otherwise: Any) -> Any:

@@ -169,10 +169,10 @@ def load_checkpoint(path: str | Path | CheckpointFile, model: NetworkChoice = No
             return build_network(node, n, image_size, role="model")
     else:
         indexed = None if model is not None or header.get("arch") else _indexed_arch(path)
-        if indexed is not None and indexed in MODELS:
+        zoo_indexed = indexed if indexed in MODELS else None  # an outside network needs more than its name
+        if zoo_indexed is not None:
             arch_from = "teacher index"
-        arch = model if isinstance(model, str) else header.get("arch") or (
-            indexed if indexed in MODELS else guess_architecture(state))
+        arch = model if isinstance(model, str) else header.get("arch") or zoo_indexed or guess_architecture(state)
         if arch is None:
             named = (f"; its folder's teacher index names it {indexed}: pass {label_choice(indexed, 'model')} with the "
                      "keys it was built with (cifar_stem, +model.<argument>=...)" if indexed else "")
@@ -185,8 +185,9 @@ def load_checkpoint(path: str | Path | CheckpointFile, model: NetworkChoice = No
             return build_model(arch, num_classes=n)
     num_classes = int(header.get("num_classes") or classifier_classes(state, arch, build) or 100)
     network = build(num_classes)
-    mismatch = describe_mismatch(state, network.state_dict())
-    stem = stem_mismatch(state, network.state_dict())
+    expected = network.state_dict()
+    mismatch = describe_mismatch(state, expected)
+    stem = stem_mismatch(state, expected)
     if stem is not None:
         raise UserError(f"checkpoint {path} holds a {arch} {stem}")
     if mismatch:
