@@ -8,7 +8,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from distiller.config.command_line import preflight, report_user_errors
+from distiller.config.command_line import report_user_errors
+from distiller.config.preflight import preflight
 from distiller.jobs.train import run_dir_of_job, train_network
 
 

@@ -45,7 +45,8 @@ from typing import Sequence
 from common.errors import UserError
 from distiller.config.command_line import OneLineParser
 from distiller.results.published import DEFAULT_SOURCES, SOURCES
-from distiller.results.tables import collect, output_paths
+from distiller.results.tables import collect
+from distiller.results.writers import output_paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:

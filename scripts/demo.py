@@ -43,8 +43,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distiller.config.command_line import OneLineParser, at_least, preflight
+from distiller.config.command_line import OneLineParser, at_least
 from distiller.config.overrides import override_key
+from distiller.config.preflight import preflight
 from distiller.engine.plan import published_milestones
 
 REPO = Path(__file__).resolve().parent.parent

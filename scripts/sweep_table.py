@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Sequence
 
 from common.errors import UserError
-from distiller.config.command_line import OneLineParser, canonical_model_choices, fail, preflight, preset_sweep
+from distiller.config.command_line import OneLineParser, fail
 from distiller.config.overrides import override_key, readable_overrides, sweep_axes
+from distiller.config.preflight import canonical_model_choices, preflight, preset_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"

@@ -32,14 +32,9 @@ from omegaconf import OmegaConf
 from common.errors import UserError
 from common.files import file_sha256
 from datasets.base import teachers_data_root
-from distiller.config.command_line import (
-    OneLineParser,
-    at_least,
-    canonical_model_choices,
-    explain_config_error,
-    fail,
-)
+from distiller.config.command_line import OneLineParser, at_least, explain_config_error, fail
 from distiller.config.overrides import refuse_unread
+from distiller.config.preflight import canonical_model_choices
 from distiller.jobs.cache_build import cache_teacher_file
 from distiller.jobs.teachers import (
     INDEX_NAME,

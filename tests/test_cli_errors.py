@@ -14,7 +14,7 @@ import pytest
 from helpers import run_cli, tiny_overrides
 
 from common.errors import UserError
-from distiller.config.command_line import preflight
+from distiller.config.preflight import preflight
 from distiller.config.run_record import check_run_dir
 
 EXIT_USER_ERROR = 2

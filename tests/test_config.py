@@ -1,7 +1,7 @@
 """The config schema: every bad value is one line naming the key, before anything is written.
 
 Most checks compose the real config and validate it in process (the path of in-process callers
-and multirun jobs) or run :func:`distiller.config.command_line.preflight` in process (the path of the command
+and multirun jobs) or run :func:`distiller.config.preflight.preflight` in process (the path of the command
 line); a handful run the entry points as a user types them.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from common.errors import UserError
 from distiller.config import schema, validation
-from distiller.config.command_line import canonical_model_choices, preflight
+from distiller.config.preflight import canonical_model_choices, preflight
 from models import list_models, model_metadata
 
 EXIT_USER_ERROR = 2

@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 
 from common.errors import UserError
 from datasets import DATASETS
-from distiller.config.command_line import explain_config_error, preflight
+from distiller.config.command_line import explain_config_error
 from distiller.config.key_advice import unknown_key_message
+from distiller.config.preflight import preflight
 from distiller.config.schema import DatasetConfig
 from distiller.config.validation import load_job, validate
 from distiller.methods import METHODS, DistillMethod

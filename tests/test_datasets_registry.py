@@ -587,7 +587,7 @@ def test_declared_cifar100_statistics_are_those_of_its_training_split() -> None:
 def test_torchvision_is_imported_only_when_an_archive_is_checked() -> None:
     """Importing torchvision costs seconds (its models pull in torch._dynamo): a command that fails on its
     configuration, or trains on other data, must not pay it; reading an archive's facts imports it."""
-    code = ("import sys, distiller.config.command_line, distiller.jobs.train, datasets, datasets.cifar100 as c; "
+    code = ("import sys, distiller.config.preflight, distiller.jobs.train, datasets, datasets.cifar100 as c; "
             "before = 'torchvision' in sys.modules; md5 = c.CIFAR100.official_md5; "
             "print(before, 'torchvision' in sys.modules, md5['meta'])")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -660,7 +660,7 @@ def test_two_image_folders_of_one_name_keep_their_own_teachers(monkeypatch, tmp_
 
 
 def test_an_image_folder_without_root_is_one_line(capsys) -> None:
-    from distiller.config.command_line import preflight
+    from distiller.config.preflight import preflight
 
     for config in ("train_teacher", "train_student"):
         with pytest.raises(SystemExit) as caught:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from distiller.config.command_line import preflight
+from distiller.config.preflight import preflight
 
 # optional VAR=value settings, then the interpreter or torchrun with its options, then the entry point
 ENTRY = re.compile(r"^(?:[A-Z_]+=\S+ )*(?:\.venv/bin/python|python3?|torchrun(?: --\S+)*) "

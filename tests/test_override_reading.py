@@ -118,7 +118,7 @@ def test_a_sweep_jobs_user_error_is_reported_without_a_traceback(tmp_path):
 
 
 def test_flags_after_the_overrides_are_moved_first_for_hydra(monkeypatch):
-    from distiller.config.command_line import preflight
+    from distiller.config.preflight import preflight
 
     argv = ["seed=0,1", "-m", "model=RESNET8"]
     monkeypatch.setattr("sys.argv", ["train_teacher.py", *argv])

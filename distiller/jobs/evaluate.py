@@ -289,7 +289,7 @@ def load_on_data(path: str | Path, overrides: Sequence[str] = (), what: str = "c
     """Read ``path`` (``what`` names it in errors), compose its data set (the one it recorded unless ``dataset=``
     says otherwise) and load it into its network; a class count the data set does not have is one line, and
     so is an override ``command`` does not read (``reads``: :func:`distiller.config.overrides.refuse_unread`)."""
-    from distiller.config.command_line import canonical_model_choices
+    from distiller.config.preflight import canonical_model_choices
 
     path = Path(path)
     overrides = canonical_model_choices(list(overrides))
