@@ -61,3 +61,21 @@ def test_no_path_edits_and_no_conftest_imports() -> None:
 def test_the_objective_reads_no_signatures() -> None:
     """A method declares what it does to logits; the objective does not sniff ``forward``'s keywords."""
     assert "inspect.signature" not in (REPO / "distiller" / "objective.py").read_text(encoding="utf-8")
+
+
+def _layout_block() -> str:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    start = readme.index("## Layout")
+    return readme[start:readme.index("```", readme.index("```", start) + 3)]
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    """Every module of the packages and every script is named in the README's layout, except the files a
+    registry collects one by one (a method, a model family: ``@METHODS.register`` / ``@MODELS.register``) and
+    the GPU check's steps, which the layout names as a group."""
+    block = _layout_block()
+    grouped = re.compile(r"@(METHODS|MODELS)\.register\(")
+    unnamed = [p.relative_to(REPO).as_posix() for folder in (*PACKAGES, "scripts") for p in _python_files(folder)
+               if p.name != "__init__.py" and "gpu_check" not in p.parts
+               and not grouped.search(p.read_text(encoding="utf-8")) and p.name not in block]
+    assert not unnamed, f"name these in README.md's Layout: {unnamed}"
