@@ -7,6 +7,7 @@ permission bits allow it (``/proc/x/y``: root passes ``os.access`` everywhere, `
 """
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -214,7 +215,34 @@ def test_a_sweep_whose_jobs_would_share_a_run_directory_is_one_line_before_any_r
     assert caught.value.code == EXIT_USER_ERROR
     assert ("jobs with distill.temperature=2 and distill.temperature=3 would share one run directory "
             "(resnet32x4-resnet8x4/kd/seed0)") in line, line
-    # what the line advises: the key in the folder name, and the sweep is accepted
-    subdir = line.split("hydra.sweep.subdir=")[1].split(" (in shell quotes)")[0]  # quoted for Hydra
-    preflight("train_student", ["-m", "distill.temperature=2,3", f"hydra.sweep.subdir={subdir}"])
+    # what the line advises, pasted into a shell (shlex.split reads it as the shell does): the key in the folder
+    # name, one value for Hydra although it holds commas, and the sweep is accepted
+    advised = line.split("e.g. ")[1].split(", or run one value")[0]
+    argv = shlex.split(advised)
+    assert len(argv) == 1 and argv[0].startswith("hydra.sweep.subdir=") and "${distill.temperature}" in argv[0]
+    preflight("train_student", ["-m", "distill.temperature=2,3", *argv])
     preflight("train_student", ["-m", "distill=kd,dkd", "seed=0,1"])  # keys the folder names hold
+
+
+def test_a_value_named_twice_in_a_sweep_is_one_line(capsys) -> None:
+    """seed=0,0 made two identical jobs, and the check of their shared folder died on an IndexError."""
+    with pytest.raises(SystemExit) as caught:
+        preflight("train_student", ["-m", "seed=0,0"])
+    line = _one_line(capsys.readouterr().err)
+    assert caught.value.code == EXIT_USER_ERROR and "seed=0 more than once (seed=0,0)" in line, line
+
+
+@pytest.mark.parametrize("script", ["train_teacher.py", "train_student.py"])
+def test_the_run_and_sweep_folders_are_checked_before_anything_is_written(tmp_path: Path, script: str) -> None:
+    """An empty hydra.run.dir trained into the folder the command started in; a sweep folder that is a file
+    ended in a FileExistsError traceback; hydra.job.chdir=true moved every relative path the job reads."""
+    (tmp_path / "taken").write_text("a file")
+    cases = [(["hydra.run.dir="], "hydra.run.dir is empty"),
+             (["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'taken'}"],
+              f"hydra.sweep.dir={tmp_path / 'taken'} is a file, not a directory"),
+             (["hydra.job.chdir=true", f"hydra.run.dir={tmp_path / 'run'}"], "hydra.job.chdir=true is not supported")]
+    for args, words in cases:
+        result = run_cli(script, "dataset=synthetic", *args, cwd=tmp_path)
+        line = _one_line(result.stderr)
+        assert result.returncode == EXIT_USER_ERROR and words in line, line
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

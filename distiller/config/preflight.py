@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def preflight(config_name: str, argv: list[str]) -> None:
             cfg = compose(config_name, overrides, return_hydra_config=True)
             check_preset_cell(cfg, overrides)
             _check(cfg, job, set_keys(overrides))
-            run_record.check_run_dir(Path(str(cfg.hydra.run.dir)))
+            run_record.check_run_dir(str(cfg.hydra.run.dir))
             run_record.note_new_folders(Path(str(cfg.hydra.run.dir)))
         except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
             fail(explain_config_error(err, config_name, overrides))
@@ -95,7 +96,13 @@ def preflight(config_name: str, argv: list[str]) -> None:
 
 def _check(cfg: DictConfig, job: str | None, keys: set[str]) -> None:
     """The checks the job makes before it starts (:func:`distiller.config.validation.check_before_start`),
-    and that each key the command line sets (``keys``) that may go unread is read."""
+    and that each key the command line sets (``keys``) that may go unread is read. ``hydra.job.chdir=true`` is
+    refused: every path a job reads (data, teacher checkpoints, ``teacher_dir``) is relative to the folder the
+    command starts in, which a changed working directory would silently move."""
+    if "hydra" in cfg and cfg.hydra.job.get("chdir"):
+        raise UserError("hydra.job.chdir=true is not supported: the jobs read data, teacher checkpoints and "
+                        "teacher_dir relative to the folder you start them in; leave it false (the run still "
+                        "writes to hydra.run.dir)")
     if job is None:
         validate(cfg)
     else:
@@ -146,14 +153,21 @@ def _check_sweep(config_name: str, job: str | None, overrides: list[str]) -> Non
             fail(f"experiment={preset} sweeps {key}, which {config_name}.py has not: it is a preset of {other}.py "
                  f"(python {other}.py -m experiment={preset})")
         axes[key] = values
+    for key, values in axes.items():
+        repeated = next((value for value in values if values.count(value) > 1), None)
+        if repeated is not None:
+            fail(f"the sweep names {key}={repeated} more than once ({key}={','.join(values)}): its jobs would be one "
+                 f"run twice; give each value once")
     first = [f"{key}={values[0]}" for key, values in axes.items() if values]
     trials = [first] + [[f"{k}={v[0]}" for k, v in axes.items() if k != key and v] + [f"{key}={value}"]
                         for key, values in axes.items() for value in values[1:]]
     folders: dict[str, list[str]] = {}  # each trial's run folder below the sweep's -> the trials that use it
-    for trial in trials:
+    for number, trial in enumerate(trials):
         try:
             cfg = compose(config_name, plain + trial, return_hydra_config=True)
             _check(cfg, job, set_keys(plain + trial))
+            if number == 0:  # the sweep's own folder, where Hydra writes before any job runs
+                run_record.check_run_dir(str(cfg.hydra.sweep.dir), "hydra.sweep.dir")
         except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
             where = f" (in the sweep's job with {' '.join(trial)}; nothing was run)" if axes else ""
             fail(explain_config_error(err, config_name, plain + trial) + where)
@@ -165,10 +179,11 @@ def _check_sweep(config_name: str, job: str | None, overrides: list[str]) -> Non
         folder, (one, other) = shared[0], shared[1][:2]
         differ = [t for t in one + other if t not in set(one) & set(other)]
         key = override_key(differ[0])
+        # Hydra's quotes keep the commas of the interpolations in one value of a -m sweep; the shell's keep the $
+        subdir = shlex.quote(f'hydra.sweep.subdir="{_raw_subdir(cfg)}/{key}=${{{key}}}"')
         fail(f"the sweep's jobs with {' '.join(t for t in one if t in differ)} and "
              f"{' '.join(t for t in other if t in differ)} would share one run directory ({folder}), whose name "
-             f"does not hold {key}: add it to hydra.sweep.subdir, e.g. hydra.sweep.subdir="
-             f"'{_raw_subdir(cfg)}/{key}=${{{key}}}' (in shell quotes), or run one value per command")
+             f"does not hold {key}: add it to hydra.sweep.subdir, e.g. {subdir}, or run one value per command")
 
 
 def _job_folder(cfg: DictConfig) -> str | None:

@@ -109,29 +109,35 @@ def release() -> None:
         handler.close()  # never opened (delayed), or opened before the job started: nothing is written
 
 
-def check_run_dir(path: Path) -> None:
-    """Fail now, in one line, where Hydra could not create the run directory or write into it.
+def check_run_dir(path: str | Path, key: str = "hydra.run.dir") -> None:
+    """Fail now, in one line, where Hydra could not create the run directory or write into it (``key``: the
+    setting that names it, ``hydra.run.dir`` or a sweep's ``hydra.sweep.dir``).
 
-    Permission bits do not tell (root passes them everywhere; ``/proc`` or a read-only mount only
-    refuse when written), so the directory is really created and a file opened in it; whatever
-    the check created is removed again, so it writes nothing either way.
+    An empty name is refused: Hydra would take the current folder and the run would write its checkpoints
+    among the user's files. Permission bits do not tell (root passes them everywhere; ``/proc`` or a
+    read-only mount only refuse when written), so the directory is really created and a file opened in it;
+    whatever the check created is removed again, so it writes nothing either way.
     """
+    if not str(path).strip():
+        raise UserError(f"{key} is empty: give the folder the run writes to (e.g. {key}=runs/mine), or leave "
+                        f"{key} out for the default")
+    path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserError(f"hydra.run.dir={path} is a file, not a directory; choose another hydra.run.dir")
+        raise UserError(f"{key}={path} is a file, not a directory; choose another {key}")
     existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
     if not existing.is_dir():
-        raise UserError(f"hydra.run.dir={path} cannot be created: {existing} is a file; choose another hydra.run.dir")
+        raise UserError(f"{key}={path} cannot be created: {existing} is a file; choose another {key}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"hydra.run.dir={path} cannot be created or written: {existing} is not writable; "
-                        f"choose another hydra.run.dir")
+        raise UserError(f"{key}={path} cannot be created or written: {existing} is not writable; "
+                        f"choose another {key}")
     created = [p for p in (path.absolute(), *path.absolute().parents) if not p.exists()]  # deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        raise UserError(f"hydra.run.dir={path} cannot be created or written ({err.strerror or err}); "
-                        f"choose another hydra.run.dir") from None
+        raise UserError(f"{key}={path} cannot be created or written ({err.strerror or err}); "
+                        f"choose another {key}") from None
     finally:
         for folder in created:
             with contextlib.suppress(OSError):
