@@ -67,12 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--title", default="Results")
     args = parser.parse_args(argv)
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
-    files = output_paths(Path(args.out))
     try:
-        collect(args.inputs, files.stem, sources, args.table, not args.no_figure, args.title)
+        collect(args.inputs, args.out, sources, args.table, not args.no_figure, args.title)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    files = output_paths(Path(args.out))
     print(files.markdown.read_text())
     written = [files.markdown, files.summary, files.runs] + ([] if args.no_figure else [files.figure])
     print("wrote " + ", ".join(str(p) for p in written if p.exists()), file=sys.stderr)

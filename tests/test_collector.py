@@ -340,9 +340,31 @@ def test_a_folder_without_runs_is_status_2_and_keeps_earlier_results(runs: Path,
     assert captured.returncode == 2
     assert captured.stderr.splitlines() == [
         f"error: no run directories under {tmp_path / 'empty'}: nothing was written "
-        f"(earlier results at {out} are kept); give run directories, multirun folders or globs"]
+        f"(the earlier results at {out} are kept); give run directories, multirun folders or globs"]
     assert captured.stdout == ""
     assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before
+    # with no earlier results the line claims none
+    fresh = run_cli("scripts/collect_results.py", str(tmp_path / "empty"), "--out", str(tmp_path / "new" / "t"))
+    assert fresh.returncode == 2 and fresh.stderr.splitlines() == [
+        f"error: no run directories under {tmp_path / 'empty'}: nothing was written; give run directories, "
+        "multirun folders or globs"]
+
+
+def test_an_out_the_files_cannot_take_is_one_line_before_anything_is_written(runs: Path, tmp_path: Path) -> None:
+    """An --out under a file, empty, a folder, or whose .md name is a folder: tracebacks (FileExistsError,
+    ValueError, IsADirectoryError), or files written beside the folder the user named."""
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "t.md").mkdir()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out, words in [(tmp_path / "a_file" / "x", f"{tmp_path / 'a_file'} is a file, not a folder"),
+                       ("", "--out is empty"),
+                       (tmp_path / "folder", f"--out {tmp_path / 'folder'} is a folder"),
+                       (tmp_path / "t", f"would write {tmp_path / 't.md'}, which is a folder")]:
+        result = run_cli("scripts/collect_results.py", str(runs), "--out", str(out), "--no-figure")
+        lines = result.stderr.splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and words in lines[0], result.stderr[-2000:]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_a_folder_of_unreadable_runs_is_one_line_naming_why(tmp_path: Path) -> None:

@@ -25,8 +25,8 @@ from distiller.results.runs import Run, find_run_dirs, read_runs, runs_frame, sh
 from distiller.results.settings import NOT_PUBLISHED_SETTINGS
 from distiller.results.writers import (
     UNKNOWN_DATASET,
+    checked_outputs,
     data_set_name,
-    output_paths,
     plot,
     render_markdown,
     write_summary_csv,
@@ -237,7 +237,7 @@ def rows_of(table: pd.DataFrame, sources: Sequence[str]) -> list[Row]:
             for r in table.itertuples(index=False)]
 
 
-def collect(inputs: Sequence[str], out: Path, sources: Sequence[str] = DEFAULT_SOURCES,
+def collect(inputs: Sequence[str], out: Path | str, sources: Sequence[str] = DEFAULT_SOURCES,
             tables: Sequence[str] = (), figure: bool = True, title: str = "Results") -> tuple[list[Row], list[Run]]:
     """Read the runs, write the files of :func:`output_paths` (``out``.md/.csv/.png and ``out``_runs.csv);
     return the rows and runs.
@@ -246,16 +246,16 @@ def collect(inputs: Sequence[str], out: Path, sources: Sequence[str] = DEFAULT_S
     whose runs cannot be averaged (:func:`check_cells`), is a :class:`UserError` raised before anything is
     written.
     """
-    files = output_paths(out)
+    files = checked_outputs(str(out))
     published = load_published(sources)
     if tables:
         table_cells(published, tables)  # a table name that is wrong stops here, before any run is read
     runs, skipped = read_runs(find_run_dirs(inputs))
     if not runs:
         why = f" ({len(skipped)} skipped; {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        kept = f" (the earlier results at {files.stem} are kept)" if files.markdown.exists() else ""
         raise UserError(f"no {'readable ' if skipped else ''}run directories under {' '.join(inputs)}{why}: nothing "
-                        f"was written (earlier results at {files.stem} are kept); give run directories, multirun "
-                        f"folders or globs")
+                        f"was written{kept}; give run directories, multirun folders or globs")
     for path, why in skipped:
         print(f"warning: skipped {path}: {why}", file=sys.stderr)
     check_cells(runs)

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from common.errors import UserError
 from distiller.results.published import FINISHED, MISSING, SOURCES, SUMMARY_COLUMNS
 from distiller.results.settings import NOT_PUBLISHED_SETTINGS
 
@@ -175,6 +176,24 @@ class Outputs:
     summary: Path
     runs: Path  # the tidy per-run table
     figure: Path
+
+
+def checked_outputs(given: str) -> Outputs:
+    """The files of :func:`output_paths` for ``--out`` (``given``), refused before anything is read or written
+    where they cannot be written: empty, an existing folder, under a file, or a name they take that is a folder."""
+    if not given.strip():
+        raise UserError("--out is empty: give the path the files are named from, e.g. --out results/results")
+    files = output_paths(Path(given))
+    if Path(given).is_dir():
+        raise UserError(f"--out {given} is a folder: give the path the files are named from inside it, e.g. "
+                        f"--out {Path(given) / 'results'} (writes results.md, results.csv, ... there)")
+    above = next((p for p in files.stem.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"--out {given} cannot be written: {above} is a file, not a folder; choose another --out")
+    taken = next((p for p in (files.markdown, files.summary, files.runs, files.figure) if p.is_dir()), None)
+    if taken is not None:
+        raise UserError(f"--out {given} would write {taken}, which is a folder; choose another --out")
+    return files
 
 
 def output_paths(out: Path) -> Outputs:
