@@ -184,6 +184,9 @@ def test_logit_standardize_is_offered_where_a_term_compares_logits_and_refused_e
     assert "compares the networks' logits" not in raw and "kd, mlkd" in raw, raw
     assert "has no effect here" in preflight_line(capsys, "train_student",
                                                   ["distill=fitnet", "+distill.logit_standardize=true"])
+    # set off, on a method it cannot apply to: no '+' advice (following it changed nothing), the key is named
+    off = preflight_line(capsys, "train_student", ["distill=fitnet", "distill.logit_standardize=false"])
+    assert "does not apply here, on or off: leave it out" in off and "add it with" not in off, off
     offered = preflight_line(capsys, "train_student", ["distill=crd_kd", "distill.logit_standardize=true"])
     assert "add it with +distill.logit_standardize=VALUE" in offered, offered
     job = load_job(compose("train_student", ["distill=crd_kd", "+distill.logit_standardize=true"]), "train_student")

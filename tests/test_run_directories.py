@@ -47,6 +47,10 @@ def run_dir(compose, name: str, *overrides: str) -> tuple[str, str]:
     # logit standardization by its switch is KD+LS, as its preset is (not the plain KD run's folder)
     (["distill.logit_standardize=true"], "resnet32x4-resnet8x4/kd_ls/seed0"),
     (["distill=kd_ls"], "resnet32x4-resnet8x4/kd_ls/seed0"),
+    # any spelling of true the schema takes turns it on (and names it), not only 'true'
+    (["distill.logit_standardize=yes"], "resnet32x4-resnet8x4/kd_ls/seed0"),
+    (["distill.logit_standardize=on"], "resnet32x4-resnet8x4/kd_ls/seed0"),
+    (["distill.logit_standardize=no"], "resnet32x4-resnet8x4/kd/seed0"),
     (["distill=dkd", "distill.logit_standardize=true", "+distill@combine.at=at"],
      "resnet32x4-resnet8x4/dkd_ls+at/seed0"),
     # networks from outside the zoo by source and name, as their files: two sources' resnet18 never share a folder

@@ -66,6 +66,10 @@ def unknown_key_message(config_name: str | None, overrides: list[str], key: str)
         return other
     if config_name in SCHEMAS and _declared(SCHEMAS[config_name], parts) and mine:
         refusal = _refusal_with(config_name, rest + ["++" + o.lstrip("+") for o in mine])
+        if refusal is None and _is_off(mine[-1]):  # a switch set off is accepted anywhere: does it apply here?
+            refused_on = _refusal_with(config_name, rest + [f"++{key}=true"])
+            if refused_on:
+                return f"config key '{key}' does not apply here, on or off: leave it out ({refused_on})"
         return refusal or _add_it(key, "a key of the schema that applies here; this config's files leave it out")
     if elsewhere:
         return f"config key '{key}' {elsewhere}"
@@ -74,6 +78,17 @@ def unknown_key_message(config_name: str | None, overrides: list[str], key: str)
     hint = f"did you mean {'.'.join([*parts[:-1], close[0]])}?" if close else "check the spelling"
     takes = "" if params is None else f" (method '{method}' takes {', '.join(params) or 'no parameters of its own'})"
     return f"config key '{key}' does not exist; {hint}{takes}"
+
+
+def _is_off(override: str) -> bool:
+    """Whether ``override`` sets a switch off (``KEY=false``, ``no``, ``off``, ``0``: as the schema reads them)."""
+    from omegaconf.nodes import BooleanNode
+
+    value = override.split("=", 1)[1] if "=" in override else ""
+    try:
+        return BooleanNode(value=value)._value() is False
+    except Exception:  # noqa: BLE001 - not a boolean
+        return False
 
 
 def _add_it(key: str, what: str) -> str:

@@ -20,9 +20,10 @@ LS_SUFFIX = "_ls"  # the label of a method with logit standardization on (config
 def method_label(name: str, combine: Any = None, standardize: Any = False) -> str:
     """Label of a run's objective: the method's name (``_ls`` added where ``distill.logit_standardize`` turns
     logit standardization on and the name does not say so: ``distill=kd distill.logit_standardize=true`` is
-    ``kd_ls``, as ``distill=kd_ls`` is), plus ``+label`` for every combined method."""
+    ``kd_ls``, as ``distill=kd_ls`` is), plus ``+label`` for every combined method. The switch is read as the
+    schema reads a boolean (:func:`is_on`: ``yes`` turns it on, as it does for the objective)."""
     name = str(name)
-    if str(standardize).lower() == "true" and not name.endswith(LS_SUFFIX):
+    if is_on(standardize) and not name.endswith(LS_SUFFIX):
         name += LS_SUFFIX
     return "+".join([name, *sorted(str(k) for k in (combine or {}))])
 
@@ -62,11 +63,16 @@ def if_switch(flag: Any, then: Any, otherwise: Any) -> Any:
     KD's temperature under ``logit_standardize`` (the pair's LS value) and without it (4). FLAG is read
     as the schema reads a boolean (``yes``/``on``/``1`` are true); a value that is no boolean picks B,
     and the schema then reports it in one line."""
+    return then if is_on(flag) else otherwise
+
+
+def is_on(flag: Any) -> bool:
+    """A switch read as the schema reads a boolean (``true``/``yes``/``on``/``1``); a value that is no boolean
+    counts as off here, and validation reports it in one line."""
     try:
-        on = BooleanNode(value=flag)._value() is True
+        return BooleanNode(value=flag)._value() is True
     except ValidationError:
-        on = False
-    return then if on else otherwise
+        return False
 
 
 def register_resolvers() -> None:
