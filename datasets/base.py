@@ -222,18 +222,23 @@ def teachers_data_root(name: str, root: str | None) -> str | None:
     return None
 
 
-def teacher_folder(name: str, root: str) -> str:
+def teacher_folder(name: str, root: str, num_classes: Any = None) -> str:
     """The folder of this data's teachers under ``checkpoints/teachers/`` (``teacher_dir``'s default).
 
     The data set's name, except where the root *is* the data (:func:`teachers_data_root`): then the
     name, the root's folder name and a short hash of its resolved path
     (``imagefolder-flowers-1a2b3c4d``), so two folders' teachers never replace each other, not even
-    when the folders share a name (``/a/data``, ``/b/data``).
+    when the folders share a name (``/a/data``, ``/b/data``). A data set whose class count is a setting
+    (registered with ``default_classes``) adds the count where ``num_classes`` differs from that default
+    (``synthetic10``, as its cache is named), so a 10-class teacher never replaces the 100-class one.
     """
     resolved = teachers_data_root(name, root)
     if resolved is not None:
         digest = hashlib.sha256(resolved.encode()).hexdigest()[:ROOT_HASH_CHARS]
         return f"{DATASETS.canonical(name)}-{Path(resolved).name}-{digest}"
+    default = DATASETS.metadata(name).get("default_classes") if name in DATASETS else None
+    if default is not None and str(num_classes) not in ("None", "null", "") and str(num_classes) != str(default):
+        return f"{name}{num_classes}"
     return str(name)
 
 

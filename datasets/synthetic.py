@@ -232,7 +232,7 @@ def synthetic_classes(cfg: Mapping[str, Any]) -> int:
 
 
 @DATASETS.register("synthetic", facts=DatasetFacts(image_size=(_SIZE, _SIZE), channels=3),
-                   options=("train_size", "test_size", "seed"), check=synthetic_classes)
+                   options=("train_size", "test_size", "seed"), check=synthetic_classes, default_classes=NUM_CLASSES)
 def load_synthetic(cfg: Mapping[str, Any]) -> DataSplits:
     """``dataset=synthetic``: read the cached set, generating it first when missing or corrupt."""
     num_classes = synthetic_classes(cfg)

@@ -69,12 +69,23 @@ def test_student_run_directory_names_data_set_and_optimizer_only_where_not_the_d
     (["model=resnet56"], "resnet56/seed0"),
     (["model=resnet56", "optim=dot"], "resnet56_dot/seed0"),
     (["model=resnet56", "dataset=synthetic", "seed=2"], "synthetic/resnet56/seed2"),
+    # the 10-class stand-in is another data set: its runs never meet the 100-class set's (named as its cache)
+    (["model=resnet56", "dataset=synthetic", "dataset.num_classes=10"], "synthetic10/resnet56/seed0"),
+    (["model=resnet56", "dataset=synthetic", "dataset.num_classes=100"], "synthetic/resnet56/seed0"),
     (["model=torchvision", "model.name=resnet18", "optim=dot"], "torchvision-resnet18_dot/seed0"),
     (["model=module", "model._target_=pkg.Net"], "module-pkg.Net/seed0"),
 ])
 def test_teacher_run_directory_names_data_set_and_optimizer_only_where_not_the_default(compose, overrides,
                                                                                       expected):
     assert run_dir(compose, "train_teacher", *overrides) == (f"runs/teacher/{expected}", expected)
+
+
+@pytest.mark.parametrize("name", ["train_teacher", "train_student"])
+def test_the_ten_class_synthetic_teachers_have_a_folder_of_their_own(compose, name: str) -> None:
+    """A 10-class teacher stored into the 100-class set's folder replaced its teacher, and every 100-class
+    student then failed on the class count."""
+    folder = {n: str(compose(name, ["dataset=synthetic", f"dataset.num_classes={n}"]).teacher_dir) for n in (10, 100)}
+    assert folder == {10: "checkpoints/teachers/synthetic10", 100: "checkpoints/teachers/synthetic"}
 
 
 # ---- what a refused command leaves -----------------------------------------------------------------------

@@ -33,10 +33,11 @@ def method_label(name: str, combine: Any = None, standardize: Any = False) -> st
 PLAIN_DATASET, PLAIN_OPTIMIZER = "cifar100", "sgd"
 
 
-def dataset_folder(name: str, root: Any) -> str:
-    """``${dataset_folder:NAME,ROOT}``: nothing on CIFAR-100, else the data set's folder and a ``/``, e.g.
-    ``cifar10/`` or, for an image folder, ``imagefolder-flowers-1a2b3c4d/`` (named as its teachers' folder is)."""
-    return "" if str(name) == PLAIN_DATASET else f"{teacher_folder(str(name), str(root))}/"
+def dataset_folder(name: str, root: Any, num_classes: Any = None) -> str:
+    """``${dataset_folder:NAME,ROOT[,CLASSES]}``: nothing on CIFAR-100, else the data set's folder and a ``/``,
+    e.g. ``cifar10/``, ``synthetic10/`` or, for an image folder, ``imagefolder-flowers-1a2b3c4d/`` (named as
+    its teachers' folder is: :func:`datasets.teacher_folder`)."""
+    return "" if str(name) == PLAIN_DATASET else f"{teacher_folder(str(name), str(root), num_classes)}/"
 
 
 def optimizer_label(label: str, optimizer: str) -> str:
