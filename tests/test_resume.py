@@ -221,6 +221,31 @@ def test_a_resumed_student_refuses_another_teacher_file(teacher, student_runs, t
     assert json.loads((run / "metrics.json").read_text())["completed_epochs"] == 2
 
 
+def test_a_finished_student_is_not_reported_for_another_teacher_file(teacher, student_runs, tmp_path):
+    """The teacher retrained after the student finished: rerunning the command said 'already finished' with the
+    old teacher's result, even with trainer.force=true. It is refused in one line (the file it was trained with
+    still shows the result); trainer.force=true trains it again with the new teacher."""
+    run, teachers = tmp_path / "run", tmp_path / "teachers"
+    shutil.copytree(student_runs["reference"], run)
+    shutil.copytree(teacher / "teachers", teachers)
+    command = student_command(teacher, run, teachers)
+    backup = retrain_teacher(teachers, tmp_path)
+    before = snapshot(run)
+    refused = run_cli("train_student.py", *command)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-3000:]
+    assert "is not the file this finished run was trained with" in lines[0] and f"teacher.ckpt={backup}" in lines[0]
+    assert snapshot(run) == before
+    kept = run_cli("train_student.py", *command, f"teacher.ckpt={backup}")
+    assert kept.returncode == 0 and "already finished" in kept.stdout, kept.stderr[-3000:]
+    assert snapshot(run) == before
+    again = run_cli("train_student.py", *command, "trainer.force=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    (replaced,) = run.glob("replaced-*")
+    assert snapshot(replaced) == before
+    assert torch.load(run / "final.pt", weights_only=True)["teacher_sha256"] == sha256(teachers / "resnet8.pt")
+
+
 def test_a_last_pt_without_teacher_hash_still_resumes(teacher, student_runs, tmp_path):
     """A checkpoint written before runs recorded their teacher's hash resumes (to the uninterrupted run's result),
     saying at info level that the teacher file cannot be checked."""

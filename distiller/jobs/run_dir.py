@@ -4,10 +4,11 @@ A run directory holds one run: its resolved config (``config.yaml``), checkpoint
 second command on the same directory resumes it when its config is the same (up to the keys that
 may change between a run and its resumption, :data:`VOLATILE_KEYS`), and is refused otherwise,
 unless ``trainer.force=true`` moves the old files aside first. A student resumes only with the
-teacher file it started with (its sha256, recorded in ``last.pt``): another one is refused the same way,
-before anything is written. Hydra's record of the command
-(``.hydra/``, the job's log) is written only once the run starts here (:func:`write_config`), so a
-command that is refused, or finds its run finished, changes nothing in the directory.
+teacher file it started with (its sha256, recorded in ``last.pt``), and a finished one is reported only
+for the file it was trained with: another one is refused the same way, before anything is written.
+Hydra's record of the command (``.hydra/``, the job's log) is written only once the run starts here
+(:func:`write_config`), so a command that is refused, or finds its run finished, changes nothing in the
+directory.
 """
 from __future__ import annotations
 
@@ -133,17 +134,19 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], trainer: Any, runtime
                             "pass trainer.resume=true to continue it, or another hydra.run.dir to start it over "
                             "(trainer.force=true starts afresh only over another run)")
         checkpoint = safe_load(last, "checkpoint")
-        if checkpoint.get("run", {}).get("finished"):
-            return "finished"
-        _note_reported_changes(checkpoint.get("config") or {}, config, run_dir)
-        changed = resumed_teacher_change(checkpoint, teacher_file) if teacher_file is not None else None
+        finished = bool(checkpoint.get("run", {}).get("finished"))
+        # a finished run too: its result is not the answer to a command naming another teacher file
+        changed = resumed_teacher_change(checkpoint, teacher_file, finished) if teacher_file is not None else None
         if changed is not None:
             if not trainer.force:
                 raise UserError(changed)
-            log.warning("trainer.force=true: the run started with another teacher file than %s; starting "
-                        "it over", teacher_file)
+            log.warning("trainer.force=true: the run %s with another teacher file than %s; starting it over",
+                        "finished" if finished else "started", teacher_file)
             _move_aside(run_dir, runtime)
             return None
+        if finished:
+            return "finished"
+        _note_reported_changes(checkpoint.get("config") or {}, config, run_dir)
         return checkpoint
     if trainer.resume:
         raise UserError(f"trainer.resume=true but {run_dir} holds no last.pt to resume from; "

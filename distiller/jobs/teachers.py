@@ -284,11 +284,12 @@ def _check_same_facts(path: Path, known: Mapping[str, Any], fresh: Mapping[str, 
 
 
 # ---- resuming a student ---------------------------------------------------------------------------
-def resumed_teacher_change(checkpoint: Mapping[str, Any], path: str | Path) -> str | None:
-    """Why a student run may not resume from ``checkpoint`` (its ``last.pt``) with the teacher file at ``path``:
-    the file's sha256 differs from the one the run recorded (one line, with the ways out); None when it is
-    the same file, or when no check is possible (``last.pt`` from before teacher hashes were recorded; a
-    missing file or an interrupted store, which loading the teacher then reports)."""
+def resumed_teacher_change(checkpoint: Mapping[str, Any], path: str | Path, finished: bool = False) -> str | None:
+    """Why a student run may not resume from ``checkpoint`` (its ``last.pt``) with the teacher file at ``path``,
+    or, ``finished``, be reported as this command's result: the file's sha256 differs from the one the run
+    recorded (one line, with the ways out); None when it is the same file, or when no check is possible
+    (``last.pt`` from before teacher hashes were recorded; a missing file or an interrupted store, which
+    loading the teacher then reports)."""
     path = Path(path)
     recorded = checkpoint.get("teacher_sha256")
     if recorded is None:
@@ -301,10 +302,12 @@ def resumed_teacher_change(checkpoint: Mapping[str, Any], path: str | Path) -> s
     if actual == recorded:
         return None
     kept = indexed_name(path.parent, recorded)
-    restore = (f"pass teacher.ckpt={path.parent / kept} to resume with the file it started with (kept there)"
+    how = "see its result" if finished else "resume"
+    restore = (f"pass teacher.ckpt={path.parent / kept} to {how} with the file it started with (kept there)"
                if kept is not None else f"restore the file it started with (a retrained teacher keeps its "
                                         f"predecessor beside it as {path.name}.<date>.bak) and rerun")
-    return (f"teacher checkpoint {path} is not the file this run started with (sha256 {actual[:12]}..., its "
+    state = "finished run was trained with" if finished else "run started with"
+    return (f"teacher checkpoint {path} is not the file this {state} (sha256 {actual[:12]}..., its "
             f"last.pt records {recorded[:12]}...): {restore}, or pass trainer.force=true to start the run over "
             f"with this teacher (the old files are moved aside, not deleted)")
 
