@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from distiller.config.command_line import OneLineParser, at_least
+from common.errors import UserError
+from distiller.config.command_line import OneLineParser, at_least, fail
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -125,7 +126,10 @@ ALLOCATORS = {"glibc default": {}, "mmap threshold 128 KiB": {"MALLOC_MMAP_THRES
 def _child(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     command = [sys.executable, "-m", "scripts.stream_memory", *args]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    done = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, check=True)
+    done = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True)
+    if done.returncode != 0:  # the child's own last line says why (its one-line error, or a traceback's end)
+        why = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), f"status {done.returncode}")
+        raise UserError(f"the measurement in a fresh process failed: {why.removeprefix('error: ')}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -158,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["--check"]:  # decode every file once and cache the check, outside the measured processes
         from datasets import load_dataset
 
-        load_dataset({"name": "imagenet", "root": args[1]})
+        try:
+            load_dataset({"name": "imagenet", "root": args[1]})
+        except UserError as err:
+            fail(str(err))
         print(json.dumps({}))
         return 0
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
@@ -168,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=at_least(1), default=64)
     parser.add_argument("--rounds", type=at_least(1), default=3)
     parsed = parser.parse_args(args)
-    result = measure(parsed.images, parsed.factor, tuple(parsed.workers), parsed.batch_size, rounds=parsed.rounds)
+    try:
+        result = measure(parsed.images, parsed.factor, tuple(parsed.workers), parsed.batch_size, rounds=parsed.rounds)
+    except UserError as err:
+        fail(str(err))
     print(f"{result['image_size']} JPEGs, batch {result['batch_size']}")
     for run in result["runs"]:
         low, high = run["peak_rss_growth_mb"]

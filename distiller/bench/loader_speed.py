@@ -38,7 +38,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def write_photo_folder(root: Path, images: int = 320, classes: int = 8, size: tuple[int, int] = (375, 500),
                        quality: int = 90, seed: int = 0) -> Path:
-    """``root/train/<class>/*.JPEG`` and a small ``val/`` of photo-like JPEGs (smooth shapes plus grain).
+    """``root/train/<class>/*.JPEG`` and a small ``val/`` of photo-like JPEGs (smooth shapes plus grain), in
+    ``classes`` classes (fewer where there are fewer ``images``).
 
     Smooth random fields at 1/16 and 1/4 of the resolution, upsampled, plus grain: about the
     entropy of a photograph (files of ~95 KB at 500x375, ImageNet's average is ~110 KB), so
@@ -48,6 +49,7 @@ def write_photo_folder(root: Path, images: int = 320, classes: int = 8, size: tu
 
     rng = np.random.default_rng(seed)
     height, width = size
+    classes = min(classes, images)  # every class in both splits, however few images
     for split, count in (("train", images), ("val", max(classes, images // 10))):
         for i in range(count):
             path = root / split / f"n{i % classes:08d}" / f"{split}_{i:06d}.JPEG"
