@@ -172,6 +172,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", default=[],
                         help="Hydra overrides applied to every run")
     args = parser.parse_args()
+    if args.data_root and not args.real:
+        parser.error("--data-root is the folder of the real CIFAR-100: add --real to use it (the built-in data needs "
+                     "no folder)")
     if any(override_key(o) == "dataset" for o in args.overrides):
         parser.error("the demo chooses its data set itself: the built-in data, or --real for CIFAR-100 "
                      "(dataset.* keys may be set, not dataset=)")

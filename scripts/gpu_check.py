@@ -54,7 +54,7 @@ from distiller.bench.gpu_check.cifar_subset import (
     write_cifar_subset,
 )
 from distiller.bench.gpu_check.concurrency import concurrency_worker
-from distiller.config.command_line import OneLineParser, at_least
+from distiller.config.command_line import OneLineParser, at_least, more_than, zoo_model
 
 EXIT_USER_ERROR = 2
 
@@ -65,7 +65,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="every step with tiny settings on the CPU")
     p.add_argument("--only", default=",".join(STEPS), help=f"comma-separated steps (default: all of {','.join(STEPS)})")
     p.add_argument("--out", default=str(REPO / "runs" / "gpu_check"), help="folder of the table and JSON file")
-    p.add_argument("--budget-s", type=float, default=None, help="time budget of the steps (default 450; dry run 3600)")
+    p.add_argument("--budget-s", type=more_than(0), default=None,
+                   help="time budget of the steps in seconds (default 450; dry run 3600)")
     p.add_argument("--write-subset", action="store_true", help="write the CIFAR-100 subset and exit")
     p.add_argument("--source", default=None, help="CIFAR-100 to take the subset from (default ../shared/data)")
     p.add_argument("--subset-dir", default=str(SUBSET_DIR), help="where the subset goes")
@@ -74,7 +75,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="rewrite the subset even when it exists")
     p.add_argument("--cpu-precision-check", action="store_true",
                    help="fp32 vs bf16 on this CPU, same seed, on the subset (--model, --epochs)")
-    p.add_argument("--model", default="resnet8", help="network of --cpu-precision-check")
+    p.add_argument("--model", type=zoo_model, default="resnet8", help="network of --cpu-precision-check")
     p.add_argument("--epochs", type=at_least(1), default=3, help="epochs of --cpu-precision-check")
     p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one concurrent run (as the concurrency step's)
@@ -103,6 +104,10 @@ def main(argv: list[str]) -> int:
         if args.cpu_precision_check:
             return cpu_precision_check(Path(args.subset_dir), args.model, args.epochs, args.seed, Path(args.out), argv)
         steps = parse_steps(args.only)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir() or any(p.exists() and not p.is_dir() for p in out.absolute().parents):
+            raise UserError(f"--out {out} cannot be a folder: it, or a folder above it, is a file; choose another "
+                            f"--out")
         if not args.dry_run and not torch.cuda.is_available():
             raise UserError("no CUDA device is present: scripts/gpu_check.py measures the GPU; run it on a CUDA "
                             "machine, or pass --dry-run to rehearse every step on the CPU")

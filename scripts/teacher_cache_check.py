@@ -37,7 +37,7 @@ from common.files import atomic_write
 from datasets import load_dataset
 from datasets.device_loader import DeviceLoader
 from distiller.bench.gpu_check.cifar_subset import write_cifar_subset
-from distiller.config.command_line import OneLineParser, at_least, fail
+from distiller.config.command_line import OneLineParser, at_least, fail, zoo_model
 from distiller.config.compose import compose
 from distiller.config.validation import load_job
 from distiller.engine.teacher_cache import DTYPES
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", type=Path, default=Path(os.environ.get("KD_DATA_ROOT", "/work/shared/data")))
     p.add_argument("--work", type=Path, default=Path("/tmp/teacher-cache-check"))
     p.add_argument("--per-class", default="3,10", help="TRAIN,TEST images of every class (default 3,10)")
-    p.add_argument("--teacher", default="resnet20")
-    p.add_argument("--student", default="resnet8")
+    p.add_argument("--teacher", type=zoo_model, default="resnet20")
+    p.add_argument("--student", type=zoo_model, default="resnet8")
     p.add_argument("--teacher-epochs", type=at_least(1), default=30)
     p.add_argument("--epochs", type=at_least(1), default=60, help="student epochs (300 images, batch 64: 5 steps each)")
     p.add_argument("--batch", type=at_least(1), default=64)

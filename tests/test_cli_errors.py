@@ -151,12 +151,33 @@ def test_overrides_may_follow_a_scripts_options() -> None:
     (["scripts/gpu_check.py", "--cpu-precision-check", "--epochs", "0"],
      "error: argument --epochs: 0 is less than 1 (see --help)"),
     (["scripts/gpu_check.py", "--nope"], "error: unrecognized arguments: --nope (see --help)"),
+    # a negative budget skipped every step with status 0; an --only of commas ran none; a misspelt network was
+    # a 93-line Hydra report after the script had written its data
+    (["scripts/gpu_check.py", "--budget-s", "-5", "--dry-run"],
+     "error: argument --budget-s: -5 is not greater than 0 (see --help)"),
+    (["scripts/gpu_check.py", "--only", ",", "--dry-run"],
+     "error: --only ',' names no step; give one or more of tests,benchmark,compile,concurrency,accuracy,ddp, "
+     "comma-separated"),
+    (["scripts/demo.py", "--data-root", "/nonexistent"],
+     "error: --data-root is the folder of the real CIFAR-100: add --real to use it (the built-in data needs no "
+     "folder) (see --help)"),
     (["scripts/teachers.py", "cache", "x.pt", "--batch-size", "0"],
      "error: argument --batch-size: 0 is less than 1 (see --help)"),
 ])
 def test_the_measurement_scripts_refuse_bad_numbers_in_one_line(args: list, line: str) -> None:
     result = run_cli(*args)
     assert result.returncode == 2 and result.stderr.splitlines() == [line], result.stderr[-2000:]
+
+
+def test_a_misspelt_network_is_the_parsers_line_naming_the_zoo(tmp_path: Path) -> None:
+    """teacher_cache_check.py --teacher resnet9 was a 93-line Hydra report, after the script had written its data."""
+    from models import list_models
+
+    result = run_cli("scripts/teacher_cache_check.py", "--teacher", "resnet9", "--work", str(tmp_path / "w"))
+    line = _one_line(result.stderr)
+    assert result.returncode == 2 and line.startswith("error: argument --teacher: unknown model 'resnet9'. Did you "
+                                                      "mean 'resnet8'? Valid models: "), line
+    assert all(name in line for name in list_models()) and not (tmp_path / "w").exists()
 
 
 def test_the_measurement_scripts_refuse_a_missing_folder_in_one_line(tmp_path: Path) -> None:
@@ -246,3 +267,12 @@ def test_the_run_and_sweep_folders_are_checked_before_anything_is_written(tmp_pa
         line = _one_line(result.stderr)
         assert result.returncode == EXIT_USER_ERROR and words in line, line
         assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_the_gpu_checks_out_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    """It ran the steps, then died on a FileExistsError writing the table."""
+    (tmp_path / "taken").write_text("a file")
+    result = run_cli("scripts/gpu_check.py", "--out", str(tmp_path / "taken"), "--dry-run")
+    line = _one_line(result.stderr)
+    assert result.returncode == 2 and f"--out {tmp_path / 'taken'} cannot be a folder" in line, line
+    assert (tmp_path / "taken").read_text() == "a file"

@@ -37,6 +37,7 @@ from distiller.config.key_advice import unknown_key_message
 from distiller.config.schema_messages import describe_error
 from distiller.config.store import group_options
 from distiller.methods import METHODS
+from models import MODELS
 
 EXIT_USER_ERROR = 2
 
@@ -159,6 +160,26 @@ def at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
         return value
     return number
+
+
+def more_than(minimum: float) -> Callable[[str], float]:
+    """An argparse ``type``: a number greater than ``minimum`` (else the parser's one line)."""
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > minimum:  # NaN too
+            raise argparse.ArgumentTypeError(f"{text} is not greater than {minimum:g}")
+        return value
+    return number
+
+
+def zoo_model(text: str) -> str:
+    """An argparse ``type``: a network of the zoo, spelled as registered (names are case-insensitive)."""
+    if text in MODELS:
+        return MODELS.canonical(text)
+    raise argparse.ArgumentTypeError(MODELS.unknown_message(text))
 
 
 def report_user_errors(task: Callable[..., Any]) -> Callable[..., Any]:

@@ -29,6 +29,8 @@ def parse_steps(only: str) -> list[str]:
     unknown = [x for x in steps if x not in STEP_FUNCTIONS]
     if unknown:
         raise UserError(f"--only {unknown[0]} is not a step; the steps are {','.join(STEPS)}")
+    if not steps:
+        raise UserError(f"--only {only!r} names no step; give one or more of {','.join(STEPS)}, comma-separated")
     return steps
 
 
