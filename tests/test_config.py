@@ -248,6 +248,9 @@ def test_the_method_aliases_of_the_readme_choose_their_method(compose):
     assert canonical_model_choices(["distill=hint,kd", "+distill@combine.at=attention", "distill=crd_kd",
                                     "distill=nope"]) == ["distill=fitnet,kd", "+distill@combine.at=at",
                                                          "distill=crd_kd", "distill=nope"]
+    # in any case, as network names: distill=KD was 'unknown distill' with no hint
+    assert canonical_model_choices(["distill=KD,CRD_KD,Hint", "+distill@combine.at=AT"]) == [
+        "distill=kd,crd_kd,fitnet", "+distill@combine.at=at"]
 
 
 def test_model_names_any_case(compose):

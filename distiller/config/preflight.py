@@ -26,10 +26,14 @@ from models import MODELS
 
 def _method_config(name: str) -> str:
     """The ``configs/distill`` file a method name chooses: its own, or, for an alias without a file of its own
-    (``hint``, ``attention``, ...), the file of the method it names."""
-    if (CONFIG_DIR / "distill" / f"{name}.yaml").is_file() or name not in METHODS:
-        return name
-    return METHODS.canonical(name)
+    (``hint``, ``attention``, ...), the file of the method it names; in any case (``KD``, ``CRD_KD``), as
+    network names are."""
+    files = {path.stem.lower(): path.stem for path in (CONFIG_DIR / "distill").glob("*.yaml")}
+    if name.lower() in files:
+        return files[name.lower()]
+    if name.lower() in METHODS:
+        return METHODS.canonical(name.lower())
+    return name
 
 
 def canonical_model_choices(argv: list[str]) -> list[str]:
