@@ -33,10 +33,11 @@ from common.errors import UserError
 from common.files import file_sha256
 from datasets.base import teachers_data_root
 from distiller.config.command_line import OneLineParser, at_least, explain_config_error, fail
-from distiller.config.overrides import refuse_unread
+from distiller.config.overrides import refuse_unread, set_keys
 from distiller.config.preflight import canonical_model_choices
 from distiller.jobs.cache_build import cache_teacher_file
 from distiller.jobs.teachers import (
+    DATA_RECIPE_KEYS,
     INDEX_NAME,
     JOURNAL_SUFFIX,
     add_teacher,
@@ -134,8 +135,11 @@ def add(path: Path, overrides: list[str], measure: bool) -> tuple[dict[str, Any]
     elif isinstance(loaded.header.get("accuracy"), (int, float)):
         metrics = {"test_top1": float(loaded.header["accuracy"])}  # as the file records it
     data_root = None if dataset is None else teachers_data_root(dataset, OmegaConf.select(data_node, "root"))
+    given = set_keys(overrides)  # the data's sizes and seed the command line sets: recorded, or checked
+    told = {name: OmegaConf.select(data_node, key.removeprefix("dataset.")) for name, key in DATA_RECIPE_KEYS.items()
+            if key in given}
     return add_teacher(path, loaded.arch, dataset, loaded.num_classes, metrics, recipe_of(config),
-                       source="added (measured)" if measure else "added", data_root=data_root)
+                       source="added (measured)" if measure else "added", data_root=data_root, told_data=told)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

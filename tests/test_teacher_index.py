@@ -234,6 +234,27 @@ def test_adding_an_indexed_file_again_keeps_its_entry(teachers, capsys):
     assert (teachers / INDEX_NAME).read_bytes() == before
 
 
+def test_add_records_the_data_it_is_told_and_refuses_what_contradicts_it(teachers, capsys):
+    """A generated set's sizes and seed on the command line: recorded for a file that does not say them, refused
+    in one line where the file's index entry (or its own record) says otherwise (they were kept silently)."""
+    bare = teachers / "resnet8_bare.pth"
+    torch.save({"model": torch.load(teachers / "resnet8.pt", weights_only=True)["model"]}, bare)
+    told = ["model=resnet8", "dataset=synthetic", "dataset.seed=3", "dataset.train_size=500"]
+    assert teachers_cmd.main(["add", str(bare), *told]) == 0
+    recipe = read_index(teachers)[bare.name]["recipe"]
+    assert (recipe["data_seed"], recipe["train_size"]) == (3, 500)
+    capsys.readouterr()
+    before = (teachers / INDEX_NAME).read_bytes()
+    with pytest.raises(SystemExit) as stop:
+        teachers_cmd.main(["add", str(bare), "model=resnet8", "dataset=synthetic", "dataset.seed=4"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "\n" not in err, err
+    assert "trained on other data than the command line says (its index entry says dataset.seed=3, not 4)" in err
+    assert (teachers / INDEX_NAME).read_bytes() == before
+    assert teachers_cmd.main(["add", str(bare), *told]) == 0  # the same facts again: the entry is kept
+    assert (teachers / INDEX_NAME).read_bytes() == before
+
+
 @pytest.mark.parametrize("override, says", [
     ("distill=kd", "config key 'distill' is not read by scripts/teachers.py add: it reads model=, model.*, "
                    "dataset=, dataset.*; drop distill=kd"),

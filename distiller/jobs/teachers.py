@@ -86,13 +86,16 @@ def update_index(folder: str | Path, change: Callable[[dict[str, dict[str, Any]]
         atomic_write({"format": INDEX_FORMAT, "teachers": dict(sorted(entries.items()))}, index_path(folder), "json")
 
 
+# the recipe's facts of the data (a generated set's sizes and seed): what ``add`` may be told and must not contradict
+DATA_RECIPE_KEYS = {"train_size": "dataset.train_size", "test_size": "dataset.test_size", "data_seed": "dataset.seed"}
+
+
 def recipe_of(config: Mapping[str, Any]) -> dict[str, Any]:
     """The training recipe of a resolved run config (what a reader needs to judge or redo the teacher)."""
     keys = {"epochs": "trainer.epochs", "optimizer": "optim.name", "lr": "optim.lr", "momentum": "optim.momentum",
             "weight_decay": "optim.weight_decay", "batch_size": "dataset.batch_size",
             "milestones": "schedule.milestones", "lr_decay": "schedule.gamma", "seed": "seed",
-            "precision": "trainer.precision", "train_size": "dataset.train_size", "test_size": "dataset.test_size",
-            "data_seed": "dataset.seed"}
+            "precision": "trainer.precision", **DATA_RECIPE_KEYS}
     return {name: dotted_get(config, path) for name, path in keys.items() if dotted_get(config, path) is not None}
 
 
@@ -239,18 +242,25 @@ def load_teacher_weights(model: Any, path: str | Path, arch: str, dataset: str |
 
 def add_teacher(path: str | Path, arch: str, dataset: str | None = None, num_classes: int | None = None,
                 metrics: Mapping[str, Any] | None = None, recipe: Mapping[str, Any] | None = None,
-                source: str = "added", data_root: str | None = None) -> tuple[dict[str, Any], bool]:
+                source: str = "added", data_root: str | None = None,
+                told_data: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
     """Index an existing teacher file in its folder's index; returns its entry and whether it is a new one.
 
     A file whose content the index already knows (this name's entry, or another file's: a copy) keeps
     that entry's facts (run directory, source, accuracies, recipe, date): they describe how the content
     was made, which a later ``add`` cannot know; only facts the entry lacks are filled in. Facts that
-    contradict the entry's (another architecture, data set, class count or image folder) are a one-line
-    error. A file that changed since it was indexed gets a new entry (re-indexing it on purpose).
+    contradict the entry's (another architecture, data set, class count or image folder, or, in
+    ``told_data``, the data's sizes and seed the command line set: :data:`DATA_RECIPE_KEYS`) are a one-line
+    error, as are ``told_data`` that contradict the file's own record (``recipe``); where neither records
+    them, they are recorded. A file that changed since it was indexed gets a new entry (re-indexing it on
+    purpose).
     """
     path = Path(path)
     check_name_hash(path)  # a damaged download is refused, never indexed (and so blessed)
-    fresh = make_entry(path, arch, dataset, num_classes, metrics, recipe, source, data_root=data_root)
+    told_data = dict(told_data or {})
+    _check_told_data(path, recipe or {}, told_data, "its own record says")
+    fresh = make_entry(path, arch, dataset, num_classes, metrics, {**told_data, **(recipe or {})}, source,
+                       data_root=data_root)
     result: dict[str, Any] = {}
 
     def change(entries: dict[str, dict[str, Any]]) -> None:
@@ -262,6 +272,7 @@ def add_teacher(path: str | Path, arch: str, dataset: str | None = None, num_cla
             entries[path.name] = result["entry"] = fresh
             return
         _check_same_facts(path, known, fresh)
+        _check_told_data(path, known.get("recipe") or {}, told_data, "its index entry says")
         kept = {**known, **{k: v for k, v in fresh.items() if known.get(k) is None and v is not None}}
         entries[path.name] = result["entry"] = kept
         result["kept"] = True
@@ -281,6 +292,15 @@ def _check_same_facts(path: Path, known: Mapping[str, Any], fresh: Mapping[str, 
         raise UserError(f"{path} is already indexed with this content ({made}), and its entry says otherwise: "
                         f"{'; '.join(differ)}. The entry is kept; drop the contradicting overrides, or, if the "
                         f"entry is wrong, delete it from {index_path(path.parent)} and add the file again")
+
+
+def _check_told_data(path: Path, recipe: Mapping[str, Any], told: Mapping[str, Any], where: str) -> None:
+    """One line when the data facts the command line set (``told``) contradict those of ``recipe``."""
+    differ = [f"{DATA_RECIPE_KEYS[name]}={recipe[name]}, not {value}" for name, value in told.items()
+              if recipe.get(name) is not None and recipe[name] != value]
+    if differ:
+        raise UserError(f"{path} was trained on other data than the command line says ({where} "
+                        f"{'; '.join(differ)}): drop those overrides, or give the values it was trained with")
 
 
 # ---- resuming a student ---------------------------------------------------------------------------
