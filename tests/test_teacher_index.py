@@ -320,3 +320,25 @@ def test_train_student_warns_about_a_teacher_of_another_generated_set(trained, t
                      f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dataset.seed=1: other classes, so its predictions are for another data set" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("damage, says", [
+    ({"arch": 5}, "arch 5 is not a network's name"),
+    ({"arch": "resnet8"}, "sha256 None is not a sha256 digest"),
+    ("resnet8", "not a mapping"),
+])
+def test_a_damaged_index_entry_is_one_line_naming_it(teachers, capsys, damage, says):
+    """An entry edited by hand was listed as arch 5, kept by add, and turned into the advice 'pass teacher=5'."""
+    index = json.loads((teachers / INDEX_NAME).read_text())
+    index["teachers"]["resnet8.pt"] = damage
+    (teachers / INDEX_NAME).write_text(json.dumps(index))
+    before = (teachers / INDEX_NAME).read_bytes()
+    for command in (["list", str(teachers)], ["check", str(teachers)]):
+        with pytest.raises(SystemExit) as stop:
+            teachers_cmd.main(command)
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and "\n" not in err, err
+        assert f"has a damaged entry for resnet8.pt ({says}); delete that entry" in err, err
+    with pytest.raises(UserError, match="damaged entry for resnet8.pt"):
+        load_teacher_weights(build_model("resnet8", num_classes=100), teachers / "resnet8.pt", "resnet8")
+    assert (teachers / INDEX_NAME).read_bytes() == before

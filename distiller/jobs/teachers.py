@@ -62,7 +62,26 @@ def read_index(folder: str | Path) -> dict[str, dict[str, Any]]:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"the teacher index {path} is unreadable ({err}); move it aside and re-index the teachers "
                         f"with `python scripts/teachers.py add FILE model=ARCH`") from None
+    for name, entry in entries.items():  # an entry edited by hand: its facts would be advice to the user
+        damage = _entry_damage(entry)
+        if damage:
+            raise UserError(f"the teacher index {path} has a damaged entry for {name} ({damage}); delete that entry "
+                            f"and index the file again with `python scripts/teachers.py add {Path(folder) / name} "
+                            f"model=ARCH dataset=NAME`")
     return entries
+
+
+def _entry_damage(entry: Any) -> str | None:
+    """What makes an index entry unusable (None: nothing): not a mapping, an architecture that is no name, a
+    sha256 that is no hex digest."""
+    if not isinstance(entry, dict):
+        return "not a mapping"
+    if not isinstance(entry.get("arch"), str) or not entry["arch"]:
+        return f"arch {entry.get('arch')!r} is not a network's name"
+    sha = entry.get("sha256")
+    if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        return f"sha256 {sha!r} is not a sha256 digest"
+    return None
 
 
 @contextlib.contextmanager
