@@ -129,6 +129,28 @@ def test_a_refused_command_writes_nothing_in_the_finished_run(finished, change):
     assert snapshot(run) == before  # .hydra/overrides.yaml still lists the finished run's command
 
 
+def test_the_other_jobs_run_directory_is_named_so(finished):
+    """A teacher command pointed at a student's run directory got a diff of every key that differs."""
+    tmp, command = finished
+    run = tmp / "runs/student/synthetic/resnet8-resnet8/kd/seed0"
+    before = snapshot(run)
+    result = run_cli("train_teacher.py", "model=resnet8", *command[2:], f"hydra.run.dir={run}", cwd=tmp)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == EXIT_USER_ERROR and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0] == (f"error: run directory {run} holds a student's run (train_student.py), not this job's; "
+                        "choose another hydra.run.dir")
+    assert snapshot(run) == before
+
+
+def test_a_switch_at_its_default_is_shown_by_its_value_in_the_difference() -> None:
+    """teacher.cache=true on the first command, left out on the second: 'teacher.cache True -> <absent>'."""
+    from distiller.jobs.run_dir import _differences, run_identity
+
+    base = {"trainer": {"epochs": 1}, "teacher": {"name": "resnet8"}}
+    cached = {"trainer": {"epochs": 1}, "teacher": {"name": "resnet8", "cache": True}}
+    assert _differences(run_identity(cached), run_identity(base)) == ["teacher.cache True -> False"]
+
+
 def test_rerunning_a_finished_run_writes_nothing(finished):
     tmp, command = finished
     run = tmp / "runs/student/synthetic/resnet8-resnet8/kd/seed0"

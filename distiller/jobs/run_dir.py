@@ -82,12 +82,21 @@ def _note_reported_changes(old: dict[str, Any], new: dict[str, Any], run_dir: Pa
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key old -> new`` per differing key; a key :func:`run_identity` dropped at its neutral default shows
+    that default (``teacher.cache True -> False``), any other missing key ``<absent>``."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new), key=str):
-            out += _differences(old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}.")
+            missing = NEUTRAL_DEFAULTS.get(f"{prefix}{key}", "<absent>")
+            out += _differences(old.get(key, missing), new.get(key, missing), f"{prefix}{key}.")
         return out
     return [] if old == new else [f"{prefix[:-1]} {old} -> {new}"]
+
+
+def _other_job(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """``"teacher"`` or ``"student"`` where ``old`` (the directory's run) is the other job's run than ``new``."""
+    kinds = ["student" if "distill" in config else "teacher" for config in (old, new)]
+    return kinds[0] if kinds[0] != kinds[1] and "unreadable" not in old else None
 
 
 def _move_aside(run_dir: Path, runtime: Runtime) -> None:
@@ -120,6 +129,10 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], trainer: Any, runtime
         except Exception:  # noqa: BLE001 - an unreadable config is treated as a different run
             old = {"unreadable": True}
         diff = _differences(run_identity(old), run_identity(config))
+        other = _other_job(old, config)
+        if other and not trainer.force:
+            raise UserError(f"run directory {run_dir} holds a {other}'s run (train_{other}.py), not this job's; "
+                            f"choose another hydra.run.dir")
         if diff:
             if not trainer.force:
                 raise UserError(
