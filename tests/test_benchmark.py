@@ -82,6 +82,8 @@ def test_benchmark_runs_and_reports_json(tmp_path) -> None:
     ("distill=kdd", "distill"),
     ("bench.phase=init", "phase"),
     ("steps", "unexpected argument"),
+    ("--method", "the options are --methods SET and --teacher-cache"),  # a misspelt option is named with the right one
+    ("model=resnet8", "choose its networks with teacher=NAME student=NAME"),  # 'does not exist; check the spelling'
     # the generated images replaced a chosen data set in silence
     ("dataset=synthetic", "dataset=synthetic is not read with bench.data=random"),
     # a key of another data set: named as such (it said 'read by train_teacher.py, not by this command')

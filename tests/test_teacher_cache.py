@@ -352,7 +352,10 @@ def test_the_cache_command_builds_reports_and_refuses_bad_input(tmp_path: Path, 
 
     bad = {"--dtype": [*args, "--dtype", "fp8"], "--batch-size": [*args, "--batch-size", "0"],
            "not found": ["cache", str(tmp_path / "missing.pt"), "dataset=imagefolder"],
-           "crop padding": [*args, "dataset.image_size=16"]}  # another image size: another key
+           "crop padding": [*args, "dataset.image_size=16"],  # another image size: another key
+           # the run's key of the setting the command takes as an option: named with it (it said 'drop it')
+           "its option --dtype sets it; replace teacher.cache_dtype=fp16 with --dtype VALUE":
+               [*args, "teacher.cache_dtype=fp16"]}
     for words, argv in bad.items():
         with pytest.raises(SystemExit) as exit_:
             teachers_cmd.main(argv)

@@ -28,8 +28,13 @@ def compose_benchmark(argv: list[str]) -> DictConfig:
     """``configs/benchmark.yaml`` with the command-line overrides (one clear line on a mistake)."""
     stray = [a for a in argv if "=" not in a]
     if stray:
-        raise UserError(f"unexpected argument '{stray[0]}': pass Hydra-style overrides key=value, "
-                        "e.g. distill=crd bench.steps=50 (see python scripts/benchmark.py --help)")
+        raise UserError(f"unexpected argument '{stray[0]}': the options are --methods SET and --teacher-cache; the "
+                        "rest are Hydra-style overrides key=value, e.g. distill=crd bench.steps=50 (see python "
+                        "scripts/benchmark.py --help)")
+    network = next((a for a in argv if override_key(a) in ("model", "model.name")), None)
+    if network is not None:  # the step distils: its networks are the teacher's and the student's
+        raise UserError(f"{network}: the benchmark times a distillation step; choose its networks with teacher=NAME "
+                        f"student=NAME")
     try:
         cfg = compose(CONFIG_NAME, argv)
     except Exception as err:  # noqa: BLE001 - every composition failure is a user error here

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from common.errors import UserError
 
@@ -109,12 +109,17 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def refuse_unread(overrides: Sequence[str], reads: Sequence[str], command: str) -> None:
+def refuse_unread(overrides: Sequence[str], reads: Sequence[str], command: str,
+                  options: Mapping[str, str] | None = None) -> None:
     """One line for the first override ``command`` does not read: ``reads`` are keys (``trainer.device``) and
     groups (``dataset``: the choice and every ``dataset.*`` key). A training key given to a command that only
-    measures (``optim.lr=0.3`` to evaluate.py) would otherwise be accepted and ignored."""
+    measures (``optim.lr=0.3`` to evaluate.py) would otherwise be accepted and ignored. ``options``: keys the
+    command takes as an option of its own instead (``teacher.cache_dtype`` -> ``--dtype``), named in the line."""
     for override in overrides:
         key = override_key(override)
+        if (options or {}).get(key):
+            raise UserError(f"config key '{key}' is not read by {command}: its option {options[key]} sets it; "
+                            f"replace {override} with {options[key]} VALUE")
         if not any(key == read or key.startswith(f"{read}.") for read in reads):
             shown = ", ".join(f"{read}=, {read}.*" if "." not in read else read for read in reads)
             raise UserError(f"config key '{key}' is not read by {command}: it reads {shown}; drop {override}")

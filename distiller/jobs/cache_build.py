@@ -284,7 +284,8 @@ def cache_teacher_file(path: Path, overrides: list[str], dtype: str, precision: 
     """Build (or find) the cache of the teacher file ``path`` on the training split of ``dataset=`` (else the
     teacher's own): what ``scripts/teachers.py cache`` runs."""
     on_data = load_on_data(path, overrides, what="teacher file", reads=("model", "dataset", "trainer.device"),
-                           command="scripts/teachers.py cache")
+                           command="scripts/teachers.py cache",
+                           options={"teacher.cache_dtype": "--dtype", "teacher.cache_dir": "--cache-dir"})
     dataset, arch = str(on_data.cfg.dataset.name), on_data.loaded.arch
     verify_teacher(path, arch, dataset)  # a file changed since it was indexed is refused
     return ensure_cache(on_data.loaded.model, path, on_data.data, dataset,

@@ -285,10 +285,12 @@ EVALUATE_READS = ("model", "dataset", "trainer.device", "trainer.precision", "tr
 
 
 def load_on_data(path: str | Path, overrides: Sequence[str] = (), what: str = "checkpoint",
-                 reads: Sequence[str] = EVALUATE_READS, command: str = "scripts/evaluate.py") -> CheckpointOnData:
+                 reads: Sequence[str] = EVALUATE_READS, command: str = "scripts/evaluate.py",
+                 options: Mapping[str, str] | None = None) -> CheckpointOnData:
     """Read ``path`` (``what`` names it in errors), compose its data set (the one it recorded unless ``dataset=``
     says otherwise) and load it into its network; a class count the data set does not have is one line, and
-    so is an override ``command`` does not read (``reads``: :func:`distiller.config.overrides.refuse_unread`)."""
+    so is an override ``command`` does not read (``reads``, ``options``:
+    :func:`distiller.config.overrides.refuse_unread`)."""
     from distiller.config.preflight import canonical_model_choices
 
     path = Path(path)
@@ -296,7 +298,7 @@ def load_on_data(path: str | Path, overrides: Sequence[str] = (), what: str = "c
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise UserError(f"'{bad[0]}' is not an override; write KEY=VALUE (e.g. model=resnet56, dataset=synthetic)")
-    refuse_unread(overrides, reads, command)
+    refuse_unread(overrides, reads, command, options)
     check_file(path, what)
     file = read_checkpoint(path)
     extra, data_from = data_overrides(file.header, overrides)
