@@ -24,7 +24,7 @@ from helpers import run_cli, seed
 from common.errors import UserError
 from datasets import load_dataset
 from distiller.jobs.evaluate import evaluate_checkpoint, load_checkpoint
-from distiller.jobs.teachers import PUBLISHED_TOLERANCE, published_check
+from distiller.jobs.teacher_accuracy import PUBLISHED_TOLERANCE, published_check
 from models import build_model
 
 TRAIN, TEST, CLASSES = 400, 300, 100

@@ -17,7 +17,8 @@ from helpers import run_cli, seed
 
 from common.errors import UserError
 from distiller.config.schema import PUBLISHED_IMAGENET_TOP1
-from distiller.jobs.teachers import load_teacher_weights, published_check, read_index, verify_teacher
+from distiller.jobs.teacher_accuracy import published_check
+from distiller.jobs.teachers import load_teacher_weights, read_index, verify_teacher
 from models.external import build_network
 
 # torchvision's documentation, IMAGENET1K_V1 acc@1 (pytorch.org/vision/stable/models): typed by hand

@@ -315,7 +315,8 @@ def load_on_data(path: str | Path, overrides: Sequence[str] = (), what: str = "c
 def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Everything the command reports, as one JSON-ready dict."""
     from common.files import file_sha256
-    from distiller.jobs.teachers import published_check, read_index
+    from distiller.jobs.teacher_accuracy import published_check
+    from distiller.jobs.teachers import read_index
 
     path = Path(path)
     overrides, cfg, data, data_from, loaded = load_on_data(path, overrides)

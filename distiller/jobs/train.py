@@ -33,8 +33,9 @@ from distiller.engine.step import build_step
 from distiller.engine.teacher_cache import TeacherCache
 from distiller.jobs.run_cache import open_run_cache
 from distiller.jobs.run_dir import prepare_run_dir, report_finished, write_config
+from distiller.jobs.teacher_accuracy import published_check
 from distiller.jobs.teacher_store import prepare_store, store_teacher
-from distiller.jobs.teachers import load_teacher_weights, published_check
+from distiller.jobs.teachers import load_teacher_weights
 from distiller.objective import Objective
 from distiller.optim import check_optimizer, make_optimizer
 from models.external import build_network, command_line_choice, network_label
