@@ -155,8 +155,13 @@ class StreamLoader(ShardedLoader):
 
     def _batches(self, keys: _StepKeys) -> DataLoader:
         extra = dict(prefetch_factor=PREFETCH) if self.workers > 0 else {}
+        # a generator of its own: each iterator draws its workers' base seed from it, never from the global RNG,
+        # which the run's checkpoints restore (a resumed epoch makes one iterator fewer than the run it continues,
+        # and a method drawing from the global RNG, CRD's negatives, then drew other numbers). Every random choice
+        # of a sample comes from its own seeded generator (_FileSamples), so the base seed changes no batch.
+        own = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.samples, batch_sampler=keys, collate_fn=_stack, num_workers=self.workers,
-                          pin_memory=self.device.type == "cuda", **extra)
+                          pin_memory=self.device.type == "cuda", generator=own, **extra)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` from ``start_step`` on; earlier steps are never decoded."""

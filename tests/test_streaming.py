@@ -172,6 +172,18 @@ def test_resume_gives_the_remaining_batches_and_decodes_nothing_before(imagenet:
         batches(stream(imagenet, 4), 3, start_step=len(full) + 1)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("train", [True, False])
+def test_reading_an_epoch_leaves_the_global_random_state_alone(imagenet: FileSplits, workers: int,
+                                                              train: bool) -> None:
+    """The run's checkpoints restore the global RNG; each DataLoader iterator drew its workers' seed from it, so
+    a resumed epoch (one iterator fewer) left CRD drawing other negatives than the run it continued."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    assert batches(stream(imagenet, 4, train=train, workers=workers), 2, start_step=1)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_augmentation_depends_on_seed_epoch_and_position_only(imagenet: FileSplits) -> None:
     """Workers, batch size and rank do not change a sample; the epoch and the seed do."""
     by_four = batches(stream(imagenet, 4), 1)
