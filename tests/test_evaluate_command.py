@@ -301,3 +301,21 @@ def test_an_image_folder_checkpoint_is_evaluated_on_its_recorded_folder(tmp_path
                               f"exist here: pass dataset.root=DIR (the folder holding train/ and val/)")
     moved = evaluate_checkpoint(path, [f"dataset.root={tmp_path / 'moved'}", "trainer.device=cpu"])
     assert moved["num_images"] == sum(counts.values())
+
+
+def test_an_imagenet_checkpoint_carries_its_folder_and_evaluation_sizes(tmp_path):
+    """Without dataset= on the command line an ImageNet checkpoint was refused ('dataset.root has no value'), and
+    with only the root it was evaluated at eval_resize 256 instead of the size it was trained and tested at."""
+    from distiller.jobs.evaluate import data_overrides
+
+    (tmp_path / "inet").mkdir()
+    stored = {"name": "imagenet", "root": str(tmp_path / "inet"), "image_size": 32, "eval_resize": 40,
+              "num_classes": None, "mean": None, "std": None, "batch_size": 8}
+    extra, origin = data_overrides({"config": {"dataset": stored}}, [])
+    assert origin == "the checkpoint's config"
+    assert set(extra) == {"dataset=imagenet", "dataset.image_size=32", "dataset.eval_resize=40",
+                          f"dataset.root='{tmp_path / 'inet'}'"}, extra
+    given, _ = data_overrides({"config": {"dataset": stored}}, ["dataset.root=/elsewhere"])
+    assert "dataset.eval_resize=40" in given and not any(o.startswith("dataset.root=") for o in given)
+    gone, _ = data_overrides({"config": {"dataset": {**stored, "root": str(tmp_path / "moved")}}}, [])
+    assert not any(o.startswith("dataset.root=") for o in gone)  # not here: the command line must name it

@@ -38,8 +38,9 @@ from models.external import build_network, label_choice, network_label
 
 SHOWN_KEYS = 3  # keys named per kind of mismatch in an error line
 # data-defining keys of a checkpoint's own dataset node that carry over (the rest: this machine's choice);
-# the root too where it *is* the data (an image folder: registered with teachers_per_root)
-DATA_KEYS = ("train_size", "test_size", "seed", "num_classes", "image_size", "mean", "std")
+# the root too where it *is* the data (an image folder: registered with teachers_per_root), or where it is on
+# this machine (ImageNet's folder, which has no default)
+DATA_KEYS = ("train_size", "test_size", "seed", "num_classes", "image_size", "eval_resize", "mean", "std")
 # keys of an external network's node that do not describe the network to evaluate: the weights come from
 # the checkpoint (a recorded ``weights=`` file need not exist on this machine), the rest are training's
 NOT_ARCHITECTURE = ("weights", "ckpt", "lr", "published_top1", "verify")
@@ -215,13 +216,13 @@ def data_overrides(header: dict[str, Any], overrides: list[str]) -> tuple[list[s
     extra += [f"dataset.{k}={_hydra_value(stored[k])}" for k in DATA_KEYS
               if stored.get(k) is not None and _override(overrides, f"dataset.{k}") is None]
     name = str(stored["name"])
-    if (name in DATASETS and DATASETS.metadata(name).get("teachers_per_root") and stored.get("root")
-            and _override(overrides, "dataset.root") is None):
+    if stored.get("root") and _override(overrides, "dataset.root") is None:
         root = Path(str(stored["root"])).expanduser()
-        if not root.is_dir():
+        if root.is_dir():
+            extra.append(f"dataset.root={_hydra_value(str(root))}")
+        elif name in DATASETS and DATASETS.metadata(name).get("teachers_per_root"):
             raise UserError(f"the checkpoint was trained on the {name} data set at {root}, which does not exist "
                             f"here: pass dataset.root=DIR (the folder holding train/ and val/)")
-        extra.append(f"dataset.root={_hydra_value(str(root))}")
     return extra, "the checkpoint's config"
 
 
