@@ -107,7 +107,17 @@ class Objective(nn.Module):
                             f"temperature applies to a step: keep one of them")
         objective.check_logit_standardize()
         objective.check_something_trains()
+        objective.check_combined_methods_add_a_term()
         return objective
+
+    def check_combined_methods_add_a_term(self) -> None:
+        """A combined method (every entry after the primary) with ``beta`` 0 and no phase of its own adds nothing:
+        one line (``+distill@combine.kd=kd`` ran as ``at+kd`` with no KD term, KD's own ``beta`` being 0)."""
+        for m in self.entries[1:]:
+            if m not in self.active() and not m.method.phases():
+                raise UserError(f"combine.{m.label} adds nothing: its beta is 0 and it has no phase of its own (a "
+                                f"combined method is weighted by its beta; the KD term by distill.alpha); give it a "
+                                f"weight with combine.{m.label}.beta=W, or drop it")
 
     def check_something_trains(self) -> None:
         """At least one term with a positive weight in the main phase (else the loss has no gradient: one line)."""

@@ -242,8 +242,12 @@ def test_a_rightly_spelt_key_of_another_context_says_where_it_applies(capsys, co
      "combine.dkd.logit_standardize is not read: distill.logit_standardize standardises the logits of every logit"),
     (["-m", "distill=fitnet", "distill.temperature=2,4"], "nothing was run"),
     (["distill=kd", "distill.warmup_epochs=20"], "ramps the method's weight distill.beta, which is 0"),
+    # a combined method at beta 0 adds nothing at all (its warm-up least of all): refused as such
     (["distill=kd", "+distill@combine.at=at", "combine.at.beta=0", "combine.at.warmup_epochs=5"],
-     "combine.at.beta, which is 0"),
+     "combine.at adds nothing: its beta is 0"),
+    # KD combined: its own beta is 0 (the KD term is distill.alpha's); 'at+kd' ran with no KD term
+    (["distill=at", "+distill@combine.kd=kd"], "combine.kd adds nothing: its beta is 0"),
+    (["distill=kd", "+distill@combine.kd2=kd"], "combine.kd2 adds nothing: its beta is 0"),
 ])
 def test_an_objective_key_no_term_reads_is_refused(capsys, overrides, words):
     """A temperature nothing runs at (the KD term off, no method reading the objective's, or a supplied
