@@ -16,7 +16,7 @@ from helpers import CONFIGS, run_cli, tiny_overrides
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from common.errors import UserError
-from distiller.config import schema, validation
+from distiller.config import before_start, schema, validation
 from distiller.config.preflight import canonical_model_choices, preflight
 from models import list_models, model_metadata
 
@@ -111,7 +111,7 @@ def test_bad_value_is_one_line_naming_the_key(compose, entry, overrides, words):
 ])
 def test_a_method_key_it_does_not_take_or_of_another_type_is_refused_before_the_start(compose, overrides, words):
     with pytest.raises(UserError) as caught:
-        validation.check_before_start(compose("train_student", overrides), "train_student")
+        before_start.check_before_start(compose("train_student", overrides), "train_student")
     message = str(caught.value)
     assert "\n" not in message
     for word in words:

@@ -194,7 +194,7 @@ def test_a_chosen_pair_whose_teacher_or_student_was_replaced_is_refused_in_one_l
     """pair=vgg13-vgg8 with another teacher would give that pair the settings published for vgg13 -> vgg8
     (DKD's NCKD weight 6, LS's temperature 3, ...): refused before anything starts, and nothing written."""
     from common.errors import UserError
-    from distiller.config.validation import check_before_start
+    from distiller.config.before_start import check_before_start
 
     cfg = compose("train_student", ["pair=vgg13-vgg8", override, "distill=dkd"])
     with pytest.raises(UserError, match="pair=vgg13-vgg8 carries the settings published"):

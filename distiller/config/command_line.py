@@ -34,8 +34,8 @@ from datasets import DATASETS
 from distiller.config import run_record
 from distiller.config.compose import CONFIG_DIR
 from distiller.config.key_advice import unknown_key_message
-from distiller.config.schema_messages import describe_error
 from distiller.config.store import group_options
+from distiller.config.validation import describe_error
 from distiller.methods import METHODS
 from models import MODELS
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from distiller.config.before_start import check_before_start
 from distiller.config.compose import CONFIG_DIR, compose
 from distiller.config.key_scope import combine_label_message, option_error
 from distiller.config.overrides import override_key
@@ -30,7 +31,6 @@ from distiller.config.schema import (
     ModelConfig,
     TeacherConfig,
 )
-from distiller.config.validation import check_before_start
 
 
 def unknown_key_message(config_name: str | None, overrides: list[str], key: str) -> str:

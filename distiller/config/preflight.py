@@ -14,12 +14,13 @@ from omegaconf import DictConfig
 
 from common.errors import UserError
 from distiller.config import run_record
+from distiller.config.before_start import check_before_start
 from distiller.config.command_line import debug_mode, explain_config_error, fail
 from distiller.config.compose import CONFIG_DIR, compose
 from distiller.config.key_scope import check_added_keys
 from distiller.config.overrides import added_top_level_keys, override_key, readable_overrides, set_keys, sweep_axes
 from distiller.config.schema import SCHEMAS
-from distiller.config.validation import check_before_start, validate
+from distiller.config.validation import validate
 from distiller.methods import METHODS
 from models import MODELS
 
@@ -99,7 +100,7 @@ def preflight(config_name: str, argv: list[str]) -> None:
 
 
 def _check(cfg: DictConfig, job: str | None, keys: set[str]) -> None:
-    """The checks the job makes before it starts (:func:`distiller.config.validation.check_before_start`),
+    """The checks the job makes before it starts (:func:`distiller.config.before_start.check_before_start`),
     and that each key the command line sets (``keys``) that may go unread is read. ``hydra.job.chdir=true`` is
     refused: every path a job reads (data, teacher checkpoints, ``teacher_dir``) is relative to the folder the
     command starts in, which a changed working directory would silently move."""
