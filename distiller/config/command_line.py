@@ -149,30 +149,28 @@ class OneLineParser(argparse.ArgumentParser):
         return parsed
 
 
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type``: a whole number of at least ``minimum`` (else the parser's one line)."""
-    def number(text: str) -> int:
+def _bounded_number(convert: Callable[[str], Any], kind: str, ok: Callable[[Any], bool],
+                    outside: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert(text)``, refused as not ``kind`` or, where ``ok`` fails, as ``outside``."""
+    def number(text: str) -> Any:
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text.strip()} is {outside}")
         return value
     return number
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number of at least ``minimum`` (else the parser's one line)."""
+    return _bounded_number(int, "a whole number", lambda value: value >= minimum, f"less than {minimum}")
 
 
 def more_than(minimum: float) -> Callable[[str], float]:
-    """An argparse ``type``: a number greater than ``minimum`` (else the parser's one line)."""
-    def number(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > minimum:  # NaN too
-            raise argparse.ArgumentTypeError(f"{text} is not greater than {minimum:g}")
-        return value
-    return number
+    """An argparse ``type``: a number greater than ``minimum`` (NaN is not; else the parser's one line)."""
+    return _bounded_number(float, "a number", lambda value: value > minimum, f"not greater than {minimum:g}")
 
 
 def zoo_model(text: str) -> str:
