@@ -105,6 +105,13 @@ def test_torchrun_end_to_end_only_rank0_writes_and_resumes(tmp_path):
     assert metrics["status"] == "finished" and len(metrics["epochs"]) == 3
     # each rank saw its own half of every epoch: 256 samples / (2 x 16) = 8 steps, all 256 counted
     assert reference.stdout.count("final test top-1") == 1
+    # the numbers recorded are those of the saved model: each rank evaluated its half of the test split with
+    # its own BatchNorm statistics, while only rank 0's model was saved
+    from distiller.jobs.evaluate import evaluate_checkpoint
+
+    again = evaluate_checkpoint(ref / "final.pt", ["trainer.device=cpu", f"dataset.root={tmp_path / 'data'}"])
+    assert again["test_top1"] == metrics["final_top1"]
+    assert again["test_loss"] == pytest.approx(metrics["epochs"][-1]["test_loss"], rel=1e-5)
 
     victim_dir = tmp_path / "killed"
     victim = subprocess.Popen(torchrun(*common, f"hydra.run.dir={victim_dir}"), cwd=REPO, env=env,

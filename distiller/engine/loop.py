@@ -24,7 +24,7 @@ from distiller.engine.evaluation import measure
 from distiller.engine.meter import Meter, NonFiniteLossError
 from distiller.engine.plan import Phase, lr_at
 from distiller.engine.run_log import RunLogger
-from distiller.engine.runtime import Runtime, all_reduce_sum
+from distiller.engine.runtime import Runtime, all_reduce_sum, share_rank0_buffers
 from distiller.engine.step import DistillStep, distribute, train_step
 from distiller.objective import LossParts
 
@@ -185,6 +185,7 @@ class Trainer:
             record[f"loss_{name}"] = value / count
         record["time_s"] = elapsed
         record["images_per_s"] = count / elapsed if elapsed > 0 and start_step == 0 else None
+        share_rank0_buffers(self.student)  # the evaluated model is the saved one (DDP: rank 0's statistics)
         if phase.is_main:
             for entry in self.objective.entries:
                 record.update({f"{entry.label}/{k}": float(v) for k, v in entry.method.scalars().items()})

@@ -243,6 +243,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def share_rank0_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers of ``module`` (BatchNorm's running statistics): DDP leaves buffers
+    rank-local here and each rank's track its own shard, while rank 0's model is the one saved, so this is
+    what every rank must evaluate (no-op in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks in place (no-op in one process)."""
     if dist.is_available() and dist.is_initialized():

@@ -177,8 +177,9 @@ def distribute(step: DistillStep, runtime: Runtime, find_unused_parameters: bool
 
     ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     with warnings.catch_warnings():
-        # Buffers stay rank-local on purpose (CRD banks sync their own rows; BN statistics
-        # are per rank unless trainer.sync_bn); the replacement flag still syncs at init.
+        # Buffers stay rank-local on purpose (CRD banks sync their own rows; BN statistics are per rank during
+        # an epoch, and rank 0's are given to all before evaluating: runtime.share_rank0_buffers); the
+        # replacement flag still syncs at init.
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         return DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False,
                                        find_unused_parameters=find_unused_parameters)
