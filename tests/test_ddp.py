@@ -134,3 +134,20 @@ def test_torchrun_end_to_end_only_rank0_writes_and_resumes(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     shutil.rmtree(tmp_path / "data", ignore_errors=True)
+
+
+def test_a_mid_epoch_checkpoint_pools_the_training_sums_of_every_rank() -> None:
+    """Only rank 0 writes last.pt: it kept rank 0's own sums, every rank reloaded them, and a torchrun run killed
+    mid-epoch recorded another train_loss for that epoch. The sums are pooled (every float sum reduced over the
+    ranks, here a stand-in that doubles it, as two equal ranks would), the step flags are rank 0's."""
+    from distiller.engine.meter import Meter
+
+    meter = Meter(torch.device("cpu"))
+    meter.add(0, torch.tensor(2.0), {"kd": torch.tensor(0.5)}, 4, torch.eye(4), torch.tensor([0, 1, 0, 3]))
+    alone, pooled = meter.state(), meter.state(lambda t: t * 2)
+    assert (float(alone["loss"]), float(alone["count"]), float(alone["correct"]), float(alone["term/kd"])) == \
+        (8.0, 4.0, 3.0, 2.0)
+    for key in ("loss", "count", "correct", "term/kd"):
+        assert float(pooled[key]) == 2 * float(alone[key]), key
+    assert torch.equal(pooled["nonfinite_step"], alone["nonfinite_step"])
+    assert torch.equal(pooled["nonfinite_terms"], alone["nonfinite_terms"])

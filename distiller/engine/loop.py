@@ -57,6 +57,8 @@ class Trainer:
         optimizer_state, meter_state = None, None
         if resume_from is not None:
             self.state, optimizer_state, meter_state = self.checkpointer.restore(resume_from, self.rt.device)
+            if not self.rt.is_main:  # the epoch's sums so far are all ranks', pooled in rank 0's (Meter.state)
+                meter_state = None
             log.info("resuming at phase %s, epoch %d, step %d", self.plan[self.state.phase].name,
                      self.state.epoch + 1, self.state.step)
         try:
@@ -173,7 +175,7 @@ class Trainer:
             every = self.s.checkpoint_every_steps
             if every and (step + 1) % every == 0 and not last:
                 self._check_finite(meter, epoch, phase)
-                self.checkpointer.save_last(self.state, optimizer, meter.state())
+                self.checkpointer.save_last(self.state, optimizer, meter.state(all_reduce_sum))
         bar.close()
         elapsed = time.perf_counter() - started
         loss, correct, count, terms = meter.totals(all_reduce_sum)

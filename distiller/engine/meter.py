@@ -82,6 +82,10 @@ class Meter:
         values = reduce(sums.clone()).tolist()
         return values[0], values[1], values[2], dict(zip(self.term_names, values[3:]))
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """What a mid-epoch checkpoint keeps (on the CPU)."""
-        return {k: v.detach().cpu() for k, v in self.sums.items()}
+    def state(self, reduce: Any = None) -> dict[str, torch.Tensor]:
+        """What a mid-epoch checkpoint keeps (on the CPU). ``reduce`` (an all-reduce over ranks, called by every
+        rank) pools the sums of all ranks, so rank 0's checkpoint holds the whole epoch so far: resumed, rank 0
+        continues from them and the other ranks from zero, and the epoch's totals are the uninterrupted run's."""
+        pooled = {k: reduce(v.detach().clone()) if reduce is not None and v.is_floating_point() else v.detach()
+                  for k, v in self.sums.items()}
+        return {k: v.cpu() for k, v in pooled.items()}
