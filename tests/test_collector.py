@@ -550,3 +550,26 @@ def test_out_with_another_suffix_keeps_it_in_every_name(runs: Path, tmp_path: Pa
     tables.collect([str(runs / "student" / "resnet56-resnet20")], tmp_path / "v1.2")
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
         "v1.2.csv", "v1.2.md", "v1.2.png", "v1.2_runs.csv"]
+
+
+def test_students_of_different_teacher_files_are_refused(tmp_path: Path) -> None:
+    """A teacher retrained in its place between the seeds of one cell: the cell averaged students of two teachers
+    without a word. Refused in one line naming both files; runs that recorded no file are not compared."""
+    root = tmp_path / "runs"
+    old, new = "a" * 64, "b" * 64
+    write_run(root, "resnet32x4", "resnet8x4", "kd", 0, 70.0, 71.0, extra={"teacher_sha256": old})
+    write_run(root, "resnet32x4", "resnet8x4", "kd", 1, 72.0, 73.0, extra={"teacher_sha256": old})
+    third = write_run(root, "resnet32x4", "resnet8x4", "kd", 2, 60.0, 61.0, extra={"teacher_sha256": new})
+    out = tmp_path / "report" / "table"
+    with pytest.raises(UserError) as err:
+        tables.collect([str(root)], out, figure=False)
+    assert str(err.value).startswith(
+        "the runs of kd on resnet32x4 → resnet8x4 were distilled from different teacher files and cannot be "
+        "averaged: teacher sha256 aaaaaaaaaaaa... (2 runs, e.g. ")
+    assert f"teacher sha256 bbbbbbbbbbbb... (1 run, e.g. {third})" in str(err.value)
+    assert not out.parent.exists()
+    metrics = json.loads((third / "metrics.json").read_text())
+    del metrics["teacher_sha256"]
+    (third / "metrics.json").write_text(json.dumps(metrics))
+    rows, _ = tables.collect([str(root)], out, figure=False)
+    assert next(r for r in rows if r.method == "kd").last.n == 3

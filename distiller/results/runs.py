@@ -56,6 +56,7 @@ class Run:
     data_folder: str | None = None  # the folder that is its data set (an image folder's root), as recorded
     # what decides what it trained (:func:`training_settings`); not a column of the tidy table
     settings: dict[str, Any] = field(default_factory=dict, repr=False)
+    teacher_sha256: str | None = field(default=None, repr=False)  # the teacher file a student learnt from
 
 
 class UnreadableRun(ValueError):
@@ -251,7 +252,8 @@ def read_run(path: Path) -> Run:
         hours=sum(_numeric(e.get("time_s") or 0.0, "time_s") for e in history) / 3600.0, error=metrics.get("error"),
         recipe=recipe_of_run(config),
         unpublished=unpublished_settings(str(method), teacher, str(student), config) if kind == "student" else None,
-        data_folder=data_folder(config), settings=training_settings(config))
+        data_folder=data_folder(config), settings=training_settings(config),
+        teacher_sha256=metrics.get("teacher_sha256") if isinstance(metrics.get("teacher_sha256"), str) else None)
 
 
 def read_runs(paths: Iterable[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
@@ -267,7 +269,7 @@ def read_runs(paths: Iterable[Path]) -> tuple[list[Run], list[tuple[Path, str]]]
 
 def runs_frame(runs: Sequence[Run]) -> pd.DataFrame:
     """The tidy table: one row per run directory (its settings stay on the :class:`Run`)."""
-    columns = [f.name for f in fields(Run) if f.name != "settings"]
+    columns = [f.name for f in fields(Run) if f.name not in ("settings", "teacher_sha256")]
     frame = pd.DataFrame([{k: v for k, v in asdict(r).items() if k in columns} for r in runs], columns=columns)
     frame["run_dir"] = frame["run_dir"].astype(str)
     return frame.astype({"seed": "Int64", "epochs_planned": "Int64", "epochs_done": int, "hours": float,

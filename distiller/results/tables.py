@@ -94,10 +94,26 @@ def _check_seeds(cell: list[Run]) -> None:
                         f"are not independent; collect one run per seed (name its run directories or a glob)")
 
 
+def _check_teacher_files(cell: list[Run]) -> None:
+    """Refuse students of one cell distilled from different teacher files (a teacher retrained in its place
+    between them): their mean would average two teachers (runs that recorded no file are not compared)."""
+    files: dict[str, list[str]] = {}
+    for run in cell:
+        if run.teacher_sha256:
+            files.setdefault(run.teacher_sha256, []).append(str(run.run_dir))
+    if len(files) > 1:
+        found = "; ".join(f"teacher sha256 {sha[:12]}... ({len(dirs)} run{'s' * (len(dirs) > 1)}, e.g. "
+                          f"{sorted(dirs)[0]})" for sha, dirs in sorted(files.items()))
+        raise UserError(f"the runs of {_cell_of(cell[0])} were distilled from different teacher files and cannot "
+                        f"be averaged: {found}; collect the runs of one teacher at a time (name its run directories "
+                        f"or a glob)")
+
+
 def check_cells(runs: Sequence[Run]) -> None:
     """Refuse, in one line, a cell whose finished runs cannot be averaged: runs that differ in a setting other
-    than those that change nothing trained (:data:`~distiller.results.runs.NOT_TRAINING_KEYS`), or that
-    repeat a seed. A cell: data set (and image folder), kind, teacher, student, method."""
+    than those that change nothing trained (:data:`~distiller.results.runs.NOT_TRAINING_KEYS`), that learnt
+    from different teacher files, or that repeat a seed. A cell: data set (and image folder), kind, teacher,
+    student, method."""
     cells: dict[tuple[str, ...], list[Run]] = {}
     for run in runs:
         if run.status == FINISHED:
@@ -105,6 +121,7 @@ def check_cells(runs: Sequence[Run]) -> None:
             cells.setdefault(tuple("" if part is None else str(part) for part in key), []).append(run)
     for key in sorted(cells):
         _check_settings(cells[key])
+        _check_teacher_files(cells[key])
         _check_seeds(cells[key])
 
 
