@@ -113,8 +113,9 @@ class Objective(nn.Module):
     def check_combined_methods_add_a_term(self) -> None:
         """A combined method (every entry after the primary) with ``beta`` 0 and no phase of its own adds nothing:
         one line (``+distill@combine.kd=kd`` ran as ``at+kd`` with no KD term, KD's own ``beta`` being 0)."""
+        active = self.active()
         for m in self.entries[1:]:
-            if m not in self.active() and not m.method.phases():
+            if m not in active and not m.method.phases():
                 raise UserError(f"combine.{m.label} adds nothing: its beta is 0 and it has no phase of its own (a "
                                 f"combined method is weighted by its beta; the KD term by distill.alpha); give it a "
                                 f"weight with combine.{m.label}.beta=W, or drop it")

@@ -22,6 +22,7 @@ from distiller.config.before_start import check_before_start
 from distiller.config.compose import CONFIG_DIR, compose
 from distiller.config.key_scope import combine_label_message, option_error
 from distiller.config.overrides import override_key
+from distiller.config.resolvers import switch_value
 from distiller.config.schema import (
     NETWORK_GROUPS,
     RENAMED,
@@ -82,13 +83,7 @@ def unknown_key_message(config_name: str | None, overrides: list[str], key: str)
 
 def _is_off(override: str) -> bool:
     """Whether ``override`` sets a switch off (``KEY=false``, ``no``, ``off``, ``0``: as the schema reads them)."""
-    from omegaconf.nodes import BooleanNode
-
-    value = override.split("=", 1)[1] if "=" in override else ""
-    try:
-        return BooleanNode(value=value)._value() is False
-    except Exception:  # noqa: BLE001 - not a boolean
-        return False
+    return switch_value(override.split("=", 1)[1] if "=" in override else "") is False
 
 
 def _add_it(key: str, what: str) -> str:

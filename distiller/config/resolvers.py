@@ -67,13 +67,18 @@ def if_switch(flag: Any, then: Any, otherwise: Any) -> Any:
     return then if is_on(flag) else otherwise
 
 
-def is_on(flag: Any) -> bool:
-    """A switch read as the schema reads a boolean (``true``/``yes``/``on``/``1``); a value that is no boolean
-    counts as off here, and validation reports it in one line."""
+def switch_value(flag: Any) -> bool | None:
+    """A switch read as the schema reads a boolean (``true``/``yes``/``on``/``1``, ``false``/``no``/...); None for
+    a value that is no boolean (validation reports it in one line)."""
     try:
-        return BooleanNode(value=flag)._value() is True
+        return BooleanNode(value=flag)._value()
     except ValidationError:
-        return False
+        return None
+
+
+def is_on(flag: Any) -> bool:
+    """Whether a switch is on (:func:`switch_value`); a value that is no boolean counts as off here."""
+    return switch_value(flag) is True
 
 
 def register_resolvers() -> None:
